@@ -1,0 +1,216 @@
+"""Find images, decode them to RGB, preprocess, and batch them with a DataLoader.
+
+Every decodable image is used. A file that cannot be decoded does not stop the run: the loader
+returns it as a failure (path index, reason) beside the batch, and the caller records it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import InterpolationMode
+
+from vggnorm.errors import DataError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+
+# A decompression bomb (PIL's limit is ~89 Mpx for a warning, twice that for an error) is skipped
+# as a bad file with its reason instead of exhausting memory in a worker.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The measurement policy: how an image becomes the network's input. Stored in the stats file."""
+
+    resize: int = 256
+    crop: int = 224
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    preprocess: str = "torchvision"
+    pooling: str = "max"
+
+    def transform(self) -> torch.nn.Module:
+        """torchvision's own ImageNet preset (resize, center crop, to float, normalize)."""
+        from torchvision.transforms._presets import ImageClassification
+
+        return ImageClassification(
+            crop_size=self.crop,
+            resize_size=self.resize,
+            mean=self.mean,
+            std=self.std,
+            interpolation=InterpolationMode(self.interpolation),
+        )
+
+    def as_attrs(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any]) -> Preprocess:
+        return cls(
+            resize=int(attrs["resize"]),
+            crop=int(attrs["crop"]),
+            interpolation=str(attrs["interpolation"]),
+            mean=tuple(float(x) for x in attrs["mean"]),
+            std=tuple(float(x) for x in attrs["std"]),
+            preprocess=str(attrs.get("preprocess", "torchvision")),
+            pooling=str(attrs.get("pooling", "max")),
+        )
+
+
+def default_preprocess(arch: str, *, resize: int | None = None, crop: int | None = None) -> Preprocess:
+    """The preprocessing of the arch's torchvision weights, read from ``Weights.transforms()``."""
+    preset = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+    return Preprocess(
+        resize=resize if resize is not None else int(preset.resize_size[0]),
+        crop=crop if crop is not None else int(preset.crop_size[0]),
+        interpolation=preset.interpolation.value,
+        mean=tuple(float(x) for x in preset.mean),
+        std=tuple(float(x) for x in preset.std),
+    )
+
+
+def find_images(root: str | os.PathLike[str]) -> list[Path]:
+    """All image files under ``root``, recursively, in a deterministic (sorted relative path) order.
+
+    Extensions are matched case-insensitively; hidden files and folders are skipped; symlinked
+    folders are followed once each, so a symlink loop cannot recurse forever.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"image folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder; give the folder that holds the images")
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(Path(dirpath, name))
+    found.sort(key=lambda p: p.relative_to(root).as_posix())
+    if not found:
+        raise DataError(f"no images in {root} (looked recursively for {', '.join(sorted(IMAGE_EXTENSIONS))}, any case)")
+    return found
+
+
+def dataset_fingerprint(root: Path, files: list[Path]) -> str:
+    """sha256 over the relative paths and sizes: tells whether a folder's contents changed."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(root).as_posix()}\0{f.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    """Decode ``path`` to an 8-bit RGB PIL image, as torchvision's ``pil_loader`` would.
+
+    Unlike a bare ``convert("RGB")``, 16-bit and 32-bit grayscale are scaled to 8 bits rather than
+    clipped, and transparency is dropped the way ``convert`` drops it (composited on black).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+                arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+                return Image.fromarray(arr, mode="L").convert("RGB")
+            if img.mode == "F":
+                arr = np.asarray(img, dtype=np.float64)
+                arr = np.clip(np.rint(arr * 255.0 if arr.max() <= 1.0 else arr), 0, 255).astype(np.uint8)
+                return Image.fromarray(arr, mode="L").convert("RGB")
+            if img.mode == "P" and "transparency" in img.info:
+                return img.convert("RGBA").convert("RGB")
+            return img.convert("RGB")
+
+
+class Sample(NamedTuple):
+    index: int
+    image: torch.Tensor | None
+    error: str | None
+
+
+class ImageFiles(Dataset[Sample]):
+    """Decoded, preprocessed images; a file that fails gives ``Sample(index, None, reason)``."""
+
+    def __init__(self, files: list[Path], preprocess: Preprocess, *, start: int = 0) -> None:
+        self.files = files
+        self.start = start
+        self.transform = preprocess.transform()
+
+    def __len__(self) -> int:
+        return len(self.files) - self.start
+
+    def __getitem__(self, i: int) -> Sample:
+        index = self.start + i
+        try:
+            image = self.transform(load_rgb(self.files[index]))
+        except Image.DecompressionBombWarning as e:
+            return Sample(index, None, f"image too large to decode safely ({e})")
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+            return Sample(index, None, f"cannot decode: {type(e).__name__}: {e}")
+        return Sample(index, image, None)
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor | None  # (N, 3, crop, crop) or None when every file failed
+    indices: list[int]  # file indices of the decoded images
+    failures: list[tuple[int, str]]  # (file index, reason)
+
+    @property
+    def num_files(self) -> int:
+        return len(self.indices) + len(self.failures)
+
+
+def collate(samples: list[Sample]) -> Batch:
+    good = [s for s in samples if s.image is not None]
+    images = torch.stack([s.image for s in good if s.image is not None]) if good else None
+    return Batch(images, [s.index for s in good], [(s.index, s.error or "") for s in samples if s.image is None])
+
+
+def default_workers() -> int:
+    """All CPUs but one for decoding (at least one, at most 16)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cpus - 1))
+
+
+def make_loader(
+    files: list[Path],
+    preprocess: Preprocess,
+    *,
+    batch_size: int,
+    workers: int,
+    start: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader[Sample]:
+    """Batches of files ``start..`` in order; workers decode the next batches while one runs."""
+    return DataLoader(
+        ImageFiles(files, preprocess, start=start),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=False,
+    )

@@ -1,0 +1,39 @@
+"""The package's exceptions.
+
+Every message says what was found, what was expected, and what to do. The CLI turns a
+``VggnormError`` into a one-line error without a traceback; anything else is a bug.
+"""
+
+from __future__ import annotations
+
+
+class VggnormError(Exception):
+    """Base class: a problem with the user's input, files or environment."""
+
+
+class WeightsError(VggnormError):
+    """A weight SPEC that cannot be resolved (bad path, unknown name, offline, bad file)."""
+
+
+class CheckpointError(VggnormError):
+    """A checkpoint file that cannot be read, or a state_dict that does not fit the architecture."""
+
+
+class DataError(VggnormError):
+    """An image folder that is missing or empty, or a bad file under ``--strict``."""
+
+
+class StatsFileError(VggnormError):
+    """A statistics file that is missing, not a vggnorm stats file, incomplete, or of another version."""
+
+
+class StatsMismatchError(VggnormError):
+    """Statistics that do not belong to the checkpoint (other arch, channels or weights)."""
+
+
+class ResumeMismatchError(VggnormError):
+    """``--resume`` with arguments or data that differ from the run being resumed."""
+
+
+class OutputExistsError(VggnormError):
+    """An output file that exists already; vggnorm overwrites only with ``--force``."""

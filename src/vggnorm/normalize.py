@@ -1,0 +1,97 @@
+"""The fold: a state_dict and per-filter scales -> a state_dict whose ReLU outputs are divided by them.
+
+Pure functions: tensors in, tensors out, no I/O, inputs never mutated. Arithmetic is done in
+float64 and cast back to each tensor's dtype (as ``torch.nn.utils.fusion`` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from vggnorm.checkpoint import StateDict
+from vggnorm.errors import StatsMismatchError
+from vggnorm.layers import Topology
+from vggnorm.stats import Stats
+
+DEFAULT_EPS = 1e-6
+
+
+def scales_from_means(mean: torch.Tensor, *, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """``s[i] = mean[i]`` where ``mean[i] > eps``, else 1 (a dead filter keeps its weights)."""
+    mean = mean.double()
+    return torch.where(mean > eps, mean, torch.ones_like(mean))
+
+
+def fold_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    scales: Mapping[str, torch.Tensor],
+    topology: Topology,
+    *,
+    features_only: bool = False,
+) -> StateDict:
+    """Rescale weights so that the network's ReLU output at every site becomes ``F_l / s_l``.
+
+    Invariants of the result (SPEC section 3): at every site ``l``, ``F'_l == F_l / s_l``; the
+    logits are unchanged (the first Linear is compensated channel-major, ``s_L`` repeated ``P``
+    times). ``scales`` maps each site's conv path to a positive ``(C_l,)`` tensor. With
+    ``features_only`` the classifier (and avgpool) entries are dropped.
+    """
+    out: StateDict = dict(state_dict)
+    prev: torch.Tensor | None = None  # s_{l-1}; s_0 = 1 for the input image
+    for site in topology.sites:
+        s = scales[site.conv].double()  # (C_out,)
+        w_key, b_key = f"{site.conv}.weight", f"{site.conv}.bias"
+        w = state_dict[w_key]
+        w64 = w.double()  # (C_out, C_in, kh, kw)
+        if prev is not None:
+            w64 = w64 * prev.view(1, -1, 1, 1)
+        if site.bn is None:
+            out[w_key] = (w64 / s.view(-1, 1, 1, 1)).to(w.dtype)
+            if b_key in state_dict:
+                out[b_key] = (state_dict[b_key].double() / s).to(state_dict[b_key].dtype)
+        else:
+            # BN's affine output is divided by s; conv bias and running stats stay as they are.
+            out[w_key] = w64.to(w.dtype)
+            for key in (f"{site.bn}.weight", f"{site.bn}.bias"):
+                out[key] = (state_dict[key].double() / s).to(state_dict[key].dtype)
+        prev = s
+    if features_only:
+        return {k: v for k, v in out.items() if k.startswith("features.")}
+    if topology.classifier is not None and prev is not None:
+        key = f"{topology.classifier}.weight"
+        fc = state_dict[key]  # (out, C_L * P), input index j = c * P + p
+        repeat = prev.repeat_interleave(topology.positions_per_channel)  # (C_L * P,)
+        out[key] = (fc.double() * repeat.view(1, -1)).to(fc.dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class LayerScales:
+    """The scales of one site and the filters left unscaled because they were dead."""
+
+    conv: str
+    scale: torch.Tensor  # (C,) float64
+    dead: list[int]
+
+
+def scales_from_stats(stats: Stats, topology: Topology, *, eps: float = DEFAULT_EPS) -> dict[str, LayerScales]:
+    """Per-site scales from ``stats``, after checking the layers and channel counts match ``topology``."""
+    expected = [s.conv for s in topology.sites]
+    if list(stats.layers) != expected:
+        raise StatsMismatchError(
+            f"the statistics are for layers {list(stats.layers)[:3]}... ({len(stats.layers)} layers) but the "
+            f"checkpoint has {expected[:3]}... ({len(expected)} layers); they belong to another architecture"
+        )
+    out = {}
+    for site in topology.sites:
+        mean = stats.layers[site.conv].mean
+        if mean.numel() != site.out_channels:
+            raise StatsMismatchError(
+                f"{site.conv}: the statistics have {mean.numel()} filters, the checkpoint {site.out_channels}"
+            )
+        dead = torch.nonzero(~(mean.double() > eps)).flatten().tolist()
+        out[site.conv] = LayerScales(site.conv, scales_from_means(mean, eps=eps), dead)
+    return out

@@ -1,0 +1,444 @@
+"""The three commands as Python functions: ``compute_stats``, ``apply_stats``, ``verify_checkpoint``.
+
+Each one resolves files and options, calls the stage modules (data, collect, stats, normalize,
+verify), and writes its outputs atomically. The CLI is a thin shell over these.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from tqdm import tqdm
+
+import vggnorm
+from vggnorm import data as data_mod
+from vggnorm.checkpoint import check_writable, load_state_dict, save_state_dict
+from vggnorm.collect import ReluSums, measure, measure_means, resolve_device
+from vggnorm.errors import (
+    CheckpointError,
+    DataError,
+    ResumeMismatchError,
+    StatsFileError,
+    StatsMismatchError,
+    VggnormError,
+)
+from vggnorm.models import Weights, build_model, infer_arch, is_features_only, load_model, resolve_weights, topology
+from vggnorm.normalize import DEFAULT_EPS, fold_state_dict, scales_from_stats
+from vggnorm.stats import Stats, read_stats, write_stats
+from vggnorm.verify import (
+    DEFAULT_MEANS_TOL,
+    DEFAULT_RTOL,
+    Check,
+    Report,
+    check_fold,
+    check_function,
+    check_means,
+    layer_summary,
+    not_run,
+    report_paths,
+    write_report,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHECKPOINT_SECONDS = 60.0
+
+# Attributes that must be equal for --resume to continue a run.
+_RESUME_KEYS = (
+    "arch", "weights", "weights_sha256", "resize", "crop", "interpolation", "mean", "std",
+    "preprocess", "pooling", "dataset_fingerprint", "num_files", "limit", "precision",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything ``compute_stats`` needs besides the folder and the output path."""
+
+    arch: str = "vgg19"
+    weights: str = "IMAGENET1K_V1"
+    device: str = "auto"
+    batch_size: int = 32
+    workers: int | None = None
+    limit: int | None = None
+    resize: int | None = None
+    crop: int | None = None
+    strict: bool = False
+    checkpoint_every: int | None = None  # batches; None: about every DEFAULT_CHECKPOINT_SECONDS
+
+
+def _resume_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    diffs = []
+    for key in _RESUME_KEYS:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+            a, b = [float(x) for x in a or []], [float(x) for x in b or []]
+        elif a in ("", None) and b in ("", None):
+            continue
+        if a != b:
+            diffs.append(f"{key}: {a!r} in the file, {b!r} now")
+    return diffs
+
+
+def compute_stats(
+    root: str | os.PathLike[str],
+    output: Path,
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> Stats:
+    """Measure per-filter mean ReLU activations of a VGG over the images under ``root``.
+
+    Writes ``output`` atomically: every ``config.checkpoint_every`` batches (and on Ctrl-C) as an
+    unfinished, resumable file; at the end as the complete statistics. Returns the final stats.
+    """
+    output = Path(output)
+    if resume:
+        if not output.is_file():
+            raise StatsFileError(f"--resume: {output} does not exist; run without --resume to start")
+    else:
+        check_writable(output, force=force)
+    root = Path(root)
+    files = data_mod.find_images(root)
+    if config.limit is not None:
+        files = files[: config.limit]
+    device = resolve_device(config.device)
+    weights = resolve_weights(config.weights, arch=config.arch)
+    preprocess = data_mod.default_preprocess(weights.arch, resize=config.resize, crop=config.crop)
+    if preprocess.crop > preprocess.resize:
+        raise VggnormError(f"--crop {preprocess.crop} is larger than --resize {preprocess.resize}")
+    sites = topology(weights.arch).sites
+    attrs: dict[str, Any] = {
+        "arch": weights.arch,
+        "weights": weights.spec,
+        "weights_sha256": weights.sha256,
+        **preprocess.as_attrs(),
+        "dataset": str(root),
+        "dataset_fingerprint": data_mod.dataset_fingerprint(root, files),
+        "num_files": len(files),
+        "limit": config.limit if config.limit is not None else -1,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "vggnorm_version": vggnorm.__version__,
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "precision": "fp32",
+        "batch_size": config.batch_size,
+    }
+    start, initial, skipped = 0, None, []
+    if resume:
+        initial = read_stats(output, allow_incomplete=True)
+        if initial.complete:
+            raise StatsFileError(f"--resume: {output} is already complete ({initial.num_images} images); nothing to do")
+        diffs = _resume_differences(initial.attrs, attrs)
+        if diffs:
+            raise ResumeMismatchError(
+                f"--resume: {output} was started with other arguments or data: " + "; ".join(diffs)
+            )
+        start, skipped = initial.position, list(initial.skipped)
+        attrs["created"] = initial.attrs.get("created", attrs["created"])
+        log.info("resuming %s at file %d of %d", output, start, len(files))
+
+    model = load_model(weights, device=device)
+    del weights
+    sums = ReluSums(sites, device, initial)
+    num_images = initial.num_images if initial else 0
+    position = start
+
+    def snapshot(complete: bool) -> Stats:
+        return Stats(sums.layers(), num_images, attrs, list(skipped), complete=complete, position=position)
+
+    workers = data_mod.default_workers() if config.workers is None else config.workers
+    loader = data_mod.make_loader(
+        files, preprocess, batch_size=config.batch_size, workers=workers, start=start, pin_memory=device.type == "cuda"
+    )
+    batches_since, last_save = 0, time.monotonic()
+    own_file = resume  # True once the output file is ours to overwrite
+    bar = tqdm(total=len(files), initial=start, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+
+    def on_batch(batch: data_mod.Batch) -> None:
+        nonlocal num_images, position, batches_since, last_save, own_file
+        for i, reason in batch.failures:
+            if config.strict:
+                raise DataError(f"--strict: cannot use {files[i]}: {reason}")
+            skipped.append((str(files[i]), reason))
+            log.info("skipped %s: %s", files[i], reason)
+        num_images += len(batch.indices)
+        position += batch.num_files
+        bar.update(batch.num_files)
+        if skipped:
+            bar.set_postfix(skipped=len(skipped), refresh=False)
+        batches_since += 1
+        due = (
+            batches_since >= config.checkpoint_every
+            if config.checkpoint_every
+            else time.monotonic() - last_save >= DEFAULT_CHECKPOINT_SECONDS
+        )
+        if due and position < len(files):
+            write_stats(snapshot(complete=False), output, force=force or own_file)
+            own_file, batches_since, last_save = True, 0, time.monotonic()
+
+    try:
+        with bar:
+            measure(model, loader, sums, device=device, on_batch=on_batch)
+    except KeyboardInterrupt:
+        write_stats(snapshot(complete=False), output, force=force or own_file)
+        raise
+    except DataError:
+        if own_file and not resume:
+            output.unlink(missing_ok=True)
+        raise
+    if num_images == 0:
+        if own_file and not resume:
+            output.unlink(missing_ok=True)
+        raise DataError(
+            f"none of the {len(files)} files under {root} could be decoded (first: {skipped[0][0]}: {skipped[0][1]})"
+        )
+    final = snapshot(complete=True)
+    write_stats(final, output, force=force or own_file)
+    return final
+
+
+# --------------------------------------------------------------------------- apply
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    output: Path
+    report_json: Path
+    report_md: Path
+    report: Report
+
+
+def default_output(spec: str, arch: str) -> Path:
+    """``X.normalized.pth`` beside a checkpoint file, else ``ARCH-SPEC.normalized.pth`` here."""
+    if os.path.isfile(spec):
+        p = Path(spec)
+        return p.with_name(f"{p.stem}.normalized{p.suffix if p.suffix == '.safetensors' else '.pth'}")
+    return Path(f"{arch}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', spec)}.normalized.pth")
+
+
+def _apply_report_base(output: Path) -> Path:
+    return output.with_name(output.name.removesuffix(output.suffix) + ".report")
+
+
+def _weights_for(spec: str, stats: Stats) -> Weights:
+    """Resolve the checkpoint that ``stats`` belongs to; refuse one with another arch or other weights."""
+    arch = str(stats.attrs["arch"])
+    weights = resolve_weights(spec, arch=None if os.path.isfile(spec) else arch)
+    if weights.arch != arch:
+        raise StatsMismatchError(f"the statistics are for {arch}, but {spec} is a {weights.arch} checkpoint")
+    if weights.sha256 != stats.attrs.get("weights_sha256"):
+        raise StatsMismatchError(
+            f"the statistics were measured with other weights ({stats.attrs.get('weights')}, sha256 "
+            f"{str(stats.attrs.get('weights_sha256'))[:12]}...) than {spec} (sha256 {weights.sha256[:12]}...); "
+            f"measure this checkpoint with `vggnorm compute-stats DIR --weights {spec}`"
+        )
+    return weights
+
+
+def _probe_input(crop: int, n: int = 2) -> torch.Tensor:
+    """A fixed, seeded batch standing in for images: the invariants hold for every input."""
+    return torch.randn(n, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+
+
+def apply_stats(
+    checkpoint: str,
+    stats_path: Path,
+    output: Path | None = None,
+    *,
+    features_only: bool = False,
+    eps: float = DEFAULT_EPS,
+    force: bool = False,
+) -> ApplyResult:
+    """Fold ``stats`` into ``checkpoint`` (a weight SPEC), self-check it, write it and its report.
+
+    The output is written only if the self-checks (ReLU outputs divided by the scales, logits
+    unchanged, loads into torchvision's class) pass on a seeded probe batch.
+    """
+    stats = read_stats(stats_path)
+    arch = str(stats.attrs["arch"])
+    output = Path(output) if output is not None else default_output(checkpoint, arch)
+    json_path, md_path = report_paths(_apply_report_base(output))
+    for p in (output, json_path, md_path):
+        check_writable(p, force=force)
+    weights = _weights_for(checkpoint, stats)
+    features_only = features_only or is_features_only(weights.state_dict)
+    topo = topology(arch)
+    scales = scales_from_stats(stats, topo, eps=eps)
+    scale_tensors = {n: s.scale for n, s in scales.items()}
+    folded = fold_state_dict(weights.state_dict, scale_tensors, topo, features_only=features_only)
+
+    original = load_model(weights)
+    normalized = load_model(Weights(weights.spec, arch, folded, ""))
+    crop = int(stats.attrs.get("crop", 224))
+    checks = check_function(original, normalized, list(topo.sites), scale_tensors, _probe_input(crop),
+                            logits=not features_only, inputs=f"2 seeded random inputs at {crop}x{crop}")  # fmt: skip
+    checks.append(_check_loads(folded, arch, features_only=features_only))
+    report = Report(
+        checkpoint=str(output),
+        arch=arch,
+        checks=checks,
+        inputs={"original": checkpoint, "original_sha256": weights.sha256, "stats": str(stats_path),
+                "stats_images": stats.num_images, "eps": eps, "features_only": features_only,
+                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "vggnorm_version": vggnorm.__version__},
+        layers=layer_summary(scales),
+    )  # fmt: skip
+    if not report.passed:
+        failed = "; ".join(f"{c.name}: {c.figure} > {c.tolerance} ({c.detail})" for c in checks if c.status != "pass")
+        raise VggnormError(f"the folded checkpoint failed its self-check, nothing was written: {failed}")
+    meta = {"vggnorm_version": vggnorm.__version__, "arch": arch, "original": checkpoint,
+            "original_sha256": weights.sha256, "stats": str(stats_path), "eps": str(eps)}  # fmt: skip
+    save_state_dict(folded, output, force=force, metadata=meta)
+    write_report(report, _apply_report_base(output), force=force)
+    return ApplyResult(output, json_path, md_path, report)
+
+
+def _check_loads(state_dict: dict[str, torch.Tensor], arch: str, *, features_only: bool) -> Check:
+    desc = f"loads into torchvision's {arch} with strict=True"
+    if features_only:
+        return not_run("loads", desc, "features-only checkpoint: loads into model.features (strict=True)")
+    try:
+        build_model(arch, device="meta").load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:
+        return Check("loads", desc, "fail", detail=str(e).splitlines()[0])
+    return Check("loads", desc, "pass")
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def verify_checkpoint(
+    normalized_path: Path,
+    *,
+    original: str | None = None,
+    stats_path: Path | None = None,
+    data: Path | None = None,
+    limit: int | None = None,
+    rtol: float = DEFAULT_RTOL,
+    means_tol: float = DEFAULT_MEANS_TOL,
+    eps: float = DEFAULT_EPS,
+    resize: int | None = None,
+    crop: int | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Report:
+    """Check the invariants of SPEC section 4 that the given inputs allow.
+
+    (a) activations and (d) fold need ``original`` and ``stats_path``; (b) logits needs
+    ``original``; (c) means needs ``data``, measured under the statistics' preprocessing when
+    ``stats_path`` is given, else the weights' default (``resize``/``crop`` override it).
+    With ``data`` alone this audits any checkpoint.
+    """
+    if original is None and data is None:
+        raise VggnormError(
+            "nothing to verify: pass --original (with --stats) to check the fold, and/or --data to measure the means"
+        )
+    sd = load_state_dict(normalized_path)
+    arch = infer_arch(sd)
+    features_only = is_features_only(sd)
+    topo = topology(arch)
+    sites = list(topo.sites)
+    dev = resolve_device(device)
+    stats = read_stats(stats_path) if stats_path is not None else None
+    inputs: dict[str, Any] = {"normalized": str(normalized_path), "original": original, "stats": str(stats_path) if stats_path else None,
+                              "data": str(data) if data else None, "device": str(dev)}  # fmt: skip
+    checks: list[Check] = []
+    mismatch = None
+    scales = None
+    if stats is not None:
+        if stats.attrs.get("arch") != arch:
+            mismatch = f"the statistics are for {stats.attrs.get('arch')}, the checkpoint is {arch}"
+        else:
+            scales = scales_from_stats(stats, topo, eps=eps)
+
+    normalized = load_model(Weights(str(normalized_path), arch, sd, ""), device=dev)
+    files: list[Path] = []
+    if stats is not None:
+        preprocess = data_mod.Preprocess.from_attrs(stats.attrs)
+        for name, value in (("resize", resize), ("crop", crop)):
+            if value is not None and value != getattr(preprocess, name):
+                raise VggnormError(f"--{name} {value} differs from the statistics' {name} {getattr(preprocess, name)}; "
+                                   "leave it out: with --stats, verify measures as compute-stats did")  # fmt: skip
+    else:
+        preprocess = data_mod.default_preprocess(arch, resize=resize, crop=crop)
+    if data is not None:
+        files = data_mod.find_images(data)[:limit]
+
+    if original is not None:
+        weights = resolve_weights(original, arch=arch)
+        if weights.arch != arch:
+            raise CheckpointError(f"--original {original} is a {weights.arch}, the normalized checkpoint a {arch}")
+        inputs["original_sha256"] = weights.sha256
+        if stats is not None and mismatch is None and stats.attrs.get("weights_sha256") != weights.sha256:
+            mismatch = f"the statistics were measured on other weights than {original} (sha256 differs)"
+        orig_model = load_model(weights, device=dev)
+        x, source = _function_inputs(files, preprocess)
+        scale_t = {n: s.scale for n, s in scales.items()} if scales is not None and mismatch is None else None
+        fn_checks = check_function(orig_model, normalized, sites, scale_t, x.to(dev), rtol=rtol,
+                                   logits=not features_only, inputs=source)  # fmt: skip
+        if stats_path is None:
+            checks += fn_checks
+            checks.append(not_run("fold", "the checkpoint equals fold(original, stats) recomputed", "needs --stats"))
+        elif mismatch is not None:
+            checks += [
+                c if c.name != "activations" else Check(c.name, c.description, "fail", detail=mismatch)
+                for c in fn_checks
+            ]
+            checks.append(
+                Check("fold", "the checkpoint equals fold(original, stats) recomputed", "fail", detail=mismatch)
+            )
+        else:
+            checks += fn_checks
+            expected = fold_state_dict(weights.state_dict, {n: s.scale for n, s in scales.items()}, topo,  # type: ignore[union-attr]
+                                       features_only=features_only)  # fmt: skip
+            checks.append(check_fold(sd, expected, rtol=rtol))
+        del orig_model, weights
+    else:
+        for name, desc in (("activations", "every conv's ReLU output equals the original's divided by its scales"),
+                           ("logits", "logits equal the original's"),
+                           ("fold", "the checkpoint equals fold(original, stats) recomputed")):  # fmt: skip
+            checks.append(not_run(name, desc, "needs --original"))
+
+    if data is not None:
+        measured, skipped = measure_means(normalized, files, preprocess, device=dev, batch_size=batch_size,
+                                          workers=workers, progress=progress)  # fmt: skip
+        dead = None
+        note = f"{measured.num_images} images from {data}" + (f", {len(skipped)} skipped" if skipped else "")
+        if stats is not None and mismatch is None:
+            dead = {n: s.dead for n, s in (scales or {}).items()}
+            if data_mod.dataset_fingerprint(Path(data), files) != stats.attrs.get("dataset_fingerprint"):
+                note += "; these are not the calibration images of the statistics, so means near (not exactly) 1 are expected"
+        checks.append(check_means(measured.means(), dead, tol=means_tol, eps=eps, detail=note))
+        inputs["preprocess"] = preprocess.as_attrs()
+    else:
+        checks.append(not_run("means", "re-measured mean ReLU activation of every live filter is 1", "needs --data"))
+    return Report(str(normalized_path), arch, checks, inputs, layer_summary(scales) if scales else [])
+
+
+def _function_inputs(files: list[Path], preprocess: data_mod.Preprocess, n: int = 2) -> tuple[torch.Tensor, str]:
+    """Up to ``n`` decodable images from ``files``, else a seeded random batch."""
+    ds = data_mod.ImageFiles(files, preprocess)
+    images = []
+    for i in range(len(ds)):
+        sample = ds[i]
+        if sample.image is not None:
+            images.append(sample.image)
+        if len(images) == n:
+            break
+    if images:
+        return torch.stack(images), f"{len(images)} images from --data"
+    return _probe_input(preprocess.crop), f"2 seeded random inputs at {preprocess.crop}x{preprocess.crop}"

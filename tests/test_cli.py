@@ -1,0 +1,192 @@
+"""The three commands end to end on real photos with random-weight vgg11 and vgg11_bn.
+
+These are the issue's acceptance checks: means equal an independent float64 computation, the
+weights equal the SPEC fold, logits are unchanged, the output loads strictly into torchvision's
+class, verify passes it and fails a tampered copy.
+"""
+
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+import torchvision
+from click.testing import CliRunner
+from PIL import Image
+from torchvision import transforms
+
+from vggnorm.cli import cli
+
+SIZE = ["--resize", "64", "--crop", "64"]
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module", params=["vgg11", "vgg11_bn"])
+def pipeline(request, photos, checkpoints, tmp_path_factory):
+    arch = request.param
+    d = tmp_path_factory.mktemp(arch)
+    ckpt, stats, out = checkpoints[arch], d / "stats.h5", d / "normalized.pth"
+    r = invoke("compute-stats", photos, "--arch", arch, "--weights", ckpt, "-o", stats, "--workers", 0, *SIZE)
+    assert r.exit_code == 0, r.output
+    r2 = invoke("apply", ckpt, "--stats", stats, "-o", out)
+    assert r2.exit_code == 0, r2.output
+    return {"arch": arch, "ckpt": ckpt, "stats": stats, "out": out, "dir": d, "compute": r, "apply": r2}
+
+
+def float64_model(arch, sd):
+    model = torchvision.models.get_model(arch)
+    model.load_state_dict(sd, strict=True)
+    return model.double().eval()
+
+
+def independent_batch(photos):
+    """The images preprocessed with torchvision's classic transforms, not vggnorm's code."""
+    t = transforms.Compose([transforms.Resize(64), transforms.CenterCrop(64), transforms.ToTensor(),
+                            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])  # fmt: skip
+    return torch.stack([t(Image.open(p).convert("RGB")) for p in sorted(photos.iterdir())]).double()
+
+
+def test_stdout_has_the_summary_and_stderr_the_progress(pipeline):
+    r = pipeline["compute"]
+    assert "images: 8 used, 0 skipped" in r.stdout and f"wrote {pipeline['stats']}" in r.stdout
+    assert "img/s" in r.stderr and "img/s" not in r.stdout
+
+
+def test_means_equal_independent_float64_computation(pipeline, photos):
+    sd = torch.load(pipeline["ckpt"], weights_only=True)
+    model = float64_model(pipeline["arch"], sd)
+    x = independent_batch(photos)
+    with h5py.File(pipeline["stats"]) as f:
+        assert f.attrs["num_images"] == 8 and f.attrs["arch"] == pipeline["arch"]
+        order = f.attrs["layer_order"]
+        measured = {name: torch.from_numpy(f[f"layers/{name}/mean"][()]) for name in f["layers"]}
+    expected, conv = {}, None
+    with torch.no_grad():
+        h = x
+        for i, m in enumerate(model.features):
+            h = m(h)
+            conv = f"features.{i}" if isinstance(m, torch.nn.Conv2d) else conv
+            if isinstance(m, torch.nn.ReLU):
+                expected[conv] = h.mean(dim=(0, 2, 3))
+    assert list(expected) == __import__("json").loads(order)
+    for name, mean in expected.items():
+        torch.testing.assert_close(measured[name], mean, rtol=1e-4, atol=1e-4 * float(mean.max()))
+
+
+def test_weights_equal_spec_fold_and_logits_unchanged(pipeline, photos):
+    sd = torch.load(pipeline["ckpt"], weights_only=True)
+    out = torch.load(pipeline["out"], weights_only=True)
+    torchvision.models.get_model(pipeline["arch"]).load_state_dict(out, strict=True)
+    with h5py.File(pipeline["stats"]) as f:
+        means = {n: torch.from_numpy(f[f"layers/{n}/mean"][()]) for n in f["layers"]}
+        order = __import__("json").loads(f.attrs["layer_order"])
+    bn = pipeline["arch"].endswith("_bn")
+    prev = torch.ones(3, dtype=torch.float64)
+    for name in order:  # SPEC section 3, written out
+        s = torch.where(means[name] > 1e-6, means[name], torch.ones_like(means[name]))
+        w = sd[f"{name}.weight"].double() * prev.view(1, -1, 1, 1)
+        if bn:
+            i = int(name.split(".")[1]) + 1
+            torch.testing.assert_close(out[f"{name}.weight"].double(), w, rtol=1e-4, atol=0)
+            torch.testing.assert_close(
+                out[f"features.{i}.weight"].double(), sd[f"features.{i}.weight"].double() / s, rtol=1e-4, atol=0
+            )
+            torch.testing.assert_close(
+                out[f"features.{i}.bias"].double(), sd[f"features.{i}.bias"].double() / s, rtol=1e-4, atol=0
+            )
+        else:
+            torch.testing.assert_close(out[f"{name}.weight"].double(), w / s.view(-1, 1, 1, 1), rtol=1e-4, atol=0)
+            torch.testing.assert_close(out[f"{name}.bias"].double(), sd[f"{name}.bias"].double() / s, rtol=1e-4, atol=0)
+        prev = s
+    fc = sd["classifier.0.weight"].double() * prev.repeat_interleave(49).view(1, -1)
+    torch.testing.assert_close(out["classifier.0.weight"].double(), fc, rtol=1e-4, atol=0)
+    x = independent_batch(photos)
+    with torch.no_grad():
+        y, y2 = float64_model(pipeline["arch"], sd)(x), float64_model(pipeline["arch"], out)(x)
+    torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5 * float(y.abs().max()))
+
+
+def test_apply_writes_a_report(pipeline):
+    out = pipeline["out"]
+    assert "PASS" in pipeline["apply"].stdout and f"wrote {out}" in pipeline["apply"].stdout
+    md = out.with_name("normalized.report.md").read_text()
+    assert "| logits: logits equal the original's | pass |" in md and "## Scales per layer" in md
+    assert '"passed": true' in out.with_name("normalized.report.json").read_text()
+
+
+def test_verify_passes_the_output(pipeline, photos):
+    p = pipeline
+    r = invoke("verify", p["out"], "--original", p["ckpt"], "--stats", p["stats"], "--data", photos, "--workers", 0,
+               "--report", p["dir"] / "verify")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    for check in ("activations", "logits", "fold", "means"):
+        assert any(line.startswith("PASS") and check in line for line in r.stdout.splitlines()), r.stdout
+    assert "4 passed, 0 failed, 0 not run" in r.stdout
+    assert (p["dir"] / "verify.json").is_file() and (p["dir"] / "verify.md").is_file()
+
+
+def test_verify_fails_a_checkpoint_with_one_filter_changed_by_two_percent(pipeline, photos, tmp_path):
+    sd = torch.load(pipeline["out"], weights_only=True)
+    second_conv = "features.4" if pipeline["arch"].endswith("_bn") else "features.3"
+    sd[f"{second_conv}.weight"][5] *= 1.02
+    torch.save(sd, tmp_path / "tampered.pth")
+    p = pipeline
+    r = invoke(
+        "verify",
+        tmp_path / "tampered.pth",
+        "--original",
+        p["ckpt"],
+        "--stats",
+        p["stats"],
+        "--data",
+        photos,
+        "--workers",
+        0,
+    )
+    assert r.exit_code == 1, r.output
+    fails = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("FAIL")]
+    assert "fold" in fails and "means" in fails and "activations" in fails
+    assert "verify: FAIL" in r.stdout
+
+
+def test_audit_with_data_only(pipeline, photos):
+    r = invoke("verify", pipeline["out"], "--data", photos, "--workers", 0, *SIZE)
+    assert r.exit_code == 0, r.output
+    assert "1 passed, 0 failed, 3 not run" in r.stdout
+    r = invoke("verify", pipeline["ckpt"], "--data", photos, "--workers", 0, *SIZE)
+    assert r.exit_code == 1 and "NOT normalized" in r.stdout
+
+
+def test_apply_refuses_to_overwrite(pipeline):
+    r = invoke("apply", pipeline["ckpt"], "--stats", pipeline["stats"], "-o", pipeline["out"])
+    assert r.exit_code == 1 and "exists already" in r.stderr and "--force" in r.stderr
+
+
+def test_apply_refuses_statistics_of_other_weights(pipeline, tmp_path):
+    from vggnorm.models import random_state_dict
+
+    torch.save(random_state_dict(pipeline["arch"], 1), tmp_path / "other.pth")
+    r = invoke("apply", tmp_path / "other.pth", "--stats", pipeline["stats"], "-o", tmp_path / "x.pth")
+    assert r.exit_code == 1 and "other weights" in r.stderr
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_apply_refuses_statistics_of_another_arch(checkpoints, tmp_path, pipeline):
+    other = "vgg11_bn" if pipeline["arch"] == "vgg11" else "vgg11"
+    r = invoke("apply", checkpoints[other], "--stats", pipeline["stats"], "-o", tmp_path / "x.pth")
+    assert r.exit_code == 1 and f"the statistics are for {pipeline['arch']}, but" in r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_features_only(pipeline, tmp_path):
+    r = invoke("apply", pipeline["ckpt"], "--stats", pipeline["stats"], "-o", tmp_path / "f.pth", "--features-only")
+    assert r.exit_code == 0, r.output
+    sd = torch.load(tmp_path / "f.pth", weights_only=True)
+    assert all(k.startswith("features.") for k in sd)
+    torchvision.models.get_model(pipeline["arch"]).features.load_state_dict(
+        {k.removeprefix("features."): v for k, v in sd.items()}, strict=True
+    )

@@ -1,0 +1,70 @@
+"""CLI behaviour that needs no network weights: help, usage errors, bad folders, exit codes."""
+
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from vggnorm.cli import cli
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("command", sorted(cli.commands))
+def test_every_command_has_help_and_is_in_the_readme(command):
+    r = invoke(command, "--help")
+    assert r.exit_code == 0 and cli.commands[command].help
+    for param in cli.commands[command].params:
+        assert param.name == "help" or getattr(param, "help", None) or param.param_type_name == "argument", param.name
+    readme = README.read_text()
+    assert f"vggnorm {command}" in readme
+    for opt in re.findall(r"(--[a-z-]+)", r.output):
+        if opt not in ("--help", "--no-progress"):
+            assert opt in readme, f"{command} {opt} is not documented in the README"
+
+
+def test_missing_folder_is_a_usage_error(tmp_path):
+    r = invoke("compute-stats", tmp_path / "nope", "--weights", "random:0", "--arch", "vgg11", "-o", tmp_path / "s.h5")
+    assert r.exit_code == 2 and "does not exist" in r.stderr
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    r = invoke("compute-stats", tmp_path / "empty", "--weights", "random:0", "--arch", "vgg11", "-o", tmp_path / "s.h5")
+    assert r.exit_code == 1 and "no images in" in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_compute_stats_refuses_to_overwrite_before_working(tmp_path, photos):
+    (tmp_path / "s.h5").write_text("keep me")
+    r = invoke("compute-stats", photos, "--weights", "random:0", "--arch", "vgg11", "-o", tmp_path / "s.h5")
+    assert r.exit_code == 1 and "exists already" in r.stderr
+    assert (tmp_path / "s.h5").read_text() == "keep me"
+
+
+def test_bad_option_values_are_usage_errors(photos):
+    assert invoke("compute-stats", photos, "--batch-size", 0).exit_code == 2
+    assert invoke("compute-stats", photos, "--arch", "resnet50").exit_code == 2
+
+
+def test_cuda_requested_without_cuda(tmp_path, photos, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    r = invoke(
+        "compute-stats", photos, "--weights", "random:0", "--arch", "vgg11", "--device", "cuda", "-o", tmp_path / "s.h5"
+    )
+    assert r.exit_code == 1 and "CUDA is not available" in r.stderr
+
+
+def test_verify_usage_errors_exit_2(tmp_path):
+    (tmp_path / "x.pth").write_bytes(b"junk")
+    r = invoke("verify", tmp_path / "x.pth", "--data", tmp_path)
+    assert r.exit_code == 2 and "not a readable PyTorch checkpoint" in r.stderr
+    r = invoke("verify", tmp_path / "x.pth")
+    assert r.exit_code == 2 and "nothing to verify" in r.stderr

@@ -1,0 +1,94 @@
+"""Weight SPECs, arch inference, and safe checkpoint I/O."""
+
+import urllib.error
+
+import pytest
+import torch
+from torch import nn
+
+from vggnorm.checkpoint import load_state_dict, save_state_dict, state_dict_sha256
+from vggnorm.errors import CheckpointError, WeightsError
+from vggnorm.models import VGG_ARCHS, build_model, infer_arch, resolve_weights
+
+
+@pytest.mark.parametrize("arch", VGG_ARCHS)
+def test_infer_arch_from_keys_and_shapes(arch):
+    sd = build_model(arch, device="meta").state_dict()
+    assert infer_arch(sd) == arch
+    assert infer_arch({k: v for k, v in sd.items() if k.startswith("features.")}) == arch
+
+
+def test_infer_arch_refuses_other_networks():
+    with pytest.raises(CheckpointError, match="matches no torchvision VGG"):
+        infer_arch(nn.Linear(3, 4).state_dict())
+
+
+def test_random_spec_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = resolve_weights("random:7", arch="vgg11")
+    assert torch.equal(torch.rand(1), expected_next)
+    b = resolve_weights("random:7", arch="vgg11")
+    c = resolve_weights("random:8", arch="vgg11")
+    assert a.sha256 == b.sha256 != c.sha256
+    assert a.arch == "vgg11" and a.spec == "random:7"
+
+
+@pytest.mark.parametrize(
+    ("spec", "arch", "message"),
+    [
+        ("random:x", "vgg11", "integer SEED"),
+        ("random:1", None, "--arch"),
+        ("NOT_A_WEIGHT", "vgg11", "neither an existing file nor a torchvision weights name"),
+        ("missing/file.pth", None, "does not exist"),
+    ],
+)
+def test_bad_specs_have_clear_errors(spec, arch, message):
+    with pytest.raises(WeightsError, match=message):
+        resolve_weights(spec, arch=arch)
+
+
+def test_torchvision_weights_offline_says_how_to_pass_a_file(monkeypatch, tmp_path):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(WeightsError) as e:
+        resolve_weights("IMAGENET1K_V1", arch="vgg19")
+    msg = str(e.value)
+    assert "vgg19-dcbb9e9d.pth" in msg and "--weights PATH" in msg and str(tmp_path) in msg
+
+
+def test_prefixes_are_stripped_and_hash_ignores_format(tmp_path, tiny_vgg):
+    sd = tiny_vgg().state_dict()
+    torch.save({f"module._orig_mod.{k}": v for k, v in sd.items()}, tmp_path / "dp.pth")
+    save_state_dict(sd, tmp_path / "m.safetensors", force=False, metadata={"arch": "tiny"})
+    a, b = load_state_dict(tmp_path / "dp.pth"), load_state_dict(tmp_path / "m.safetensors")
+    assert set(a) == set(sd) == set(b)
+    assert state_dict_sha256(a) == state_dict_sha256(b) == state_dict_sha256(sd)
+
+
+def test_pickled_model_is_refused_without_running_code(tmp_path, tiny_vgg):
+    torch.save(tiny_vgg(), tmp_path / "full.pth")
+    with pytest.raises(CheckpointError, match="never unpickles code"):
+        load_state_dict(tmp_path / "full.pth")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", b"PK\x03\x04truncated"])
+def test_unreadable_checkpoints(tmp_path, content):
+    (tmp_path / "bad.pth").write_bytes(content)
+    with pytest.raises(CheckpointError, match="bad.pth"):
+        load_state_dict(tmp_path / "bad.pth")
+
+
+def test_a_file_for_another_arch_is_refused(tmp_path, tiny_vgg):
+    sd = build_model("vgg11", device="meta").state_dict()
+    sd = {k: torch.zeros(v.shape) for k, v in sd.items() if k.startswith("features.")}
+    del sd["features.0.bias"]
+    torch.save(sd, tmp_path / "broken.pth")
+    with pytest.raises(WeightsError, match="matches no torchvision VGG"):
+        resolve_weights(str(tmp_path / "broken.pth"), arch=None)
+    with pytest.raises(WeightsError, match="missing keys: features.0.bias"):
+        resolve_weights(str(tmp_path / "broken.pth"), arch="vgg11")

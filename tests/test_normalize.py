@@ -1,0 +1,150 @@
+"""The fold's invariants, on a tiny VGG look-alike in float64: F'_l == F_l / s_l, logits unchanged."""
+
+import pytest
+import torch
+
+from vggnorm.collect import ReluSums
+from vggnorm.layers import find_topology
+from vggnorm.normalize import fold_state_dict, scales_from_means, scales_from_stats
+from vggnorm.stats import LayerStats, Stats
+
+
+def relu_outputs(model, topo, x):
+    modules = dict(model.named_modules())
+    out = {}
+    hooks = [
+        modules[s.relu].register_forward_hook(lambda m, a, y, n=s.conv: out.__setitem__(n, y.clone()))
+        for s in topo.sites
+    ]
+    with torch.no_grad():
+        logits = model(x)
+    for h in hooks:
+        h.remove()
+    return out, logits
+
+
+def random_scales(topo, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {s.conv: torch.rand(s.out_channels, generator=g, dtype=torch.float64) * 5 + 0.01 for s in topo.sites}
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_relu_outputs_divided_and_logits_unchanged(tiny_vgg, bn):
+    model = tiny_vgg(bn=bn).double()
+    topo = find_topology(model)
+    scales = random_scales(topo)
+    sd = model.state_dict()
+    folded = fold_state_dict(sd, scales, topo)
+    normalized = tiny_vgg(bn=bn).double()
+    normalized.load_state_dict(folded, strict=True)
+    x = torch.randn(3, 3, 20, 20, dtype=torch.float64)
+    f, y = relu_outputs(model, topo, x)
+    g, y2 = relu_outputs(normalized, topo, x)
+    for name, s in scales.items():
+        torch.testing.assert_close(g[name], f[name] / s.view(1, -1, 1, 1), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y2, y, rtol=1e-10, atol=1e-12)
+
+
+def test_classifier_compensation_is_needed(tiny_vgg):
+    """Without compensating the first Linear, the logits change: the test can fail."""
+    model = tiny_vgg().double()
+    topo = find_topology(model)
+    folded = fold_state_dict(model.state_dict(), random_scales(topo), topo)
+    folded["classifier.0.weight"] = model.state_dict()["classifier.0.weight"]
+    broken = tiny_vgg().double()
+    broken.load_state_dict(folded)
+    x = torch.randn(2, 3, 20, 20, dtype=torch.float64)
+    assert not torch.allclose(broken(x), model(x), rtol=1e-3)
+
+
+def test_fold_matches_plain_formula_and_is_pure(tiny_vgg):
+    model = tiny_vgg(bn=True)
+    topo = find_topology(model)
+    scales = random_scales(topo, seed=3)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in sd.items()}
+    out = fold_state_dict(sd, scales, topo)
+    for k in sd:  # inputs untouched, dtypes kept
+        assert torch.equal(sd[k], before[k])
+        assert out[k].dtype == sd[k].dtype
+    prev = torch.ones(3, dtype=torch.float64)
+    for site in topo.sites:
+        s = scales[site.conv]
+        w = sd[f"{site.conv}.weight"].double()
+        for i in range(w.shape[0]):
+            for k in range(w.shape[1]):
+                expected = w[i, k] * prev[k]
+                torch.testing.assert_close(
+                    out[f"{site.conv}.weight"][i, k].double(), expected.float().double(), rtol=1e-6, atol=0
+                )
+        torch.testing.assert_close(
+            out[f"{site.bn}.weight"].double(), sd[f"{site.bn}.weight"].double() / s, rtol=1e-6, atol=0
+        )
+        torch.testing.assert_close(
+            out[f"{site.bn}.bias"].double(), sd[f"{site.bn}.bias"].double() / s, rtol=1e-6, atol=1e-12
+        )
+        assert torch.equal(out[f"{site.bn}.running_mean"], sd[f"{site.bn}.running_mean"])
+        prev = s
+    fc = sd["classifier.0.weight"].double()
+    P = topo.positions_per_channel
+    for j in range(fc.shape[1]):
+        torch.testing.assert_close(
+            out["classifier.0.weight"][:, j].double(), fc[:, j] * prev[j // P], rtol=1e-6, atol=1e-12
+        )
+
+
+def test_features_only_drops_the_classifier(tiny_vgg):
+    model = tiny_vgg()
+    topo = find_topology(model)
+    out = fold_state_dict(model.state_dict(), random_scales(topo), topo, features_only=True)
+    assert out and all(k.startswith("features.") for k in out)
+
+
+def test_dead_filters_keep_scale_one():
+    mean = torch.tensor([2.0, 0.0, 1e-9, 0.5], dtype=torch.float64)
+    assert scales_from_means(mean, eps=1e-6).tolist() == [2.0, 1.0, 1.0, 0.5]
+
+
+def test_normalized_means_are_one_and_dead_filters_listed(tiny_vgg):
+    """End to end on the tiny model: measure, fold, re-measure: every live filter has mean 1."""
+    model = tiny_vgg().double()
+    topo = find_topology(model)
+    with torch.no_grad():  # kill filter 2 of the first conv: never active on any input
+        model.features[0].weight[2] = 0
+        model.features[0].bias[2] = -1
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+
+    def means(m):
+        sums = ReluSums(topo.sites, torch.device("cpu"))
+        with torch.no_grad(), sums.attached(m):
+            m(x)
+            sums.commit()
+        return Stats(sums.layers(), 6)
+
+    stats = means(model)
+    scales = scales_from_stats(stats, topo)
+    assert scales["features.0"].dead == [2]
+    normalized = tiny_vgg().double()
+    normalized.load_state_dict(fold_state_dict(model.state_dict(), {n: s.scale for n, s in scales.items()}, topo))
+    for name, layer in means(normalized).layers.items():
+        live = torch.ones(layer.sum.numel(), dtype=torch.bool)
+        live[scales[name].dead] = False
+        torch.testing.assert_close(
+            layer.mean[live], torch.ones(int(live.sum()), dtype=torch.float64), rtol=1e-10, atol=0
+        )
+    assert means(normalized).layers["features.0"].mean[2] == 0
+
+
+def test_stats_of_another_arch_are_refused(tiny_vgg):
+    from vggnorm.errors import StatsMismatchError
+
+    topo = find_topology(tiny_vgg())
+    bad = Stats(
+        {
+            s.conv: LayerStats(s.conv, s.relu, s.bn, torch.ones(s.out_channels + 1, dtype=torch.float64), 1)
+            for s in topo.sites
+        },
+        1,
+    )
+    with pytest.raises(StatsMismatchError, match="filters"):
+        scales_from_stats(bad, topo)
