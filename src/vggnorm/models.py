@@ -161,11 +161,16 @@ def resolve_weights(spec: str, *, arch: str | None) -> Weights:
     return Weights(spec=spec, arch=arch, state_dict=sd, sha256=state_dict_sha256(sd))
 
 
-def load_model(weights: Weights, *, device: str | torch.device = "cpu") -> nn.Module:
-    """An eval-mode model carrying ``weights`` (features-only weights get a random classifier)."""
+def load_model(
+    weights: Weights,
+    *,
+    device: str | torch.device = "cpu",
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> nn.Module:
+    """An eval-mode model carrying ``weights`` (features-only weights: no avgpool and classifier)."""
     model = build_model(weights.arch, device="meta")
     strict = not is_features_only(weights.state_dict)
     model.load_state_dict(weights.state_dict, strict=strict, assign=True)
     if not strict:
         model.avgpool, model.classifier = nn.Identity(), nn.Identity()
-    return model.to(device).eval()
+    return model.to(device=device, memory_format=memory_format).eval()

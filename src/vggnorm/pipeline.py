@@ -23,7 +23,7 @@ from tqdm import tqdm
 import vggnorm
 from vggnorm import data as data_mod
 from vggnorm.checkpoint import check_writable, load_state_dict, save_state_dict
-from vggnorm.collect import ReluSums, measure, measure_means, resolve_device
+from vggnorm.collect import ReluSums, measure, measure_means, memory_format, resolve_device
 from vggnorm.errors import (
     CheckpointError,
     DataError,
@@ -150,7 +150,7 @@ def compute_stats(
         attrs["created"] = initial.attrs.get("created", attrs["created"])
         log.info("resuming %s at file %d of %d", output, start, len(files))
 
-    model = load_model(weights, device=device)
+    model = load_model(weights, device=device, memory_format=memory_format(device))
     del weights
     sums = ReluSums(sites, device, initial)
     num_images = initial.num_images if initial else 0
@@ -365,7 +365,7 @@ def verify_checkpoint(
         else:
             scales = scales_from_stats(stats, topo, eps=eps)
 
-    normalized = load_model(Weights(str(normalized_path), arch, sd, ""), device=dev)
+    normalized = load_model(Weights(str(normalized_path), arch, sd, ""), device=dev, memory_format=memory_format(dev))
     files: list[Path] = []
     if stats is not None:
         preprocess = data_mod.Preprocess.from_attrs(stats.attrs)

@@ -1,0 +1,192 @@
+"""Benchmark compute-stats against its floors (SPEC "Performance"; `make bench`).
+
+Builds a folder of ImageNet-sized JPEGs (500x375) from scikit-image's photos, then measures:
+
+  A  compute-stats end to end from the JPEG folder (vggnorm.pipeline.compute_stats, in a
+     subprocess, so its peak RSS is its own); reported for N and 3N images
+  B  decode + preprocess only (the same DataLoader, no network)
+  C  bare forward (model.features) over pre-decoded batches
+  D  forward + statistics (the ReLU hooks) over the same batches
+  E  the naive layer-by-layer approach of published scripts: for each layer, run the data through
+     the network rescaled so far (up to that layer), measure it, rescale it
+
+and prints D/C (goal <= 1.05), A/(B+C) on CPU or A/max(B,C) on CUDA (goal <= 1.10), E/A, images/s and
+peak RSS for N and 3N images (goal: flat). A's streaming time excludes start-up (weights load and
+hash, worker start) which is reported separately; on 50,000 images it is amortized.
+
+Usage: python scripts/bench.py [--arch vgg19] [--images 48] [--batch-size 16] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sample_photos import write_photos  # noqa: E402
+from vggnorm import data as data_mod  # noqa: E402
+from vggnorm.collect import ReluSums, exact_fp32, measure, memory_format, resolve_device  # noqa: E402
+from vggnorm.models import Weights, load_model, random_state_dict, topology  # noqa: E402
+
+CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+from vggnorm.pipeline import RunConfig, compute_stats
+from vggnorm import pipeline
+import vggnorm.collect as collect
+
+marks = {}
+orig_measure = pipeline.measure
+def timed_measure(*a, **k):
+    marks["start"] = time.perf_counter()
+    try:
+        return orig_measure(*a, **k)
+    finally:
+        marks["end"] = time.perf_counter()
+pipeline.measure = timed_measure
+args = json.loads(sys.argv[1])
+t0 = time.perf_counter()
+stats = compute_stats(args["dir"], Path(args["out"]), RunConfig(**args["config"]), force=True, progress=False)
+t1 = time.perf_counter()
+print(json.dumps({"total": t1 - t0, "stream": marks["end"] - marks["start"], "images": stats.num_images,
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def run_a(folder: Path, ckpt: Path, out: Path, args: argparse.Namespace, workers: int) -> dict:
+    config = {"arch": args.arch, "weights": str(ckpt), "device": args.device, "batch_size": args.batch_size,
+              "workers": workers}  # fmt: skip
+    payload = json.dumps({"dir": str(folder), "out": str(out), "config": config})
+    res = subprocess.run([sys.executable, "-c", CHILD, payload], capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decoded_batches(folder: Path, args: argparse.Namespace, workers: int) -> tuple[list[torch.Tensor], float]:
+    files = data_mod.find_images(folder)
+    loader = data_mod.make_loader(
+        files, data_mod.default_preprocess(args.arch), batch_size=args.batch_size, workers=workers
+    )
+    t0 = time.perf_counter()
+    batches = [b.images for b in loader if b.images is not None]
+    return batches, time.perf_counter() - t0
+
+
+def time_forward(model, batches, device, sums: ReluSums | None) -> float:
+    net = model.features
+    fmt = memory_format(device)
+    xs = [x.to(device, memory_format=fmt) for x in batches]
+    with torch.inference_mode(), exact_fp32():
+        net(xs[0])  # warm-up (allocator, cudnn algorithm choice)
+        sync(device)
+        if sums is None:
+            t0 = time.perf_counter()
+            for x in xs:
+                net(x)
+            sync(device)
+            return time.perf_counter() - t0
+    batch_objs = [data_mod.Batch(x, list(range(len(x))), []) for x in xs]
+    sync(device)
+    t0 = time.perf_counter()
+    measure(model, batch_objs, sums, device=device)
+    _ = {k: v.cpu() for k, v in sums.sums.items()}  # the result reaches the host: include that sync
+    return time.perf_counter() - t0
+
+
+def time_naive(model, batches, device) -> float:
+    """Layer by layer: for layer l, forward the data up to l's ReLU, measure, rescale l and l+1."""
+    sites = topology(args.arch).sites
+    modules = dict(model.named_modules())
+    fmt = memory_format(device)
+    xs = [x.to(device, memory_format=fmt) for x in batches]
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), exact_fp32():
+        for li, site in enumerate(sites):
+            stop = int(site.relu.split(".")[1])
+            total = torch.zeros(site.out_channels, dtype=torch.float64, device=device)
+            count = 0
+            for x in xs:
+                h = model.features[: stop + 1](x)
+                total += h.sum(dim=(2, 3)).sum(dim=0, dtype=torch.float64)
+                count += h.shape[0] * h.shape[2] * h.shape[3]
+            s = torch.where(total / count > 1e-6, total / count, torch.ones_like(total)).float()
+            conv = modules[site.conv]
+            conv.weight.div_(s.view(-1, 1, 1, 1))
+            conv.bias.div_(s)
+            if li + 1 < len(sites):
+                modules[sites[li + 1].conv].weight.mul_(s.view(1, -1, 1, 1))
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    global args
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="vgg19")
+    ap.add_argument("--images", type=int, default=48, help="N (A is also run on 3N)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers [default: vggnorm's default]")
+    ap.add_argument("--skip-naive", action="store_true", help="skip E (slow: about L/2 forward passes)")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    workers = data_mod.default_workers() if args.workers is None else args.workers
+    tmp = Path(tempfile.mkdtemp(prefix="vggnorm-bench-"))
+    n_photos = len(write_photos(tmp / "probe"))
+    per = -(-args.images // n_photos)
+    for name, mult in (("n1", 1), ("n3", 3)):
+        write_photos(tmp / name, copies=per * mult, size=(500, 375))
+    ckpt = tmp / f"{args.arch}.pth"
+    torch.save(random_state_dict(args.arch, 0), ckpt)
+    n1 = len(data_mod.find_images(tmp / "n1"))
+    print(f"device {device}, {torch.get_num_threads()} torch threads, {workers} workers, {args.arch}, batch {args.batch_size}, "
+          f"N = {n1} JPEGs of 500x375 (3N = {len(data_mod.find_images(tmp / 'n3'))})", flush=True)  # fmt: skip
+
+    a1 = run_a(tmp / "n1", ckpt, tmp / "a1.h5", args, workers)
+    a3 = run_a(tmp / "n3", ckpt, tmp / "a3.h5", args, workers)
+    batches, b = decoded_batches(tmp / "n3", args, workers)
+    sd = torch.load(ckpt, weights_only=True)
+    model = load_model(Weights("bench", args.arch, sd, ""), device=device, memory_format=memory_format(device))
+    c = time_forward(model, batches, device, None)
+    d = time_forward(model, batches, device, ReluSums(topology(args.arch).sites, device))
+    n3 = sum(len(x) for x in batches)
+    rate = lambda t, n=n3: f"{n / t:7.1f} img/s"  # noqa: E731
+    print(
+        f"A  compute-stats, 3N   {a3['stream']:7.2f} s  {rate(a3['stream'])}  (+ {a3['total'] - a3['stream']:.2f} s start-up)"
+    )
+    print(
+        f"A  compute-stats, N    {a1['stream']:7.2f} s  {rate(a1['stream'], n1)}  (+ {a1['total'] - a1['stream']:.2f} s start-up)"
+    )
+    print(f"B  decode+preprocess   {b:7.2f} s  {rate(b)}")
+    print(f"C  bare forward        {c:7.2f} s  {rate(c)}")
+    print(f"D  forward+statistics  {d:7.2f} s  {rate(d)}")
+    print(f"D/C = {d / c:.3f}   (goal <= 1.05)")
+    if device.type == "cpu":
+        print(
+            f"A/(B+C) = {a3['stream'] / (b + c):.3f}   (goal <= 1.10; end to end with start-up: {a3['total'] / (b + c):.3f})"
+        )
+    else:
+        print(
+            f"A/max(B,C) = {a3['stream'] / max(b, c):.3f}   (goal <= 1.10; with start-up: {a3['total'] / max(b, c):.3f})"
+        )
+    print(f"peak RSS of compute-stats: {a1['rss_mb']:.0f} MB for {n1} images, {a3['rss_mb']:.0f} MB for {n3} images")
+    if not args.skip_naive:
+        e = time_naive(model, batches, device)
+        print(f"E  naive layer-by-layer {e:7.2f} s  {rate(e)}   E/A = {e / a3['stream']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
