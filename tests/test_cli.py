@@ -190,3 +190,95 @@ def test_features_only(pipeline, tmp_path):
     torchvision.models.get_model(pipeline["arch"]).features.load_state_dict(
         {k.removeprefix("features."): v for k, v in sd.items()}, strict=True
     )
+
+
+class GatysVGG(torch.nn.Module):
+    """Gatys-style code: convs named conv{block}_{i}, ReLU after each, pooling between blocks."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks, c = blocks, 3
+        for b, widths in enumerate(blocks, 1):
+            for i, width in enumerate(widths, 1):
+                setattr(self, f"conv{b}_{i}", torch.nn.Conv2d(c, width, 3, padding=1))
+                c = width
+
+    def forward(self, x):
+        out = []
+        for b, widths in enumerate(self.blocks, 1):
+            for i in range(1, len(widths) + 1):
+                x = torch.relu(getattr(self, f"conv{b}_{i}")(x))
+                out.append(x)
+            x = torch.nn.functional.max_pool2d(x, 2)
+        return out
+
+
+VGG11_BLOCKS = [[64], [128], [256, 256], [512, 512], [512, 512]]
+
+
+def test_gatys_layout_loads_strictly_and_matches_the_torchvision_layout(pipeline, photos, tmp_path):
+    p = pipeline
+    r = invoke("apply", p["ckpt"], "--stats", p["stats"], "-o", tmp_path / "g.pth", "--layout", "gatys")
+    assert r.exit_code == 0, r.output
+    if p["arch"].endswith("_bn"):
+        assert "BatchNorm folded" in r.stderr
+    sd = torch.load(tmp_path / "g.pth", weights_only=True)
+    assert sorted(sd)[:2] == ["conv1_1.bias", "conv1_1.weight"] and "conv5_2.weight" in sd
+    gatys = GatysVGG(VGG11_BLOCKS).double().eval()
+    gatys.load_state_dict(sd, strict=True)
+    reference = float64_model(p["arch"], torch.load(p["out"], weights_only=True))
+    x = independent_batch(photos)[:3]
+    expected = []
+    h = x
+    with torch.no_grad():
+        for m in reference.features:
+            h = m(h)
+            if isinstance(m, torch.nn.ReLU):
+                expected.append(h.clone())
+        got = gatys(x)
+    assert len(got) == len(expected) == 8
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    # verify reads the Gatys layout too: fold check against the original, means on the photos
+    r = invoke("verify", tmp_path / "g.pth", "--original", p["ckpt"], "--stats", p["stats"], "--data", photos,
+               "--workers", 0)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "3 passed, 0 failed, 1 not run" in r.stdout  # logits: a features-only file has none
+
+
+def test_safetensors_output_equals_pth_and_carries_provenance(pipeline, tmp_path):
+    from safetensors import safe_open
+
+    p = pipeline
+    r = invoke("apply", p["ckpt"], "--stats", p["stats"], "-o", tmp_path / "n.safetensors")
+    assert r.exit_code == 0, r.output
+    pth = torch.load(p["out"], weights_only=True)
+    with safe_open(tmp_path / "n.safetensors", "pt") as f:
+        meta = f.metadata()
+        assert set(f.keys()) == set(pth)
+        for k in pth:
+            assert torch.equal(f.get_tensor(k), pth[k])
+    assert meta["arch"] == p["arch"] and meta["stats"] == str(p["stats"]) and meta["layout"] == "torchvision"
+    r = invoke("verify", tmp_path / "n.safetensors", "--original", p["ckpt"], "--stats", p["stats"])
+    assert r.exit_code == 0, r.output
+
+
+def test_prefixed_and_safetensors_inputs_are_the_same_weights(pipeline, tmp_path):
+    from safetensors.torch import save_file
+
+    p = pipeline
+    sd = torch.load(p["ckpt"], weights_only=True)
+    torch.save({f"module.{k}": v for k, v in sd.items()}, tmp_path / "dp.pth")
+    save_file({f"_orig_mod.{k}": v.contiguous() for k, v in sd.items()}, tmp_path / "c.safetensors")
+    for name in ("dp.pth", "c.safetensors"):
+        r = invoke("apply", tmp_path / name, "--stats", p["stats"], "-o", tmp_path / f"{name}.out.pth")
+        assert r.exit_code == 0, r.output
+        out = torch.load(tmp_path / f"{name}.out.pth", weights_only=True)
+        assert all(torch.equal(out[k], v) for k, v in torch.load(p["out"], weights_only=True).items())
+
+
+def test_a_pickled_model_is_refused_with_an_explanation(pipeline, tmp_path):
+    model = torchvision.models.get_model(pipeline["arch"])
+    torch.save(model, tmp_path / "model.pth")
+    r = invoke("apply", tmp_path / "model.pth", "--stats", pipeline["stats"], "-o", tmp_path / "x.pth")
+    assert r.exit_code == 1 and "never unpickles code" in r.stderr and "state_dict()" in r.stderr

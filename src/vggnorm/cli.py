@@ -17,8 +17,10 @@ from types import FrameType
 import click
 
 from vggnorm import __version__
+from vggnorm.checkpoint import LAYOUTS
+from vggnorm.data import PREPROCESSINGS
 from vggnorm.errors import VggnormError
-from vggnorm.models import DEFAULT_ARCH, DEFAULT_WEIGHTS, VGG_ARCHS
+from vggnorm.models import DEFAULT_ARCH, DEFAULT_WEIGHTS, POOLINGS, VGG_ARCHS
 from vggnorm.normalize import DEFAULT_EPS
 from vggnorm.verify import DEFAULT_MEANS_TOL, DEFAULT_RTOL, NOT_RUN, PASS
 
@@ -85,6 +87,11 @@ def cli(verbose: bool) -> None:
 @click.option(
     "--crop", type=click.IntRange(min=1), default=None, help="Center crop size. [default: the weights' transform, 224]"
 )
+@click.option("--preprocess", type=click.Choice(PREPROCESSINGS), default="torchvision", show_default=True,
+              help="torchvision: RGB, 0-1, ImageNet mean/std. caffe: BGR, 0-255, mean-subtracted, as the original "
+                   "Caffe VGG (and Gatys' code) expects.")  # fmt: skip
+@click.option("--pooling", type=click.Choice(POOLINGS), default="max", show_default=True,
+              help="Measure with max pooling, or with average pooling as Gatys et al. synthesized.")  # fmt: skip
 @click.option(
     "--strict", is_flag=True, help="Stop at the first file that cannot be decoded (naming it), writing nothing."
 )
@@ -96,7 +103,8 @@ def cli(verbose: bool) -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
 def compute_stats_cmd(directory: Path, arch: str, weights: str, output: Path, device: str, batch_size: int,
-                      workers: int | None, limit: int | None, resize: int | None, crop: int | None, strict: bool,
+                      workers: int | None, limit: int | None, resize: int | None, crop: int | None,
+                      preprocess: str, pooling: str, strict: bool,
                       resume: bool, checkpoint_every: int | None, force: bool, progress: bool) -> None:  # fmt: skip
     """Measure every conv filter's mean ReLU activation over the images in DIR.
 
@@ -108,7 +116,8 @@ def compute_stats_cmd(directory: Path, arch: str, weights: str, output: Path, de
     from vggnorm.pipeline import RunConfig, compute_stats
 
     config = RunConfig(arch=arch, weights=weights, device=device, batch_size=batch_size, workers=workers,
-                       limit=limit, resize=resize, crop=crop, strict=strict, checkpoint_every=checkpoint_every)  # fmt: skip
+                       limit=limit, resize=resize, crop=crop, preprocess=preprocess, pooling=pooling, strict=strict,
+                       checkpoint_every=checkpoint_every)  # fmt: skip
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         with user_errors():
@@ -139,11 +148,14 @@ def compute_stats_cmd(directory: Path, arch: str, weights: str, output: Path, de
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Normalized state_dict to write (.pth/.pt, or .safetensors). [default: CKPT.normalized.pth]")  # fmt: skip
 @click.option("--features-only", is_flag=True, help="Write only the conv layers (features.*), no classifier.")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="torchvision", show_default=True,
+              help="torchvision: loads into torchvision's VGG. gatys: conv layers only, keyed conv1_1 ... conv5_4 "
+                   "(BatchNorm folded into the convs for _bn models).")  # fmt: skip
 @click.option("--eps", type=click.FloatRange(min=0), default=DEFAULT_EPS, show_default=True,
               help="Filters with mean <= eps are dead: left unscaled and listed.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
 def apply_cmd(
-    checkpoint: str, stats_path: Path, output: Path | None, features_only: bool, eps: float, force: bool
+    checkpoint: str, stats_path: Path, output: Path | None, features_only: bool, layout: str, eps: float, force: bool
 ) -> None:
     """Fold the statistics into CKPT so every filter's mean ReLU activation becomes 1.
 
@@ -156,7 +168,10 @@ def apply_cmd(
     from vggnorm.pipeline import apply_stats
 
     with user_errors():
-        result = apply_stats(checkpoint, stats_path, output, features_only=features_only, eps=eps, force=force)
+        result = apply_stats(checkpoint, stats_path, output, features_only=features_only, layout=layout, eps=eps,
+                             force=force)  # fmt: skip
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
     _echo_checks(result.report.checks)
     dead = sum(len(layer["dead"]) for layer in result.report.layers)
     click.echo(f"dead filters left unscaled: {dead}")
@@ -185,6 +200,10 @@ def apply_cmd(
               help="With --data and no --stats: resize as compute-stats did. [default: 256]")  # fmt: skip
 @click.option("--crop", type=click.IntRange(min=1), default=None,
               help="With --data and no --stats: center crop as compute-stats did. [default: 224]")  # fmt: skip
+@click.option("--preprocess", type=click.Choice(PREPROCESSINGS), default=None,
+              help="With --data and no --stats: the preprocessing compute-stats used. [default: torchvision]")  # fmt: skip
+@click.option("--pooling", type=click.Choice(POOLINGS), default=None,
+              help="With --data and no --stats: the pooling compute-stats used. [default: max]")  # fmt: skip
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per forward pass."
@@ -194,7 +213,7 @@ def apply_cmd(
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
 def verify_cmd(normalized: Path, original: str | None, stats_path: Path | None, data: Path | None, limit: int | None,
                report: Path | None, rtol: float, means_tol: float, eps: float, resize: int | None,
-               crop: int | None, device: str, batch_size: int,
+               crop: int | None, preprocess: str | None, pooling: str | None, device: str, batch_size: int,
                workers: int | None, force: bool, progress: bool) -> None:  # fmt: skip
     """Check that NORMALIZED is the correct normalization. Exit 0: all checks run passed; 1: a check
     failed (or none could run); 2: bad usage.
@@ -217,7 +236,8 @@ def verify_cmd(normalized: Path, original: str | None, stats_path: Path | None, 
                 check_writable(p, force=force)
     with user_errors(UsageFailure):
         result = verify_checkpoint(normalized, original=original, stats_path=stats_path, data=data, limit=limit,
-                                   rtol=rtol, means_tol=means_tol, eps=eps, resize=resize, crop=crop, device=device,
+                                   rtol=rtol, means_tol=means_tol, eps=eps, resize=resize, crop=crop, preprocess=preprocess,
+                                   pooling=pooling, device=device,
                                    batch_size=batch_size,
                                    workers=workers, progress=progress)  # fmt: skip
         if report is not None:

@@ -40,7 +40,9 @@ class Preprocess:
     pooling: str = "max"
 
     def transform(self) -> torch.nn.Module:
-        """torchvision's own ImageNet preset (resize, center crop, to float, normalize)."""
+        """torchvision's own ImageNet preset (resize, center crop, to float, normalize), or Caffe's."""
+        if self.preprocess == "caffe":
+            return CaffePreset(resize=self.resize, crop=self.crop, mean=self.mean, interpolation=self.interpolation)
         from torchvision.transforms._presets import ImageClassification
 
         return ImageClassification(
@@ -67,15 +69,53 @@ class Preprocess:
         )
 
 
-def default_preprocess(arch: str, *, resize: int | None = None, crop: int | None = None) -> Preprocess:
-    """The preprocessing of the arch's torchvision weights, read from ``Weights.transforms()``."""
+PREPROCESSINGS = ("torchvision", "caffe")
+
+# The original Caffe VGG's input: BGR, 0-255, minus the per-channel ImageNet mean (in BGR order).
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+class CaffePreset(torch.nn.Module):
+    """Resize and center crop as torchvision's preset, then BGR, 0-255, mean-subtracted (no std)."""
+
+    def __init__(self, *, resize: int, crop: int, mean: tuple[float, ...], interpolation: str) -> None:
+        super().__init__()
+        self.resize, self.crop, self.interpolation = resize, crop, InterpolationMode(interpolation)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1))
+
+    def forward(self, img: Image.Image) -> torch.Tensor:
+        from torchvision.transforms import functional as F
+
+        img = F.center_crop(F.resize(img, [self.resize], interpolation=self.interpolation, antialias=True), [self.crop])
+        x = F.pil_to_tensor(img).float()  # (3, H, W), RGB, 0..255
+        return x.flip(0) - self.mean  # BGR, mean-subtracted
+
+
+def default_preprocess(
+    arch: str,
+    *,
+    resize: int | None = None,
+    crop: int | None = None,
+    preprocess: str = "torchvision",
+    pooling: str = "max",
+) -> Preprocess:
+    """The preprocessing of the arch's torchvision weights, read from ``Weights.transforms()``.
+
+    ``preprocess="caffe"`` keeps its resize, crop and interpolation but feeds the network as the
+    original Caffe VGG was fed (``CaffePreset``).
+    """
+    if preprocess not in PREPROCESSINGS:
+        raise DataError(f"unknown preprocessing {preprocess!r}; expected one of {', '.join(PREPROCESSINGS)}")
     preset = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+    caffe = preprocess == "caffe"
     return Preprocess(
         resize=resize if resize is not None else int(preset.resize_size[0]),
         crop=crop if crop is not None else int(preset.crop_size[0]),
         interpolation=preset.interpolation.value,
-        mean=tuple(float(x) for x in preset.mean),
-        std=tuple(float(x) for x in preset.std),
+        mean=CAFFE_MEAN_BGR if caffe else tuple(float(x) for x in preset.mean),
+        std=(1.0, 1.0, 1.0) if caffe else tuple(float(x) for x in preset.std),
+        preprocess=preprocess,
+        pooling=pooling,
     )
 
 

@@ -83,3 +83,20 @@ def find_topology(model: nn.Module) -> Topology:
             f"{sites[-1].out_channels} channels of the last conv"
         )
     return Topology(tuple(sites), classifier, classifier_in)
+
+
+def gatys_names(model: nn.Module) -> dict[str, str]:
+    """Gatys' (Caffe's) name of each conv, keyed by module path: ``conv{block}_{i}``.
+
+    A block is a pooling stage: the count restarts after every pooling layer, so vgg19's
+    ``features.0`` is ``conv1_1`` and ``features.34`` is ``conv5_4``.
+    """
+    names: dict[str, str] = {}
+    block, i = 1, 0
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            i += 1
+            names[path] = f"conv{block}_{i}"
+        elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)) and i:
+            block, i = block + 1, 0
+    return names

@@ -19,14 +19,15 @@ import torch
 import torchvision
 from torch import nn
 
-from vggnorm.checkpoint import StateDict, load_state_dict, state_dict_sha256
+from vggnorm.checkpoint import StateDict, from_gatys_layout, is_gatys_layout, load_state_dict, state_dict_sha256
 from vggnorm.errors import CheckpointError, WeightsError
-from vggnorm.layers import Topology, find_topology
+from vggnorm.layers import Topology, find_topology, gatys_names
 
 VGG_ARCHS = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
 DEFAULT_ARCH = "vgg19"
 DEFAULT_WEIGHTS = "IMAGENET1K_V1"
 RANDOM_PREFIX = "random:"
+POOLINGS = ("max", "avg")
 
 
 def _check_arch(arch: str) -> None:
@@ -54,6 +55,29 @@ def _shapes(arch: str) -> dict[str, tuple[int, ...]]:
 
 def is_features_only(state_dict: StateDict) -> bool:
     return all(k.startswith("features.") for k in state_dict)
+
+
+@functools.cache
+def conv_names(arch: str) -> dict[str, str]:
+    """Gatys' names (conv1_1 ...) of ``arch``'s convs, keyed by module path."""
+    return gatys_names(build_model(arch, device="meta"))
+
+
+def bn_eps(arch: str) -> dict[str, tuple[str, float]]:
+    """For a ``_bn`` arch: conv path -> (its BatchNorm's path, the BatchNorm's eps)."""
+    modules = dict(build_model(arch, device="meta").named_modules())
+    return {s.conv: (s.bn, float(modules[s.bn].eps)) for s in topology(arch).sites if s.bn is not None}
+
+
+def to_torchvision_layout(state_dict: StateDict) -> StateDict:
+    """A Gatys-layout state_dict (conv1_1.weight ...) as the features of the plain VGG it fits."""
+    if not is_gatys_layout(state_dict):
+        return state_dict
+    stems = {k.rpartition(".")[0] for k in state_dict}
+    for arch in VGG_ARCHS:
+        if not arch.endswith("_bn") and set(conv_names(arch).values()) == stems:
+            return from_gatys_layout(state_dict, conv_names(arch))
+    raise CheckpointError(f"the Gatys-layout state_dict has convs {sorted(stems)}, which fit no VGG")
 
 
 def infer_arch(state_dict: StateDict) -> str:
@@ -148,7 +172,7 @@ def resolve_weights(spec: str, *, arch: str | None) -> Weights:
         sd = random_state_dict(arch, int(seed_text))
     elif os.path.exists(spec) or os.sep in spec or spec.endswith((".pth", ".pt", ".safetensors")):
         try:
-            sd = load_state_dict(spec)
+            sd = to_torchvision_layout(load_state_dict(spec))
             arch = arch or infer_arch(sd)
             _check_arch(arch)
             check_state_dict(sd, arch, features_only=is_features_only(sd))
@@ -166,11 +190,22 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     memory_format: torch.memory_format = torch.contiguous_format,
+    pooling: str = "max",
 ) -> nn.Module:
-    """An eval-mode model carrying ``weights`` (features-only weights: no avgpool and classifier)."""
+    """An eval-mode model carrying ``weights`` (features-only weights: no avgpool and classifier).
+
+    ``pooling="avg"`` replaces every max pooling in ``features`` by average pooling of the same
+    window, as Gatys et al. synthesized with; the weights are the same.
+    """
     model = build_model(weights.arch, device="meta")
     strict = not is_features_only(weights.state_dict)
     model.load_state_dict(weights.state_dict, strict=strict, assign=True)
     if not strict:
         model.avgpool, model.classifier = nn.Identity(), nn.Identity()
+    if pooling not in POOLINGS:
+        raise WeightsError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
+    if pooling == "avg":
+        for i, m in enumerate(model.features):
+            if isinstance(m, nn.MaxPool2d):
+                model.features[i] = nn.AvgPool2d(m.kernel_size, m.stride, m.padding, ceil_mode=m.ceil_mode)
     return model.to(device=device, memory_format=memory_format).eval()

@@ -22,7 +22,15 @@ from tqdm import tqdm
 
 import vggnorm
 from vggnorm import data as data_mod
-from vggnorm.checkpoint import check_writable, load_state_dict, save_state_dict
+from vggnorm.checkpoint import (
+    LAYOUTS,
+    StateDict,
+    check_writable,
+    is_gatys_layout,
+    load_state_dict,
+    save_state_dict,
+    to_gatys_layout,
+)
 from vggnorm.collect import ReluSums, measure, measure_means, memory_format, resolve_device
 from vggnorm.errors import (
     CheckpointError,
@@ -32,7 +40,18 @@ from vggnorm.errors import (
     StatsMismatchError,
     VggnormError,
 )
-from vggnorm.models import Weights, build_model, infer_arch, is_features_only, load_model, resolve_weights, topology
+from vggnorm.models import (
+    Weights,
+    bn_eps,
+    build_model,
+    conv_names,
+    infer_arch,
+    is_features_only,
+    load_model,
+    resolve_weights,
+    to_torchvision_layout,
+    topology,
+)
 from vggnorm.normalize import DEFAULT_EPS, fold_state_dict, scales_from_stats
 from vggnorm.stats import Stats, read_stats, write_stats
 from vggnorm.verify import (
@@ -72,6 +91,8 @@ class RunConfig:
     limit: int | None = None
     resize: int | None = None
     crop: int | None = None
+    preprocess: str = "torchvision"  # or "caffe": BGR, 0-255, mean-subtracted
+    pooling: str = "max"  # or "avg": measure with average pooling, as Gatys synthesized
     strict: bool = False
     checkpoint_every: int | None = None  # batches; None: about every DEFAULT_CHECKPOINT_SECONDS
 
@@ -115,7 +136,9 @@ def compute_stats(
         files = files[: config.limit]
     device = resolve_device(config.device)
     weights = resolve_weights(config.weights, arch=config.arch)
-    preprocess = data_mod.default_preprocess(weights.arch, resize=config.resize, crop=config.crop)
+    preprocess = data_mod.default_preprocess(
+        weights.arch, resize=config.resize, crop=config.crop, preprocess=config.preprocess, pooling=config.pooling
+    )
     if preprocess.crop > preprocess.resize:
         raise VggnormError(f"--crop {preprocess.crop} is larger than --resize {preprocess.resize}")
     sites = topology(weights.arch).sites
@@ -150,7 +173,7 @@ def compute_stats(
         attrs["created"] = initial.attrs.get("created", attrs["created"])
         log.info("resuming %s at file %d of %d", output, start, len(files))
 
-    model = load_model(weights, device=device, memory_format=memory_format(device))
+    model = load_model(weights, device=device, memory_format=memory_format(device), pooling=preprocess.pooling)
     del weights
     sums = ReluSums(sites, device, initial)
     num_images = initial.num_images if initial else 0
@@ -219,6 +242,7 @@ class ApplyResult:
     report_json: Path
     report_md: Path
     report: Report
+    notes: list[str]
 
 
 def default_output(spec: str, arch: str) -> Path:
@@ -253,19 +277,31 @@ def _probe_input(crop: int, n: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, crop, crop, generator=torch.Generator().manual_seed(0))
 
 
+def export_layout(state_dict: StateDict, arch: str, layout: str) -> StateDict:
+    """``state_dict`` (torchvision layout) in the requested ``layout`` (see ``checkpoint.LAYOUTS``)."""
+    if layout == "torchvision":
+        return state_dict
+    if layout == "gatys":
+        return to_gatys_layout(state_dict, conv_names(arch), bn_eps(arch))
+    raise VggnormError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+
+
 def apply_stats(
     checkpoint: str,
     stats_path: Path,
     output: Path | None = None,
     *,
     features_only: bool = False,
+    layout: str = "torchvision",
     eps: float = DEFAULT_EPS,
     force: bool = False,
 ) -> ApplyResult:
     """Fold ``stats`` into ``checkpoint`` (a weight SPEC), self-check it, write it and its report.
 
-    The output is written only if the self-checks (ReLU outputs divided by the scales, logits
-    unchanged, loads into torchvision's class) pass on a seeded probe batch.
+    ``layout="gatys"`` writes the conv layers only, keyed ``conv1_1`` ... (BatchNorm folded into
+    the convs for ``_bn`` models). The output is written only if the self-checks pass on a seeded
+    probe batch: the written tensors, loaded back, give ReLU outputs equal to the original's
+    divided by the scales (and the same logits), under the statistics' pooling.
     """
     stats = read_stats(stats_path)
     arch = str(stats.attrs["arch"])
@@ -274,41 +310,51 @@ def apply_stats(
     for p in (output, json_path, md_path):
         check_writable(p, force=force)
     weights = _weights_for(checkpoint, stats)
-    features_only = features_only or is_features_only(weights.state_dict)
+    features_only = features_only or layout == "gatys" or is_features_only(weights.state_dict)
     topo = topology(arch)
     scales = scales_from_stats(stats, topo, eps=eps)
     scale_tensors = {n: s.scale for n, s in scales.items()}
     folded = fold_state_dict(weights.state_dict, scale_tensors, topo, features_only=features_only)
+    exported = export_layout(folded, arch, layout)
 
-    original = load_model(weights)
-    normalized = load_model(Weights(weights.spec, arch, folded, ""))
+    pooling = str(stats.attrs.get("pooling", "max"))
+    original = load_model(weights, pooling=pooling)
+    reloaded = to_torchvision_layout(exported)
+    normalized = load_model(Weights(weights.spec, infer_arch(reloaded), reloaded, ""), pooling=pooling)
     crop = int(stats.attrs.get("crop", 224))
-    checks = check_function(original, normalized, list(topo.sites), scale_tensors, _probe_input(crop),
-                            logits=not features_only, inputs=f"2 seeded random inputs at {crop}x{crop}")  # fmt: skip
-    checks.append(_check_loads(folded, arch, features_only=features_only))
+    checks = check_function(original, normalized, scale_tensors, _probe_input(crop), logits=not features_only,
+                            inputs=f"2 seeded random inputs at {crop}x{crop}, {pooling} pooling")  # fmt: skip
+    checks.append(_check_loads(exported, arch, features_only=features_only))
+    notes = []
+    if layout == "gatys" and arch.endswith("_bn"):
+        notes.append("BatchNorm folded into the convs (eval-mode statistics): the Gatys layout has no BatchNorm")
     report = Report(
         checkpoint=str(output),
         arch=arch,
         checks=checks,
         inputs={"original": checkpoint, "original_sha256": weights.sha256, "stats": str(stats_path),
-                "stats_images": stats.num_images, "eps": eps, "features_only": features_only,
-                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "vggnorm_version": vggnorm.__version__},
+                "stats_images": stats.num_images, "eps": eps, "features_only": features_only, "layout": layout,
+                "preprocess": stats.attrs.get("preprocess", "torchvision"), "pooling": pooling,
+                "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "vggnorm_version": vggnorm.__version__,
+                **({"note": "; ".join(notes)} if notes else {})},
         layers=layer_summary(scales),
     )  # fmt: skip
     if not report.passed:
         failed = "; ".join(f"{c.name}: {c.figure} > {c.tolerance} ({c.detail})" for c in checks if c.status != "pass")
         raise VggnormError(f"the folded checkpoint failed its self-check, nothing was written: {failed}")
-    meta = {"vggnorm_version": vggnorm.__version__, "arch": arch, "original": checkpoint,
-            "original_sha256": weights.sha256, "stats": str(stats_path), "eps": str(eps)}  # fmt: skip
-    save_state_dict(folded, output, force=force, metadata=meta)
+    meta = {"vggnorm_version": vggnorm.__version__, "arch": arch, "layout": layout, "original": checkpoint,
+            "original_sha256": weights.sha256, "stats": str(stats_path), "eps": str(eps),
+            "preprocess": str(stats.attrs.get("preprocess", "torchvision")), "pooling": pooling}  # fmt: skip
+    save_state_dict(exported, output, force=force, metadata=meta)
     write_report(report, _apply_report_base(output), force=force)
-    return ApplyResult(output, json_path, md_path, report)
+    return ApplyResult(output, json_path, md_path, report, notes)
 
 
 def _check_loads(state_dict: dict[str, torch.Tensor], arch: str, *, features_only: bool) -> Check:
     desc = f"loads into torchvision's {arch} with strict=True"
     if features_only:
-        return not_run("loads", desc, "features-only checkpoint: loads into model.features (strict=True)")
+        return not_run("loads", desc, "features-only checkpoint: it loads into model.features (or, in the gatys "
+                       "layout, Gatys-named code) with strict=True")  # fmt: skip
     try:
         build_model(arch, device="meta").load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as e:
@@ -331,6 +377,8 @@ def verify_checkpoint(
     eps: float = DEFAULT_EPS,
     resize: int | None = None,
     crop: int | None = None,
+    preprocess: str | None = None,
+    pooling: str | None = None,
     device: str = "auto",
     batch_size: int = 32,
     workers: int | None = None,
@@ -339,94 +387,95 @@ def verify_checkpoint(
     """Check the invariants of SPEC section 4 that the given inputs allow.
 
     (a) activations and (d) fold need ``original`` and ``stats_path``; (b) logits needs
-    ``original``; (c) means needs ``data``, measured under the statistics' preprocessing when
-    ``stats_path`` is given, else the weights' default (``resize``/``crop`` override it).
-    With ``data`` alone this audits any checkpoint.
+    ``original``; (c) means needs ``data``, measured under the statistics' policy (preprocessing,
+    pooling) when ``stats_path`` is given, else the weights' default, overridden by ``resize``,
+    ``crop``, ``preprocess``, ``pooling``. With ``data`` alone this audits any checkpoint.
+    NORMALIZED may be in torchvision's or Gatys' layout.
     """
     if original is None and data is None:
         raise VggnormError(
             "nothing to verify: pass --original (with --stats) to check the fold, and/or --data to measure the means"
         )
-    sd = load_state_dict(normalized_path)
-    arch = infer_arch(sd)
+    raw = load_state_dict(normalized_path)
+    layout = "gatys" if is_gatys_layout(raw) else "torchvision"
+    sd = to_torchvision_layout(raw)
+    model_arch = infer_arch(sd)  # for a Gatys layout: the plain VGG it loads into
     features_only = is_features_only(sd)
-    topo = topology(arch)
-    sites = list(topo.sites)
     dev = resolve_device(device)
     stats = read_stats(stats_path) if stats_path is not None else None
-    inputs: dict[str, Any] = {"normalized": str(normalized_path), "original": original, "stats": str(stats_path) if stats_path else None,
-                              "data": str(data) if data else None, "device": str(dev)}  # fmt: skip
-    checks: list[Check] = []
-    mismatch = None
-    scales = None
-    if stats is not None:
-        if stats.attrs.get("arch") != arch:
-            mismatch = f"the statistics are for {stats.attrs.get('arch')}, the checkpoint is {arch}"
-        else:
-            scales = scales_from_stats(stats, topo, eps=eps)
-
-    normalized = load_model(Weights(str(normalized_path), arch, sd, ""), device=dev, memory_format=memory_format(dev))
-    files: list[Path] = []
-    if stats is not None:
-        preprocess = data_mod.Preprocess.from_attrs(stats.attrs)
-        for name, value in (("resize", resize), ("crop", crop)):
-            if value is not None and value != getattr(preprocess, name):
-                raise VggnormError(f"--{name} {value} differs from the statistics' {name} {getattr(preprocess, name)}; "
-                                   "leave it out: with --stats, verify measures as compute-stats did")  # fmt: skip
-    else:
-        preprocess = data_mod.default_preprocess(arch, resize=resize, crop=crop)
-    if data is not None:
-        files = data_mod.find_images(data)[:limit]
-
+    weights = None
     if original is not None:
-        weights = resolve_weights(original, arch=arch)
+        weights = resolve_weights(original, arch=None if os.path.isfile(original) else model_arch)
+    arch = str(stats.attrs["arch"]) if stats is not None else weights.arch if weights is not None else model_arch
+    inputs: dict[str, Any] = {"normalized": str(normalized_path), "layout": layout, "original": original,
+                              "stats": str(stats_path) if stats_path else None, "data": str(data) if data else None,
+                              "device": str(dev)}  # fmt: skip
+    if arch != model_arch and not (layout == "gatys" and arch.removesuffix("_bn") == model_arch):
+        raise CheckpointError(f"{normalized_path} is a {model_arch}, but the statistics or --original are for {arch}")
+
+    policy = _verify_policy(stats, arch, resize=resize, crop=crop, preprocess=preprocess, pooling=pooling)
+    topo = topology(arch)
+    mismatch = None
+    scales = scales_from_stats(stats, topo, eps=eps) if stats is not None else None
+    normalized = load_model(Weights(str(normalized_path), model_arch, sd, ""), device=dev,
+                            memory_format=memory_format(dev), pooling=policy.pooling)  # fmt: skip
+    files = data_mod.find_images(data)[:limit] if data is not None else []
+    checks: list[Check] = []
+    fold_desc = "the checkpoint equals fold(original, stats) recomputed"
+    if weights is not None:
         if weights.arch != arch:
-            raise CheckpointError(f"--original {original} is a {weights.arch}, the normalized checkpoint a {arch}")
+            raise CheckpointError(f"--original {original} is a {weights.arch}, the statistics are for {arch}")
         inputs["original_sha256"] = weights.sha256
-        if stats is not None and mismatch is None and stats.attrs.get("weights_sha256") != weights.sha256:
+        if stats is not None and stats.attrs.get("weights_sha256") != weights.sha256:
             mismatch = f"the statistics were measured on other weights than {original} (sha256 differs)"
-        orig_model = load_model(weights, device=dev)
-        x, source = _function_inputs(files, preprocess)
-        scale_t = {n: s.scale for n, s in scales.items()} if scales is not None and mismatch is None else None
-        fn_checks = check_function(orig_model, normalized, sites, scale_t, x.to(dev), rtol=rtol,
-                                   logits=not features_only, inputs=source)  # fmt: skip
-        if stats_path is None:
-            checks += fn_checks
-            checks.append(not_run("fold", "the checkpoint equals fold(original, stats) recomputed", "needs --stats"))
+        orig_model = load_model(weights, device=dev, pooling=policy.pooling)
+        x, source = _function_inputs(files, policy)
+        scale_t = {n: sc.scale for n, sc in scales.items()} if scales is not None and mismatch is None else None
+        fn_checks = check_function(orig_model, normalized, scale_t, x.to(dev), rtol=rtol, logits=not features_only,
+                                   inputs=source)  # fmt: skip
+        if scales is None:
+            checks += [*fn_checks, not_run("fold", fold_desc, "needs --stats")]
         elif mismatch is not None:
-            checks += [
-                c if c.name != "activations" else Check(c.name, c.description, "fail", detail=mismatch)
-                for c in fn_checks
-            ]
-            checks.append(
-                Check("fold", "the checkpoint equals fold(original, stats) recomputed", "fail", detail=mismatch)
-            )
+            checks += [c if c.name != "activations" else Check(c.name, c.description, "fail", detail=mismatch)
+                       for c in fn_checks]  # fmt: skip
+            checks.append(Check("fold", fold_desc, "fail", detail=mismatch))
         else:
-            checks += fn_checks
-            expected = fold_state_dict(weights.state_dict, {n: s.scale for n, s in scales.items()}, topo,  # type: ignore[union-attr]
-                                       features_only=features_only)  # fmt: skip
-            checks.append(check_fold(sd, expected, rtol=rtol))
+            folded = fold_state_dict(weights.state_dict, {n: sc.scale for n, sc in scales.items()}, topo,
+                                     features_only=features_only)  # fmt: skip
+            checks += [*fn_checks, check_fold(raw, export_layout(folded, arch, layout), rtol=rtol)]
         del orig_model, weights
     else:
         for name, desc in (("activations", "every conv's ReLU output equals the original's divided by its scales"),
-                           ("logits", "logits equal the original's"),
-                           ("fold", "the checkpoint equals fold(original, stats) recomputed")):  # fmt: skip
+                           ("logits", "logits equal the original's"), ("fold", fold_desc)):  # fmt: skip
             checks.append(not_run(name, desc, "needs --original"))
 
     if data is not None:
-        measured, skipped = measure_means(normalized, files, preprocess, device=dev, batch_size=batch_size,
+        measured, skipped = measure_means(normalized, files, policy, device=dev, batch_size=batch_size,
                                           workers=workers, progress=progress)  # fmt: skip
         dead = None
         note = f"{measured.num_images} images from {data}" + (f", {len(skipped)} skipped" if skipped else "")
-        if stats is not None and mismatch is None:
-            dead = {n: s.dead for n, s in (scales or {}).items()}
-            if data_mod.dataset_fingerprint(Path(data), files) != stats.attrs.get("dataset_fingerprint"):
+        if scales is not None and mismatch is None:
+            # the normalized model's conv paths differ from the stats' for a BN-folded Gatys export
+            dead = {b.conv: scales[a.conv].dead for a, b in zip(topo.sites, topology(model_arch).sites, strict=True)}
+            if data_mod.dataset_fingerprint(Path(data), files) != stats.attrs.get("dataset_fingerprint"):  # type: ignore[union-attr]
                 note += "; these are not the calibration images of the statistics, so means near (not exactly) 1 are expected"
         checks.append(check_means(measured.means(), dead, tol=means_tol, eps=eps, detail=note))
-        inputs["preprocess"] = preprocess.as_attrs()
+        inputs["preprocess"] = policy.as_attrs()
     else:
         checks.append(not_run("means", "re-measured mean ReLU activation of every live filter is 1", "needs --data"))
     return Report(str(normalized_path), arch, checks, inputs, layer_summary(scales) if scales else [])
+
+
+def _verify_policy(stats: Stats | None, arch: str, **given: Any) -> data_mod.Preprocess:
+    """The statistics' measurement policy; options may only repeat it. Without stats: the options."""
+    if stats is None:
+        return data_mod.default_preprocess(arch, **{k: v for k, v in given.items() if v is not None})
+    policy = data_mod.Preprocess.from_attrs(stats.attrs)
+    for name, value in given.items():
+        if value is not None and value != getattr(policy, name):
+            raise VggnormError(f"--{name} {value} differs from the statistics' {name} {getattr(policy, name)}; "
+                               "leave it out: with --stats, verify measures as compute-stats did")  # fmt: skip
+    return policy
 
 
 def _function_inputs(files: list[Path], preprocess: data_mod.Preprocess, n: int = 2) -> tuple[torch.Tensor, str]:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vggnorm.checkpoint import atomic_write
-from vggnorm.layers import Site
+from vggnorm.layers import Site, find_topology
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
 
@@ -91,7 +91,6 @@ def _elementwise_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def check_function(
     original: nn.Module,
     normalized: nn.Module,
-    sites: list[Site],
     scales: Mapping[str, torch.Tensor] | None,
     x: torch.Tensor,
     *,
@@ -101,12 +100,16 @@ def check_function(
 ) -> list[Check]:
     """(a) every site ``F'_l == F_l / s_l`` and (b) logits unchanged, on the batch ``x``.
 
+    Sites are matched in forward order, so ``normalized`` may be laid out differently (a ``_bn``
+    original against its BN-folded Gatys export); ``scales`` is keyed by the original's conv paths.
     Both networks run in float64 (on copies), so float32 rounding cannot hide or fake a difference:
     what remains is the rounding of the stored weights, far below ``rtol``.
     """
     x = x.double()
+    sites, normalized_sites = list(find_topology(original).sites), list(find_topology(normalized).sites)
     f, y = _relu_outputs(copy.deepcopy(original).double(), sites, x)
-    g, y2 = _relu_outputs(copy.deepcopy(normalized).double(), sites, x)
+    g, y2 = _relu_outputs(copy.deepcopy(normalized).double(), normalized_sites, x)
+    g = {a.conv: g[b.conv] for a, b in zip(sites, normalized_sites, strict=True)}
     checks = []
     desc_a = "every conv's ReLU output equals the original's divided by its scales"
     if scales is None:

@@ -1,0 +1,63 @@
+"""Measurement policies: Caffe preprocessing and average pooling, recorded and honoured."""
+
+import h5py
+import numpy as np
+import torch
+import torchvision
+from click.testing import CliRunner
+from PIL import Image
+from torchvision import transforms
+
+from vggnorm.cli import cli
+from vggnorm.data import CAFFE_MEAN_BGR, default_preprocess
+
+SIZE = ["--resize", "64", "--crop", "64"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_caffe_preset_is_bgr_0_255_mean_subtracted():
+    img = Image.new("RGB", (8, 8), (10, 20, 30))
+    x = default_preprocess("vgg11", resize=8, crop=8, preprocess="caffe").transform()(img)
+    expected = torch.tensor([30 - CAFFE_MEAN_BGR[0], 20 - CAFFE_MEAN_BGR[1], 10 - CAFFE_MEAN_BGR[2]])
+    torch.testing.assert_close(x[:, 4, 4], expected)
+
+
+def test_caffe_and_avg_pooling_are_measured_recorded_and_honoured(photos, checkpoints, tmp_path):
+    ckpt, stats, out = checkpoints["vgg11"], tmp_path / "s.h5", tmp_path / "n.pth"
+    r = invoke("compute-stats", photos, "--arch", "vgg11", "--weights", ckpt, "-o", stats, "--workers", 0,
+               "--preprocess", "caffe", "--pooling", "avg", *SIZE)  # fmt: skip
+    assert r.exit_code == 0, r.output
+    with h5py.File(stats) as f:
+        assert f.attrs["preprocess"] == "caffe" and f.attrs["pooling"] == "avg"
+        assert np.allclose(f.attrs["mean"], CAFFE_MEAN_BGR) and np.allclose(f.attrs["std"], 1)
+        measured = {n: torch.from_numpy(f[f"layers/{n}/mean"][()]) for n in f["layers"]}
+
+    # independent float64 computation: Caffe input, max pooling swapped for average pooling
+    model = torchvision.models.vgg11()
+    model.load_state_dict(torch.load(ckpt, weights_only=True))
+    model = model.double().eval()
+    t = transforms.Compose([transforms.Resize(64), transforms.CenterCrop(64), transforms.PILToTensor()])
+    x = torch.stack([t(Image.open(p).convert("RGB")) for p in sorted(photos.iterdir())]).double()
+    x = x[:, [2, 1, 0]] - torch.tensor(CAFFE_MEAN_BGR, dtype=torch.float64).view(1, 3, 1, 1)
+    conv = None
+    with torch.no_grad():
+        for i, m in enumerate(model.features):
+            x = torch.nn.functional.avg_pool2d(x, 2) if isinstance(m, torch.nn.MaxPool2d) else m(x)
+            conv = f"features.{i}" if isinstance(m, torch.nn.Conv2d) else conv
+            if isinstance(m, torch.nn.ReLU):
+                expected = x.mean(dim=(0, 2, 3))
+                torch.testing.assert_close(measured[conv], expected, rtol=1e-4, atol=1e-4 * float(expected.max()))
+
+    assert invoke("apply", ckpt, "--stats", stats, "-o", out).exit_code == 0
+    r = invoke("verify", out, "--original", ckpt, "--stats", stats, "--data", photos, "--workers", 0)
+    assert r.exit_code == 0 and "4 passed" in r.stdout, r.output
+    r = invoke("verify", out, "--stats", stats, "--data", photos, "--pooling", "max")
+    assert r.exit_code == 2 and "differs from the statistics' pooling avg" in r.stderr
+    # an audit must be told the policy: under the default one the means are not 1
+    r = invoke("verify", out, "--data", photos, "--workers", 0, *SIZE)
+    assert r.exit_code == 1
+    r = invoke("verify", out, "--data", photos, "--workers", 0, *SIZE, "--preprocess", "caffe", "--pooling", "avg")
+    assert r.exit_code == 0, r.output
