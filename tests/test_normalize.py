@@ -148,3 +148,22 @@ def test_stats_of_another_arch_are_refused(tiny_vgg):
     )
     with pytest.raises(StatsMismatchError, match="filters"):
         scales_from_stats(bad, topo)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_fc_relus_divided_and_logits_unchanged(tiny_vgg, bn):
+    model = tiny_vgg(bn=bn).double()
+    topo = find_topology(model)
+    assert [s.conv for s in topo.fc_sites] == ["classifier.0", "classifier.3"]
+    g = torch.Generator().manual_seed(5)
+    scales = random_scales(topo)
+    scales |= {s.conv: torch.rand(s.out_channels, generator=g, dtype=torch.float64) + 0.1 for s in topo.fc_sites}
+    normalized = tiny_vgg(bn=bn).double()
+    normalized.load_state_dict(fold_state_dict(model.state_dict(), scales, topo), strict=True)
+    x = torch.randn(3, 3, 20, 20, dtype=torch.float64)
+    fc_topo = type(topo)(topo.fc_sites, None, None)
+    f, y = relu_outputs(model, fc_topo, x)
+    h, y2 = relu_outputs(normalized, fc_topo, x)
+    for site in topo.fc_sites:
+        torch.testing.assert_close(h[site.conv], f[site.conv] / scales[site.conv], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y2, y, rtol=1e-10, atol=1e-12)

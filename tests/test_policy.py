@@ -61,3 +61,38 @@ def test_caffe_and_avg_pooling_are_measured_recorded_and_honoured(photos, checkp
     assert r.exit_code == 1
     r = invoke("verify", out, "--data", photos, "--workers", 0, *SIZE, "--preprocess", "caffe", "--pooling", "avg")
     assert r.exit_code == 0, r.output
+
+
+def test_include_classifier_normalizes_fc6_fc7_and_keeps_logits(photos, checkpoints, tmp_path):
+    ckpt, stats, out = checkpoints["vgg11"], tmp_path / "s.h5", tmp_path / "n.pth"
+    plain = tmp_path / "plain.h5"
+    base = ["--arch", "vgg11", "--weights", ckpt, "--workers", 0, *SIZE]
+    assert invoke("compute-stats", photos, *base, "-o", plain).exit_code == 0
+    r = invoke("apply", ckpt, "--stats", plain, "-o", out, "--include-classifier")
+    assert r.exit_code == 1 and "--include-classifier" in r.stderr and not out.exists()
+
+    r = invoke("compute-stats", photos, *base, "-o", stats, "--include-classifier")
+    assert r.exit_code == 0, r.output
+    with h5py.File(stats) as f:
+        assert f["layers/classifier.0/count"][()] == 8 and f["layers/classifier.3"].attrs["relu"] == "classifier.4"
+    r = invoke("apply", ckpt, "--stats", stats, "-o", out, "--include-classifier")
+    assert r.exit_code == 0, r.output
+    sd, orig = torch.load(out, weights_only=True), torch.load(ckpt, weights_only=True)
+    assert not torch.equal(sd["classifier.6.weight"], orig["classifier.6.weight"])  # fc8 compensates fc7
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    models = []
+    for state in (orig, sd):
+        m = torchvision.models.vgg11()
+        m.load_state_dict(state)
+        models.append(m.double().eval())
+    with torch.no_grad():
+        y, y2 = models[0](x), models[1](x)
+    torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5 * float(y.abs().max()))
+    # Random-weight fc units active on one of the 8 photos have means near 1e-6; re-measured in
+    # float32 after a 1e6x rescale they come back within about 1% (the conv layers within 1e-4).
+    r = invoke("verify", out, "--original", ckpt, "--stats", stats, "--data", photos, "--workers", 0,
+               "--include-classifier", "--means-tol", 0.02)  # fmt: skip
+    assert r.exit_code == 0 and "4 passed" in r.stdout, r.output
+    # without the flag, verify recomputes the conv-only fold, which is not this file
+    r = invoke("verify", out, "--original", ckpt, "--stats", stats)
+    assert r.exit_code == 1

@@ -92,6 +92,8 @@ def cli(verbose: bool) -> None:
                    "Caffe VGG (and Gatys' code) expects.")  # fmt: skip
 @click.option("--pooling", type=click.Choice(POOLINGS), default="max", show_default=True,
               help="Measure with max pooling, or with average pooling as Gatys et al. synthesized.")  # fmt: skip
+@click.option("--include-classifier", is_flag=True,
+              help="Also measure the ReLUs after fc6 and fc7 (for apply --include-classifier).")  # fmt: skip
 @click.option(
     "--strict", is_flag=True, help="Stop at the first file that cannot be decoded (naming it), writing nothing."
 )
@@ -104,7 +106,7 @@ def cli(verbose: bool) -> None:
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
 def compute_stats_cmd(directory: Path, arch: str, weights: str, output: Path, device: str, batch_size: int,
                       workers: int | None, limit: int | None, resize: int | None, crop: int | None,
-                      preprocess: str, pooling: str, strict: bool,
+                      preprocess: str, pooling: str, include_classifier: bool, strict: bool,
                       resume: bool, checkpoint_every: int | None, force: bool, progress: bool) -> None:  # fmt: skip
     """Measure every conv filter's mean ReLU activation over the images in DIR.
 
@@ -116,7 +118,8 @@ def compute_stats_cmd(directory: Path, arch: str, weights: str, output: Path, de
     from vggnorm.pipeline import RunConfig, compute_stats
 
     config = RunConfig(arch=arch, weights=weights, device=device, batch_size=batch_size, workers=workers,
-                       limit=limit, resize=resize, crop=crop, preprocess=preprocess, pooling=pooling, strict=strict,
+                       limit=limit, resize=resize, crop=crop, preprocess=preprocess, pooling=pooling,
+                       include_classifier=include_classifier, strict=strict,
                        checkpoint_every=checkpoint_every)  # fmt: skip
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
@@ -151,11 +154,21 @@ def compute_stats_cmd(directory: Path, arch: str, weights: str, output: Path, de
 @click.option("--layout", type=click.Choice(LAYOUTS), default="torchvision", show_default=True,
               help="torchvision: loads into torchvision's VGG. gatys: conv layers only, keyed conv1_1 ... conv5_4 "
                    "(BatchNorm folded into the convs for _bn models).")  # fmt: skip
+@click.option("--include-classifier", is_flag=True,
+              help="Also normalize the ReLUs after fc6 and fc7 (compensating fc7 and fc8; logits unchanged). "
+                   "Needs statistics measured with --include-classifier.")  # fmt: skip
 @click.option("--eps", type=click.FloatRange(min=0), default=DEFAULT_EPS, show_default=True,
               help="Filters with mean <= eps are dead: left unscaled and listed.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
 def apply_cmd(
-    checkpoint: str, stats_path: Path, output: Path | None, features_only: bool, layout: str, eps: float, force: bool
+    checkpoint: str,
+    stats_path: Path,
+    output: Path | None,
+    features_only: bool,
+    layout: str,
+    include_classifier: bool,
+    eps: float,
+    force: bool,
 ) -> None:
     """Fold the statistics into CKPT so every filter's mean ReLU activation becomes 1.
 
@@ -168,7 +181,8 @@ def apply_cmd(
     from vggnorm.pipeline import apply_stats
 
     with user_errors():
-        result = apply_stats(checkpoint, stats_path, output, features_only=features_only, layout=layout, eps=eps,
+        result = apply_stats(checkpoint, stats_path, output, features_only=features_only, layout=layout,
+                             include_classifier=include_classifier, eps=eps,
                              force=force)  # fmt: skip
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
@@ -204,6 +218,8 @@ def apply_cmd(
               help="With --data and no --stats: the preprocessing compute-stats used. [default: torchvision]")  # fmt: skip
 @click.option("--pooling", type=click.Choice(POOLINGS), default=None,
               help="With --data and no --stats: the pooling compute-stats used. [default: max]")  # fmt: skip
+@click.option("--include-classifier", is_flag=True,
+              help="NORMALIZED was made with apply --include-classifier: check the fc ReLUs too.")  # fmt: skip
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per forward pass."
@@ -213,7 +229,8 @@ def apply_cmd(
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
 def verify_cmd(normalized: Path, original: str | None, stats_path: Path | None, data: Path | None, limit: int | None,
                report: Path | None, rtol: float, means_tol: float, eps: float, resize: int | None,
-               crop: int | None, preprocess: str | None, pooling: str | None, device: str, batch_size: int,
+               crop: int | None, preprocess: str | None, pooling: str | None,
+               include_classifier: bool, device: str, batch_size: int,
                workers: int | None, force: bool, progress: bool) -> None:  # fmt: skip
     """Check that NORMALIZED is the correct normalization. Exit 0: all checks run passed; 1: a check
     failed (or none could run); 2: bad usage.
@@ -237,7 +254,7 @@ def verify_cmd(normalized: Path, original: str | None, stats_path: Path | None, 
     with user_errors(UsageFailure):
         result = verify_checkpoint(normalized, original=original, stats_path=stats_path, data=data, limit=limit,
                                    rtol=rtol, means_tol=means_tol, eps=eps, resize=resize, crop=crop, preprocess=preprocess,
-                                   pooling=pooling, device=device,
+                                   pooling=pooling, include_classifier=include_classifier, device=device,
                                    batch_size=batch_size,
                                    workers=workers, progress=progress)  # fmt: skip
         if report is not None:

@@ -46,6 +46,9 @@ class ReluSums:
 
     def _hook(self, name: str) -> Callable[[nn.Module, Any, torch.Tensor], None]:
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            if output.ndim == 2:  # an fc site: (N, C) -> (C,)
+                self._pending[name] = (output.sum(dim=0, dtype=torch.float64), output.shape[0])
+                return
             n, _, h, w = output.shape
             # (N, C, H, W) -> (N, C) in float32 (H*W terms, cascade-summed: ~1e-7 relative), then
             # -> (C,) in float64. Reducing all of it with dtype=float64 costs ~30x more on CPU.
@@ -79,9 +82,13 @@ class ReluSums:
         }
 
 
-def forward_features(model: nn.Module) -> nn.Module:
-    """The part of the model the statistics need (the classifier sees no conv ReLU)."""
-    return getattr(model, "features", model)
+def forward_part(model: nn.Module, sums: ReluSums) -> nn.Module:
+    """The part of the model the statistics need: ``features`` unless an fc site is measured."""
+    features = getattr(model, "features", None)
+    if features is None:
+        return model
+    inside = {f"features.{name}" for name, _ in features.named_modules() if name}
+    return features if all(s.relu in inside for s in sums.sites) else model
 
 
 def resolve_device(device: str) -> torch.device:
@@ -135,7 +142,7 @@ def measure(
 
     The model should already be in ``memory_format(device)`` (``load_model`` does that).
     """
-    net = forward_features(model)
+    net = forward_part(model, sums)
     fmt = memory_format(device)
     with torch.inference_mode(), exact_fp32(), sums.attached(model):
         for batch in batches:
@@ -155,9 +162,11 @@ def measure_means(
     batch_size: int = 32,
     workers: int | None = None,
     progress: bool = False,
+    include_classifier: bool = False,
 ) -> tuple[Stats, list[tuple[str, str]]]:
     """Per-filter means of ``model`` over ``files`` (verify's re-measurement); returns skipped files too."""
-    sums = ReluSums(find_topology(model).sites, device)
+    topo = find_topology(model)
+    sums = ReluSums([*topo.sites, *(topo.fc_sites if include_classifier else ())], device)
     loader = data_mod.make_loader(
         files, preprocess, batch_size=batch_size, workers=data_mod.default_workers() if workers is None else workers,
         pin_memory=device.type == "cuda",

@@ -18,7 +18,10 @@ _SCALE_COMMUTING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout
 
 @dataclass(frozen=True)
 class Site:
-    """One normalized unit: a conv, its optional BatchNorm, and the ReLU whose output is measured."""
+    """One normalized unit: a conv, its optional BatchNorm, and the ReLU whose output is measured.
+
+    For the classifier's fc sites, ``conv`` is the path of the Linear (``classifier.0``).
+    """
 
     conv: str
     relu: str
@@ -34,6 +37,13 @@ class Topology:
     sites: tuple[Site, ...]
     classifier: str | None
     classifier_in_features: int | None
+    fc_sites: tuple[Site, ...] = ()  # Linear -> ReLU in the classifier (fc6, fc7)
+    linears: tuple[str, ...] = ()  # every Linear, in forward order
+
+    def next_linear(self, path: str) -> str | None:
+        """The Linear after ``path``, which reads its ReLU's output."""
+        i = self.linears.index(path)
+        return self.linears[i + 1] if i + 1 < len(self.linears) else None
 
     @property
     def positions_per_channel(self) -> int:
@@ -54,6 +64,9 @@ def find_topology(model: nn.Module) -> Topology:
     bn: str | None = None
     classifier: str | None = None
     classifier_in: int | None = None
+    fc_sites: list[Site] = []
+    linears: list[str] = []
+    linear: tuple[str, nn.Linear] | None = None
     for path, module in model.named_modules():
         if list(module.children()):
             continue
@@ -66,9 +79,14 @@ def find_topology(model: nn.Module) -> Topology:
         elif isinstance(module, nn.ReLU) and conv is not None:
             sites.append(Site(conv[0], path, bn, conv[1].in_channels, conv[1].out_channels))
             conv, bn = None, None
+        elif isinstance(module, nn.ReLU) and linear is not None:
+            fc_sites.append(Site(linear[0], path, None, linear[1].in_features, linear[1].out_features))
+            linear = None
         elif isinstance(module, nn.Linear):
             if classifier is None:
                 classifier, classifier_in = path, module.in_features
+            linears.append(path)
+            linear = (path, module)
         elif conv is not None and not isinstance(module, _SCALE_COMMUTING):
             raise CheckpointError(
                 f"cannot normalize: {type(module).__name__} {path} sits between conv {conv[0]} and its ReLU"
@@ -82,7 +100,7 @@ def find_topology(model: nn.Module) -> Topology:
             f"classifier {classifier} has {classifier_in} inputs, not a multiple of the "
             f"{sites[-1].out_channels} channels of the last conv"
         )
-    return Topology(tuple(sites), classifier, classifier_in)
+    return Topology(tuple(sites), classifier, classifier_in, tuple(fc_sites), tuple(linears))
 
 
 def gatys_names(model: nn.Module) -> dict[str, str]:

@@ -37,7 +37,9 @@ def fold_state_dict(
     Invariants of the result (SPEC section 3): at every site ``l``, ``F'_l == F_l / s_l``; the
     logits are unchanged (the first Linear is compensated channel-major, ``s_L`` repeated ``P``
     times). ``scales`` maps each site's conv path to a positive ``(C_l,)`` tensor. With
-    ``features_only`` the classifier (and avgpool) entries are dropped.
+    ``features_only`` the classifier (and avgpool) entries are dropped. Scales given for the
+    classifier's fc sites (``topology.fc_sites``, keyed by the Linear's path) normalize their ReLUs
+    too, the following Linear compensating; the logits stay unchanged.
     """
     out: StateDict = dict(state_dict)
     prev: torch.Tensor | None = None  # s_{l-1}; s_0 = 1 for the input image
@@ -65,6 +67,21 @@ def fold_state_dict(
         fc = state_dict[key]  # (out, C_L * P), input index j = c * P + p
         repeat = prev.repeat_interleave(topology.positions_per_channel)  # (C_L * P,)
         out[key] = (fc.double() * repeat.view(1, -1)).to(fc.dtype)
+    prev_fc: torch.Tensor | None = None
+    last = None
+    for site in topology.fc_sites:
+        if site.conv not in scales:
+            break
+        s = scales[site.conv].double()  # (out_features,)
+        w_key, b_key = f"{site.conv}.weight", f"{site.conv}.bias"
+        w = out[w_key]  # the first fc is already compensated for s_L above
+        w64 = w.double() if prev_fc is None else w.double() * prev_fc.view(1, -1)
+        out[w_key] = (w64 / s.view(-1, 1)).to(w.dtype)
+        out[b_key] = (state_dict[b_key].double() / s).to(state_dict[b_key].dtype)
+        prev_fc, last = s, site.conv
+    if prev_fc is not None and last is not None:
+        head = f"{topology.next_linear(last)}.weight"
+        out[head] = (state_dict[head].double() * prev_fc.view(1, -1)).to(state_dict[head].dtype)
     return out
 
 
@@ -77,16 +94,29 @@ class LayerScales:
     dead: list[int]
 
 
-def scales_from_stats(stats: Stats, topology: Topology, *, eps: float = DEFAULT_EPS) -> dict[str, LayerScales]:
-    """Per-site scales from ``stats``, after checking the layers and channel counts match ``topology``."""
+def scales_from_stats(
+    stats: Stats, topology: Topology, *, eps: float = DEFAULT_EPS, include_classifier: bool = False
+) -> dict[str, LayerScales]:
+    """Per-site scales from ``stats``, after checking the layers and channel counts match ``topology``.
+
+    With ``include_classifier`` the classifier's fc sites are included (the statistics must have them).
+    """
     expected = [s.conv for s in topology.sites]
-    if list(stats.layers) != expected:
+    fc = [s.conv for s in topology.fc_sites]
+    measured = list(stats.layers)
+    if include_classifier:
+        if not fc or measured[len(expected) :] != fc:
+            raise StatsMismatchError(
+                "the statistics have no classifier layers; measure them with `vggnorm compute-stats ... --include-classifier`"
+            )
+        expected += fc
+    if measured not in (expected, expected + fc):
         raise StatsMismatchError(
             f"the statistics are for layers {list(stats.layers)[:3]}... ({len(stats.layers)} layers) but the "
             f"checkpoint has {expected[:3]}... ({len(expected)} layers); they belong to another architecture"
         )
     out = {}
-    for site in topology.sites:
+    for site in (*topology.sites, *(topology.fc_sites if include_classifier else ())):
         mean = stats.layers[site.conv].mean
         if mean.numel() != site.out_channels:
             raise StatsMismatchError(

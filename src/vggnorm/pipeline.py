@@ -75,7 +75,7 @@ DEFAULT_CHECKPOINT_SECONDS = 60.0
 # Attributes that must be equal for --resume to continue a run.
 _RESUME_KEYS = (
     "arch", "weights", "weights_sha256", "resize", "crop", "interpolation", "mean", "std",
-    "preprocess", "pooling", "dataset_fingerprint", "num_files", "limit", "precision",
+    "preprocess", "pooling", "include_classifier", "dataset_fingerprint", "num_files", "limit", "precision",
 )  # fmt: skip
 
 
@@ -93,6 +93,7 @@ class RunConfig:
     crop: int | None = None
     preprocess: str = "torchvision"  # or "caffe": BGR, 0-255, mean-subtracted
     pooling: str = "max"  # or "avg": measure with average pooling, as Gatys synthesized
+    include_classifier: bool = False  # also measure the ReLUs after fc6 and fc7
     strict: bool = False
     checkpoint_every: int | None = None  # batches; None: about every DEFAULT_CHECKPOINT_SECONDS
 
@@ -141,7 +142,10 @@ def compute_stats(
     )
     if preprocess.crop > preprocess.resize:
         raise VggnormError(f"--crop {preprocess.crop} is larger than --resize {preprocess.resize}")
-    sites = topology(weights.arch).sites
+    topo = topology(weights.arch)
+    sites = [*topo.sites, *(topo.fc_sites if config.include_classifier else ())]
+    if config.include_classifier and is_features_only(weights.state_dict):
+        raise VggnormError(f"--include-classifier: {weights.spec} has no classifier (features-only weights)")
     attrs: dict[str, Any] = {
         "arch": weights.arch,
         "weights": weights.spec,
@@ -157,6 +161,7 @@ def compute_stats(
         "torchvision_version": torchvision.__version__,
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         "precision": "fp32",
+        "include_classifier": config.include_classifier,
         "batch_size": config.batch_size,
     }
     start, initial, skipped = 0, None, []
@@ -293,6 +298,7 @@ def apply_stats(
     *,
     features_only: bool = False,
     layout: str = "torchvision",
+    include_classifier: bool = False,
     eps: float = DEFAULT_EPS,
     force: bool = False,
 ) -> ApplyResult:
@@ -302,6 +308,8 @@ def apply_stats(
     the convs for ``_bn`` models). The output is written only if the self-checks pass on a seeded
     probe batch: the written tensors, loaded back, give ReLU outputs equal to the original's
     divided by the scales (and the same logits), under the statistics' pooling.
+    ``include_classifier`` also normalizes the ReLUs after fc6 and fc7 (measured with
+    ``RunConfig.include_classifier``), compensating fc7 and fc8.
     """
     stats = read_stats(stats_path)
     arch = str(stats.attrs["arch"])
@@ -311,8 +319,11 @@ def apply_stats(
         check_writable(p, force=force)
     weights = _weights_for(checkpoint, stats)
     features_only = features_only or layout == "gatys" or is_features_only(weights.state_dict)
+    if include_classifier and features_only:
+        raise VggnormError("--include-classifier needs the classifier: it cannot go with --features-only, "
+                           "--layout gatys, or features-only weights")  # fmt: skip
     topo = topology(arch)
-    scales = scales_from_stats(stats, topo, eps=eps)
+    scales = scales_from_stats(stats, topo, eps=eps, include_classifier=include_classifier)
     scale_tensors = {n: s.scale for n, s in scales.items()}
     folded = fold_state_dict(weights.state_dict, scale_tensors, topo, features_only=features_only)
     exported = export_layout(folded, arch, layout)
@@ -334,6 +345,7 @@ def apply_stats(
         checks=checks,
         inputs={"original": checkpoint, "original_sha256": weights.sha256, "stats": str(stats_path),
                 "stats_images": stats.num_images, "eps": eps, "features_only": features_only, "layout": layout,
+                "include_classifier": include_classifier,
                 "preprocess": stats.attrs.get("preprocess", "torchvision"), "pooling": pooling,
                 "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "vggnorm_version": vggnorm.__version__,
                 **({"note": "; ".join(notes)} if notes else {})},
@@ -343,6 +355,7 @@ def apply_stats(
         failed = "; ".join(f"{c.name}: {c.figure} > {c.tolerance} ({c.detail})" for c in checks if c.status != "pass")
         raise VggnormError(f"the folded checkpoint failed its self-check, nothing was written: {failed}")
     meta = {"vggnorm_version": vggnorm.__version__, "arch": arch, "layout": layout, "original": checkpoint,
+            "include_classifier": str(include_classifier),
             "original_sha256": weights.sha256, "stats": str(stats_path), "eps": str(eps),
             "preprocess": str(stats.attrs.get("preprocess", "torchvision")), "pooling": pooling}  # fmt: skip
     save_state_dict(exported, output, force=force, metadata=meta)
@@ -379,6 +392,7 @@ def verify_checkpoint(
     crop: int | None = None,
     preprocess: str | None = None,
     pooling: str | None = None,
+    include_classifier: bool = False,
     device: str = "auto",
     batch_size: int = 32,
     workers: int | None = None,
@@ -390,7 +404,8 @@ def verify_checkpoint(
     ``original``; (c) means needs ``data``, measured under the statistics' policy (preprocessing,
     pooling) when ``stats_path`` is given, else the weights' default, overridden by ``resize``,
     ``crop``, ``preprocess``, ``pooling``. With ``data`` alone this audits any checkpoint.
-    NORMALIZED may be in torchvision's or Gatys' layout.
+    NORMALIZED may be in torchvision's or Gatys' layout. ``include_classifier`` says that apply
+    normalized the fc ReLUs too: they are then checked like the convs' (the stats must have them).
     """
     if original is None and data is None:
         raise VggnormError(
@@ -416,7 +431,11 @@ def verify_checkpoint(
     policy = _verify_policy(stats, arch, resize=resize, crop=crop, preprocess=preprocess, pooling=pooling)
     topo = topology(arch)
     mismatch = None
-    scales = scales_from_stats(stats, topo, eps=eps) if stats is not None else None
+    if include_classifier and features_only:
+        raise VggnormError("--include-classifier: the checkpoint has no classifier")
+    scales = (
+        scales_from_stats(stats, topo, eps=eps, include_classifier=include_classifier) if stats is not None else None
+    )
     normalized = load_model(Weights(str(normalized_path), model_arch, sd, ""), device=dev,
                             memory_format=memory_format(dev), pooling=policy.pooling)  # fmt: skip
     files = data_mod.find_images(data)[:limit] if data is not None else []
@@ -451,12 +470,15 @@ def verify_checkpoint(
 
     if data is not None:
         measured, skipped = measure_means(normalized, files, policy, device=dev, batch_size=batch_size,
-                                          workers=workers, progress=progress)  # fmt: skip
+                                          workers=workers, progress=progress,
+                                          include_classifier=include_classifier)  # fmt: skip
         dead = None
         note = f"{measured.num_images} images from {data}" + (f", {len(skipped)} skipped" if skipped else "")
         if scales is not None and mismatch is None:
             # the normalized model's conv paths differ from the stats' for a BN-folded Gatys export
-            dead = {b.conv: scales[a.conv].dead for a, b in zip(topo.sites, topology(model_arch).sites, strict=True)}
+            fc = topo.fc_sites if include_classifier else ()
+            pairs = zip([*topo.sites, *fc], [*topology(model_arch).sites, *fc], strict=True)
+            dead = {b.conv: scales[a.conv].dead for a, b in pairs}
             if data_mod.dataset_fingerprint(Path(data), files) != stats.attrs.get("dataset_fingerprint"):  # type: ignore[union-attr]
                 note += "; these are not the calibration images of the statistics, so means near (not exactly) 1 are expected"
         checks.append(check_means(measured.means(), dead, tol=means_tol, eps=eps, detail=note))

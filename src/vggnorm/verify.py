@@ -76,8 +76,9 @@ def _per_filter_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     A filter whose activations are below 1% of the layer's largest is measured against that
     floor, so float32 rounding in a nearly silent filter is not mistaken for a wrong weight.
     """
-    diff = (actual.double() - expected.double()).abs().amax(dim=(0, 2, 3))  # (N, C, H, W) -> (C,)
-    scale = expected.double().abs().amax(dim=(0, 2, 3))
+    dims = [d for d in range(expected.ndim) if d != 1]
+    diff = (actual.double() - expected.double()).abs().amax(dim=dims)  # (N, C, H, W) or (N, C) -> (C,)
+    scale = expected.double().abs().amax(dim=dims)
     floor = (scale.max() * 1e-2).clamp_min(torch.finfo(torch.float32).tiny)
     return float((diff / torch.maximum(scale, floor)).max())
 
@@ -106,7 +107,10 @@ def check_function(
     what remains is the rounding of the stored weights, far below ``rtol``.
     """
     x = x.double()
-    sites, normalized_sites = list(find_topology(original).sites), list(find_topology(normalized).sites)
+    fc = scales is not None and any(n.startswith("classifier.") for n in scales)
+    ta, tb = find_topology(original), find_topology(normalized)
+    sites = [*ta.sites, *(ta.fc_sites if fc else ())]
+    normalized_sites = [*tb.sites, *(tb.fc_sites if fc else ())]
     f, y = _relu_outputs(copy.deepcopy(original).double(), sites, x)
     g, y2 = _relu_outputs(copy.deepcopy(normalized).double(), normalized_sites, x)
     g = {a.conv: g[b.conv] for a, b in zip(sites, normalized_sites, strict=True)}
@@ -115,7 +119,7 @@ def check_function(
     if scales is None:
         checks.append(not_run("activations", desc_a, "needs --stats (the scales) and --original"))
     else:
-        errs = {n: _per_filter_err(g[n], f[n] / scales[n].to(f[n]).view(1, -1, 1, 1)) for n in f}
+        errs = {n: _per_filter_err(g[n], f[n] / scales[n].to(f[n]).view(1, -1, *[1] * (f[n].ndim - 2))) for n in f}
         worst = max(errs, key=lambda n: errs[n])
         checks.append(Check("activations", desc_a, _status(errs[worst], rtol), errs[worst], rtol,
                             f"worst layer {worst}; {inputs}"))  # fmt: skip
