@@ -116,6 +116,8 @@ def test_apply_writes_a_report(pipeline):
     md = out.with_name("normalized.report.md").read_text()
     assert "| logits: logits equal the original's | pass |" in md and "## Scales per layer" in md
     assert '"passed": true' in out.with_name("normalized.report.json").read_text()
+    png = out.with_name("normalized.report.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "](normalized.report.png)" in md
 
 
 def test_verify_passes_the_output(pipeline, photos):

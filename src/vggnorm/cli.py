@@ -190,7 +190,10 @@ def apply_cmd(
     dead = sum(len(layer["dead"]) for layer in result.report.layers)
     click.echo(f"dead filters left unscaled: {dead}")
     click.echo(f"wrote {result.output}")
-    click.echo(f"report: {result.report_md} ({result.report_json.name})")
+    click.echo(
+        f"report: {result.report_md} ({result.report_json.name}"
+        + (f", {result.figure.name})" if result.figure else ")")
+    )
 
 
 @cli.command("verify")

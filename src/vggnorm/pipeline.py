@@ -40,6 +40,7 @@ from vggnorm.errors import (
     StatsMismatchError,
     VggnormError,
 )
+from vggnorm.figures import have_matplotlib, plot_means
 from vggnorm.models import (
     Weights,
     bn_eps,
@@ -246,6 +247,7 @@ class ApplyResult:
     output: Path
     report_json: Path
     report_md: Path
+    figure: Path | None
     report: Report
     notes: list[str]
 
@@ -315,7 +317,8 @@ def apply_stats(
     arch = str(stats.attrs["arch"])
     output = Path(output) if output is not None else default_output(checkpoint, arch)
     json_path, md_path = report_paths(_apply_report_base(output))
-    for p in (output, json_path, md_path):
+    png_path = md_path.with_suffix(".png") if have_matplotlib() else None
+    for p in (output, json_path, md_path, *([png_path] if png_path else [])):
         check_writable(p, force=force)
     weights = _weights_for(checkpoint, stats)
     features_only = features_only or layout == "gatys" or is_features_only(weights.state_dict)
@@ -337,6 +340,8 @@ def apply_stats(
                             inputs=f"2 seeded random inputs at {crop}x{crop}, {pooling} pooling")  # fmt: skip
     checks.append(_check_loads(exported, arch, features_only=features_only))
     notes = []
+    if png_path is None:
+        notes.append("no figure: install matplotlib (pip install 'vggnorm[plot]') for OUT.report.png")
     if layout == "gatys" and arch.endswith("_bn"):
         notes.append("BatchNorm folded into the convs (eval-mode statistics): the Gatys layout has no BatchNorm")
     report = Report(
@@ -350,6 +355,7 @@ def apply_stats(
                 "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "vggnorm_version": vggnorm.__version__,
                 **({"note": "; ".join(notes)} if notes else {})},
         layers=layer_summary(scales),
+        figure=png_path.name if png_path else None,
     )  # fmt: skip
     if not report.passed:
         failed = "; ".join(f"{c.name}: {c.figure} > {c.tolerance} ({c.detail})" for c in checks if c.status != "pass")
@@ -360,7 +366,12 @@ def apply_stats(
             "preprocess": str(stats.attrs.get("preprocess", "torchvision")), "pooling": pooling}  # fmt: skip
     save_state_dict(exported, output, force=force, metadata=meta)
     write_report(report, _apply_report_base(output), force=force)
-    return ApplyResult(output, json_path, md_path, report, notes)
+    if png_path is not None:
+        before = {n: stats.layers[n].mean for n in scales}
+        plot_means(before, {n: before[n] / sc.scale for n, sc in scales.items()}, {n: sc.dead for n, sc in scales.items()},
+                   png_path, title=f"{arch}: {output.name}, {stats.num_images} images", force=force,
+                   after_label="after (by construction: mean / scale)")  # fmt: skip
+    return ApplyResult(output, json_path, md_path, png_path, report, notes)
 
 
 def _check_loads(state_dict: dict[str, torch.Tensor], arch: str, *, features_only: bool) -> Check:

@@ -195,6 +195,7 @@ class Report:
     checks: list[Check]
     inputs: dict[str, Any] = field(default_factory=dict)
     layers: list[dict[str, Any]] = field(default_factory=list)
+    figure: str | None = None  # file name of the PNG beside the report
 
     @property
     def passed(self) -> bool:
@@ -223,6 +224,8 @@ class Report:
             fig = "" if c.figure is None else f"{c.figure:.3g}"
             tol = "" if c.tolerance is None else f"{c.tolerance:.3g}"
             lines.append(f"| {c.name}: {c.description} | {c.status} | {fig} | {tol} | {c.detail} |")
+        if self.figure:
+            lines += ["", "## Filter means per layer", "", f"![filter means before and after]({self.figure})"]
         if self.layers:
             lines += ["", "## Scales per layer", "", "| layer | filters | min scale | median | max scale | dead filters |",
                       "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
