@@ -102,12 +102,15 @@ def cli(verbose: bool) -> None:
 )
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, metavar="BATCHES",
               help="Save resumable progress every BATCHES batches. [default: about once a minute]")  # fmt: skip
+@click.option("--shard", default=None, metavar="I/N", callback=lambda ctx, param, value: _parse_shard(value),
+              help="Measure only every N-th file from the I-th (0-based); combine the N outputs with merge-stats.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
 def compute_stats_cmd(directory: Path, arch: str, weights: str, output: Path, device: str, batch_size: int,
                       workers: int | None, limit: int | None, resize: int | None, crop: int | None,
                       preprocess: str, pooling: str, include_classifier: bool, strict: bool,
-                      resume: bool, checkpoint_every: int | None, force: bool, progress: bool) -> None:  # fmt: skip
+                      resume: bool, checkpoint_every: int | None, shard: tuple[int, int] | None, force: bool,
+                      progress: bool) -> None:  # fmt: skip
     """Measure every conv filter's mean ReLU activation over the images in DIR.
 
     DIR is read recursively (flat ILSVRC2012 val layout or class subfolders); files that cannot be
@@ -120,7 +123,7 @@ def compute_stats_cmd(directory: Path, arch: str, weights: str, output: Path, de
     config = RunConfig(arch=arch, weights=weights, device=device, batch_size=batch_size, workers=workers,
                        limit=limit, resize=resize, crop=crop, preprocess=preprocess, pooling=pooling,
                        include_classifier=include_classifier, strict=strict,
-                       checkpoint_every=checkpoint_every)  # fmt: skip
+                       checkpoint_every=checkpoint_every, shard=shard)  # fmt: skip
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         with user_errors():
@@ -271,6 +274,37 @@ def verify_cmd(normalized: Path, original: str | None, stats_path: Path | None, 
         f"verify: {verdict} ({len(ran) - len(failed)} passed, {len(failed)} failed, {len(result.checks) - len(ran)} not run)"
     )
     sys.exit(0 if result.passed else 1)
+
+
+@cli.command("merge-stats")
+@click.argument("inputs", metavar="SHARD.h5...", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))  # fmt: skip
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The merged statistics file to write.")  # fmt: skip
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+def merge_stats_cmd(inputs: tuple[Path, ...], output: Path, force: bool) -> None:
+    """Merge the files of compute-stats --shard 0/N ... N-1/N into one, exactly (sums and counts).
+
+    Refuses files from other models, weights, preprocessing or folders, overlapping or missing
+    shards, a file given twice, and unfinished (resumable) files.
+
+    Example: vggnorm merge-stats s0.h5 s1.h5 s2.h5 -o vgg19-stats.h5
+    """
+    from vggnorm.pipeline import merge_stats
+
+    with user_errors():
+        stats = merge_stats(list(inputs), output, force=force)
+    click.echo(f"images: {stats.num_images} used, {len(stats.skipped)} skipped, from {len(inputs)} shards")
+    click.echo(f"wrote {output}")
+
+
+def _parse_shard(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    index, sep, count = value.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise click.BadParameter(f"{value!r}: expected I/N with 0 <= I < N, e.g. 0/4", param_hint="--shard")
+    return int(index), int(count)
 
 
 def _echo_checks(checks: list) -> None:  # type: ignore[type-arg]

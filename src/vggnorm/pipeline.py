@@ -76,7 +76,7 @@ DEFAULT_CHECKPOINT_SECONDS = 60.0
 # Attributes that must be equal for --resume to continue a run.
 _RESUME_KEYS = (
     "arch", "weights", "weights_sha256", "resize", "crop", "interpolation", "mean", "std",
-    "preprocess", "pooling", "include_classifier", "dataset_fingerprint", "num_files", "limit", "precision",
+    "preprocess", "pooling", "include_classifier", "dataset_fingerprint", "shard", "num_files", "limit", "precision",
 )  # fmt: skip
 
 
@@ -97,18 +97,25 @@ class RunConfig:
     include_classifier: bool = False  # also measure the ReLUs after fc6 and fc7
     strict: bool = False
     checkpoint_every: int | None = None  # batches; None: about every DEFAULT_CHECKPOINT_SECONDS
+    shard: tuple[int, int] | None = None  # (I, N): every N-th file from the I-th (0-based), for merge-stats
 
 
-def _resume_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def _resume_differences(
+    old: dict[str, Any],
+    new: dict[str, Any],
+    keys: tuple[str, ...] = _RESUME_KEYS,
+    labels: tuple[str, str] = ("in the file", "now"),
+) -> list[str]:
+    """The attributes among ``keys`` that differ, as ``key: OLD in the file, NEW now``."""
     diffs = []
-    for key in _RESUME_KEYS:
+    for key in keys:
         a, b = old.get(key), new.get(key)
         if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
             a, b = [float(x) for x in a or []], [float(x) for x in b or []]
         elif a in ("", None) and b in ("", None):
             continue
         if a != b:
-            diffs.append(f"{key}: {a!r} in the file, {b!r} now")
+            diffs.append(f"{key}: {a!r} {labels[0]}, {b!r} {labels[1]}")
     return diffs
 
 
@@ -136,6 +143,14 @@ def compute_stats(
     files = data_mod.find_images(root)
     if config.limit is not None:
         files = files[: config.limit]
+    fingerprint, dataset_files = data_mod.dataset_fingerprint(root, files), len(files)
+    if config.shard is not None:
+        index, count = config.shard
+        if not 0 <= index < count:
+            raise VggnormError(f"--shard {index}/{count}: expected I/N with 0 <= I < N")
+        files = files[index::count]
+        if not files:
+            raise DataError(f"--shard {index}/{count} has no files: the folder has only {dataset_files}")
     device = resolve_device(config.device)
     weights = resolve_weights(config.weights, arch=config.arch)
     preprocess = data_mod.default_preprocess(
@@ -153,7 +168,9 @@ def compute_stats(
         "weights_sha256": weights.sha256,
         **preprocess.as_attrs(),
         "dataset": str(root),
-        "dataset_fingerprint": data_mod.dataset_fingerprint(root, files),
+        "dataset_fingerprint": fingerprint,
+        "dataset_num_files": dataset_files,
+        "shard": f"{config.shard[0]}/{config.shard[1]}" if config.shard else "",
         "num_files": len(files),
         "limit": config.limit if config.limit is not None else -1,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -524,3 +541,63 @@ def _function_inputs(files: list[Path], preprocess: data_mod.Preprocess, n: int 
     if images:
         return torch.stack(images), f"{len(images)} images from --data"
     return _probe_input(preprocess.crop), f"2 seeded random inputs at {preprocess.crop}x{preprocess.crop}"
+
+
+# --------------------------------------------------------------------------- merge-stats
+
+# Attributes every shard of one measurement shares; a difference names a foreign shard.
+_MERGE_KEYS = (
+    "arch", "weights_sha256", "resize", "crop", "interpolation", "mean", "std", "preprocess", "pooling",
+    "include_classifier", "dataset_fingerprint", "dataset_num_files", "limit", "precision",
+)  # fmt: skip
+
+
+def merge_stats(inputs: list[Path], output: Path, *, force: bool = False) -> Stats:
+    """Merge the statistics files of ``--shard 0/N`` ... ``--shard N-1/N`` into one, exactly.
+
+    Refuses, naming the conflict: a file given twice, an unfinished file, a file that is not a
+    shard, shards of other models, weights, preprocessing or folders, overlapping or missing shards.
+    """
+    check_writable(output, force=force)
+    seen: dict[Path, Path] = {}
+    for p in inputs:
+        if p.resolve() in seen:
+            raise VggnormError(f"{p} is given twice")
+        seen[p.resolve()] = p
+    parts = []
+    for p in inputs:
+        try:
+            parts.append(read_stats(p))
+        except StatsFileError as e:
+            raise StatsFileError(f"cannot merge {p}: {e}") from e
+    shards: dict[int, Path] = {}
+    counts = set()
+    for p, st in zip(inputs, parts, strict=True):
+        shard = str(st.attrs.get("shard", ""))
+        if not shard:
+            raise VggnormError(f"{p} is not a shard (measured without --shard): there is nothing to merge it with")
+        index, count = (int(v) for v in shard.split("/"))
+        counts.add(count)
+        if index in shards:
+            raise VggnormError(f"{shards[index]} and {p} are both shard {shard}: they overlap")
+        shards[index] = p
+        diffs = _resume_differences(parts[0].attrs, st.attrs, _MERGE_KEYS, (f"in {inputs[0]}", f"in {p}"))
+        if diffs:
+            raise VggnormError(f"{p} is not a shard of the same measurement as {inputs[0]}: " + "; ".join(diffs))
+    if len(counts) != 1:
+        raise VggnormError(
+            f"the shards split the data in different ways ({', '.join(f'N={c}' for c in sorted(counts))})"
+        )
+    (count,) = counts
+    missing = [f"{i}/{count}" for i in range(count) if i not in shards]
+    if missing:
+        raise VggnormError(f"shard(s) {', '.join(missing)} missing: merge-stats needs all {count} shards")
+    merged = parts[0]
+    for st in parts[1:]:
+        merged = merged.merge(st)
+    attrs = {**parts[0].attrs, "shard": "", "num_files": sum(int(st.attrs["num_files"]) for st in parts),
+             "merged_from": [str(p) for p in inputs],
+             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}  # fmt: skip
+    result = Stats(merged.layers, merged.num_images, attrs, sorted(merged.skipped), True, attrs["num_files"])
+    write_stats(result, output, force=force)
+    return result
