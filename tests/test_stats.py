@@ -117,3 +117,30 @@ def test_read_refuses_foreign_incomplete_and_missing(tmp_path):
     with pytest.raises(StatsFileError, match="--resume"):
         read_stats(tmp_path / "part.h5")
     assert read_stats(tmp_path / "part.h5", allow_incomplete=True).position == 1
+
+
+def test_reduced_precision_activations_are_summed_in_float64(tiny_vgg):
+    """bf16 autocast (a CUDA option; autocast runs on CPU too) gives bf16 ReLU outputs: the hook
+    still accumulates float32 per image and float64 overall, close to the fp32 statistics."""
+    x = torch.randn(6, 3, 16, 16)
+    exact = run(tiny_vgg(), x, 3)
+    topo = find_topology(tiny_vgg())
+    sums = ReluSums(topo.sites, torch.device("cpu"))
+    batches = [Batch(x[i : i + 3], list(range(i, i + 3)), []) for i in (0, 3)]
+    measure(tiny_vgg(), batches, sums, device=torch.device("cpu"), precision="bf16")
+    for name, layer in Stats(sums.layers(), 6).layers.items():
+        assert layer.sum.dtype == torch.float64
+        torch.testing.assert_close(
+            layer.mean, exact.layers[name].mean, rtol=5e-2, atol=5e-2 * float(exact.layers[name].mean.max())
+        )
+
+
+def test_reduced_precision_is_refused_on_cpu(tmp_path, photos):
+    from click.testing import CliRunner
+
+    from vggnorm.cli import cli
+
+    r = CliRunner().invoke(cli, ["compute-stats", str(photos), "--arch", "vgg11", "--weights", "random:0",
+                                 "--device", "cpu", "--precision", "fp16", "-o", str(tmp_path / "s.h5")])  # fmt: skip
+    assert r.exit_code == 1 and "--precision fp16 is for CUDA" in r.stderr
+    assert not (tmp_path / "s.h5").exists()

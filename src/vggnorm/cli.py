@@ -18,7 +18,9 @@ import click
 
 from vggnorm import __version__
 from vggnorm.checkpoint import LAYOUTS
+from vggnorm.collect import PRECISIONS
 from vggnorm.data import PREPROCESSINGS
+from vggnorm.distributed import world_from_env
 from vggnorm.errors import VggnormError
 from vggnorm.models import DEFAULT_ARCH, DEFAULT_WEIGHTS, POOLINGS, VGG_ARCHS
 from vggnorm.normalize import DEFAULT_EPS
@@ -104,12 +106,15 @@ def cli(verbose: bool) -> None:
               help="Save resumable progress every BATCHES batches. [default: about once a minute]")  # fmt: skip
 @click.option("--shard", default=None, metavar="I/N", callback=lambda ctx, param, value: _parse_shard(value),
               help="Measure only every N-th file from the I-th (0-based); combine the N outputs with merge-stats.")  # fmt: skip
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="CUDA arithmetic: fp32 (TF32 off: exact statistics), tf32, bf16 or fp16 autocast (faster, "
+                   "less exact; see the README). CPU runs fp32 only.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
 def compute_stats_cmd(directory: Path, arch: str, weights: str, output: Path, device: str, batch_size: int,
                       workers: int | None, limit: int | None, resize: int | None, crop: int | None,
                       preprocess: str, pooling: str, include_classifier: bool, strict: bool,
-                      resume: bool, checkpoint_every: int | None, shard: tuple[int, int] | None, force: bool,
+                      resume: bool, checkpoint_every: int | None, shard: tuple[int, int] | None, precision: str, force: bool,
                       progress: bool) -> None:  # fmt: skip
     """Measure every conv filter's mean ReLU activation over the images in DIR.
 
@@ -123,7 +128,7 @@ def compute_stats_cmd(directory: Path, arch: str, weights: str, output: Path, de
     config = RunConfig(arch=arch, weights=weights, device=device, batch_size=batch_size, workers=workers,
                        limit=limit, resize=resize, crop=crop, preprocess=preprocess, pooling=pooling,
                        include_classifier=include_classifier, strict=strict,
-                       checkpoint_every=checkpoint_every, shard=shard)  # fmt: skip
+                       checkpoint_every=checkpoint_every, shard=shard, precision=precision)  # fmt: skip
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         with user_errors():
@@ -133,6 +138,8 @@ def compute_stats_cmd(directory: Path, arch: str, weights: str, output: Path, de
         sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if not world_from_env().is_main:
+        return  # under torchrun, rank 0 reports
     for path, reason in stats.skipped[:SHOWN_SKIPPED]:
         click.echo(f"skipped {path}: {reason}", err=True)
     if len(stats.skipped) > SHOWN_SKIPPED:

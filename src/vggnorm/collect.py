@@ -52,7 +52,7 @@ class ReluSums:
             n, _, h, w = output.shape
             # (N, C, H, W) -> (N, C) in float32 (H*W terms, cascade-summed: ~1e-7 relative), then
             # -> (C,) in float64. Reducing all of it with dtype=float64 costs ~30x more on CPU.
-            partial = output.sum(dim=(2, 3)).sum(dim=0, dtype=torch.float64)
+            partial = output.sum(dim=(2, 3), dtype=torch.float32).sum(dim=0, dtype=torch.float64)
             self._pending[name] = (partial, n * h * w)
 
         return hook
@@ -111,17 +111,36 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision not in PRECISIONS:
+        raise VggnormError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision != "fp32" and device.type != "cuda":
+        raise VggnormError(f"--precision {precision} is for CUDA; on {device.type} vggnorm measures in fp32")
+
+
 @contextlib.contextmanager
-def exact_fp32() -> Iterator[None]:
-    """Disable TF32 for convs and matmuls while measuring, so CUDA statistics are fp32-exact."""
+def precision_mode(precision: str = "fp32", device_type: str = "cpu") -> Iterator[None]:
+    """The arithmetic of the forward pass: fp32 (TF32 off, the default: exact statistics), tf32, or
+    bf16/fp16 autocast. The hook sums in float32 and float64 whatever the activations' dtype."""
     conv, matmul = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
-    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    ieee = precision == "fp32"
+    torch.backends.cudnn.conv.fp32_precision = "ieee" if ieee else "tf32"
+    torch.backends.cuda.matmul.fp32_precision = "ieee" if ieee else "tf32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     try:
-        yield
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            yield
     finally:
         torch.backends.cudnn.conv.fp32_precision = conv
         torch.backends.cuda.matmul.fp32_precision = matmul
+
+
+def exact_fp32() -> contextlib.AbstractContextManager[None]:
+    """Disable TF32 for convs and matmuls while measuring, so CUDA statistics are fp32-exact."""
+    return precision_mode("fp32")
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
@@ -137,6 +156,7 @@ def measure(
     *,
     device: torch.device,
     on_batch: Callable[[data_mod.Batch], None] | None = None,
+    precision: str = "fp32",
 ) -> None:
     """Run every batch through ``model`` with ``sums`` attached; call ``on_batch`` after each commit.
 
@@ -144,7 +164,7 @@ def measure(
     """
     net = forward_part(model, sums)
     fmt = memory_format(device)
-    with torch.inference_mode(), exact_fp32(), sums.attached(model):
+    with torch.inference_mode(), precision_mode(precision, device.type), sums.attached(model):
         for batch in batches:
             if batch.images is not None:
                 net(batch.images.to(device, non_blocking=True, memory_format=fmt))

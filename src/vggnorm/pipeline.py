@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import vggnorm
 from vggnorm import data as data_mod
+from vggnorm import distributed
 from vggnorm.checkpoint import (
     LAYOUTS,
     StateDict,
@@ -31,7 +32,8 @@ from vggnorm.checkpoint import (
     save_state_dict,
     to_gatys_layout,
 )
-from vggnorm.collect import ReluSums, measure, measure_means, memory_format, resolve_device
+from vggnorm.collect import ReluSums, check_precision, measure, measure_means, memory_format, resolve_device
+from vggnorm.distributed import world_from_env
 from vggnorm.errors import (
     CheckpointError,
     DataError,
@@ -76,7 +78,7 @@ DEFAULT_CHECKPOINT_SECONDS = 60.0
 # Attributes that must be equal for --resume to continue a run.
 _RESUME_KEYS = (
     "arch", "weights", "weights_sha256", "resize", "crop", "interpolation", "mean", "std",
-    "preprocess", "pooling", "include_classifier", "dataset_fingerprint", "shard", "num_files", "limit", "precision",
+    "preprocess", "pooling", "include_classifier", "dataset_fingerprint", "shard", "world_size", "num_files", "limit", "precision",
 )  # fmt: skip
 
 
@@ -98,6 +100,7 @@ class RunConfig:
     strict: bool = False
     checkpoint_every: int | None = None  # batches; None: about every DEFAULT_CHECKPOINT_SECONDS
     shard: tuple[int, int] | None = None  # (I, N): every N-th file from the I-th (0-based), for merge-stats
+    precision: str = "fp32"  # CUDA only: "tf32", "bf16", "fp16" trade exactness for speed
 
 
 def _resume_differences(
@@ -132,7 +135,11 @@ def compute_stats(
 
     Writes ``output`` atomically: every ``config.checkpoint_every`` batches (and on Ctrl-C) as an
     unfinished, resumable file; at the end as the complete statistics. Returns the final stats.
+    Under torchrun each rank measures every WORLD_SIZE-th file and rank 0 writes the sums of all.
     """
+    world = world_from_env()
+    if world.distributed and config.shard is not None:
+        raise VggnormError("--shard and torchrun both split the files: use one or the other")
     output = Path(output)
     if resume:
         if not output.is_file():
@@ -151,7 +158,14 @@ def compute_stats(
         files = files[index::count]
         if not files:
             raise DataError(f"--shard {index}/{count} has no files: the folder has only {dataset_files}")
+    total_files = len(files)
     device = resolve_device(config.device)
+    if world.distributed:
+        if device.type == "cuda" and config.device in ("auto", "cuda"):
+            device = torch.device("cuda", world.local_rank)
+        distributed.init(world, device)
+        files = files[world.rank :: world.size]
+    check_precision(config.precision, device)
     weights = resolve_weights(config.weights, arch=config.arch)
     preprocess = data_mod.default_preprocess(
         weights.arch, resize=config.resize, crop=config.crop, preprocess=config.preprocess, pooling=config.pooling
@@ -171,14 +185,15 @@ def compute_stats(
         "dataset_fingerprint": fingerprint,
         "dataset_num_files": dataset_files,
         "shard": f"{config.shard[0]}/{config.shard[1]}" if config.shard else "",
-        "num_files": len(files),
+        "num_files": total_files,
+        "world_size": world.size,
         "limit": config.limit if config.limit is not None else -1,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "vggnorm_version": vggnorm.__version__,
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
-        "precision": "fp32",
+        "precision": config.precision,
         "include_classifier": config.include_classifier,
         "batch_size": config.batch_size,
     }
@@ -192,7 +207,12 @@ def compute_stats(
             raise ResumeMismatchError(
                 f"--resume: {output} was started with other arguments or data: " + "; ".join(diffs)
             )
-        start, skipped = initial.position, list(initial.skipped)
+        # under torchrun ``position`` counts the files each rank has done (the same for all ranks)
+        start, skipped = initial.position, list(initial.skipped) if world.is_main else []
+        if not world.is_main:
+            initial = Stats(initial.layers, 0, initial.attrs, [], False, initial.position)
+            for layer in initial.layers.values():
+                layer.sum, layer.count = torch.zeros_like(layer.sum), 0
         attrs["created"] = initial.attrs.get("created", attrs["created"])
         log.info("resuming %s at file %d of %d", output, start, len(files))
 
@@ -203,7 +223,22 @@ def compute_stats(
     position = start
 
     def snapshot(complete: bool) -> Stats:
-        return Stats(sums.layers(), num_images, attrs, list(skipped), complete=complete, position=position)
+        """The statistics so far, summed over ranks (a collective under torchrun)."""
+        mine = Stats(sums.layers(), num_images, attrs, list(skipped), complete=complete, position=position)
+        return distributed.reduce_stats(mine, world, device)
+
+    def save(stats: Stats) -> None:
+        nonlocal own_file
+        if world.is_main:
+            write_stats(stats, output, force=force or own_file)
+        own_file = True
+
+    # Under torchrun the ranks checkpoint together, after the same number of batches: every K
+    # batches, K from --checkpoint-every or from the slowest rank's speed over its first batches.
+    bs = config.batch_size
+    min_batches = -(-(total_files // world.size) // bs) if world.distributed else None
+    every = config.checkpoint_every
+    batches_done = 0
 
     workers = data_mod.default_workers() if config.workers is None else config.workers
     loader = data_mod.make_loader(
@@ -211,10 +246,11 @@ def compute_stats(
     )
     batches_since, last_save = 0, time.monotonic()
     own_file = resume  # True once the output file is ours to overwrite
-    bar = tqdm(total=len(files), initial=start, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total_files, initial=start * world.size, unit="img", file=sys.stderr,
+               disable=not (progress and world.is_main), dynamic_ncols=True)  # fmt: skip
 
     def on_batch(batch: data_mod.Batch) -> None:
-        nonlocal num_images, position, batches_since, last_save, own_file
+        nonlocal num_images, position, batches_since, last_save, own_file, batches_done, every
         for i, reason in batch.failures:
             if config.strict:
                 raise DataError(f"--strict: cannot use {files[i]}: {reason}")
@@ -222,37 +258,47 @@ def compute_stats(
             log.info("skipped %s: %s", files[i], reason)
         num_images += len(batch.indices)
         position += batch.num_files
-        bar.update(batch.num_files)
+        bar.update(batch.num_files * world.size)
         if skipped:
             bar.set_postfix(skipped=len(skipped), refresh=False)
         batches_since += 1
-        due = (
-            batches_since >= config.checkpoint_every
-            if config.checkpoint_every
-            else time.monotonic() - last_save >= DEFAULT_CHECKPOINT_SECONDS
-        )
-        if due and position < len(files):
-            write_stats(snapshot(complete=False), output, force=force or own_file)
-            own_file, batches_since, last_save = True, 0, time.monotonic()
+        batches_done += 1
+        if world.distributed:
+            assert min_batches is not None
+            if every is None and batches_done == min(5, min_batches - 1):
+                per_batch = distributed.agree_max((time.monotonic() - last_save) / batches_done, world, device)
+                every = max(1, int(DEFAULT_CHECKPOINT_SECONDS / per_batch))
+            due = every is not None and batches_since >= every and batches_done < min_batches
+        elif every:
+            due = batches_since >= every and position < len(files)
+        else:
+            due = time.monotonic() - last_save >= DEFAULT_CHECKPOINT_SECONDS and position < len(files)
+        if due:
+            save(snapshot(complete=False))
+            batches_since, last_save = 0, time.monotonic()
 
     try:
         with bar:
-            measure(model, loader, sums, device=device, on_batch=on_batch)
+            measure(model, loader, sums, device=device, on_batch=on_batch, precision=config.precision)
     except KeyboardInterrupt:
-        write_stats(snapshot(complete=False), output, force=force or own_file)
+        if not world.distributed:  # under torchrun the last common checkpoint stands
+            save(snapshot(complete=False))
         raise
     except DataError:
         if own_file and not resume:
             output.unlink(missing_ok=True)
         raise
-    if num_images == 0:
-        if own_file and not resume:
-            output.unlink(missing_ok=True)
-        raise DataError(
-            f"none of the {len(files)} files under {root} could be decoded (first: {skipped[0][0]}: {skipped[0][1]})"
-        )
     final = snapshot(complete=True)
-    write_stats(final, output, force=force or own_file)
+    distributed.shutdown(world)
+    if final.num_images == 0:
+        if own_file and not resume and world.is_main:
+            output.unlink(missing_ok=True)
+        first = final.skipped[0] if final.skipped else ("?", "?")
+        raise DataError(
+            f"none of the {total_files} files under {root} could be decoded (first: {first[0]}: {first[1]})"
+        )
+    final.position = total_files
+    save(final)
     return final
 
 

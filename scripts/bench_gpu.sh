@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# GPU benchmark for compute-stats (VGG19 at 224): images/s per --precision, and 1 GPU vs all GPUs
+# (torchrun), plus the relative error of each precision's means against fp32.
+# Usage: bash scripts/bench_gpu.sh [IMAGES=2000] [BATCH=128]   (run after `make install`)
+# GPU JPEG decoding (--decode gpu) is not built yet, so decoding is on CPU DataLoader workers here.
+set -euo pipefail
+images=${1:-2000}
+batch=${2:-128}
+bin=${BIN:-.venv/bin}
+work=$(mktemp -d /tmp/vggnorm-gpu-bench.XXXX)
+ngpu=$("$bin/python" -c 'import torch; print(torch.cuda.device_count())')
+[ "$ngpu" -ge 1 ] || { echo "no CUDA device: this benchmark needs a GPU" >&2; exit 1; }
+"$bin/python" -c 'import torch; print("device:", torch.cuda.get_device_name(0), "x", torch.cuda.device_count())'
+
+n_photos=8
+"$bin/python" scripts/sample_photos.py "$work/data" --copies $(( (images + n_photos - 1) / n_photos )) --size 500x375 >/dev/null
+"$bin/python" -c 'import sys, torch; from vggnorm.models import random_state_dict; torch.save(random_state_dict("vgg19", 0), sys.argv[1])' "$work/vgg19.pth"
+common=(--arch vgg19 --weights "$work/vgg19.pth" --batch-size "$batch" --no-progress --force)
+
+run() {  # name, then extra args; prints images/s from the wall time of the whole command
+    local name=$1; shift
+    local t0 t1
+    t0=$(date +%s.%N)
+    "$@" >/dev/null
+    t1=$(date +%s.%N)
+    "$bin/python" - "$name" "$t0" "$t1" "$work/$name.h5" "$work/fp32.h5" <<'PY'
+import sys
+from vggnorm.stats import read_stats
+name, t0, t1, path, ref = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+s = read_stats(path)
+line = f"{name:10s} {s.num_images / (t1 - t0):8.1f} images/s end to end ({s.num_images} images, {t1 - t0:.1f} s with start-up)"
+if name != "fp32":
+    r = read_stats(ref)
+    err = max(float(((s.layers[n].mean - r.layers[n].mean).abs() / r.layers[n].mean.abs().clamp_min(1e-12))[r.layers[n].mean > 1e-3].max()) for n in r.layers)
+    line += f"; max relative error of means vs fp32: {err:.2e}"
+print(line, flush=True)
+PY
+}
+
+run fp32 "$bin/vggnorm" compute-stats "$work/data" "${common[@]}" -o "$work/fp32.h5" --precision fp32
+for p in tf32 bf16 fp16; do
+    run "$p" "$bin/vggnorm" compute-stats "$work/data" "${common[@]}" -o "$work/$p.h5" --precision "$p"
+done
+if [ "$ngpu" -gt 1 ]; then
+    run "torchrun$ngpu" "$bin/python" -m torch.distributed.run --nproc-per-node "$ngpu" -m vggnorm compute-stats \
+        "$work/data" "${common[@]}" -o "$work/torchrun$ngpu.h5"
+fi
+"$bin/python" scripts/bench.py --arch vgg19 --images 256 --batch-size "$batch" --device cuda --repeats 2

@@ -1,0 +1,98 @@
+"""torchrun with 2 CPU processes (gloo) reproduces a single process, and resumes after a kill."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vggnorm.stats import read_stats
+
+ARGS = ["--arch", "vgg11", "--weights", "random:0", "--resize", "128", "--crop", "112", "--workers", "0",
+        "--batch-size", "1", "--no-progress"]  # fmt: skip
+
+
+def vggnorm(*args, nproc=None, **kwargs):
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc else [sys.executable]
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*launcher, "-m", "vggnorm", *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)  # fmt: skip
+
+
+def children(pid):
+    """All descendants of ``pid`` (from /proc), deepest last."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [
+                int(c)
+                for t in os.listdir(f"/proc/{p}/task")
+                for c in Path(f"/proc/{p}/task/{t}/children").read_text().split()
+            ]
+        except OSError:
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
+def assert_same(a, b):
+    assert a.num_images == b.num_images and a.skipped == b.skipped
+    for name in a.layers:
+        assert a.layers[name].count == b.layers[name].count
+        np.testing.assert_allclose(b.layers[name].mean.numpy(), a.layers[name].mean.numpy(), rtol=1e-9, atol=0)
+
+
+@pytest.fixture(scope="module")
+def folder(photos, tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist")
+    for k in range(3):
+        for p in photos.iterdir():
+            (d / f"{k}_{p.name}").write_bytes(p.read_bytes())
+    (d / "broken.jpg").write_bytes(b"not an image")
+    return d
+
+
+@pytest.fixture(scope="module")
+def single(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "one.h5"
+    proc = vggnorm("compute-stats", folder, *ARGS, "-o", out)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return read_stats(out)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(folder, single, tmp_path):
+    proc = vggnorm("compute-stats", folder, *ARGS, "-o", tmp_path / "two.h5", nproc=2)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert stdout.count("wrote") == 1  # rank 0 alone reports
+    two = read_stats(tmp_path / "two.h5")
+    assert two.attrs["world_size"] == 2 and two.num_images == 24
+    assert_same(single, two)
+
+
+@pytest.mark.slow
+def test_torchrun_resumes_after_kill(folder, single, tmp_path):
+    out = tmp_path / "part.h5"
+    proc = vggnorm("compute-stats", folder, *ARGS, "-o", out, "--checkpoint-every", 2, nproc=2)
+    deadline = time.monotonic() + 120
+    while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    # kill -9 the launcher and both workers (torchrun starts its workers in sessions of their own)
+    for pid in [proc.pid, *children(proc.pid)]:
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    partial = read_stats(out, allow_incomplete=True)
+    assert not partial.complete and partial.position > 0
+    proc = vggnorm("compute-stats", folder, *ARGS, "-o", out, "--resume", nproc=2)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    assert_same(single, read_stats(out))
