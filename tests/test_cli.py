@@ -159,6 +159,7 @@ def test_audit_with_data_only(pipeline, photos):
     r = invoke("verify", pipeline["out"], "--data", photos, "--workers", 0, *SIZE)
     assert r.exit_code == 0, r.output
     assert "1 passed, 0 failed, 3 not run" in r.stdout
+    assert "measured means of live filters, per layer:" in r.stdout and "  features.0 " in r.stdout
     r = invoke("verify", pipeline["ckpt"], "--data", photos, "--workers", 0, *SIZE)
     assert r.exit_code == 1 and "NOT normalized" in r.stdout
 

@@ -273,6 +273,12 @@ def verify_cmd(normalized: Path, original: str | None, stats_path: Path | None, 
         if report is not None:
             paths = write_report(result, report, force=force)
             click.echo(f"report: {paths[1]} ({paths[0].name})")
+    if result.measured:
+        click.echo("measured means of live filters, per layer:")
+        for m in result.measured:
+            click.echo(
+                f"  {m['layer']:14} {m['live']:4}/{m['filters']:<4} min {m['min']:<10.4g} median {m['median']:<10.4g} max {m['max']:.4g}"
+            )
     _echo_checks(result.checks)
     ran = [c for c in result.checks if c.status != NOT_RUN]
     failed = [c for c in ran if c.status != PASS]

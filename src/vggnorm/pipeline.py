@@ -66,6 +66,7 @@ from vggnorm.verify import (
     check_function,
     check_means,
     layer_summary,
+    measured_summary,
     not_run,
     report_paths,
     write_report,
@@ -557,9 +558,13 @@ def verify_checkpoint(
                 note += "; these are not the calibration images of the statistics, so means near (not exactly) 1 are expected"
         checks.append(check_means(measured.means(), dead, tol=means_tol, eps=eps, detail=note))
         inputs["preprocess"] = policy.as_attrs()
+        per_layer = measured_summary(measured.means(), dead, eps=eps)
     else:
+        per_layer = []
         checks.append(not_run("means", "re-measured mean ReLU activation of every live filter is 1", "needs --data"))
-    return Report(str(normalized_path), arch, checks, inputs, layer_summary(scales) if scales else [])
+    return Report(
+        str(normalized_path), arch, checks, inputs, layer_summary(scales) if scales else [], measured=per_layer
+    )
 
 
 def _verify_policy(stats: Stats | None, arch: str, **given: Any) -> data_mod.Preprocess:

@@ -196,6 +196,7 @@ class Report:
     inputs: dict[str, Any] = field(default_factory=dict)
     layers: list[dict[str, Any]] = field(default_factory=list)
     figure: str | None = None  # file name of the PNG beside the report
+    measured: list[dict[str, Any]] = field(default_factory=list)  # per layer, the re-measured means
 
     @property
     def passed(self) -> bool:
@@ -224,6 +225,11 @@ class Report:
             fig = "" if c.figure is None else f"{c.figure:.3g}"
             tol = "" if c.tolerance is None else f"{c.tolerance:.3g}"
             lines.append(f"| {c.name}: {c.description} | {c.status} | {fig} | {tol} | {c.detail} |")
+        if self.measured:
+            lines += ["", "## Measured means per layer (live filters)", "",
+                      "| layer | filters | live | min | median | max |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+            lines += [f"| {m['layer']} | {m['filters']} | {m['live']} | {m['min']:.4g} | {m['median']:.4g} | {m['max']:.4g} |"
+                      for m in self.measured]  # fmt: skip
         if self.figure:
             lines += ["", "## Filter means per layer", "", f"![filter means before and after]({self.figure})"]
         if self.layers:
@@ -248,6 +254,22 @@ def layer_summary(scales: Mapping[str, Any]) -> list[dict[str, Any]]:
         v = s[live] if live.any() else s
         out.append({"conv": name, "filters": s.numel(), "min": float(v.min()), "median": float(v.median()),
                     "max": float(v.max()), "dead": list(ls.dead)})  # fmt: skip
+    return out
+
+
+def measured_summary(
+    means: Mapping[str, torch.Tensor], dead: Mapping[str, list[int]] | None, *, eps: float
+) -> list[dict[str, Any]]:
+    """Per layer: filter count, live filters, min/median/max of their measured means."""
+    out = []
+    for name, mean in means.items():
+        m = mean.double()
+        live = m > eps if dead is None else torch.ones_like(m, dtype=torch.bool)
+        if dead is not None:
+            live[dead[name]] = False
+        v = m[live] if live.any() else torch.full((1,), float("nan"), dtype=torch.float64)
+        out.append({"layer": name, "filters": m.numel(), "live": int(live.sum()), "min": float(v.min()),
+                    "median": float(v.median()), "max": float(v.max())})  # fmt: skip
     return out
 
 
