@@ -52,7 +52,9 @@ class ReluSums:
             n, _, h, w = output.shape
             # (N, C, H, W) -> (N, C) in float32 (H*W terms, cascade-summed: ~1e-7 relative), then
             # -> (C,) in float64. Reducing all of it with dtype=float64 costs ~30x more on CPU.
-            partial = output.sum(dim=(2, 3), dtype=torch.float32).sum(dim=0, dtype=torch.float64)
+            # bf16/fp16 activations (autocast) are summed in float32, never in their own dtype.
+            low = output.dtype in (torch.float16, torch.bfloat16)
+            partial = output.sum(dim=(2, 3), dtype=torch.float32 if low else None).sum(dim=0, dtype=torch.float64)
             self._pending[name] = (partial, n * h * w)
 
         return hook
