@@ -144,3 +144,12 @@ def test_reduced_precision_is_refused_on_cpu(tmp_path, photos):
                                  "--device", "cpu", "--precision", "fp16", "-o", str(tmp_path / "s.h5")])  # fmt: skip
     assert r.exit_code == 1 and "--precision fp16 is for CUDA" in r.stderr
     assert not (tmp_path / "s.h5").exists()
+
+
+def test_damaged_file_is_a_clear_error(tmp_path):
+    write_stats(sample_stats(), tmp_path / "s.h5", force=False)
+    with h5py.File(tmp_path / "s.h5", "r+") as f:
+        del f.attrs["num_images"]
+        del f["layers/features.3/count"]
+    with pytest.raises(StatsFileError, match="damaged"):
+        read_stats(tmp_path / "s.h5")

@@ -41,6 +41,8 @@ def user_errors(exc: type[click.ClickException] = click.ClickException) -> Itera
         yield
     except VggnormError as e:
         raise exc(str(e)) from e
+    except OSError as e:  # the file system said no (permissions, disk full, ...): not a vggnorm bug
+        raise exc(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)) from e
 
 
 def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:

@@ -8,7 +8,6 @@ with plain ``h5py`` or ``h5dump``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,38 +125,40 @@ def read_stats(path: str | Path, *, allow_incomplete: bool = False) -> Stats:
         f = h5py.File(path, "r")
     except OSError as e:
         raise StatsFileError(f"{path} is not an HDF5 file ({e}); give a file written by `vggnorm compute-stats`") from e
-    with f:
-        if _decode(f.attrs.get("format")) != FORMAT:
-            raise StatsFileError(f"{path} is an HDF5 file but not a vggnorm statistics file (no format={FORMAT!r})")
-        version = int(f.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise StatsFileError(f"{path} has format_version {version}; this vggnorm reads version {FORMAT_VERSION}")
-        attrs = {k: _decode(v) for k, v in f.attrs.items()}
-        complete = bool(attrs.pop("complete", True))
-        position = int(attrs.pop("position", 0))
-        num_images = int(attrs.pop("num_images"))
-        attrs.pop("num_skipped", None)
-        order = json.loads(attrs.pop("layer_order"))
-        layers = {}
-        for name in order:
-            g = f["layers"][name]
-            layers[name] = LayerStats(
-                conv=name,
-                relu=_decode(g.attrs["relu"]),
-                bn=_decode(g.attrs["bn"]) if "bn" in g.attrs else None,
-                sum=torch.from_numpy(np.asarray(g["sum"][()], dtype=np.float64)),
-                count=int(g["count"][()]),
-            )
-        paths = [_decode(p) for p in f["skipped/path"][()]] if "skipped" in f else []
-        reasons = [_decode(r) for r in f["skipped/reason"][()]] if "skipped" in f else []
+    try:
+        with f:
+            if _decode(f.attrs.get("format")) != FORMAT:
+                raise StatsFileError(f"{path} is an HDF5 file but not a vggnorm statistics file (no format={FORMAT!r})")
+            version = int(f.attrs.get("format_version", -1))
+            if version != FORMAT_VERSION:
+                raise StatsFileError(
+                    f"{path} has format_version {version}; this vggnorm reads version {FORMAT_VERSION}"
+                )
+            attrs = {k: _decode(v) for k, v in f.attrs.items()}
+            complete = bool(attrs.pop("complete", True))
+            position = int(attrs.pop("position", 0))
+            num_images = int(attrs.pop("num_images"))
+            attrs.pop("num_skipped", None)
+            order = json.loads(attrs.pop("layer_order"))
+            layers = {}
+            for name in order:
+                g = f["layers"][name]
+                layers[name] = LayerStats(
+                    conv=name,
+                    relu=_decode(g.attrs["relu"]),
+                    bn=_decode(g.attrs["bn"]) if "bn" in g.attrs else None,
+                    sum=torch.from_numpy(np.asarray(g["sum"][()], dtype=np.float64)),
+                    count=int(g["count"][()]),
+                )
+            paths = [_decode(p) for p in f["skipped/path"][()]] if "skipped" in f else []
+            reasons = [_decode(r) for r in f["skipped/reason"][()]] if "skipped" in f else []
+    except (KeyError, ValueError, TypeError) as e:
+        raise StatsFileError(
+            f"{path} is a damaged vggnorm statistics file ({type(e).__name__}: {e}); measure it again"
+        ) from e
     if not complete and not allow_incomplete:
         raise StatsFileError(
             f"{path} is an unfinished run ({position} of {attrs.get('num_files', '?')} files done); "
             "finish it with `vggnorm compute-stats ... --resume` using the same arguments"
         )
     return Stats(layers, num_images, attrs, list(zip(paths, reasons, strict=True)), complete, position)
-
-
-def describe(stats: Stats) -> Mapping[str, Any]:
-    """A short summary for the CLI: images, layers, dead filters per layer."""
-    return {"num_images": stats.num_images, "layers": len(stats.layers), "skipped": len(stats.skipped)}
