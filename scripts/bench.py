@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sample_photos import write_photos  # noqa: E402
 from vggnorm import data as data_mod  # noqa: E402
-from vggnorm.collect import ReluSums, exact_fp32, measure, memory_format, resolve_device  # noqa: E402
+from vggnorm.collect import ReluSums, measure, memory_format, precision_mode, resolve_device  # noqa: E402
 from vggnorm.models import Weights, load_model, random_state_dict, topology  # noqa: E402
 
 CHILD = r"""
@@ -92,7 +92,7 @@ def time_forward(model, batches, device, sums: ReluSums | None) -> float:
     net = model.features
     fmt = memory_format(device)
     xs = [x.to(device, memory_format=fmt) for x in batches]
-    with torch.inference_mode(), exact_fp32():
+    with torch.inference_mode(), precision_mode("fp32", device.type):
         net(xs[0])  # warm-up (allocator, cudnn algorithm choice)
         sync(device)
         if sums is None:
@@ -117,7 +117,7 @@ def time_naive(model, batches, device) -> float:
     xs = [x.to(device, memory_format=fmt) for x in batches]
     sync(device)
     t0 = time.perf_counter()
-    with torch.inference_mode(), exact_fp32():
+    with torch.inference_mode(), precision_mode("fp32", device.type):
         for li, site in enumerate(sites):
             stop = int(site.relu.split(".")[1])
             total = torch.zeros(site.out_channels, dtype=torch.float64, device=device)

@@ -140,11 +140,6 @@ def precision_mode(precision: str = "fp32", device_type: str = "cpu") -> Iterato
         torch.backends.cuda.matmul.fp32_precision = matmul
 
 
-def exact_fp32() -> contextlib.AbstractContextManager[None]:
-    """Disable TF32 for convs and matmuls while measuring, so CUDA statistics are fp32-exact."""
-    return precision_mode("fp32")
-
-
 def memory_format(device: torch.device) -> torch.memory_format:
     """channels_last on CPU, where it made VGG19's forward 1.5x faster (scripts/bench.py); not yet
     measured on CUDA, so contiguous there."""

@@ -237,7 +237,8 @@ def compute_stats(
     # Under torchrun the ranks checkpoint together, after the same number of batches: every K
     # batches, K from --checkpoint-every or from the slowest rank's speed over its first batches.
     bs = config.batch_size
-    min_batches = -(-(total_files // world.size) // bs) if world.distributed else None
+    # the smallest rank's batches left from ``start``: a checkpoint after more would wait for it forever
+    min_batches = -(-(total_files // world.size - start) // bs) if world.distributed else None
     every = config.checkpoint_every
     batches_done = 0
 
