@@ -1,5 +1,6 @@
 """Finding and decoding images: every awkward but valid file is used, every bad one is named."""
 
+import dataclasses
 import io
 import os
 
@@ -8,7 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from vggnorm.data import Preprocess, collate, find_images, load_rgb, make_loader
+from vggnorm.data import (
+    Preprocess,
+    check_decode,
+    collate,
+    decode_jpegs,
+    default_preprocess,
+    find_images,
+    load_rgb,
+    make_loader,
+    plain_jpeg,
+)
 from vggnorm.errors import DataError
 
 
@@ -117,3 +128,75 @@ def test_decompression_bomb_is_skipped_not_a_crash(tmp_path):
 def test_collate_of_only_failures():
     batch = collate([])
     assert batch.images is None and batch.num_files == 0
+
+
+# --decode gpu: the same code runs on the CPU with torchvision's CPU JPEG decoder standing in for nvJPEG.
+
+
+def jpeg_bytes(mode="RGB", **save):
+    buf = io.BytesIO()
+    img = Image.fromarray(rgb_array(60, 80))
+    (img if mode == "RGB" else img.convert(mode)).save(buf, format="JPEG", **save)
+    return buf.getvalue()
+
+
+def test_plain_jpeg_sends_only_what_the_device_decodes_as_pil_does():
+    assert plain_jpeg(jpeg_bytes())
+    assert plain_jpeg(jpeg_bytes("L"))
+    assert plain_jpeg(jpeg_bytes(progressive=True))
+    assert plain_jpeg(jpeg_bytes() + b"\x00" * 16)  # zero padding after the end marker
+    assert not plain_jpeg(jpeg_bytes("CMYK"))  # 4 components (and an Adobe marker): PIL converts those
+    assert not plain_jpeg(jpeg_bytes()[:-200])  # cut off: PIL decides (it refuses), as with --decode cpu
+    buf = io.BytesIO()
+    Image.fromarray(rgb_array()).save(buf, format="PNG")
+    assert not plain_jpeg(buf.getvalue())
+    assert not plain_jpeg(b"")
+    assert not plain_jpeg(b"\xff\xd8\xff\xd9")
+
+
+@pytest.mark.parametrize("preprocess", ["torchvision", "caffe"])
+def test_device_decoding_uses_and_skips_the_same_files_within_one_level(tmp_path, preprocess):
+    awkward_images(tmp_path)
+    bad = bad_files(tmp_path)
+    files = find_images(tmp_path)
+    pil = default_preprocess("vgg11", resize=32, crop=32, preprocess=preprocess)
+    tensor = dataclasses.replace(pil, decode="gpu")
+    for workers in (0, 1):
+        a = list(make_loader(files, pil, batch_size=4, workers=workers))
+        b = list(make_loader(files, tensor, batch_size=4, workers=workers, device=torch.device("cpu")))
+        assert [x.indices for x in a] == [y.indices for y in b]
+        assert [x.failures for x in a] == [y.failures for y in b]  # same reasons, naming the same paths
+        assert {files[i].name for y in b for i, _ in y.failures} == bad
+    x, y = torch.cat([t.images for t in a if t.images is not None]), torch.cat([t.images for t in b])
+    levels = (x - y).abs() * (1.0 if preprocess == "caffe" else torch.tensor(pil.std).view(3, 1, 1) * 255)
+    # tensor resizing rounds differently from PIL's: at most one level of 255, in few pixels
+    assert levels.max() <= 1 + 1e-3 and levels.mean() < 0.5
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision 0.29's decoders (see decode_jpegs)
+def test_a_jpeg_the_device_refuses_falls_back_to_pil(tmp_path, monkeypatch):
+    import torchvision.io
+
+    good, odd = tmp_path / "good.jpg", tmp_path / "odd.jpg"
+    good.write_bytes(jpeg_bytes())
+    odd.write_bytes(jpeg_bytes(quality=50))
+    real = torchvision.io.decode_jpeg
+    odd_len = odd.stat().st_size
+
+    def device_decoder(data, **kw):  # refuses the odd file, alone or in a batch, as nvJPEG may
+        if any(d.numel() == odd_len for d in (data if isinstance(data, list) else [data])):
+            raise RuntimeError("nvjpeg: unsupported")
+        return real(data, **kw)
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", device_decoder)
+    jpegs = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in (good, odd)]
+    out = decode_jpegs([*jpegs, jpegs[0][:100]], [str(good), str(odd), str(good)], torch.device("cpu"))
+    assert torch.equal(out[0], real(jpegs[0], mode=torchvision.io.ImageReadMode.RGB))
+    assert torch.equal(out[1], torch.from_numpy(np.array(load_rgb(odd))).permute(2, 0, 1))
+    assert torch.equal(out[2], out[0])  # the third "file" is good.jpg's path: PIL reads it from there
+
+
+def test_gpu_decoding_needs_cuda():
+    with pytest.raises(DataError, match="--decode gpu .* CUDA"):
+        check_decode("gpu", torch.device("cpu"))
+    check_decode("cpu", torch.device("cpu"))

@@ -70,6 +70,12 @@ def test_merge_refusals(runs, tmp_path):
     other = tmp_path / "other.h5"
     assert invoke("compute-stats", data, *BASE[:3], "random:1", *BASE[4:], "--shard", "2/3", "-o", other).exit_code == 0
     assert "weights_sha256" in refused(s[0], s[1], other)
+    decoded = tmp_path / "gpu.h5"  # stands in for a shard measured with --decode gpu on a GPU machine
+    decoded.write_bytes(s[2].read_bytes())
+    with h5py.File(decoded, "r+") as f:
+        assert f.attrs["decode"] == "cpu"
+        f.attrs["decode"] = "gpu"
+    assert "decode: 'cpu'" in refused(s[0], s[1], decoded)
     part = tmp_path / "unfinished.h5"
     part.write_bytes(s[2].read_bytes())
     with h5py.File(part, "r+") as f:

@@ -96,3 +96,17 @@ def test_include_classifier_normalizes_fc6_fc7_and_keeps_logits(photos, checkpoi
     # without the flag, verify recomputes the conv-only fold, which is not this file
     r = invoke("verify", out, "--original", ckpt, "--stats", stats)
     assert r.exit_code == 1
+
+
+def test_decode_gpu_is_refused_on_cpu_and_its_stats_are_re_measured_only_on_cuda(photos, checkpoints, tmp_path):
+    ckpt, stats, out = checkpoints["vgg11"], tmp_path / "s.h5", tmp_path / "n.pth"
+    base = ["--arch", "vgg11", "--weights", ckpt, "--workers", 0, *SIZE]
+    r = invoke("compute-stats", photos, *base, "-o", stats, "--decode", "gpu", "--device", "cpu")
+    assert r.exit_code == 1 and "--decode gpu" in r.stderr and "CUDA" in r.stderr and not stats.exists()
+    assert invoke("compute-stats", photos, *base, "-o", stats).exit_code == 0
+    assert invoke("apply", ckpt, "--stats", stats, "-o", out).exit_code == 0
+    with h5py.File(stats, "r+") as f:  # as if measured with --decode gpu on a GPU machine
+        f.attrs["decode"] = "gpu"
+    r = invoke("verify", out, "--original", ckpt, "--stats", stats, "--data", photos, "--device", "cpu")
+    # the fold still checks out; the means cannot be re-measured with the same pixels here: a failure
+    assert r.exit_code == 1 and "3 passed, 1 failed" in r.stdout and "--decode gpu" in r.stdout, r.output

@@ -19,7 +19,7 @@ import click
 from vggnorm import __version__
 from vggnorm.checkpoint import LAYOUTS
 from vggnorm.collect import PRECISIONS
-from vggnorm.data import PREPROCESSINGS
+from vggnorm.data import DECODERS, PREPROCESSINGS
 from vggnorm.distributed import world_from_env
 from vggnorm.errors import VggnormError
 from vggnorm.models import DEFAULT_ARCH, DEFAULT_WEIGHTS, POOLINGS, VGG_ARCHS
@@ -111,13 +111,17 @@ def cli(verbose: bool) -> None:
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="CUDA arithmetic: fp32 (TF32 off: exact statistics), tf32, bf16 or fp16 autocast (faster, "
                    "less exact; see the README). CPU runs fp32 only.")  # fmt: skip
+@click.option("--decode", type=click.Choice(DECODERS), default="cpu", show_default=True,
+              help="cpu: DataLoader workers decode and resize with PIL (torchvision's own pipeline). gpu "
+                   "(experimental, CUDA only): nvJPEG decodes the JPEGs and they are resized on the GPU; pixels "
+                   "differ slightly, so the means do too (see the README). Recorded in the output.")  # fmt: skip
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
 def compute_stats_cmd(directory: Path, arch: str, weights: str, output: Path, device: str, batch_size: int,
                       workers: int | None, limit: int | None, resize: int | None, crop: int | None,
                       preprocess: str, pooling: str, include_classifier: bool, strict: bool,
-                      resume: bool, checkpoint_every: int | None, shard: tuple[int, int] | None, precision: str, force: bool,
-                      progress: bool) -> None:  # fmt: skip
+                      resume: bool, checkpoint_every: int | None, shard: tuple[int, int] | None, precision: str, decode: str,
+                      force: bool, progress: bool) -> None:  # fmt: skip
     """Measure every conv filter's mean ReLU activation over the images in DIR.
 
     DIR is read recursively (flat ILSVRC2012 val layout or class subfolders); files that cannot be
@@ -130,7 +134,8 @@ def compute_stats_cmd(directory: Path, arch: str, weights: str, output: Path, de
     config = RunConfig(arch=arch, weights=weights, device=device, batch_size=batch_size, workers=workers,
                        limit=limit, resize=resize, crop=crop, preprocess=preprocess, pooling=pooling,
                        include_classifier=include_classifier, strict=strict,
-                       checkpoint_every=checkpoint_every, shard=shard, precision=precision)  # fmt: skip
+                       checkpoint_every=checkpoint_every, shard=shard, precision=precision,
+                       decode=decode)  # fmt: skip
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         with user_errors():

@@ -181,12 +181,15 @@ def measure_means(
     progress: bool = False,
     include_classifier: bool = False,
 ) -> tuple[Stats, list[tuple[str, str]]]:
-    """Per-filter means of ``model`` over ``files`` (verify's re-measurement); returns skipped files too."""
+    """Per-filter means of ``model`` over ``files`` (verify's re-measurement); returns skipped files too.
+
+    Images are decoded as ``preprocess.decode`` says (``--decode gpu`` needs a CUDA ``device``)."""
+    data_mod.check_decode(preprocess.decode, device)
     topo = find_topology(model)
     sums = ReluSums([*topo.sites, *(topo.fc_sites if include_classifier else ())], device)
     loader = data_mod.make_loader(
         files, preprocess, batch_size=batch_size, workers=data_mod.default_workers() if workers is None else workers,
-        pin_memory=device.type == "cuda",
+        device=device,
     )  # fmt: skip
     skipped: list[tuple[str, str]] = []
     num_images = 0

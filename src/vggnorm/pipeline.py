@@ -80,6 +80,7 @@ DEFAULT_CHECKPOINT_SECONDS = 60.0
 _RESUME_KEYS = (
     "arch", "weights", "weights_sha256", "resize", "crop", "interpolation", "mean", "std",
     "preprocess", "pooling", "include_classifier", "dataset_fingerprint", "shard", "world_size", "num_files", "limit", "precision",
+    "decode",
 )  # fmt: skip
 
 
@@ -102,6 +103,7 @@ class RunConfig:
     checkpoint_every: int | None = None  # batches; None: about every DEFAULT_CHECKPOINT_SECONDS
     shard: tuple[int, int] | None = None  # (I, N): every N-th file from the I-th (0-based), for merge-stats
     precision: str = "fp32"  # CUDA only: "tf32", "bf16", "fp16" trade exactness for speed
+    decode: str = "cpu"  # "gpu": nvJPEG on the CUDA device (see data.DECODERS)
 
 
 def _resume_differences(
@@ -167,10 +169,11 @@ def compute_stats(
         distributed.init(world, device)
         files = files[world.rank :: world.size]
     check_precision(config.precision, device)
+    data_mod.check_decode(config.decode, device)
     weights = resolve_weights(config.weights, arch=config.arch)
-    preprocess = data_mod.default_preprocess(
-        weights.arch, resize=config.resize, crop=config.crop, preprocess=config.preprocess, pooling=config.pooling
-    )
+    preprocess = data_mod.default_preprocess(weights.arch, resize=config.resize, crop=config.crop,
+                                             preprocess=config.preprocess, pooling=config.pooling,
+                                             decode=config.decode)  # fmt: skip
     if preprocess.crop > preprocess.resize:
         raise VggnormError(f"--crop {preprocess.crop} is larger than --resize {preprocess.resize}")
     topo = topology(weights.arch)
@@ -244,7 +247,7 @@ def compute_stats(
 
     workers = data_mod.default_workers() if config.workers is None else config.workers
     loader = data_mod.make_loader(
-        files, preprocess, batch_size=config.batch_size, workers=workers, start=start, pin_memory=device.type == "cuda"
+        files, preprocess, batch_size=config.batch_size, workers=workers, start=start, device=device
     )
     batches_since, last_save = 0, time.monotonic()
     own_file = resume  # True once the output file is ours to overwrite
@@ -544,7 +547,14 @@ def verify_checkpoint(
                            ("logits", "logits equal the original's"), ("fold", fold_desc)):  # fmt: skip
             checks.append(not_run(name, desc, "needs --original"))
 
-    if data is not None:
+    means_desc = "re-measured mean ReLU activation of every live filter is 1"
+    if data is not None and policy.decode == "gpu" and dev.type != "cuda":
+        per_layer = []
+        # asked for (--data) but cannot be measured as the statistics were: a failure, never a pass
+        checks.append(Check("means", means_desc, "fail", detail="cannot re-measure here: the statistics were "
+                            "measured with --decode gpu (nvJPEG, resized on the GPU), whose pixels differ slightly "
+                            "from the CPU decoder's; run verify on a CUDA device, which decodes the same way"))  # fmt: skip
+    elif data is not None:
         measured, skipped = measure_means(normalized, files, policy, device=dev, batch_size=batch_size,
                                           workers=workers, progress=progress,
                                           include_classifier=include_classifier)  # fmt: skip
@@ -562,7 +572,7 @@ def verify_checkpoint(
         per_layer = measured_summary(measured.means(), dead, eps=eps)
     else:
         per_layer = []
-        checks.append(not_run("means", "re-measured mean ReLU activation of every live filter is 1", "needs --data"))
+        checks.append(not_run("means", means_desc, "needs --data"))
     return Report(
         str(normalized_path), arch, checks, inputs, layer_summary(scales) if scales else [], measured=per_layer
     )
@@ -600,7 +610,7 @@ def _function_inputs(files: list[Path], preprocess: data_mod.Preprocess, n: int 
 # Attributes every shard of one measurement shares; a difference names a foreign shard.
 _MERGE_KEYS = (
     "arch", "weights_sha256", "resize", "crop", "interpolation", "mean", "std", "preprocess", "pooling",
-    "include_classifier", "dataset_fingerprint", "dataset_num_files", "limit", "precision",
+    "include_classifier", "dataset_fingerprint", "dataset_num_files", "limit", "precision", "decode",
 )  # fmt: skip
 
 
