@@ -50,4 +50,5 @@ if [ "$ngpu" -gt 1 ]; then
     run "torchrun$ngpu" "$bin/python" -m torch.distributed.run --nproc-per-node "$ngpu" -m vggnorm compute-stats \
         "$work/data" "${common[@]}" -o "$work/torchrun$ngpu.h5"
 fi
+"$bin/python" scripts/decode_diff.py "$work/data" --arch vgg19 --weights "$work/vgg19.pth" --device cuda --limit 512
 "$bin/python" scripts/bench.py --arch vgg19 --images 256 --batch-size "$batch" --device cuda --repeats 2

@@ -108,6 +108,10 @@ def test_resume_refuses_other_arguments_or_data(messy, tmp_path):
     assert r.exit_code == 1 and "weights:" in r.stderr
     r = invoke("compute-stats", d / "class0", *BASE, "-o", out, "--workers", 0, "--resume")
     assert r.exit_code == 1 and "dataset_fingerprint" in r.stderr
+    with h5py.File(out, "r+") as f:  # as if started with --decode gpu on a GPU machine
+        f.attrs["decode"] = "gpu"
+    r = invoke("compute-stats", d, *BASE, "-o", out, "--workers", 0, "--resume")
+    assert r.exit_code == 1 and "decode: 'gpu' in the file, 'cpu' now" in r.stderr
     r = invoke("compute-stats", d, *BASE, "-o", tmp_path / "none.h5", "--resume")
     assert r.exit_code == 1 and "does not exist" in r.stderr
 
