@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 import torch
 
 from vggnorm import data as data_mod
 from vggnorm.collect import ReluSums, measure, memory_format, resolve_device
+from vggnorm.errors import VggnormError
 from vggnorm.layers import find_topology
 from vggnorm.models import load_model, resolve_weights
 
@@ -57,4 +59,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except VggnormError as e:  # a bad folder, device or weights: say so, no traceback
+        sys.exit(f"decode_diff.py: {e}")

@@ -202,23 +202,35 @@ class Sample(NamedTuple):
     error: str | None
 
 
-class ImageFiles(Dataset[Sample]):
-    """Decoded, preprocessed images; a file that fails gives ``Sample(index, None, reason)``."""
+def _failure(e: Exception) -> str:
+    """The reason stored for a file that could not be decoded."""
+    return f"cannot decode: {type(e).__name__}: {e}"
 
-    def __init__(self, files: list[Path], preprocess: Preprocess, *, start: int = 0) -> None:
+
+class _FileRange(Dataset[Any]):
+    """Files ``start..`` of ``files``; item ``i`` is file ``start + i``."""
+
+    def __init__(self, files: list[Path], *, start: int = 0) -> None:
         self.files = files
         self.start = start
-        self.transform = preprocess.transform()
 
     def __len__(self) -> int:
         return len(self.files) - self.start
+
+
+class ImageFiles(_FileRange):
+    """Decoded, preprocessed images; a file that fails gives ``Sample(index, None, reason)``."""
+
+    def __init__(self, files: list[Path], preprocess: Preprocess, *, start: int = 0) -> None:
+        super().__init__(files, start=start)
+        self.transform = preprocess.transform()
 
     def __getitem__(self, i: int) -> Sample:
         index = self.start + i
         try:
             image = self.transform(load_rgb(self.files[index]))
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-            return Sample(index, None, f"cannot decode: {type(e).__name__}: {e}")
+            return Sample(index, None, _failure(e))
         return Sample(index, image, None)
 
 
@@ -325,15 +337,8 @@ class Raw(NamedTuple):
     error: str | None
 
 
-class RawFiles(Dataset[Raw]):
+class RawFiles(_FileRange):
     """The files' bytes (plain JPEGs) or PIL-decoded pixels (the rest), neither resized."""
-
-    def __init__(self, files: list[Path], *, start: int = 0) -> None:
-        self.files = files
-        self.start = start
-
-    def __len__(self) -> int:
-        return len(self.files) - self.start
 
     def __getitem__(self, i: int) -> Raw:
         from torchvision.transforms.functional import pil_to_tensor
@@ -346,7 +351,7 @@ class RawFiles(Dataset[Raw]):
                 return Raw(index, str(path), torch.frombuffer(bytearray(data), dtype=torch.uint8), None, None)
             return Raw(index, str(path), None, pil_to_tensor(load_rgb(path)), None)
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-            return Raw(index, str(path), None, None, f"cannot decode: {type(e).__name__}: {e}")
+            return Raw(index, str(path), None, None, _failure(e))
 
 
 def decode_jpegs(jpegs: list[torch.Tensor], paths: list[str], device: torch.device) -> list[torch.Tensor | str]:
@@ -378,7 +383,7 @@ def decode_jpegs(jpegs: list[torch.Tensor], paths: list[str], device: torch.devi
             try:
                 out.append(pil_to_tensor(load_rgb(path)).to(device))
             except Exception as e:
-                out.append(f"cannot decode: {type(e).__name__}: {e}")
+                out.append(_failure(e))
         return out
 
 
