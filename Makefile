@@ -25,6 +25,7 @@ demo: install
 lint: install
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python scripts/bench.py

@@ -2,7 +2,7 @@
 
 Builds a folder of ImageNet-sized JPEGs (500x375) from scikit-image's photos, then measures:
 
-  A  compute-stats end to end from the JPEG folder (vggnorm.pipeline.compute_stats, in a
+  A  compute-stats end to end from the JPEG folder (vggnorm.compute.compute_stats, in a
      subprocess, so its peak RSS is its own); reported for N and 3N images
   B  decode + preprocess only (the same DataLoader, no network)
   C  bare forward (model.features) over pre-decoded batches
@@ -37,37 +37,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sample_photos import write_photos  # noqa: E402
 from vggnorm import data as data_mod  # noqa: E402
-from vggnorm.collect import ReluSums, measure, memory_format, precision_mode, resolve_device  # noqa: E402
-from vggnorm.models import Weights, load_model, random_state_dict, topology  # noqa: E402
+from vggnorm.collect import ReluSums, measure  # noqa: E402
+from vggnorm.device import memory_format, precision_mode, resolve_device  # noqa: E402
+from vggnorm.models import load_model, topology  # noqa: E402
+from vggnorm.weights import random_state_dict  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
-from vggnorm.pipeline import RunConfig, compute_stats
-from vggnorm import pipeline
-import vggnorm.collect as collect
+from vggnorm.compute import RunConfig, compute_stats
 
-marks = {}
-orig_measure = pipeline.measure
-def timed_measure(*a, **k):
-    marks["start"] = time.perf_counter()
-    try:
-        return orig_measure(*a, **k)
-    finally:
-        marks["end"] = time.perf_counter()
-pipeline.measure = timed_measure
 args = json.loads(sys.argv[1])
+timings = {}
 t0 = time.perf_counter()
-stats = compute_stats(args["dir"], Path(args["out"]), RunConfig(**args["config"]), force=True, progress=False)
+stats = compute_stats(args["dir"], Path(args["out"]), RunConfig(**args["config"]), force=True, progress=False,
+                      timings=timings)
 t1 = time.perf_counter()
-print(json.dumps({"total": t1 - t0, "stream": marks["end"] - marks["start"], "images": stats.num_images,
+print(json.dumps({"total": t1 - t0, "stream": timings["stream"], "images": stats.num_images,
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
 def run_a(folder: Path, ckpt: Path, out: Path, args: argparse.Namespace, workers: int) -> dict:
-    config = {"arch": args.arch, "weights": str(ckpt), "device": args.device, "batch_size": args.batch_size,
-              "workers": workers}  # fmt: skip
+    config = {
+        "arch": args.arch,
+        "weights": str(ckpt),
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "workers": workers,
+    }
     payload = json.dumps({"dir": str(folder), "out": str(out), "config": config})
     res = subprocess.run([sys.executable, "-c", CHILD, payload], capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -157,12 +155,15 @@ def main() -> None:
     ckpt = tmp / f"{args.arch}.pth"
     torch.save(random_state_dict(args.arch, 0), ckpt)
     n1 = len(data_mod.find_images(tmp / "n1"))
-    print(f"device {device}, {torch.get_num_threads()} torch threads, {workers} workers, {args.arch}, batch {args.batch_size}, "
-          f"N = {n1} JPEGs of 500x375 (3N = {len(data_mod.find_images(tmp / 'n3'))})", flush=True)  # fmt: skip
+    print(
+        f"device {device}, {torch.get_num_threads()} torch threads, {workers} workers, {args.arch}, batch {args.batch_size}, "
+        f"N = {n1} JPEGs of 500x375 (3N = {len(data_mod.find_images(tmp / 'n3'))})",
+        flush=True,
+    )
 
     # Shared machines drift: measure A, B, C, D in alternation, R times, and keep each one's best.
     sd = torch.load(ckpt, weights_only=True)
-    model = load_model(Weights("bench", args.arch, sd, ""), device=device, memory_format=memory_format(device))
+    model = load_model(args.arch, sd, device=device, memory_format=memory_format(device))
     runs: dict[str, list] = {"a1": [], "a3": [], "b": [], "c": [], "d": []}
     for r in range(args.repeats):
         runs["a1"].append(run_a(tmp / "n1", ckpt, tmp / "a1.h5", args, workers))
@@ -171,8 +172,11 @@ def main() -> None:
         runs["b"].append(b)
         runs["c"].append(time_forward(model, batches, device, None))
         runs["d"].append(time_forward(model, batches, device, ReluSums(topology(args.arch).sites, device)))
-        print(f"  repeat {r + 1}: A3 {runs['a3'][-1]['stream']:.2f} s, B {b:.2f} s, C {runs['c'][-1]:.2f} s, "
-              f"D {runs['d'][-1]:.2f} s", flush=True)  # fmt: skip
+        print(
+            f"  repeat {r + 1}: A3 {runs['a3'][-1]['stream']:.2f} s, B {b:.2f} s, C {runs['c'][-1]:.2f} s, "
+            f"D {runs['d'][-1]:.2f} s",
+            flush=True,
+        )
     a1 = min(runs["a1"], key=lambda x: x["stream"])
     a3 = min(runs["a3"], key=lambda x: x["stream"])
     b, c, d = min(runs["b"]), min(runs["c"]), min(runs["d"])
@@ -195,8 +199,10 @@ def main() -> None:
     # 50,000-image run amortizes. The raw ratios include them.
     a_marginal = (a3["stream"] - a1["stream"]) * n3 / (n3 - n1)
     floor, name = (b + c, "A/(B+C)") if device.type == "cpu" else (max(b, c), "A/max(B,C)")
-    print(f"{name} = {a_marginal / floor:.3f} steady state   (goal <= 1.10; raw 3N run: {a3['stream'] / floor:.3f}, "
-          f"with start-up: {a3['total'] / floor:.3f})")  # fmt: skip
+    print(
+        f"{name} = {a_marginal / floor:.3f} steady state   (goal <= 1.10; raw 3N run: {a3['stream'] / floor:.3f}, "
+        f"with start-up: {a3['total'] / floor:.3f})"
+    )
     print(f"peak RSS of compute-stats: {a1['rss_mb']:.0f} MB for {n1} images, {a3['rss_mb']:.0f} MB for {n3} images")
     if not args.skip_naive:
         e = time_naive(model, batches, device)

@@ -16,7 +16,7 @@ ngpu=$("$py" -c 'import torch; print(torch.cuda.device_count())')
 
 n_photos=8
 "$py" scripts/sample_photos.py "$work/data" --copies $(( (images + n_photos - 1) / n_photos )) --size 500x375 >/dev/null
-"$py" -c 'import sys, torch; from vggnorm.models import random_state_dict; torch.save(random_state_dict("vgg19", 0), sys.argv[1])' "$work/vgg19.pth"
+"$py" -c 'import sys, torch; from vggnorm.weights import random_state_dict; torch.save(random_state_dict("vgg19", 0), sys.argv[1])' "$work/vgg19.pth"
 common=(--arch vgg19 --weights "$work/vgg19.pth" --batch-size "$batch" --no-progress --force)
 
 run() {  # name, then extra args; prints images/s from the wall time of the whole command

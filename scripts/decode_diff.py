@@ -19,10 +19,12 @@ import sys
 import torch
 
 from vggnorm import data as data_mod
-from vggnorm.collect import ReluSums, measure, memory_format, resolve_device
+from vggnorm.collect import ReluSums, measure
+from vggnorm.device import memory_format, resolve_device
 from vggnorm.errors import VggnormError
 from vggnorm.layers import find_topology
-from vggnorm.models import load_model, resolve_weights
+from vggnorm.models import load_model
+from vggnorm.weights import resolve_weights
 
 
 def main() -> None:
@@ -36,7 +38,7 @@ def main() -> None:
     a = ap.parse_args()
     device = resolve_device(a.device)
     weights = resolve_weights(a.weights, arch=a.arch)
-    model = load_model(weights, device=device, memory_format=memory_format(device))
+    model = load_model(weights.arch, weights.state_dict, device=device, memory_format=memory_format(device))
     files = data_mod.find_images(a.dir)[: a.limit]
     cpu = data_mod.default_preprocess(weights.arch)
     policies = {"cpu": cpu, "gpu": dataclasses.replace(cpu, decode="gpu")}

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny VGG look-alike, real photos from scikit-image, random-weight checkpoints."""
+"""Shared fixtures: tiny VGG look-alikes, real photos from scikit-image, random-weight checkpoints."""
 
 from __future__ import annotations
 
@@ -7,45 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+from lookalikes import MODEL, MODEL_BN, TinyVGG  # noqa: E402
 from sample_photos import write_photos  # noqa: E402
-from vggnorm.models import random_state_dict  # noqa: E402
+from vggnorm.models import import_user_model  # noqa: E402
+from vggnorm.weights import random_state_dict  # noqa: E402
 
-
-class TinyVGG(nn.Module):
-    """torchvision's VGG layout (features / avgpool / classifier) at a size tests can afford."""
-
-    def __init__(self, cfg: tuple = (4, "M", 8, 6, "M", 5), *, bn: bool = False, pool: int = 3, classes: int = 7):
-        super().__init__()
-        layers: list[nn.Module] = []
-        c = 3
-        for v in cfg:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), *([nn.BatchNorm2d(v)] if bn else []), nn.ReLU(inplace=True)]
-                c = v
-        self.features = nn.Sequential(*layers)
-        self.avgpool = nn.AdaptiveAvgPool2d((pool, pool))
-        self.classifier = nn.Sequential(
-            nn.Linear(c * pool * pool, 12), nn.ReLU(True), nn.Dropout(), nn.Linear(12, 12), nn.ReLU(True),
-            nn.Dropout(), nn.Linear(12, classes),
-        )  # fmt: skip
-        if bn:  # non-trivial BatchNorm, so the fold of its affine parameters is exercised
-            g = torch.Generator().manual_seed(1)
-            for m in self.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    n = m.num_features
-                    m.weight.data = torch.rand(n, generator=g) + 0.5
-                    m.bias.data = torch.randn(n, generator=g) * 0.3
-                    m.running_mean = torch.randn(n, generator=g) * 0.2
-                    m.running_var = torch.rand(n, generator=g) + 0.5
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+# the look-alikes as --model archs, in this process (CliRunner) as in subprocesses (they pass --model)
+TINY = {"tiny": import_user_model(MODEL), "tiny_bn": import_user_model(MODEL_BN)}
 
 
 @pytest.fixture
@@ -81,13 +52,35 @@ def perturbed_bn(sd: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """Random-weight vgg11 and vgg11_bn state_dicts saved to files (what users pass as CKPT)."""
+    """Random-weight look-alike state_dicts saved to files (what users pass as CKPT), keyed "tiny",
+    "tiny_bn"; and torchvision's vgg11 and vgg11_bn features (the real archs, without the 120M-parameter
+    classifier), keyed "vgg11", "vgg11_bn"."""
     d = tmp_path_factory.mktemp("ckpt")
     out = {}
-    for arch in ("vgg11", "vgg11_bn"):
-        sd = random_state_dict(arch, 0)
-        if arch.endswith("_bn"):
+    for key, arch in (*TINY.items(), ("vgg11", "vgg11"), ("vgg11_bn", "vgg11_bn")):
+        sd = random_state_dict(arch, 0) if key in TINY else features_state_dict(arch)
+        if arch.endswith("_bn") and key not in TINY:
             sd = perturbed_bn(sd)
-        out[arch] = d / f"{arch}.pth"
-        torch.save(sd, out[arch])
+        out[key] = d / f"{key}.pth"
+        torch.save(sd, out[key])
     return out
+
+
+def features_state_dict(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """torchvision's seeded initialization of ``arch``'s features only (no classifier to build)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        features = _features(arch)
+    return {f"features.{k}": v for k, v in features.state_dict().items()}
+
+
+def _features(arch: str) -> torch.nn.Module:
+    from torchvision.models import vgg
+
+    cfg = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}[arch.removesuffix("_bn")]
+    features = vgg.make_layers(vgg.cfgs[cfg], batch_norm=arch.endswith("_bn"))
+    for m in features.modules():  # torchvision's VGG.__init__ initialization of the convs
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            torch.nn.init.constant_(m.bias, 0)
+    return features

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import TINY
 from test_data import awkward_images, bad_files  # noqa: I001
 from vggnorm.cli import cli
 from vggnorm.stats import read_stats
 
-BASE = ["--arch", "vgg11", "--weights", "random:0", "--resize", "48", "--crop", "40", "--no-progress"]
+BASE = ["--model", TINY["tiny"], "--weights", "random:0", "--resize", "48", "--crop", "40", "--no-progress"]
 
 
 def invoke(*args):
@@ -117,9 +118,14 @@ def test_resume_refuses_other_arguments_or_data(messy, tmp_path):
 
 
 def run_until_checkpoint(args, out, sig):
-    """Start compute-stats in a subprocess; send ``sig`` as soon as a checkpoint is on disk."""
-    proc = subprocess.Popen([sys.executable, "-m", "vggnorm", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    """Start compute-stats in a subprocess; send ``sig`` as soon as a checkpoint is on disk.
+
+    The caller puts a named pipe last among the images: it blocks the loader (nobody writes to it),
+    so the signal always lands mid-run, however fast the files before it are measured.
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vggnorm", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 120
     while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -133,27 +139,45 @@ def run_until_checkpoint(args, out, sig):
 def test_interrupted_run_resumes_to_the_uninterrupted_result(photos, tmp_path, sig):
     d = tmp_path / "data"
     d.mkdir()
-    for k in range(4):  # 32 real photos
+    for k in range(2):  # 16 real photos, then the pipe
         for p in photos.iterdir():
             (d / f"{k}_{p.name}").write_bytes(p.read_bytes())
-    args = ["compute-stats", d, "--arch", "vgg11", "--weights", "random:0", "--resize", "128", "--crop", "112",
-            "--workers", 0, "--batch-size", 2, "--no-progress"]  # fmt: skip
-    full = tmp_path / "full.h5"
-    assert invoke(*args, "-o", full).exit_code == 0
-
+    fifo = d / "zz_pipe.jpg"
+    os.mkfifo(fifo)
+    args = [
+        "compute-stats",
+        d,
+        "--model",
+        TINY["tiny"],
+        "--weights",
+        "random:0",
+        "--resize",
+        "128",
+        "--crop",
+        "112",
+        "--workers",
+        0,
+        "--batch-size",
+        2,
+        "--no-progress",
+    ]
     out = tmp_path / "part.h5"
     code, _, stderr = run_until_checkpoint([*args, "-o", out, "--checkpoint-every", 1], out, sig)
     partial = read_stats(out, allow_incomplete=True)
-    assert not partial.complete and 0 < partial.position < 32
+    assert not partial.complete and 0 < partial.position < 17
     if sig == signal.SIGINT:
         assert code == 130 and "--resume" in stderr and "Traceback" not in stderr
     else:
         assert code == -signal.SIGKILL
 
+    fifo.unlink()
+    fifo.write_bytes(b"")  # the same name and size: the folder's fingerprint is unchanged
+    full = tmp_path / "full.h5"
+    assert invoke(*args, "-o", full).exit_code == 0
     r = invoke(*args, "-o", out, "--resume")
     assert r.exit_code == 0, r.output
     a, b = read_stats(full), read_stats(out)
-    assert a.num_images == b.num_images == 32
+    assert a.num_images == b.num_images == 16 and len(a.skipped) == len(b.skipped) == 1
     for name in a.layers:
         assert a.layers[name].count == b.layers[name].count
         np.testing.assert_allclose(b.layers[name].mean.numpy(), a.layers[name].mean.numpy(), rtol=1e-6, atol=1e-12)

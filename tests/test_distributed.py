@@ -1,6 +1,7 @@
 """torchrun with 2 CPU processes (gloo) reproduces a single process, and resumes after a kill."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,10 +11,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import TINY
 from vggnorm.stats import read_stats
 
-ARGS = ["--arch", "vgg11", "--weights", "random:0", "--resize", "128", "--crop", "112", "--workers", "0",
-        "--batch-size", "1", "--no-progress"]  # fmt: skip
+ARGS = [
+    "--model",
+    TINY["tiny"],
+    "--weights",
+    "random:0",
+    "--resize",
+    "128",
+    "--crop",
+    "112",
+    "--workers",
+    "0",
+    "--batch-size",
+    "1",
+    "--no-progress",
+]
 
 
 def vggnorm(*args, nproc=None, **kwargs):
@@ -21,8 +36,14 @@ def vggnorm(*args, nproc=None, **kwargs):
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc else [sys.executable]
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*launcher, "-m", "vggnorm", *map(str, args)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kwargs)  # fmt: skip
+    return subprocess.Popen(
+        [*launcher, "-m", "vggnorm", *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def children(pid):
@@ -80,9 +101,13 @@ def test_torchrun_two_processes_equal_one(folder, single, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_resumes_after_kill(folder, single, tmp_path):
+def test_torchrun_resumes_after_kill(folder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(folder, data)
+    pipe = data / "zz_pipe.jpg"
+    os.mkfifo(pipe)  # sorted last: blocks its rank's loader, so the kill always lands mid-run
     out = tmp_path / "part.h5"
-    proc = vggnorm("compute-stats", folder, *ARGS, "-o", out, "--checkpoint-every", 2, nproc=2)
+    proc = vggnorm("compute-stats", data, *ARGS, "-o", out, "--checkpoint-every", 2, nproc=2)
     deadline = time.monotonic() + 120
     while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -92,7 +117,11 @@ def test_torchrun_resumes_after_kill(folder, single, tmp_path):
     proc.communicate(timeout=60)
     partial = read_stats(out, allow_incomplete=True)
     assert not partial.complete and partial.position > 0
-    proc = vggnorm("compute-stats", folder, *ARGS, "-o", out, "--resume", nproc=2)
+    pipe.unlink()
+    pipe.write_bytes(b"")  # the same name and size: the folder's fingerprint is unchanged
+    reference = vggnorm("compute-stats", data, *ARGS, "-o", tmp_path / "one.h5")
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    proc = vggnorm("compute-stats", data, *ARGS, "-o", out, "--resume", nproc=2)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
-    assert_same(single, read_stats(out))
+    assert_same(read_stats(tmp_path / "one.h5"), read_stats(out))

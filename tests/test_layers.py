@@ -1,9 +1,10 @@
 import pytest
 from torch import nn
 
+from vggnorm.defaults import VGG_ARCHS
 from vggnorm.errors import CheckpointError
 from vggnorm.layers import find_topology
-from vggnorm.models import VGG_ARCHS, topology
+from vggnorm.models import topology
 
 CONVS = {"vgg11": 8, "vgg13": 10, "vgg16": 13, "vgg19": 16}
 

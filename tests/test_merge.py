@@ -5,13 +5,27 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import TINY
 from test_data import bad_files  # noqa: I001
 from vggnorm.cli import cli
 from vggnorm.stats import read_stats
 
 # batch size 1: each image's float32 partial sums are then the same whichever shard it lands in
-BASE = ["--arch", "vgg11", "--weights", "random:0", "--resize", "40", "--crop", "32", "--workers", 0,
-        "--batch-size", 1, "--no-progress"]  # fmt: skip
+BASE = [
+    "--model",
+    TINY["tiny"],
+    "--weights",
+    "random:0",
+    "--resize",
+    "40",
+    "--crop",
+    "32",
+    "--workers",
+    0,
+    "--batch-size",
+    1,
+    "--no-progress",
+]
 
 
 def invoke(*args):

@@ -3,11 +3,12 @@
 import h5py
 import numpy as np
 import torch
-import torchvision
 from click.testing import CliRunner
 from PIL import Image
 from torchvision import transforms
 
+from conftest import TINY
+from lookalikes import TinyVGG
 from vggnorm.cli import cli
 from vggnorm.data import CAFFE_MEAN_BGR, default_preprocess
 
@@ -26,9 +27,24 @@ def test_caffe_preset_is_bgr_0_255_mean_subtracted():
 
 
 def test_caffe_and_avg_pooling_are_measured_recorded_and_honoured(photos, checkpoints, tmp_path):
-    ckpt, stats, out = checkpoints["vgg11"], tmp_path / "s.h5", tmp_path / "n.pth"
-    r = invoke("compute-stats", photos, "--arch", "vgg11", "--weights", ckpt, "-o", stats, "--workers", 0,
-               "--preprocess", "caffe", "--pooling", "avg", *SIZE)  # fmt: skip
+    ckpt, stats, out = checkpoints["tiny"], tmp_path / "s.h5", tmp_path / "n.pth"
+    r = invoke(
+        "compute-stats",
+        photos,
+        "--model",
+        TINY["tiny"],
+        "--weights",
+        ckpt,
+        "-o",
+        stats,
+        "--workers",
+        0,
+        "--preprocess",
+        "caffe",
+        "--pooling",
+        "avg",
+        *SIZE,
+    )
     assert r.exit_code == 0, r.output
     with h5py.File(stats) as f:
         assert f.attrs["preprocess"] == "caffe" and f.attrs["pooling"] == "avg"
@@ -36,7 +52,7 @@ def test_caffe_and_avg_pooling_are_measured_recorded_and_honoured(photos, checkp
         measured = {n: torch.from_numpy(f[f"layers/{n}/mean"][()]) for n in f["layers"]}
 
     # independent float64 computation: Caffe input, max pooling swapped for average pooling
-    model = torchvision.models.vgg11()
+    model = TinyVGG()
     model.load_state_dict(torch.load(ckpt, weights_only=True))
     model = model.double().eval()
     t = transforms.Compose([transforms.Resize(64), transforms.CenterCrop(64), transforms.PILToTensor()])
@@ -64,9 +80,9 @@ def test_caffe_and_avg_pooling_are_measured_recorded_and_honoured(photos, checkp
 
 
 def test_include_classifier_normalizes_fc6_fc7_and_keeps_logits(photos, checkpoints, tmp_path):
-    ckpt, stats, out = checkpoints["vgg11"], tmp_path / "s.h5", tmp_path / "n.pth"
+    ckpt, stats, out = checkpoints["tiny"], tmp_path / "s.h5", tmp_path / "n.pth"
     plain = tmp_path / "plain.h5"
-    base = ["--arch", "vgg11", "--weights", ckpt, "--workers", 0, *SIZE]
+    base = ["--model", TINY["tiny"], "--weights", ckpt, "--workers", 0, *SIZE]
     assert invoke("compute-stats", photos, *base, "-o", plain).exit_code == 0
     r = invoke("apply", ckpt, "--stats", plain, "-o", out, "--include-classifier")
     assert r.exit_code == 1 and "--include-classifier" in r.stderr and not out.exists()
@@ -82,7 +98,7 @@ def test_include_classifier_normalizes_fc6_fc7_and_keeps_logits(photos, checkpoi
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     models = []
     for state in (orig, sd):
-        m = torchvision.models.vgg11()
+        m = TinyVGG()
         m.load_state_dict(state)
         models.append(m.double().eval())
     with torch.no_grad():
@@ -90,8 +106,21 @@ def test_include_classifier_normalizes_fc6_fc7_and_keeps_logits(photos, checkpoi
     torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5 * float(y.abs().max()))
     # Random-weight fc units active on one of the 8 photos have means near 1e-6; re-measured in
     # float32 after a 1e6x rescale they come back within about 1% (the conv layers within 1e-4).
-    r = invoke("verify", out, "--original", ckpt, "--stats", stats, "--data", photos, "--workers", 0,
-               "--include-classifier", "--means-tol", 0.02)  # fmt: skip
+    r = invoke(
+        "verify",
+        out,
+        "--original",
+        ckpt,
+        "--stats",
+        stats,
+        "--data",
+        photos,
+        "--workers",
+        0,
+        "--include-classifier",
+        "--means-tol",
+        0.02,
+    )
     assert r.exit_code == 0 and "4 passed" in r.stdout, r.output
     # without the flag, verify recomputes the conv-only fold, which is not this file
     r = invoke("verify", out, "--original", ckpt, "--stats", stats)
@@ -99,8 +128,8 @@ def test_include_classifier_normalizes_fc6_fc7_and_keeps_logits(photos, checkpoi
 
 
 def test_decode_gpu_is_refused_on_cpu_and_its_stats_are_re_measured_only_on_cuda(photos, checkpoints, tmp_path):
-    ckpt, stats, out = checkpoints["vgg11"], tmp_path / "s.h5", tmp_path / "n.pth"
-    base = ["--arch", "vgg11", "--weights", ckpt, "--workers", 0, *SIZE]
+    ckpt, stats, out = checkpoints["tiny"], tmp_path / "s.h5", tmp_path / "n.pth"
+    base = ["--model", TINY["tiny"], "--weights", ckpt, "--workers", 0, *SIZE]
     r = invoke("compute-stats", photos, *base, "-o", stats, "--decode", "gpu", "--device", "cpu")
     assert r.exit_code == 1 and "--decode gpu" in r.stderr and "CUDA" in r.stderr and not stats.exists()
     assert invoke("compute-stats", photos, *base, "-o", stats).exit_code == 0

@@ -4,6 +4,7 @@ import h5py
 import pytest
 import torch
 
+from conftest import TINY
 from vggnorm.collect import ReluSums, measure
 from vggnorm.data import Batch
 from vggnorm.errors import OutputExistsError, StatsFileError
@@ -140,8 +141,23 @@ def test_reduced_precision_is_refused_on_cpu(tmp_path, photos):
 
     from vggnorm.cli import cli
 
-    r = CliRunner().invoke(cli, ["compute-stats", str(photos), "--arch", "vgg11", "--weights", "random:0",
-                                 "--device", "cpu", "--precision", "fp16", "-o", str(tmp_path / "s.h5")])  # fmt: skip
+    r = CliRunner().invoke(
+        cli,
+        [
+            "compute-stats",
+            str(photos),
+            "--model",
+            TINY["tiny"],
+            "--weights",
+            "random:0",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp16",
+            "-o",
+            str(tmp_path / "s.h5"),
+        ],
+    )
     assert r.exit_code == 1 and "--precision fp16 is for CUDA" in r.stderr
     assert not (tmp_path / "s.h5").exists()
 

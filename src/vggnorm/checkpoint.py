@@ -22,8 +22,6 @@ from vggnorm.errors import CheckpointError, OutputExistsError
 
 StateDict = dict[str, torch.Tensor]
 
-LAYOUTS = ("torchvision", "gatys")
-
 _PREFIXES = ("module.", "_orig_mod.")
 _WRAPPER_KEYS = ("state_dict", "model")
 
@@ -131,50 +129,3 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
-
-
-def to_gatys_layout(
-    state_dict: Mapping[str, torch.Tensor],
-    names: Mapping[str, str],
-    bn: Mapping[str, tuple[str, float]],
-) -> StateDict:
-    """Features only, keyed ``conv1_1.weight``, ``conv1_1.bias``, ... as Gatys-style code expects.
-
-    ``names`` maps conv paths to Gatys names; ``bn`` maps a conv path to its BatchNorm path and eps.
-    A BatchNorm is folded into its conv first (eval-mode arithmetic, in float64): Gatys' network
-    has none, and the folded conv computes the same ReLU input.
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_weights
-
-    out: StateDict = {}
-    for conv, name in names.items():
-        w = state_dict[f"{conv}.weight"]
-        b = state_dict.get(f"{conv}.bias")
-        if conv in bn:
-            p, eps = bn[conv]
-            fw, fb = fuse_conv_bn_weights(
-                w.double(), None if b is None else b.double(), state_dict[f"{p}.running_mean"].double(),
-                state_dict[f"{p}.running_var"].double(), eps, state_dict[f"{p}.weight"].double(),
-                state_dict[f"{p}.bias"].double(),
-            )  # fmt: skip
-            w, b = fw.detach().to(w.dtype), fb.detach().to(w.dtype)
-        out[f"{name}.weight"] = w
-        if b is not None:
-            out[f"{name}.bias"] = b
-    return out
-
-
-def is_gatys_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    return "conv1_1.weight" in state_dict
-
-
-def from_gatys_layout(state_dict: Mapping[str, torch.Tensor], names: Mapping[str, str]) -> StateDict:
-    """The inverse of ``to_gatys_layout`` for a plain (BN-free) arch: back to ``features.N`` keys."""
-    inverse = {v: k for k, v in names.items()}
-    out: StateDict = {}
-    for key, value in state_dict.items():
-        stem, _, leaf = key.rpartition(".")
-        if stem not in inverse:
-            raise CheckpointError(f"unexpected key {key} in a Gatys-layout checkpoint")
-        out[f"{inverse[stem]}.{leaf}"] = value
-    return out

@@ -1,7 +1,8 @@
-"""The ``vggnorm`` command line: parse, call one function of ``vggnorm.pipeline``, echo the result.
+"""The ``vggnorm`` command line: parse, call one library function, echo its result.
 
-Results go to stdout; progress and diagnostics to stderr. Library errors (``VggnormError``) become
-one-line messages with no traceback.
+Results go to stdout; progress and diagnostics to stderr. Library errors (``VggnormError``) and
+refusals of the file system become one-line messages with no traceback. Nothing heavy is imported
+until a command runs, so ``--help`` and usage errors answer at once.
 """
 
 from __future__ import annotations
@@ -9,24 +10,33 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeVar
 
 import click
 
 from vggnorm import __version__
-from vggnorm.checkpoint import LAYOUTS
-from vggnorm.collect import PRECISIONS
-from vggnorm.data import DECODERS, PREPROCESSINGS
-from vggnorm.distributed import world_from_env
+from vggnorm.defaults import (
+    DECODERS,
+    DEFAULT_ARCH,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EPS,
+    DEFAULT_MEANS_TOL,
+    DEFAULT_RTOL,
+    DEFAULT_WEIGHTS,
+    LAYOUTS,
+    POOLINGS,
+    PRECISIONS,
+    PREPROCESSINGS,
+    VGG_ARCHS,
+)
 from vggnorm.errors import VggnormError
-from vggnorm.models import DEFAULT_ARCH, DEFAULT_WEIGHTS, POOLINGS, VGG_ARCHS
-from vggnorm.normalize import DEFAULT_EPS
-from vggnorm.verify import DEFAULT_MEANS_TOL, DEFAULT_RTOL, NOT_RUN, PASS
 
 SHOWN_SKIPPED = 20
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class UsageFailure(click.ClickException):
@@ -49,16 +59,104 @@ def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        logging.getLogger("vggnorm").setLevel(logging.INFO)
+
+
+def options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Apply several option decorators, in the order they are listed in ``--help``."""
+
+    def apply(f: F) -> F:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+# Options that several commands share, each defined once.
+verbose_option = click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_set_verbose,
+    help="Log diagnostics (each skipped file, resume details) to stderr.",
+)
+device_option = click.option(
+    "--device", default="auto", show_default=True, help="auto (CUDA if available), cpu, cuda or cuda:N."
+)
+loader_options = options(
+    click.option(
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=DEFAULT_BATCH_SIZE,
+        show_default=True,
+        help="Images per forward pass. Changes the float32 means only by rounding (see the README).",
+    ),
+    click.option(
+        "--workers",
+        type=click.IntRange(min=0),
+        default=None,
+        help="DataLoader processes decoding images (0: decode in the main process). [default: CPUs - 1]",
+    ),
+)
+model_option = click.option(
+    "--model",
+    metavar="FILE.py:NAME|MODULE:NAME",
+    default=None,
+    help="A model of your own instead of a torchvision VGG: a class or zero-argument function returning an "
+    "nn.Module with conv -> (BatchNorm) -> ReLU sites. Importing it RUNS ITS CODE; vggnorm never imports "
+    "code unless you pass this option. apply and verify need the same --model as compute-stats.",
+)
+progress_option = click.option(
+    "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr."
+)
+RESIZE_HELP = "Resize the shorter side to this. [default: the weights' transform, 256]"
+CROP_HELP = "Center crop size. [default: the weights' transform, 224]"
+PREPROCESS_HELP = (
+    "torchvision: RGB, 0-1, ImageNet mean/std. caffe: BGR, 0-255, mean-subtracted, as the original "
+    "Caffe VGG (and Gatys' code) expects."
+)
+POOLING_HELP = "Measure with max pooling, or with average pooling as Gatys et al. synthesized."
+
+
+def _policy_options(verify: bool) -> Callable[[F], F]:
+    """--resize, --crop, --preprocess, --pooling: how compute-stats measures; for verify, how an audit
+    without --stats re-measures (with --stats, the recorded policy is used)."""
+    prefix = "With --data and no --stats: " if verify else ""
+    return options(
+        click.option("--resize", type=click.IntRange(min=1), default=None, help=prefix + RESIZE_HELP),
+        click.option("--crop", type=click.IntRange(min=1), default=None, help=prefix + CROP_HELP),
+        click.option(
+            "--preprocess",
+            type=click.Choice(PREPROCESSINGS),
+            default=None if verify else "torchvision",
+            show_default=not verify,
+            help=prefix + PREPROCESS_HELP,
+        ),
+        click.option(
+            "--pooling",
+            type=click.Choice(POOLINGS),
+            default=None if verify else "max",
+            show_default=not verify,
+            help=prefix + POOLING_HELP,
+        ),
+    )
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vggnorm")
-@click.option("-v", "--verbose", is_flag=True, help="Log diagnostics (each skipped file, resume details) to stderr.")
-def cli(verbose: bool) -> None:
+@verbose_option
+def cli() -> None:
     """Normalize a VGG so every conv filter's mean ReLU activation over a dataset is 1.
 
     The network computes the same function afterwards (logits unchanged). Three steps:
     compute-stats (measure), apply (fold the scales into the weights), verify (prove it).
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
 
 
 @cli.command("compute-stats")
@@ -68,60 +166,78 @@ def cli(verbose: bool) -> None:
     type=click.Choice(VGG_ARCHS),
     default=DEFAULT_ARCH,
     show_default=True,
-    help="torchvision VGG architecture.",
+    help="torchvision VGG architecture (ignored with --model).",
 )
-@click.option("--weights", "weights", metavar="SPEC", default=DEFAULT_WEIGHTS, show_default=True,
-              help="A state_dict file (.pth/.pt/.safetensors), a torchvision weights name (loaded through "
-                   "torchvision's cache), or random:SEED (seeded random init, for demos and tests).")  # fmt: skip
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("stats.h5"),
-              show_default=True, help="Statistics file (HDF5) to write.")  # fmt: skip
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA if available), cpu, cuda or cuda:N.")
+@model_option
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per forward pass."
+    "--weights",
+    "weights",
+    metavar="SPEC",
+    default=DEFAULT_WEIGHTS,
+    show_default=True,
+    help="A state_dict file (.pth/.pt/.safetensors), a torchvision weights name (loaded through "
+    "torchvision's cache), or random:SEED (seeded random init, for demos and tests).",
 )
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="DataLoader processes decoding images (0: decode in the main process). [default: CPUs - 1]")  # fmt: skip
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("stats.h5"),
+    show_default=True,
+    help="Statistics file (HDF5) to write.",
+)
+@device_option
+@loader_options
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N files (in sorted order).")
+@_policy_options(verify=False)
 @click.option(
-    "--resize",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Resize the shorter side to this. [default: the weights' transform, 256]",
+    "--include-classifier",
+    is_flag=True,
+    help="Also measure the ReLUs after fc6 and fc7 (for apply --include-classifier).",
 )
-@click.option(
-    "--crop", type=click.IntRange(min=1), default=None, help="Center crop size. [default: the weights' transform, 224]"
-)
-@click.option("--preprocess", type=click.Choice(PREPROCESSINGS), default="torchvision", show_default=True,
-              help="torchvision: RGB, 0-1, ImageNet mean/std. caffe: BGR, 0-255, mean-subtracted, as the original "
-                   "Caffe VGG (and Gatys' code) expects.")  # fmt: skip
-@click.option("--pooling", type=click.Choice(POOLINGS), default="max", show_default=True,
-              help="Measure with max pooling, or with average pooling as Gatys et al. synthesized.")  # fmt: skip
-@click.option("--include-classifier", is_flag=True,
-              help="Also measure the ReLUs after fc6 and fc7 (for apply --include-classifier).")  # fmt: skip
 @click.option(
     "--strict", is_flag=True, help="Stop at the first file that cannot be decoded (naming it), writing nothing."
 )
 @click.option(
     "--resume", is_flag=True, help="Continue an interrupted run from its output file (same arguments and data)."
 )
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, metavar="BATCHES",
-              help="Save resumable progress every BATCHES batches. [default: about once a minute]")  # fmt: skip
-@click.option("--shard", default=None, metavar="I/N", callback=lambda ctx, param, value: _parse_shard(value),
-              help="Measure only every N-th file from the I-th (0-based); combine the N outputs with merge-stats.")  # fmt: skip
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
-              help="CUDA arithmetic: fp32 (TF32 off: exact statistics), tf32, bf16 or fp16 autocast (faster, "
-                   "less exact; see the README). CPU runs fp32 only.")  # fmt: skip
-@click.option("--decode", type=click.Choice(DECODERS), default="cpu", show_default=True,
-              help="cpu: DataLoader workers decode and resize with PIL (torchvision's own pipeline). gpu "
-                   "(experimental, CUDA only): nvJPEG decodes the JPEGs and they are resized on the GPU; pixels "
-                   "differ slightly, so the means do too (see the README). Recorded in the output.")  # fmt: skip
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="BATCHES",
+    help="Save resumable progress every BATCHES batches. [default: about once a minute]",
+)
+@click.option(
+    "--shard",
+    default=None,
+    metavar="I/N",
+    callback=lambda ctx, param, value: _parse_shard(value),
+    help="Measure only every N-th file from the I-th (0-based); combine the N outputs with merge-stats.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="fp32",
+    show_default=True,
+    help="CUDA arithmetic: fp32 (TF32 off), tf32, bf16 or fp16 autocast (faster, less exact; see the "
+    "README). CPU runs fp32 only.",
+)
+@click.option(
+    "--decode",
+    type=click.Choice(DECODERS),
+    default="cpu",
+    show_default=True,
+    help="cpu: DataLoader workers decode and resize with PIL (torchvision's own pipeline). gpu "
+    "(experimental, CUDA only): nvJPEG decodes the JPEGs and they are resized on the GPU; pixels "
+    "differ slightly, so the means do too (see the README). Recorded in the output.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
-def compute_stats_cmd(directory: Path, arch: str, weights: str, output: Path, device: str, batch_size: int,
-                      workers: int | None, limit: int | None, resize: int | None, crop: int | None,
-                      preprocess: str, pooling: str, include_classifier: bool, strict: bool,
-                      resume: bool, checkpoint_every: int | None, shard: tuple[int, int] | None, precision: str, decode: str,
-                      force: bool, progress: bool) -> None:  # fmt: skip
+@progress_option
+@verbose_option
+def compute_stats_cmd(
+    directory: Path, output: Path, model: str | None, resume: bool, force: bool, progress: bool, **config: Any
+) -> None:
     """Measure every conv filter's mean ReLU activation over the images in DIR.
 
     DIR is read recursively (flat ILSVRC2012 val layout or class subfolders); files that cannot be
@@ -129,17 +245,17 @@ def compute_stats_cmd(directory: Path, arch: str, weights: str, output: Path, de
 
     Example: vggnorm compute-stats ILSVRC2012_val/ --arch vgg19 -o vgg19-stats.h5
     """
-    from vggnorm.pipeline import RunConfig, compute_stats
+    from vggnorm.compute import RunConfig, compute_stats
+    from vggnorm.distributed import world_from_env
+    from vggnorm.normalize import live_filters
 
-    config = RunConfig(arch=arch, weights=weights, device=device, batch_size=batch_size, workers=workers,
-                       limit=limit, resize=resize, crop=crop, preprocess=preprocess, pooling=pooling,
-                       include_classifier=include_classifier, strict=strict,
-                       checkpoint_every=checkpoint_every, shard=shard, precision=precision,
-                       decode=decode)  # fmt: skip
+    if model is not None:
+        with user_errors():
+            config["arch"] = _import_model(model)
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         with user_errors():
-            stats = compute_stats(directory, output, config, resume=resume, force=force, progress=progress)
+            stats = compute_stats(directory, output, RunConfig(**config), resume=resume, force=force, progress=progress)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: progress saved in {output}; continue with the same command plus --resume", err=True)
         sys.exit(130)
@@ -153,40 +269,58 @@ def compute_stats_cmd(directory: Path, arch: str, weights: str, output: Path, de
         click.echo(
             f"... and {len(stats.skipped) - SHOWN_SKIPPED} more (all listed in {output}, group skipped/)", err=True
         )
-    dead = {n: int((layer.mean <= DEFAULT_EPS).sum()) for n, layer in stats.layers.items()}
+    dead = {n: int((~live_filters(layer.mean)).sum()) for n, layer in stats.layers.items()}
     click.echo(f"images: {stats.num_images} used, {len(stats.skipped)} skipped")
     click.echo(f"layers: {len(stats.layers)} ({', '.join(stats.layers)})")
-    click.echo(f"dead filters (mean <= {DEFAULT_EPS:g}): {sum(dead.values())}"
-               + "".join(f"; {n}: {d}" for n, d in dead.items() if d))  # fmt: skip
+    click.echo(
+        f"dead filters (mean <= {DEFAULT_EPS:g}): {sum(dead.values())}"
+        + "".join(f"; {n}: {d}" for n, d in dead.items() if d)
+    )
     click.echo(f"wrote {output}")
 
 
 @cli.command("apply")
 @click.argument("checkpoint", metavar="CKPT")
-@click.option("--stats", "stats_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Statistics file from compute-stats, measured on CKPT.")  # fmt: skip
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Normalized state_dict to write (.pth/.pt, or .safetensors). [default: CKPT.normalized.pth]")  # fmt: skip
+@click.option(
+    "--stats",
+    "stats_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Statistics file from compute-stats, measured on CKPT.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Normalized state_dict to write (.pth/.pt, or .safetensors). [default: CKPT.normalized.pth]",
+)
 @click.option("--features-only", is_flag=True, help="Write only the conv layers (features.*), no classifier.")
-@click.option("--layout", type=click.Choice(LAYOUTS), default="torchvision", show_default=True,
-              help="torchvision: loads into torchvision's VGG. gatys: conv layers only, keyed conv1_1 ... conv5_4 "
-                   "(BatchNorm folded into the convs for _bn models).")  # fmt: skip
-@click.option("--include-classifier", is_flag=True,
-              help="Also normalize the ReLUs after fc6 and fc7 (compensating fc7 and fc8; logits unchanged). "
-                   "Needs statistics measured with --include-classifier.")  # fmt: skip
-@click.option("--eps", type=click.FloatRange(min=0), default=DEFAULT_EPS, show_default=True,
-              help="Filters with mean <= eps are dead: left unscaled and listed.")  # fmt: skip
+@click.option(
+    "--layout",
+    type=click.Choice(LAYOUTS),
+    default="torchvision",
+    show_default=True,
+    help="torchvision: loads into torchvision's VGG. gatys: conv layers only, keyed conv1_1 ... conv5_4 "
+    "(BatchNorm folded into the convs for _bn models).",
+)
+@click.option(
+    "--include-classifier",
+    is_flag=True,
+    help="Also normalize the ReLUs after fc6 and fc7 (compensating fc7 and fc8; logits unchanged). "
+    "Needs statistics measured with --include-classifier.",
+)
+@click.option(
+    "--eps",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_EPS,
+    show_default=True,
+    help="Filters with mean <= eps are dead: left unscaled and listed.",
+)
+@model_option
 @click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
-def apply_cmd(
-    checkpoint: str,
-    stats_path: Path,
-    output: Path | None,
-    features_only: bool,
-    layout: str,
-    include_classifier: bool,
-    eps: float,
-    force: bool,
-) -> None:
+@verbose_option
+def apply_cmd(checkpoint: str, stats_path: Path, output: Path | None, model: str | None, **options: Any) -> None:
     """Fold the statistics into CKPT so every filter's mean ReLU activation becomes 1.
 
     CKPT is a weight SPEC as for compute-stats (a file, a torchvision weights name, random:SEED) and
@@ -195,12 +329,12 @@ def apply_cmd(
 
     Example: vggnorm apply vgg19.pth --stats vgg19-stats.h5 -o vgg19-normalized.pth
     """
-    from vggnorm.pipeline import apply_stats
+    from vggnorm.apply import apply_stats
 
     with user_errors():
-        result = apply_stats(checkpoint, stats_path, output, features_only=features_only, layout=layout,
-                             include_classifier=include_classifier, eps=eps,
-                             force=force)  # fmt: skip
+        if model is not None:
+            _import_model(model)
+        result = apply_stats(checkpoint, stats_path, output, **options)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     _echo_checks(result.report.checks)
@@ -216,42 +350,56 @@ def apply_cmd(
 @cli.command("verify")
 @click.argument("normalized", metavar="NORMALIZED", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--original", metavar="SPEC", default=None, help="The checkpoint before normalization (a weight SPEC).")
-@click.option("--stats", "stats_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="The statistics file apply used.")  # fmt: skip
-@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Image folder: re-measure the means (the calibration images: expect exactly 1).")  # fmt: skip
+@click.option(
+    "--stats",
+    "stats_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The statistics file apply used.",
+)
+@click.option(
+    "--data",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Image folder: re-measure the means (the calibration images: expect exactly 1).",
+)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use only the first N images of --data.")
-@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the report as PATH.json and PATH.md.")  # fmt: skip
-@click.option("--rtol", type=click.FloatRange(min=0), default=DEFAULT_RTOL, show_default=True,
-              help="Tolerance (relative) for activations, logits and the fold.")  # fmt: skip
-@click.option("--means-tol", type=click.FloatRange(min=0), default=DEFAULT_MEANS_TOL, show_default=True,
-              help="Tolerance for |mean - 1| of every live filter.")  # fmt: skip
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the report as PATH.json and PATH.md.",
+)
+@click.option(
+    "--rtol",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_RTOL,
+    show_default=True,
+    help="Tolerance (relative) for activations, logits and the fold.",
+)
+@click.option(
+    "--means-tol",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_MEANS_TOL,
+    show_default=True,
+    help="Tolerance for |mean - 1| of every live filter.",
+)
 @click.option(
     "--eps", type=click.FloatRange(min=0), default=DEFAULT_EPS, show_default=True, help="Dead-filter threshold."
 )
-@click.option("--resize", type=click.IntRange(min=1), default=None,
-              help="With --data and no --stats: resize as compute-stats did. [default: 256]")  # fmt: skip
-@click.option("--crop", type=click.IntRange(min=1), default=None,
-              help="With --data and no --stats: center crop as compute-stats did. [default: 224]")  # fmt: skip
-@click.option("--preprocess", type=click.Choice(PREPROCESSINGS), default=None,
-              help="With --data and no --stats: the preprocessing compute-stats used. [default: torchvision]")  # fmt: skip
-@click.option("--pooling", type=click.Choice(POOLINGS), default=None,
-              help="With --data and no --stats: the pooling compute-stats used. [default: max]")  # fmt: skip
-@click.option("--include-classifier", is_flag=True,
-              help="NORMALIZED was made with apply --include-classifier: check the fc ReLUs too.")  # fmt: skip
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@_policy_options(verify=True)
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per forward pass."
+    "--include-classifier",
+    is_flag=True,
+    help="NORMALIZED was made with apply --include-classifier: check the fc ReLUs too.",
 )
-@click.option("--workers", type=click.IntRange(min=0), default=None, help="DataLoader processes. [default: CPUs - 1]")
+@model_option
+@device_option
+@loader_options
 @click.option("--force", is_flag=True, help="Overwrite an existing report.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr.")
-def verify_cmd(normalized: Path, original: str | None, stats_path: Path | None, data: Path | None, limit: int | None,
-               report: Path | None, rtol: float, means_tol: float, eps: float, resize: int | None,
-               crop: int | None, preprocess: str | None, pooling: str | None,
-               include_classifier: bool, device: str, batch_size: int,
-               workers: int | None, force: bool, progress: bool) -> None:  # fmt: skip
+@progress_option
+@verbose_option
+def verify_cmd(normalized: Path, model: str | None, **options: Any) -> None:
     """Check that NORMALIZED is the correct normalization. Exit 0: all checks run passed; 1: a check
     failed (or none could run); 2: bad usage.
 
@@ -262,46 +410,50 @@ def verify_cmd(normalized: Path, original: str | None, stats_path: Path | None, 
 
     Example: vggnorm verify vgg19-normalized.pth --original vgg19.pth --stats vgg19-stats.h5 --data val/
     """
-    from vggnorm.pipeline import verify_checkpoint
-    from vggnorm.verify import report_paths, write_report
+    from vggnorm.checks import NOT_RUN, PASS
+    from vggnorm.report import report_paths
+    from vggnorm.verify import verify_checkpoint
 
-    if report is not None:
-        with user_errors(UsageFailure):
-            from vggnorm.checkpoint import check_writable
-
-            for p in report_paths(report):
-                check_writable(p, force=force)
     with user_errors(UsageFailure):
-        result = verify_checkpoint(normalized, original=original, stats_path=stats_path, data=data, limit=limit,
-                                   rtol=rtol, means_tol=means_tol, eps=eps, resize=resize, crop=crop, preprocess=preprocess,
-                                   pooling=pooling, include_classifier=include_classifier, device=device,
-                                   batch_size=batch_size,
-                                   workers=workers, progress=progress)  # fmt: skip
-        if report is not None:
-            paths = write_report(result, report, force=force)
-            click.echo(f"report: {paths[1]} ({paths[0].name})")
+        if model is not None:
+            _import_model(model)
+        result = verify_checkpoint(normalized, **options)
+    if options["report"] is not None:
+        json_path, md_path = report_paths(options["report"])
+        click.echo(f"report: {md_path} ({json_path.name})")
     if result.measured:
         click.echo("measured means of live filters, per layer:")
         for m in result.measured:
             click.echo(
-                f"  {m['layer']:14} {m['live']:4}/{m['filters']:<4} min {m['min']:<10.4g} median {m['median']:<10.4g} max {m['max']:.4g}"
+                f"  {m['layer']:14} {m['live']:4}/{m['filters']:<4} min {m['min']:<10.4g} "
+                f"median {m['median']:<10.4g} max {m['max']:.4g}"
             )
     _echo_checks(result.checks)
     ran = [c for c in result.checks if c.status != NOT_RUN]
     failed = [c for c in ran if c.status != PASS]
     verdict = "PASS" if result.passed else "FAIL"
-    click.echo(
-        f"verify: {verdict} ({len(ran) - len(failed)} passed, {len(failed)} failed, {len(result.checks) - len(ran)} not run)"
-    )
+    not_run = len(result.checks) - len(ran)
+    click.echo(f"verify: {verdict} ({len(ran) - len(failed)} passed, {len(failed)} failed, {not_run} not run)")
     sys.exit(0 if result.passed else 1)
 
 
 @cli.command("merge-stats")
-@click.argument("inputs", metavar="SHARD.h5...", nargs=-1, required=True,
-                type=click.Path(exists=True, dir_okay=False, path_type=Path))  # fmt: skip
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="The merged statistics file to write.")  # fmt: skip
+@click.argument(
+    "inputs",
+    metavar="SHARD.h5...",
+    nargs=-1,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The merged statistics file to write.",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@verbose_option
 def merge_stats_cmd(inputs: tuple[Path, ...], output: Path, force: bool) -> None:
     """Merge the files of compute-stats --shard 0/N ... N-1/N into one, exactly (sums and counts).
 
@@ -310,12 +462,18 @@ def merge_stats_cmd(inputs: tuple[Path, ...], output: Path, force: bool) -> None
 
     Example: vggnorm merge-stats s0.h5 s1.h5 s2.h5 -o vgg19-stats.h5
     """
-    from vggnorm.pipeline import merge_stats
+    from vggnorm.stats import merge_stats
 
     with user_errors():
         stats = merge_stats(list(inputs), output, force=force)
     click.echo(f"images: {stats.num_images} used, {len(stats.skipped)} skipped, from {len(inputs)} shards")
     click.echo(f"wrote {output}")
+
+
+def _import_model(spec: str) -> str:
+    from vggnorm.models import import_user_model
+
+    return import_user_model(spec)
 
 
 def _parse_shard(value: str | None) -> tuple[int, int] | None:
@@ -327,7 +485,7 @@ def _parse_shard(value: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
-def _echo_checks(checks: list) -> None:  # type: ignore[type-arg]
+def _echo_checks(checks: list[Any]) -> None:
     for c in checks:
         figure = "" if c.figure is None else f"{c.figure:.3g} (tolerance {c.tolerance:.3g})"
         click.echo(f"{c.status.upper():8} {c.name:12} {figure:28} {c.detail}".rstrip())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 
+from vggnorm.defaults import DECODERS, PREPROCESSINGS
 from vggnorm.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset(
@@ -72,15 +73,6 @@ class Preprocess:
         )
 
 
-PREPROCESSINGS = ("torchvision", "caffe")
-
-# cpu: DataLoader workers decode and resize with PIL, as torchvision's own pipeline does.
-# gpu: workers only read the files; plain JPEGs are decoded in batches by nvJPEG and resized as
-# tensors on the device. Tensor resizing rounds differently from PIL's (up to 1 level of 255 in a
-# pixel), which moved VGG11's means by up to 8.5e-3 relative on 16 photos: the decoder is part of
-# the measurement policy, recorded in the stats file, and verify re-measures with the same one.
-DECODERS = ("cpu", "gpu")
-
 # The original Caffe VGG's input: BGR, 0-255, minus the per-channel ImageNet mean (in BGR order).
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
@@ -91,6 +83,7 @@ class CaffePreset(torch.nn.Module):
     def __init__(self, *, resize: int, crop: int, mean: tuple[float, ...], interpolation: str) -> None:
         super().__init__()
         self.resize, self.crop, self.interpolation = resize, crop, InterpolationMode(interpolation)
+        self.mean: torch.Tensor
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1))
 
     def forward(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
@@ -119,14 +112,21 @@ def default_preprocess(
         raise DataError(f"unknown preprocessing {preprocess!r}; expected one of {', '.join(PREPROCESSINGS)}")
     if decode not in DECODERS:
         raise DataError(f"unknown decoder {decode!r}; expected one of {', '.join(DECODERS)}")
-    preset = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+    if ":" in arch:  # a user model (--model): ImageNet's preset, as torchvision's classifiers use
+        preset = Preprocess()
+        size, crop_size, interpolation = preset.resize, preset.crop, preset.interpolation
+        mean, std = preset.mean, preset.std
+    else:
+        tv = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+        size, crop_size, interpolation = int(tv.resize_size[0]), int(tv.crop_size[0]), tv.interpolation.value
+        mean, std = tuple(float(x) for x in tv.mean), tuple(float(x) for x in tv.std)
     caffe = preprocess == "caffe"
     return Preprocess(
-        resize=resize if resize is not None else int(preset.resize_size[0]),
-        crop=crop if crop is not None else int(preset.crop_size[0]),
-        interpolation=preset.interpolation.value,
-        mean=CAFFE_MEAN_BGR if caffe else tuple(float(x) for x in preset.mean),
-        std=(1.0, 1.0, 1.0) if caffe else tuple(float(x) for x in preset.std),
+        resize=resize if resize is not None else size,
+        crop=crop if crop is not None else crop_size,
+        interpolation=interpolation,
+        mean=CAFFE_MEAN_BGR if caffe else mean,
+        std=(1.0, 1.0, 1.0) if caffe else std,
         preprocess=preprocess,
         pooling=pooling,
         decode=decode,
@@ -197,17 +197,17 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
 
 
 class Sample(NamedTuple):
-    index: int
+    file_index: int
     image: torch.Tensor | None
     error: str | None
 
 
-def _failure(e: Exception) -> str:
+def failure(e: Exception) -> str:
     """The reason stored for a file that could not be decoded."""
     return f"cannot decode: {type(e).__name__}: {e}"
 
 
-class _FileRange(Dataset[Any]):
+class FileRange(Dataset[Any]):
     """Files ``start..`` of ``files``; item ``i`` is file ``start + i``."""
 
     def __init__(self, files: list[Path], *, start: int = 0) -> None:
@@ -218,7 +218,7 @@ class _FileRange(Dataset[Any]):
         return len(self.files) - self.start
 
 
-class ImageFiles(_FileRange):
+class ImageFiles(FileRange):
     """Decoded, preprocessed images; a file that fails gives ``Sample(index, None, reason)``."""
 
     def __init__(self, files: list[Path], preprocess: Preprocess, *, start: int = 0) -> None:
@@ -230,7 +230,7 @@ class ImageFiles(_FileRange):
         try:
             image = self.transform(load_rgb(self.files[index]))
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-            return Sample(index, None, _failure(e))
+            return Sample(index, None, failure(e))
         return Sample(index, image, None)
 
 
@@ -247,7 +247,9 @@ class Batch(NamedTuple):
 def collate(samples: list[Sample]) -> Batch:
     good = [s for s in samples if s.image is not None]
     images = torch.stack([s.image for s in good if s.image is not None]) if good else None
-    return Batch(images, [s.index for s in good], [(s.index, s.error or "") for s in samples if s.image is None])
+    return Batch(
+        images, [s.file_index for s in good], [(s.file_index, s.error or "") for s in samples if s.image is None]
+    )
 
 
 def default_workers() -> int:
@@ -270,6 +272,8 @@ def make_loader(
     With ``preprocess.decode == "gpu"`` the workers read bytes and the JPEGs are decoded on
     ``device`` (``decode_on_device``); the batches' images are then already there.
     """
+    from vggnorm.gpu_decode import RawFiles, decode_on_device
+
     device = device if device is not None else torch.device("cpu")
     gpu = preprocess.decode == "gpu"
     loader: DataLoader[Any] = DataLoader(
@@ -288,120 +292,7 @@ def make_loader(
 def check_decode(decode: str, device: torch.device) -> None:
     """``--decode gpu`` needs the measurement to run on CUDA."""
     if decode == "gpu" and device.type != "cuda":
-        raise DataError(f"--decode gpu decodes JPEGs with nvJPEG on a CUDA device, and this run is on {device.type}; "
-                        "leave it out (--decode cpu, the default, decodes in DataLoader workers)")  # fmt: skip
-
-
-# --------------------------------------------------------------------------- GPU decoding
-
-# SOF markers nvJPEG decodes: baseline, extended sequential and progressive Huffman JPEG.
-_NVJPEG_SOF = frozenset({0xC0, 0xC1, 0xC2})
-
-
-def plain_jpeg(data: bytes) -> bool:
-    """Whether ``data`` is a complete 8-bit Huffman JPEG with 1 or 3 components and no Adobe marker.
-
-    Only such files go to the device's decoder. Anything else (a PNG named .JPEG, CMYK or YCCK,
-    12-bit, lossless or arithmetic-coded, an Adobe RGB-transform JPEG, a file cut off before its
-    end marker) is decoded by PIL instead, so it is used, or skipped, as with ``--decode cpu``.
-    """
-    if len(data) < 4 or data[:3] != b"\xff\xd8\xff" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
-        return False
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return False
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        length = int.from_bytes(data[i + 2 : i + 4], "big")
-        if marker == 0xEE and data[i + 4 : i + 9] == b"Adobe":  # its colour transform flag is PIL's to read
-            return False
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header (not DHT/JPG/DAC)
-            # FF Cn, length (2), precision (1), height (2), width (2), components (1)
-            return marker in _NVJPEG_SOF and i + 10 <= len(data) and data[i + 4] == 8 and data[i + 9] in (1, 3)
-        if marker == 0xDA:  # a scan before any frame header
-            return False
-        i += 2 + length
-    return False
-
-
-class Raw(NamedTuple):
-    """A file as the workers hand it over for ``--decode gpu``: one of jpeg, pixels and error is set."""
-
-    index: int
-    path: str
-    jpeg: torch.Tensor | None  # (bytes,) uint8: a plain JPEG, for the device's decoder
-    pixels: torch.Tensor | None  # (3, H, W) uint8: anything else, decoded to RGB by PIL
-    error: str | None
-
-
-class RawFiles(_FileRange):
-    """The files' bytes (plain JPEGs) or PIL-decoded pixels (the rest), neither resized."""
-
-    def __getitem__(self, i: int) -> Raw:
-        from torchvision.transforms.functional import pil_to_tensor
-
-        index = self.start + i
-        path = self.files[index]
-        try:
-            data = path.read_bytes()
-            if plain_jpeg(data):
-                return Raw(index, str(path), torch.frombuffer(bytearray(data), dtype=torch.uint8), None, None)
-            return Raw(index, str(path), None, pil_to_tensor(load_rgb(path)), None)
-        except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-            return Raw(index, str(path), None, None, _failure(e))
-
-
-def decode_jpegs(jpegs: list[torch.Tensor], paths: list[str], device: torch.device) -> list[torch.Tensor | str]:
-    """Each JPEG (the bytes of the file at the same place in ``paths``) decoded to (3, H, W) uint8
-    RGB on ``device``, or the reason it could not be.
-
-    One batched nvJPEG call; a batch fails as a whole when one stream is bad, and then each is
-    decoded alone, with PIL on the CPU (from its path) for any the device's decoder refuses.
-    """
-    from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.functional import pil_to_tensor
-
-    if not jpegs:
-        return []
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its decoders in favour of TorchCodec's; this is the one call to swap.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:
-            pass
-        out: list[torch.Tensor | str] = []
-        for jpeg, path in zip(jpegs, paths, strict=True):
-            try:
-                out.append(decode_jpeg(jpeg, mode=ImageReadMode.RGB, device=device))
-                continue
-            except RuntimeError:
-                pass
-            try:
-                out.append(pil_to_tensor(load_rgb(path)).to(device))
-            except Exception as e:
-                out.append(_failure(e))
-        return out
-
-
-def decode_on_device(batches: Iterable[list[Raw]], preprocess: Preprocess, device: torch.device) -> Iterator[Batch]:
-    """``Batch``es with images on ``device``: JPEGs decoded there, every image preprocessed there."""
-    transform = preprocess.transform().to(device)
-    for raws in batches:
-        images: dict[int, torch.Tensor] = {}
-        failures = [(r.index, r.error) for r in raws if r.error is not None]
-        for r in raws:
-            if r.pixels is not None:
-                images[r.index] = transform(r.pixels.to(device))
-        jpegs = [r for r in raws if r.jpeg is not None]
-        decoded_jpegs = decode_jpegs([r.jpeg for r in jpegs if r.jpeg is not None], [r.path for r in jpegs], device)
-        for r, decoded in zip(jpegs, decoded_jpegs, strict=True):
-            if isinstance(decoded, str):
-                failures.append((r.index, decoded))
-            else:
-                images[r.index] = transform(decoded)  # (3, H, W) uint8 -> (3, crop, crop) float
-        order = sorted(images)
-        yield Batch(torch.stack([images[i] for i in order]) if order else None, order, sorted(failures))
+        raise DataError(
+            f"--decode gpu decodes JPEGs with nvJPEG on a CUDA device, and this run is on {device.type}; "
+            "leave it out (--decode cpu, the default, decodes in DataLoader workers)"
+        )

@@ -55,9 +55,11 @@ def reduce_stats(stats: Stats, world: World, device: torch.device) -> Stats:
     names = list(stats.layers)
     # One float64 vector: every layer's sums, then the counts and the image count (exact below 2**53).
     flat = torch.cat(
-        [*(stats.layers[n].sum.double() for n in names),
-         torch.tensor([stats.layers[n].count for n in names] + [stats.num_images], dtype=torch.float64)]
-    ).to(device)  # fmt: skip
+        [
+            *(stats.layers[n].sum.double() for n in names),
+            torch.tensor([stats.layers[n].count for n in names] + [stats.num_images], dtype=torch.float64),
+        ]
+    ).to(device)
     dist.all_reduce(flat)
     flat = flat.cpu()
     layers, offset = {}, 0

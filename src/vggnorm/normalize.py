@@ -12,17 +12,21 @@ from dataclasses import dataclass
 import torch
 
 from vggnorm.checkpoint import StateDict
+from vggnorm.defaults import DEFAULT_EPS
 from vggnorm.errors import StatsMismatchError
 from vggnorm.layers import Topology
 from vggnorm.stats import Stats
 
-DEFAULT_EPS = 1e-6
+
+def live_filters(mean: torch.Tensor, *, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """The dead-filter rule, the one predicate every stage uses: live where ``mean > eps`` (NaN: dead)."""
+    return mean.double() > eps
 
 
 def scales_from_means(mean: torch.Tensor, *, eps: float = DEFAULT_EPS) -> torch.Tensor:
-    """``s[i] = mean[i]`` where ``mean[i] > eps``, else 1 (a dead filter keeps its weights)."""
+    """``s[i] = mean[i]`` for a live filter, else 1 (a dead filter keeps its weights)."""
     mean = mean.double()
-    return torch.where(mean > eps, mean, torch.ones_like(mean))
+    return torch.where(live_filters(mean, eps=eps), mean, torch.ones_like(mean))
 
 
 def fold_state_dict(
@@ -122,6 +126,6 @@ def scales_from_stats(
             raise StatsMismatchError(
                 f"{site.conv}: the statistics have {mean.numel()} filters, the checkpoint {site.out_channels}"
             )
-        dead = torch.nonzero(~(mean.double() > eps)).flatten().tolist()
+        dead = torch.nonzero(~live_filters(mean, eps=eps)).flatten().tolist()
         out[site.conv] = LayerScales(site.conv, scales_from_means(mean, eps=eps), dead)
     return out

@@ -7,7 +7,9 @@ with plain ``h5py`` or ``h5dump``.
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,8 @@ import h5py
 import numpy as np
 import torch
 
-from vggnorm.checkpoint import atomic_write
-from vggnorm.errors import StatsFileError
+from vggnorm.checkpoint import atomic_write, check_writable
+from vggnorm.errors import StatsFileError, VggnormError
 
 FORMAT = "vggnorm.stats"
 FORMAT_VERSION = 1
@@ -162,3 +164,99 @@ def read_stats(path: str | Path, *, allow_incomplete: bool = False) -> Stats:
             "finish it with `vggnorm compute-stats ... --resume` using the same arguments"
         )
     return Stats(layers, num_images, attrs, list(zip(paths, reasons, strict=True)), complete, position)
+
+
+def now() -> str:
+    """The ``created`` timestamp: UTC, ISO 8601, to the second."""
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+def attr_differences(
+    old: dict[str, Any], new: dict[str, Any], keys: Sequence[str], labels: tuple[str, str] = ("in the file", "now")
+) -> list[str]:
+    """The attributes among ``keys`` that differ, as ``key: OLD in the file, NEW now``."""
+    diffs = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+            a, b = [float(x) for x in a or []], [float(x) for x in b or []]
+        elif a in ("", None) and b in ("", None):
+            continue
+        if a != b:
+            diffs.append(f"{key}: {a!r} {labels[0]}, {b!r} {labels[1]}")
+    return diffs
+
+
+# Attributes every shard of one measurement shares; a difference names a foreign shard.
+MERGE_KEYS = (
+    "arch",
+    "weights_sha256",
+    "resize",
+    "crop",
+    "interpolation",
+    "mean",
+    "std",
+    "preprocess",
+    "pooling",
+    "include_classifier",
+    "dataset_fingerprint",
+    "dataset_num_files",
+    "limit",
+    "precision",
+    "decode",
+)
+
+
+def merge_stats(inputs: list[Path], output: Path, *, force: bool = False) -> Stats:
+    """Merge the statistics files of ``--shard 0/N`` ... ``--shard N-1/N`` into one, exactly.
+
+    Refuses, naming the conflict: a file given twice, an unfinished file, a file that is not a
+    shard, shards of other models, weights, preprocessing or folders, overlapping or missing shards.
+    """
+    check_writable(output, force=force)
+    seen: set[Path] = set()
+    for p in inputs:
+        if p.resolve() in seen:
+            raise VggnormError(f"{p} is given twice")
+        seen.add(p.resolve())
+    parts = []
+    for p in inputs:
+        try:
+            parts.append(read_stats(p))
+        except StatsFileError as e:
+            raise StatsFileError(f"cannot merge {p}: {e}") from e
+    shards: dict[int, Path] = {}
+    counts = set()
+    for p, st in zip(inputs, parts, strict=True):
+        shard = str(st.attrs.get("shard", ""))
+        if not shard:
+            raise VggnormError(f"{p} is not a shard (measured without --shard): there is nothing to merge it with")
+        index, count = (int(v) for v in shard.split("/"))
+        counts.add(count)
+        if index in shards:
+            raise VggnormError(f"{shards[index]} and {p} are both shard {shard}: they overlap")
+        shards[index] = p
+        diffs = attr_differences(parts[0].attrs, st.attrs, MERGE_KEYS, (f"in {inputs[0]}", f"in {p}"))
+        if diffs:
+            raise VggnormError(f"{p} is not a shard of the same measurement as {inputs[0]}: " + "; ".join(diffs))
+    if len(counts) != 1:
+        raise VggnormError(
+            f"the shards split the data in different ways ({', '.join(f'N={c}' for c in sorted(counts))})"
+        )
+    (count,) = counts
+    missing = [f"{i}/{count}" for i in range(count) if i not in shards]
+    if missing:
+        raise VggnormError(f"shard(s) {', '.join(missing)} missing: merge-stats needs all {count} shards")
+    merged = parts[0]
+    for st in parts[1:]:
+        merged = merged.merge(st)
+    attrs = {
+        **parts[0].attrs,
+        "shard": "",
+        "num_files": sum(int(st.attrs["num_files"]) for st in parts),
+        "merged_from": [str(p) for p in inputs],
+        "created": now(),
+    }
+    result = Stats(merged.layers, merged.num_images, attrs, sorted(merged.skipped), True, attrs["num_files"])
+    write_stats(result, output, force=force)
+    return result

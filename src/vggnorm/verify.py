@@ -1,288 +1,263 @@
-"""The invariants of a normalized checkpoint (SPEC section 4) and the report (JSON, Markdown).
+"""``verify``: check a normalized checkpoint against the invariants of SPEC section 4.
 
-Each check returns a ``Check`` with its measured figure and tolerance. A check whose inputs were
-given but which could not run is a failure; a check whose inputs were not given is "not run".
+``verify_checkpoint`` loads what it is given and runs the checks those inputs allow (``checks``):
+(a) activations and (d) fold need the original and the statistics, (b) logits the original,
+(c) means the images. A check whose inputs were not given is "not run"; one that cannot run as
+asked is a failure.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vggnorm.checkpoint import atomic_write
-from vggnorm.layers import Site, find_topology
+from vggnorm import data as data_mod
+from vggnorm.apply import probe_input
+from vggnorm.checkpoint import StateDict, check_writable, load_state_dict
+from vggnorm.checks import FAIL, Check, check_fold, check_function, check_means, not_run
+from vggnorm.collect import measure_files
+from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_EPS, DEFAULT_MEANS_TOL, DEFAULT_RTOL
+from vggnorm.device import memory_format, resolve_device
+from vggnorm.errors import CheckpointError, VggnormError
+from vggnorm.layouts import detect_layout, export_layout, to_torchvision_layout
+from vggnorm.models import infer_arch, is_features_only, load_model, topology
+from vggnorm.normalize import LayerScales, fold_state_dict, scales_from_stats
+from vggnorm.report import Report, layer_summary, measured_summary, report_paths, write_report
+from vggnorm.stats import Stats, read_stats
+from vggnorm.weights import Weights, resolve_weights
 
-PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
+FOLD_DESC = "the checkpoint equals fold(original, stats) recomputed"
+ACTIVATIONS_DESC = "every conv's ReLU output equals the original's divided by its scales"
+LOGITS_DESC = "logits equal the original's"
+MEANS_DESC = "re-measured mean ReLU activation of every live filter is 1"
 
-DEFAULT_RTOL = 1e-4  # activations and logits (run in float64), fold: float32 weight rounding is ~1e-7
-DEFAULT_MEANS_TOL = 1e-3  # |mean - 1| for every live filter on the calibration images
 
+@dataclass(frozen=True)
+class Normalized:
+    """The checkpoint under test as read from disk, and in torchvision's layout."""
 
-@dataclass
-class Check:
-    name: str
-    description: str
-    status: str
-    figure: float | None = None  # the worst measured error
-    tolerance: float | None = None
-    detail: str = ""
+    path: Path
+    raw: StateDict
+    layout: str
+    state_dict: StateDict
+    arch: str  # for a Gatys layout: the plain VGG it loads into
+
+    @classmethod
+    def load(cls, path: Path) -> Normalized:
+        raw = load_state_dict(path)
+        sd = to_torchvision_layout(raw)
+        return cls(Path(path), raw, detect_layout(raw), sd, infer_arch(sd))
 
     @property
-    def ran(self) -> bool:
-        return self.status != NOT_RUN
+    def features_only(self) -> bool:
+        return is_features_only(self.state_dict)
 
 
-def _status(figure: float, tolerance: float) -> str:
-    return PASS if figure <= tolerance else FAIL  # NaN compares False: a NaN figure fails
-
-
-def not_run(name: str, description: str, why: str) -> Check:
-    return Check(name, description, NOT_RUN, detail=why)
-
-
-def _relu_outputs(model: nn.Module, sites: list[Site], x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Every site's ReLU output (cloned) and the model output for a small batch ``x``."""
-    modules = dict(model.named_modules())
-    outputs: dict[str, torch.Tensor] = {}
-    handles = [
-        modules[s.relu].register_forward_hook(lambda m, a, out, name=s.conv: outputs.__setitem__(name, out.clone()))
-        for s in sites
-    ]
-    try:
-        with torch.inference_mode():
-            y = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return outputs, y
-
-
-def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|: an error relative to the tensor's scale."""
-    scale = expected.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
-    return float((actual.double() - expected.double()).abs().max() / scale)
-
-
-def _per_filter_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Worst over filters of ``max |actual - expected| / max |expected|`` within the filter.
-
-    A filter whose activations are below 1% of the layer's largest is measured against that
-    floor, so float32 rounding in a nearly silent filter is not mistaken for a wrong weight.
-    """
-    dims = [d for d in range(expected.ndim) if d != 1]
-    diff = (actual.double() - expected.double()).abs().amax(dim=dims)  # (N, C, H, W) or (N, C) -> (C,)
-    scale = expected.double().abs().amax(dim=dims)
-    floor = (scale.max() * 1e-2).clamp_min(torch.finfo(torch.float32).tiny)
-    return float((diff / torch.maximum(scale, floor)).max())
-
-
-def _elementwise_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / |expected| over elements (a changed weight cannot hide in a big tensor)."""
-    a, e = actual.double(), expected.double()
-    return float(((a - e).abs() / e.abs().clamp_min(torch.finfo(torch.float32).tiny)).max())
-
-
-def check_function(
-    original: nn.Module,
-    normalized: nn.Module,
-    scales: Mapping[str, torch.Tensor] | None,
-    x: torch.Tensor,
+def verify_checkpoint(
+    normalized_path: Path,
     *,
+    original: str | None = None,
+    stats_path: Path | None = None,
+    data: Path | None = None,
+    limit: int | None = None,
     rtol: float = DEFAULT_RTOL,
-    logits: bool = True,
-    inputs: str = "",
-) -> list[Check]:
-    """(a) every site ``F'_l == F_l / s_l`` and (b) logits unchanged, on the batch ``x``.
+    means_tol: float = DEFAULT_MEANS_TOL,
+    eps: float = DEFAULT_EPS,
+    resize: int | None = None,
+    crop: int | None = None,
+    preprocess: str | None = None,
+    pooling: str | None = None,
+    include_classifier: bool = False,
+    device: str = "auto",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    progress: bool = True,
+    report: Path | None = None,
+    force: bool = False,
+) -> Report:
+    """Check the invariants of SPEC section 4 that the given inputs allow; write ``report`` if given.
 
-    Sites are matched in forward order, so ``normalized`` may be laid out differently (a ``_bn``
-    original against its BN-folded Gatys export); ``scales`` is keyed by the original's conv paths.
-    Both networks run in float64 (on copies), so float32 rounding cannot hide or fake a difference:
-    what remains is the rounding of the stored weights, far below ``rtol``.
+    The means are measured under the statistics' policy (preprocessing, pooling, decoder) when
+    ``stats_path`` is given, else the weights' default overridden by ``resize``, ``crop``,
+    ``preprocess``, ``pooling``. With ``data`` alone this audits any checkpoint. NORMALIZED may be
+    in torchvision's or Gatys' layout. ``include_classifier`` says that apply normalized the fc
+    ReLUs too: they are then checked like the convs' (the stats must have them).
     """
-    x = x.double()
-    fc = scales is not None and any(n.startswith("classifier.") for n in scales)
-    ta, tb = find_topology(original), find_topology(normalized)
-    sites = [*ta.sites, *(ta.fc_sites if fc else ())]
-    normalized_sites = [*tb.sites, *(tb.fc_sites if fc else ())]
-    f, y = _relu_outputs(copy.deepcopy(original).double(), sites, x)
-    g, y2 = _relu_outputs(copy.deepcopy(normalized).double(), normalized_sites, x)
-    g = {a.conv: g[b.conv] for a, b in zip(sites, normalized_sites, strict=True)}
-    checks = []
-    desc_a = "every conv's ReLU output equals the original's divided by its scales"
-    if scales is None:
-        checks.append(not_run("activations", desc_a, "needs --stats (the scales) and --original"))
-    else:
-        errs = {n: _per_filter_err(g[n], f[n] / scales[n].to(f[n]).view(1, -1, *[1] * (f[n].ndim - 2))) for n in f}
-        worst = max(errs, key=lambda n: errs[n])
-        checks.append(Check("activations", desc_a, _status(errs[worst], rtol), errs[worst], rtol,
-                            f"worst layer {worst}; {inputs}"))  # fmt: skip
-    desc_b = "logits equal the original's"
-    if not logits:
-        checks.append(not_run("logits", desc_b, "features-only checkpoint: it has no classifier"))
-    else:
-        err = _rel_err(y2, y)
-        checks.append(Check("logits", desc_b, _status(err, rtol), err, rtol, inputs))
-    return checks
-
-
-def check_means(
-    means: Mapping[str, torch.Tensor],
-    dead: Mapping[str, list[int]] | None,
-    *,
-    tol: float = DEFAULT_MEANS_TOL,
-    eps: float,
-    detail: str = "",
-) -> Check:
-    """(c) every live filter's re-measured mean ReLU activation is 1 within ``tol``."""
-    desc = "re-measured mean ReLU activation of every live filter is 1"
-    worst_layer, worst, live, n_dead = "", -1.0, [], 0
-    for name, mean in means.items():
-        mask = mean.double() > eps if dead is None else torch.ones_like(mean, dtype=torch.bool)
-        if dead is not None:
-            mask[dead[name]] = False
-        n_dead += int((~mask).sum())
-        if mask.any():
-            dev = float((mean.double()[mask] - 1).abs().max())
-            live.append(mean.double()[mask])
-            if dev > worst or dev != dev:
-                worst_layer, worst = name, dev
-    if not live:
-        return Check("means", desc, FAIL, None, tol, "every filter is dead: nothing was measured")
-    allv = torch.cat(live)
-    status = _status(worst, tol)
-    summary = (
-        f"live filter means range {float(allv.min()):.6g} .. {float(allv.max()):.6g} (median {float(allv.median()):.6g}); "
-        f"worst layer {worst_layer}; {n_dead} dead filter(s) excluded"
+    if original is None and data is None:
+        raise VggnormError(
+            "nothing to verify: pass --original (with --stats) to check the fold, and/or --data to measure the means"
+        )
+    for p in report_paths(report) if report is not None else ():
+        check_writable(p, force=force)
+    target = Normalized.load(normalized_path)
+    dev = resolve_device(device)
+    stats = read_stats(stats_path) if stats_path is not None else None
+    weights = None
+    if original is not None:
+        weights = resolve_weights(original, arch=None if os.path.isfile(original) else target.arch)
+    arch = str(stats.attrs["arch"]) if stats is not None else weights.arch if weights is not None else target.arch
+    if arch != target.arch and not (target.layout == "gatys" and arch.removesuffix("_bn") == target.arch):
+        raise CheckpointError(f"{normalized_path} is a {target.arch}, but the statistics or --original are for {arch}")
+    if weights is not None and weights.arch != arch:
+        raise CheckpointError(f"--original {original} is a {weights.arch}, the statistics are for {arch}")
+    if include_classifier and target.features_only:
+        raise VggnormError("--include-classifier: the checkpoint has no classifier")
+    policy = verify_policy(stats, arch, resize=resize, crop=crop, preprocess=preprocess, pooling=pooling)
+    scales = None
+    if stats is not None:
+        scales = scales_from_stats(stats, topology(arch), eps=eps, include_classifier=include_classifier)
+    model = load_model(
+        target.arch, target.state_dict, device=dev, memory_format=memory_format(dev), pooling=policy.pooling
     )
-    if status == FAIL and float((allv - 1).abs().median()) > 10 * tol:
-        summary = "NOT normalized: " + summary
-    return Check("means", desc, status, worst, tol, "; ".join(x for x in (summary, detail) if x))
-
-
-def check_fold(
-    actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, rtol: float = DEFAULT_RTOL
-) -> Check:
-    """(d) the checkpoint equals ``fold(original, stats)`` recomputed, tensor by tensor."""
-    desc = "the checkpoint equals fold(original, stats) recomputed"
-    if set(actual) != set(expected):
-        missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
-        return Check("fold", desc, FAIL, None, rtol, f"keys differ: missing {missing[:5]}, unexpected {extra[:5]}")
-    errs = {}
-    for k, v in expected.items():
-        if not v.is_floating_point():
-            errs[k] = 0.0 if torch.equal(actual[k], v) else float("inf")
-        elif tuple(actual[k].shape) != tuple(v.shape):
-            errs[k] = float("inf")
-        else:
-            errs[k] = _elementwise_err(actual[k], v)
-    worst = max(errs, key=lambda k: errs[k])
-    return Check("fold", desc, _status(errs[worst], rtol), errs[worst], rtol, f"worst tensor {worst}")
-
-
-@dataclass
-class Report:
-    """What was checked, with what files, and the per-layer scale summary."""
-
-    checkpoint: str
-    arch: str
-    checks: list[Check]
-    inputs: dict[str, Any] = field(default_factory=dict)
-    layers: list[dict[str, Any]] = field(default_factory=list)
-    figure: str | None = None  # file name of the PNG beside the report
-    measured: list[dict[str, Any]] = field(default_factory=list)  # per layer, the re-measured means
-
-    @property
-    def passed(self) -> bool:
-        ran = [c for c in self.checks if c.ran]
-        return bool(ran) and all(c.status == PASS for c in ran)
-
-    def to_json(self) -> str:
-        return json.dumps({**asdict(self), "passed": self.passed}, indent=2)
-
-    def to_markdown(self) -> str:
-        lines = [
-            f"# vggnorm report: {self.checkpoint}",
-            "",
-            f"Architecture: `{self.arch}`. Result: **{'PASS' if self.passed else 'FAIL'}**.",
-            "",
+    files = data_mod.find_images(data)[:limit] if data is not None else []
+    inputs: dict[str, Any] = {
+        "normalized": str(normalized_path),
+        "layout": target.layout,
+        "original": original,
+        "stats": str(stats_path) if stats_path else None,
+        "data": str(data) if data else None,
+        "device": str(dev),
+    }
+    mismatch = None
+    if weights is not None:
+        inputs["original_sha256"] = weights.sha256
+        if stats is not None and stats.attrs.get("weights_sha256") != weights.sha256:
+            mismatch = f"the statistics were measured on other weights than {original} (sha256 differs)"
+        checks = _against_original(
+            target, model, weights, stats, scales, files, policy, arch=arch, device=dev, rtol=rtol, mismatch=mismatch
+        )
+    else:
+        checks = [
+            not_run(n, d, "needs --original")
+            for n, d in (("activations", ACTIVATIONS_DESC), ("logits", LOGITS_DESC), ("fold", FOLD_DESC))
         ]
-        lines += [f"- {k}: `{v}`" for k, v in self.inputs.items()]
-        lines += [
-            "",
-            "## Checks",
-            "",
-            "| check | status | measured | tolerance | detail |",
-            "| --- | --- | --- | --- | --- |",
+    per_layer: list[dict[str, Any]] = []
+    if data is None:
+        checks.append(not_run("means", MEANS_DESC, "needs --data"))
+    elif policy.decode == "gpu" and dev.type != "cuda":
+        # asked for (--data) but cannot be measured as the statistics were: a failure, never a pass
+        checks.append(
+            Check(
+                "means",
+                MEANS_DESC,
+                FAIL,
+                detail="cannot re-measure here: the statistics were "
+                "measured with --decode gpu (nvJPEG, resized on the GPU), whose pixels differ slightly "
+                "from the CPU decoder's; run verify on a CUDA device, which decodes the same way",
+            )
+        )
+    else:
+        dead = _dead_by_normalized_path(arch, target.arch, scales, include_classifier) if mismatch is None else None
+        measured, skipped = measure_files(
+            model,
+            files,
+            policy,
+            _sites(target.arch, include_classifier),
+            device=dev,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+        )
+        note = f"{measured.num_images} images from {data}" + (f", {len(skipped)} skipped" if skipped else "")
+        if stats is not None and data_mod.dataset_fingerprint(Path(data), files) != stats.attrs.get(
+            "dataset_fingerprint"
+        ):
+            note += (
+                "; these are not the calibration images of the statistics, so means near (not exactly) 1 are expected"
+            )
+        checks.append(check_means(measured.means(), dead, tol=means_tol, eps=eps, detail=note))
+        inputs["preprocess"] = policy.as_attrs()
+        per_layer = measured_summary(measured.means(), dead, eps=eps)
+    result = Report(
+        str(normalized_path), arch, checks, inputs, layer_summary(scales) if scales else [], measured=per_layer
+    )
+    if report is not None:
+        write_report(result, report, force=force)
+    return result
+
+
+def _sites(arch: str, include_classifier: bool) -> list[Any]:
+    topo = topology(arch)
+    return [*topo.sites, *(topo.fc_sites if include_classifier else ())]
+
+
+def _dead_by_normalized_path(
+    arch: str, model_arch: str, scales: dict[str, LayerScales] | None, include_classifier: bool
+) -> dict[str, list[int]] | None:
+    """The statistics' dead filters keyed by the normalized model's paths (they differ for a
+    BN-folded Gatys export); None without statistics (the means check then applies the rule)."""
+    if scales is None:
+        return None
+    pairs = zip(_sites(arch, include_classifier), _sites(model_arch, include_classifier), strict=True)
+    return {b.conv: scales[a.conv].dead for a, b in pairs}
+
+
+def _against_original(
+    target: Normalized,
+    model: nn.Module,
+    weights: Weights,
+    stats: Stats | None,
+    scales: dict[str, LayerScales] | None,
+    files: list[Path],
+    policy: data_mod.Preprocess,
+    *,
+    arch: str,
+    device: torch.device,
+    rtol: float,
+    mismatch: str | None,
+) -> list[Check]:
+    """(a) activations, (b) logits, (d) fold: the checks that compare with the original."""
+    orig_model = load_model(arch, weights.state_dict, device=device, pooling=policy.pooling)
+    x, source = function_inputs(files, policy)
+    scale_t = {n: sc.scale for n, sc in scales.items()} if scales is not None and mismatch is None else None
+    checks = check_function(
+        orig_model, model, scale_t, x.to(device), rtol=rtol, logits=not target.features_only, inputs=source
+    )
+    if scales is None:
+        return [*checks, not_run("fold", FOLD_DESC, "needs --stats")]
+    if mismatch is not None:
+        return [
+            *(c if c.name != "activations" else Check(c.name, c.description, FAIL, detail=mismatch) for c in checks),
+            Check("fold", FOLD_DESC, FAIL, detail=mismatch),
         ]
-        for c in self.checks:
-            fig = "" if c.figure is None else f"{c.figure:.3g}"
-            tol = "" if c.tolerance is None else f"{c.tolerance:.3g}"
-            lines.append(f"| {c.name}: {c.description} | {c.status} | {fig} | {tol} | {c.detail} |")
-        if self.measured:
-            lines += ["", "## Measured means per layer (live filters)", "",
-                      "| layer | filters | live | min | median | max |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-            lines += [f"| {m['layer']} | {m['filters']} | {m['live']} | {m['min']:.4g} | {m['median']:.4g} | {m['max']:.4g} |"
-                      for m in self.measured]  # fmt: skip
-        if self.figure:
-            lines += ["", "## Filter means per layer", "", f"![filter means before and after]({self.figure})"]
-        if self.layers:
-            lines += ["", "## Scales per layer", "", "| layer | filters | min scale | median | max scale | dead filters |",
-                      "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-            for layer in self.layers:
-                dead = ", ".join(map(str, layer["dead"][:20])) + (" ..." if len(layer["dead"]) > 20 else "")
-                lines.append(
-                    f"| {layer['conv']} | {layer['filters']} | {layer['min']:.4g} | {layer['median']:.4g} | "
-                    f"{layer['max']:.4g} | {len(layer['dead'])}{': ' + dead if dead else ''} |"
-                )
-        return "\n".join(lines) + "\n"
+    folded = fold_state_dict(
+        weights.state_dict,
+        {n: sc.scale for n, sc in scales.items()},
+        topology(arch),
+        features_only=target.features_only,
+    )
+    return [*checks, check_fold(target.raw, export_layout(folded, arch, target.layout), rtol=rtol)]
 
 
-def layer_summary(scales: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per layer: filter count, min/median/max scale over live filters, dead filter indices."""
-    out = []
-    for name, ls in scales.items():
-        s = ls.scale
-        live = torch.ones_like(s, dtype=torch.bool)
-        live[ls.dead] = False
-        v = s[live] if live.any() else s
-        out.append({"conv": name, "filters": s.numel(), "min": float(v.min()), "median": float(v.median()),
-                    "max": float(v.max()), "dead": list(ls.dead)})  # fmt: skip
-    return out
+def verify_policy(stats: Stats | None, arch: str, **given: Any) -> data_mod.Preprocess:
+    """The statistics' measurement policy; options may only repeat it. Without stats: the options."""
+    if stats is None:
+        return data_mod.default_preprocess(arch, **{k: v for k, v in given.items() if v is not None})
+    policy = data_mod.Preprocess.from_attrs(stats.attrs)
+    for name, value in given.items():
+        if value is not None and value != getattr(policy, name):
+            raise VggnormError(
+                f"--{name} {value} differs from the statistics' {name} {getattr(policy, name)}; "
+                "leave it out: with --stats, verify measures as compute-stats did"
+            )
+    return policy
 
 
-def measured_summary(
-    means: Mapping[str, torch.Tensor], dead: Mapping[str, list[int]] | None, *, eps: float
-) -> list[dict[str, Any]]:
-    """Per layer: filter count, live filters, min/median/max of their measured means."""
-    out = []
-    for name, mean in means.items():
-        m = mean.double()
-        live = m > eps if dead is None else torch.ones_like(m, dtype=torch.bool)
-        if dead is not None:
-            live[dead[name]] = False
-        v = m[live] if live.any() else torch.full((1,), float("nan"), dtype=torch.float64)
-        out.append({"layer": name, "filters": m.numel(), "live": int(live.sum()), "min": float(v.min()),
-                    "median": float(v.median()), "max": float(v.max())})  # fmt: skip
-    return out
-
-
-def report_paths(path: Path) -> tuple[Path, Path]:
-    """``X.json``/``X.md`` for a report path ``X`` (or ``X.json`` / ``X.md``)."""
-    base = path.with_suffix("") if path.suffix in (".json", ".md") else path
-    return base.with_name(base.name + ".json"), base.with_name(base.name + ".md")
-
-
-def write_report(report: Report, path: Path, *, force: bool) -> tuple[Path, Path]:
-    json_path, md_path = report_paths(path)
-    with atomic_write(json_path, force=force) as tmp:
-        tmp.write_text(report.to_json())
-    with atomic_write(md_path, force=force) as tmp:
-        tmp.write_text(report.to_markdown())
-    return json_path, md_path
+def function_inputs(files: list[Path], preprocess: data_mod.Preprocess, n: int = 2) -> tuple[torch.Tensor, str]:
+    """Up to ``n`` decodable images from ``files``, else a seeded random batch."""
+    ds = data_mod.ImageFiles(files, preprocess)
+    images = []
+    for i in range(len(ds)):
+        sample = ds[i]
+        if sample.image is not None:
+            images.append(sample.image)
+        if len(images) == n:
+            break
+    if images:
+        return torch.stack(images), f"{len(images)} images from --data"
+    return probe_input(preprocess.crop), f"2 seeded random inputs at {preprocess.crop}x{preprocess.crop}"

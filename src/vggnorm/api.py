@@ -1,0 +1,172 @@
+"""The Python API: the functions a notebook calls, on models and batches rather than files.
+
+Every CLI command is a thin front over these stages; here they take an ``nn.Module`` (a
+torchvision VGG or any look-alike whose sites ``layers.find_topology`` finds) and return data::
+
+    stats = vggnorm.measure_means(model, batches)        # one pass, float64 sums per filter
+    normalized = vggnorm.normalize_model(model, stats)   # a folded copy; ``model`` is untouched
+    report = vggnorm.verify_models(model, normalized, stats, batches=batches)
+    assert report.passed
+
+A batch is a tensor ``(N, 3, H, W)``, an ``(images, labels)`` pair (what a torchvision
+``DataLoader`` yields) or a ``vggnorm.data.Batch``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vggnorm import data as data_mod
+from vggnorm.checks import check_fold, check_function, check_means, not_run
+from vggnorm.collect import ReluSums, images_of, measure, measure_files
+from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_EPS, DEFAULT_MEANS_TOL, DEFAULT_RTOL
+from vggnorm.device import resolve_device
+from vggnorm.layers import Site, find_topology
+from vggnorm.normalize import LayerScales, fold_state_dict, scales_from_stats
+from vggnorm.report import Report, layer_summary, measured_summary
+from vggnorm.stats import Stats
+
+
+def _sites(model: nn.Module, include_classifier: bool) -> list[Site]:
+    topo = find_topology(model)
+    return [*topo.sites, *(topo.fc_sites if include_classifier else ())]
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def measure_means(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    include_classifier: bool = False,
+    precision: str = "fp32",
+) -> Stats:
+    """Per-filter sums and counts of every site's ReLU output over ``batches``, in one pass.
+
+    ``Stats.means()`` gives ``mu_l[i] = sum over images and positions of F_l[n, i, h, w] / (N H W)``.
+    Runs where ``model`` is and in its dtype (``model.double()`` measures in float64). The model
+    is not modified; put it in eval mode first (BatchNorm, dropout).
+    """
+    device = _device_of(model)
+    sums = ReluSums(_sites(model, include_classifier), device)
+    num_images = 0
+
+    def count(batch: Any) -> None:
+        nonlocal num_images
+        images = images_of(batch)
+        num_images += 0 if images is None else images.shape[0]
+
+    measure(model, batches, sums, device=device, on_batch=count, precision=precision)
+    return Stats(sums.layers(), num_images)
+
+
+def measure_folder(
+    model: nn.Module,
+    folder: str | os.PathLike[str],
+    *,
+    preprocess: data_mod.Preprocess | None = None,
+    include_classifier: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = 0,
+    limit: int | None = None,
+    progress: bool = False,
+) -> Stats:
+    """``measure_means`` over the images under ``folder`` (recursively, sorted), decoded and
+    preprocessed as ``preprocess`` says (default: ImageNet's resize 256, crop 224, mean/std).
+
+    Files that cannot be decoded are skipped and listed in ``Stats.skipped``.
+    """
+    preprocess = preprocess or data_mod.Preprocess()
+    files = data_mod.find_images(Path(folder))[:limit]
+    stats, _ = measure_files(
+        model,
+        files,
+        preprocess,
+        _sites(model, include_classifier),
+        device=_device_of(model),
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+    )
+    stats.attrs.update(preprocess.as_attrs())
+    return stats
+
+
+def scales(
+    model: nn.Module, stats: Stats, *, eps: float = DEFAULT_EPS, include_classifier: bool = False
+) -> dict[str, LayerScales]:
+    """The per-filter scales of every site of ``model`` (1 for dead filters), checked against ``stats``."""
+    return scales_from_stats(stats, find_topology(model), eps=eps, include_classifier=include_classifier)
+
+
+def normalize_model(
+    model: nn.Module, stats: Stats, *, eps: float = DEFAULT_EPS, include_classifier: bool = False
+) -> nn.Module:
+    """A copy of ``model`` whose every live filter's mean ReLU activation on the measured data is 1.
+
+    Invariants (SPEC section 3): at every site ``F'_l == F_l / s_l`` and the output is unchanged.
+    ``model`` itself is not modified.
+    """
+    topo = find_topology(model)
+    layer_scales = scales_from_stats(stats, topo, eps=eps, include_classifier=include_classifier)
+    folded = fold_state_dict(model.state_dict(), {n: s.scale for n, s in layer_scales.items()}, topo)
+    out = copy.deepcopy(model)
+    out.load_state_dict(folded)
+    return out
+
+
+def verify_models(
+    original: nn.Module,
+    normalized: nn.Module,
+    stats: Stats,
+    *,
+    batches: Iterable[Any] | None = None,
+    probe: torch.Tensor | None = None,
+    eps: float = DEFAULT_EPS,
+    include_classifier: bool = False,
+    rtol: float = DEFAULT_RTOL,
+    means_tol: float = DEFAULT_MEANS_TOL,
+) -> Report:
+    """The four checks of SPEC section 4 on a pair of models: (a) activations, (b) outputs and
+    (d) fold on ``probe`` (default: two seeded random 64x64 images), (c) the means re-measured on
+    ``batches`` (not run without them)."""
+    layer_scales = scales(original, stats, eps=eps, include_classifier=include_classifier)
+    scale_t = {n: s.scale for n, s in layer_scales.items()}
+    device = _device_of(normalized)
+    x = probe if probe is not None else torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    # a features-only network's output is its last ReLU's (scaled): only a classifier's is unchanged
+    has_head = find_topology(original).classifier is not None
+    checks = check_function(
+        original, normalized, scale_t, x.to(device), rtol=rtol, logits=has_head, inputs="probe batch"
+    )
+    folded = fold_state_dict(original.state_dict(), scale_t, find_topology(original))
+    checks.append(check_fold(normalized.state_dict(), folded, rtol=rtol))
+    measured: list[dict[str, Any]] = []
+    desc = "re-measured mean ReLU activation of every live filter is 1"
+    if batches is None:
+        checks.append(not_run("means", desc, "needs batches"))
+    else:
+        means = measure_means(normalized, batches, include_classifier=include_classifier).means()
+        dead = {n: s.dead for n, s in layer_scales.items()}
+        checks.append(check_means(means, dead, tol=means_tol, eps=eps))
+        measured = measured_summary(means, dead, eps=eps)
+    return Report(
+        type(normalized).__name__,
+        type(normalized).__name__,
+        checks,
+        {"device": str(device)},
+        layer_summary(layer_scales),
+        measured=measured,
+    )
+
+
+__all__ = ["measure_folder", "measure_means", "normalize_model", "resolve_device", "scales", "verify_models"]

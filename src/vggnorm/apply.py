@@ -1,0 +1,195 @@
+"""``apply``: the I/O shell around the fold. Load the checkpoint and statistics, check they belong
+together, fold (``normalize.fold_state_dict``, pure), self-check, save, and write the report."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import vggnorm
+from vggnorm.checkpoint import check_writable, save_state_dict
+from vggnorm.checks import Check, check_function, not_run
+from vggnorm.defaults import DEFAULT_EPS
+from vggnorm.errors import StatsMismatchError, VggnormError
+from vggnorm.figures import have_matplotlib, plot_means
+from vggnorm.layouts import export_layout, to_torchvision_layout
+from vggnorm.models import build_model, infer_arch, load_model, topology
+from vggnorm.normalize import fold_state_dict, scales_from_stats
+from vggnorm.report import Report, layer_summary, report_paths, write_report
+from vggnorm.stats import Stats, now, read_stats
+from vggnorm.weights import Weights, resolve_weights
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    output: Path
+    report_json: Path
+    report_md: Path
+    figure: Path | None
+    report: Report
+    notes: list[str]
+
+
+def default_output(spec: str, arch: str) -> Path:
+    """``X.normalized.pth`` beside a checkpoint file, else ``ARCH-SPEC.normalized.pth`` here."""
+    if os.path.isfile(spec):
+        p = Path(spec)
+        return p.with_name(f"{p.stem}.normalized{p.suffix if p.suffix == '.safetensors' else '.pth'}")
+    return Path(f"{arch}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', spec)}.normalized.pth")
+
+
+def report_base(output: Path) -> Path:
+    """``OUT.report`` for ``OUT.pth``: the report apply writes beside its checkpoint."""
+    return output.with_name(output.name.removesuffix(output.suffix) + ".report")
+
+
+def weights_for(spec: str, stats: Stats) -> Weights:
+    """Resolve the checkpoint that ``stats`` belongs to; refuse one with another arch or other weights."""
+    arch = str(stats.attrs["arch"])
+    weights = resolve_weights(spec, arch=None if os.path.isfile(spec) else arch)
+    if weights.arch != arch:
+        raise StatsMismatchError(f"the statistics are for {arch}, but {spec} is a {weights.arch} checkpoint")
+    if weights.sha256 != stats.attrs.get("weights_sha256"):
+        raise StatsMismatchError(
+            f"the statistics were measured with other weights ({stats.attrs.get('weights')}, sha256 "
+            f"{str(stats.attrs.get('weights_sha256'))[:12]}...) than {spec} (sha256 {weights.sha256[:12]}...); "
+            f"measure this checkpoint with `vggnorm compute-stats DIR --weights {spec}`"
+        )
+    return weights
+
+
+def probe_input(crop: int, n: int = 2) -> torch.Tensor:
+    """A fixed, seeded batch standing in for images: the invariants hold for every input."""
+    return torch.randn(n, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+
+
+def check_loads(state_dict: dict[str, torch.Tensor], arch: str, *, features_only: bool) -> Check:
+    desc = f"loads into torchvision's {arch} with strict=True"
+    if features_only:
+        return not_run(
+            "loads",
+            desc,
+            "features-only checkpoint: it loads into model.features (or, in the gatys "
+            "layout, Gatys-named code) with strict=True",
+        )
+    try:
+        build_model(arch, device="meta").load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:
+        return Check("loads", desc, "fail", detail=str(e).splitlines()[0])
+    return Check("loads", desc, "pass")
+
+
+def apply_stats(
+    checkpoint: str,
+    stats_path: Path,
+    output: Path | None = None,
+    *,
+    features_only: bool = False,
+    layout: str = "torchvision",
+    include_classifier: bool = False,
+    eps: float = DEFAULT_EPS,
+    force: bool = False,
+) -> ApplyResult:
+    """Fold ``stats`` into ``checkpoint`` (a weight SPEC), self-check it, write it and its report.
+
+    ``layout="gatys"`` writes the conv layers only, keyed ``conv1_1`` ... (BatchNorm folded into
+    the convs for ``_bn`` models). The output is written only if the self-checks pass on a seeded
+    probe batch: the written tensors, loaded back, give ReLU outputs equal to the original's
+    divided by the scales (and the same logits), under the statistics' pooling.
+    ``include_classifier`` also normalizes the ReLUs after fc6 and fc7 (measured with
+    ``RunConfig.include_classifier``), compensating fc7 and fc8.
+    """
+    stats = read_stats(stats_path)
+    arch = str(stats.attrs["arch"])
+    output = Path(output) if output is not None else default_output(checkpoint, arch)
+    json_path, md_path = report_paths(report_base(output))
+    png_path = md_path.with_suffix(".png") if have_matplotlib() else None
+    for p in (output, json_path, md_path, *([png_path] if png_path else [])):
+        check_writable(p, force=force)
+    weights = weights_for(checkpoint, stats)
+    features_only = features_only or layout == "gatys" or weights.features_only
+    if include_classifier and features_only:
+        raise VggnormError(
+            "--include-classifier needs the classifier: it cannot go with --features-only, "
+            "--layout gatys, or features-only weights"
+        )
+    topo = topology(arch)
+    scales = scales_from_stats(stats, topo, eps=eps, include_classifier=include_classifier)
+    scale_tensors = {n: s.scale for n, s in scales.items()}
+    folded = fold_state_dict(weights.state_dict, scale_tensors, topo, features_only=features_only)
+    exported = export_layout(folded, arch, layout)
+
+    # self-check what will be written: the exported tensors, loaded back, against the original
+    pooling = str(stats.attrs.get("pooling", "max"))
+    original = load_model(arch, weights.state_dict, pooling=pooling)
+    reloaded = to_torchvision_layout(exported)
+    normalized = load_model(infer_arch(reloaded), reloaded, pooling=pooling)
+    crop = int(stats.attrs.get("crop", 224))
+    checks = check_function(
+        original,
+        normalized,
+        scale_tensors,
+        probe_input(crop),
+        logits=not features_only,
+        inputs=f"2 seeded random inputs at {crop}x{crop}, {pooling} pooling",
+    )
+    checks.append(check_loads(exported, arch, features_only=features_only))
+    notes = []
+    if png_path is None:
+        notes.append("no figure: install matplotlib (pip install 'vggnorm[plot]') for OUT.report.png")
+    if layout == "gatys" and arch.endswith("_bn"):
+        notes.append("BatchNorm folded into the convs (eval-mode statistics): the Gatys layout has no BatchNorm")
+    policy = {"preprocess": str(stats.attrs.get("preprocess", "torchvision")), "pooling": pooling}
+    report = Report(
+        checkpoint=str(output),
+        arch=arch,
+        checks=checks,
+        inputs={
+            "original": checkpoint,
+            "original_sha256": weights.sha256,
+            "stats": str(stats_path),
+            "stats_images": stats.num_images,
+            "eps": eps,
+            "features_only": features_only,
+            "layout": layout,
+            "include_classifier": include_classifier,
+            **policy,
+            "created": now(),
+            "vggnorm_version": vggnorm.__version__,
+            **({"note": "; ".join(notes)} if notes else {}),
+        },
+        layers=layer_summary(scales),
+        figure=png_path.name if png_path else None,
+    )
+    if not report.passed:
+        failed = "; ".join(f"{c.name}: {c.figure} > {c.tolerance} ({c.detail})" for c in checks if c.status != "pass")
+        raise VggnormError(f"the folded checkpoint failed its self-check, nothing was written: {failed}")
+    meta = {
+        "vggnorm_version": vggnorm.__version__,
+        "arch": arch,
+        "layout": layout,
+        "original": checkpoint,
+        "include_classifier": str(include_classifier),
+        "original_sha256": weights.sha256,
+        "stats": str(stats_path),
+        "eps": str(eps),
+        **policy,
+    }
+    save_state_dict(exported, output, force=force, metadata=meta)
+    write_report(report, report_base(output), force=force)
+    if png_path is not None:
+        before = {n: stats.layers[n].mean for n in scales}
+        plot_means(
+            before,
+            {n: before[n] / sc.scale for n, sc in scales.items()},
+            {n: sc.dead for n, sc in scales.items()},
+            png_path,
+            title=f"{arch}: {output.name}, {stats.num_images} images",
+            force=force,
+            after_label="after (by construction: mean / scale)",
+        )
+    return ApplyResult(output, json_path, md_path, png_path, report, notes)

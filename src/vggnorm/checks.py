@@ -1,0 +1,176 @@
+"""The invariants of a normalized checkpoint (SPEC section 4), each a small function.
+
+Each check returns a ``Check`` with its measured figure and tolerance. A check whose inputs were
+given but which could not run is a failure; a check whose inputs were not given is "not run".
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vggnorm.collect import relu_hooks
+from vggnorm.defaults import DEFAULT_MEANS_TOL, DEFAULT_RTOL
+from vggnorm.layers import Site, find_topology
+from vggnorm.normalize import live_filters
+
+PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
+
+
+@dataclass
+class Check:
+    name: str
+    description: str
+    status: str
+    figure: float | None = None  # the worst measured error
+    tolerance: float | None = None
+    detail: str = ""
+
+    @property
+    def ran(self) -> bool:
+        return self.status != NOT_RUN
+
+
+def _status(figure: float, tolerance: float) -> str:
+    return PASS if figure <= tolerance else FAIL  # NaN compares False: a NaN figure fails
+
+
+def not_run(name: str, description: str, why: str) -> Check:
+    return Check(name, description, NOT_RUN, detail=why)
+
+
+def _relu_outputs(model: nn.Module, sites: list[Site], x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every site's ReLU output (cloned) and the model output for a small batch ``x``."""
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.inference_mode(), relu_hooks(model, sites, lambda s, out: outputs.__setitem__(s.conv, out.clone())):
+        y = model(x)
+    return outputs, y
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: an error relative to the tensor's scale."""
+    scale = expected.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+    return float((actual.double() - expected.double()).abs().max() / scale)
+
+
+def _per_filter_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Worst over filters of ``max |actual - expected| / max |expected|`` within the filter.
+
+    A filter whose activations are below 1% of the layer's largest is measured against that
+    floor, so float32 rounding in a nearly silent filter is not mistaken for a wrong weight.
+    """
+    dims = [d for d in range(expected.ndim) if d != 1]
+    diff = (actual.double() - expected.double()).abs().amax(dim=dims)  # (N, C, H, W) or (N, C) -> (C,)
+    scale = expected.double().abs().amax(dim=dims)
+    floor = (scale.max() * 1e-2).clamp_min(torch.finfo(torch.float32).tiny)
+    return float((diff / torch.maximum(scale, floor)).max())
+
+
+def _elementwise_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / |expected| over elements (a changed weight cannot hide in a big tensor)."""
+    a, e = actual.double(), expected.double()
+    return float(((a - e).abs() / e.abs().clamp_min(torch.finfo(torch.float32).tiny)).max())
+
+
+def check_function(
+    original: nn.Module,
+    normalized: nn.Module,
+    scales: Mapping[str, torch.Tensor] | None,
+    x: torch.Tensor,
+    *,
+    rtol: float = DEFAULT_RTOL,
+    logits: bool = True,
+    inputs: str = "",
+) -> list[Check]:
+    """(a) every site ``F'_l == F_l / s_l`` and (b) logits unchanged, on the batch ``x``.
+
+    Sites are matched in forward order, so ``normalized`` may be laid out differently (a ``_bn``
+    original against its BN-folded Gatys export); ``scales`` is keyed by the original's conv paths.
+    Both networks run in float64 (on copies), so float32 rounding cannot hide or fake a difference:
+    what remains is the rounding of the stored weights, far below ``rtol``.
+    """
+    x = x.double()
+    fc = scales is not None and any(n.startswith("classifier.") for n in scales)
+    ta, tb = find_topology(original), find_topology(normalized)
+    sites = [*ta.sites, *(ta.fc_sites if fc else ())]
+    normalized_sites = [*tb.sites, *(tb.fc_sites if fc else ())]
+    f, y = _relu_outputs(copy.deepcopy(original).double(), sites, x)
+    g, y2 = _relu_outputs(copy.deepcopy(normalized).double(), normalized_sites, x)
+    g = {a.conv: g[b.conv] for a, b in zip(sites, normalized_sites, strict=True)}
+    checks = []
+    desc_a = "every conv's ReLU output equals the original's divided by its scales"
+    if scales is None:
+        checks.append(not_run("activations", desc_a, "needs --stats (the scales) and --original"))
+    else:
+        errs = {n: _per_filter_err(g[n], f[n] / scales[n].to(f[n]).view(1, -1, *[1] * (f[n].ndim - 2))) for n in f}
+        worst = max(errs, key=lambda n: errs[n])
+        checks.append(
+            Check(
+                "activations", desc_a, _status(errs[worst], rtol), errs[worst], rtol, f"worst layer {worst}; {inputs}"
+            )
+        )
+    desc_b = "logits equal the original's"
+    if not logits:
+        checks.append(not_run("logits", desc_b, "features-only checkpoint: it has no classifier"))
+    else:
+        err = _rel_err(y2, y)
+        checks.append(Check("logits", desc_b, _status(err, rtol), err, rtol, inputs))
+    return checks
+
+
+def check_means(
+    means: Mapping[str, torch.Tensor],
+    dead: Mapping[str, list[int]] | None,
+    *,
+    tol: float = DEFAULT_MEANS_TOL,
+    eps: float,
+    detail: str = "",
+) -> Check:
+    """(c) every live filter's re-measured mean ReLU activation is 1 within ``tol``."""
+    desc = "re-measured mean ReLU activation of every live filter is 1"
+    worst_layer, worst, live, n_dead = "", -1.0, [], 0
+    for name, mean in means.items():
+        mask = live_filters(mean, eps=eps) if dead is None else torch.ones_like(mean, dtype=torch.bool)
+        if dead is not None:
+            mask[dead[name]] = False
+        n_dead += int((~mask).sum())
+        if mask.any():
+            dev = float((mean.double()[mask] - 1).abs().max())
+            live.append(mean.double()[mask])
+            if dev > worst or dev != dev:
+                worst_layer, worst = name, dev
+    if not live:
+        return Check("means", desc, FAIL, None, tol, "every filter is dead: nothing was measured")
+    allv = torch.cat(live)
+    status = _status(worst, tol)
+    summary = (
+        f"live filter means range {float(allv.min()):.6g} .. {float(allv.max()):.6g} (median {float(allv.median()):.6g}); "
+        f"worst layer {worst_layer}; {n_dead} dead filter(s) excluded"
+    )
+    if status == FAIL and float((allv - 1).abs().median()) > 10 * tol:
+        summary = "NOT normalized: " + summary
+    return Check("means", desc, status, worst, tol, "; ".join(x for x in (summary, detail) if x))
+
+
+def check_fold(
+    actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, rtol: float = DEFAULT_RTOL
+) -> Check:
+    """(d) the checkpoint equals ``fold(original, stats)`` recomputed, tensor by tensor."""
+    desc = "the checkpoint equals fold(original, stats) recomputed"
+    if set(actual) != set(expected):
+        missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
+        return Check("fold", desc, FAIL, None, rtol, f"keys differ: missing {missing[:5]}, unexpected {extra[:5]}")
+    errs = {}
+    for k, v in expected.items():
+        if not v.is_floating_point():
+            errs[k] = 0.0 if torch.equal(actual[k], v) else float("inf")
+        elif tuple(actual[k].shape) != tuple(v.shape):
+            errs[k] = float("inf")
+        else:
+            errs[k] = _elementwise_err(actual[k], v)
+    worst = max(errs, key=lambda k: errs[k])
+    return Check("fold", desc, _status(errs[worst], rtol), errs[worst], rtol, f"worst tensor {worst}")

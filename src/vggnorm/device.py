@@ -1,0 +1,69 @@
+"""Where and in what arithmetic the forward pass runs: device, precision, memory format."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from vggnorm.defaults import PRECISIONS
+from vggnorm.errors import VggnormError
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; a CUDA device that is absent is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise VggnormError(f"bad --device {device!r}: expected auto, cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VggnormError(
+                f"--device {device}: CUDA is not available here (torch.cuda.is_available() is False); use --device cpu"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise VggnormError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise VggnormError(f"--device {device}: vggnorm supports cpu and cuda")
+    return dev
+
+
+def describe(device: torch.device) -> str:
+    """``cpu``, or ``cuda:0 (NVIDIA H100 ...)``: recorded with the statistics."""
+    return str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision not in PRECISIONS:
+        raise VggnormError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision != "fp32" and device.type != "cuda":
+        raise VggnormError(f"--precision {precision} is for CUDA; on {device.type} vggnorm measures in fp32")
+
+
+@contextlib.contextmanager
+def precision_mode(precision: str = "fp32", device_type: str = "cpu") -> Iterator[None]:
+    """The arithmetic of the forward pass: fp32 (TF32 off, the default), tf32, or bf16/fp16
+    autocast. The hook sums in float32 and float64 whatever the activations' dtype."""
+    cudnn_conv = torch.backends.cudnn.conv  # type: ignore[attr-defined]  # torch >= 2.9, not in its stubs
+    conv, matmul = cudnn_conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    ieee = precision == "fp32"
+    cudnn_conv.fp32_precision = "ieee" if ieee else "tf32"
+    torch.backends.cuda.matmul.fp32_precision = "ieee" if ieee else "tf32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    try:
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+            yield
+    finally:
+        cudnn_conv.fp32_precision = conv
+        torch.backends.cuda.matmul.fp32_precision = matmul
+
+
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on CPU, where it made VGG19's forward 1.5x faster (scripts/bench.py); not yet
+    measured on CUDA, so contiguous there."""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format

@@ -1,0 +1,99 @@
+"""Resolve a weight SPEC to a checked state_dict and its content hash.
+
+A weight SPEC is one of:
+
+* a path to a state_dict (``.pth``/``.pt`` or ``.safetensors``, torchvision or Gatys layout);
+* a torchvision weights name such as ``IMAGENET1K_V1`` (loaded through torchvision's own cache);
+* ``random:SEED`` -- torchvision's own seeded random initialization, for demos and tests.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+
+from vggnorm.checkpoint import StateDict, load_state_dict, state_dict_sha256
+from vggnorm.defaults import DEFAULT_ARCH, RANDOM_PREFIX
+from vggnorm.errors import CheckpointError, WeightsError
+from vggnorm.layouts import to_torchvision_layout
+from vggnorm.models import build_model, check_arch, check_state_dict, infer_arch, is_features_only, is_user_model
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Resolved weights: where they came from and their content hash."""
+
+    spec: str
+    arch: str
+    state_dict: StateDict
+    sha256: str
+
+    @property
+    def features_only(self) -> bool:
+        return is_features_only(self.state_dict)
+
+
+def _torchvision_weights(arch: str, name: str) -> StateDict:
+    enum = torchvision.models.get_model_weights(arch)
+    try:
+        entry = enum[name]
+    except KeyError:
+        raise WeightsError(
+            f"{name!r} is neither an existing file nor a torchvision weights name for {arch} "
+            f"(known: {', '.join(w.name for w in enum)}); pass a path to a state_dict, a weights name, or random:SEED"
+        ) from None
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(entry.url)
+    try:
+        return entry.get_state_dict(progress=False, check_hash=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as e:
+        raise WeightsError(
+            f"could not load the {arch} {name} weights: they are not in torchvision's cache ({cached}) "
+            f"and downloading {entry.url} failed ({e}). Either download that file on a machine with "
+            f"internet and copy it to {cached}, or pass the weights as a file: --weights PATH.pth"
+        ) from e
+
+
+def random_state_dict(arch: str, seed: int) -> StateDict:
+    """torchvision's own initialization of ``arch`` under ``torch.manual_seed(seed)``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(arch).state_dict()
+
+
+def is_file_spec(spec: str) -> bool:
+    return os.path.exists(spec) or os.sep in spec or spec.endswith((".pth", ".pt", ".safetensors"))
+
+
+def resolve_weights(spec: str, *, arch: str | None) -> Weights:
+    """Resolve a weight SPEC (path, torchvision name or ``random:SEED``) to a checked state_dict.
+
+    ``arch`` may be ``None`` for a file, whose arch is then inferred from its keys and shapes.
+    """
+    if spec.startswith(RANDOM_PREFIX):
+        seed_text = spec[len(RANDOM_PREFIX) :]
+        if not seed_text.isdigit():
+            raise WeightsError(f"bad weight SPEC {spec!r}: expected random:SEED with an integer SEED, e.g. random:0")
+        if arch is None:
+            raise WeightsError(f"{spec} needs an architecture; pass --arch")
+        check_arch(arch)
+        sd = random_state_dict(arch, int(seed_text))
+    elif is_file_spec(spec):
+        try:
+            sd = to_torchvision_layout(load_state_dict(spec))
+            arch = arch or infer_arch(sd)
+            check_arch(arch)
+            check_state_dict(sd, arch, features_only=is_features_only(sd))
+        except CheckpointError as e:
+            raise WeightsError(f"{spec}: {e}") from e
+    else:
+        arch = arch or DEFAULT_ARCH
+        check_arch(arch)
+        if is_user_model(arch):
+            raise WeightsError(f"{spec!r} is not a file: a --model needs its weights as a file or random:SEED")
+        sd = _torchvision_weights(arch, spec)
+    return Weights(spec=spec, arch=arch, state_dict=sd, sha256=state_dict_sha256(sd))
