@@ -1,0 +1,108 @@
+"""Each invariant check of ``checks.py`` on its own: it passes what is right and fails what is not."""
+
+import pytest
+import torch
+
+from vggnorm.api import normalize_model
+from vggnorm.checks import FAIL, NOT_RUN, PASS, check_fold, check_function, check_means
+from vggnorm.layers import find_topology
+from vggnorm.normalize import fold_state_dict
+from vggnorm.report import Report
+
+
+@pytest.fixture
+def pair(tiny_vgg):
+    """A look-alike, random positive scales for its sites, and the fold of one by the other."""
+    model = tiny_vgg()
+    topo = find_topology(model)
+    g = torch.Generator().manual_seed(3)
+    scales = {s.conv: torch.rand(s.out_channels, generator=g, dtype=torch.float64) * 3 + 0.2 for s in topo.sites}
+    normalized = tiny_vgg()
+    normalized.load_state_dict(fold_state_dict(model.state_dict(), scales, topo))
+    return model, normalized, scales
+
+
+X = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+
+
+def statuses(checks):
+    return {c.name: c.status for c in checks}
+
+
+def test_function_checks_pass_the_fold(pair):
+    model, normalized, scales = pair
+    assert statuses(check_function(model, normalized, scales, X)) == {"activations": PASS, "logits": PASS}
+
+
+def test_activations_fail_with_other_scales(pair):
+    model, normalized, scales = pair
+    wrong = {n: s * 1.01 if n == "features.3" else s for n, s in scales.items()}
+    checks = check_function(model, normalized, wrong, X)
+    assert statuses(checks) == {"activations": FAIL, "logits": PASS}
+    assert "features.3" in checks[0].detail
+
+
+def test_logits_fail_when_the_classifier_is_not_compensated(pair, tiny_vgg):
+    model, normalized, scales = pair
+    normalized.classifier[0].weight.data = model.classifier[0].weight.data.clone()
+    assert statuses(check_function(model, normalized, scales, X))["logits"] == FAIL
+
+
+def test_function_checks_not_run_without_scales_or_classifier(pair):
+    model, normalized, _ = pair
+    checks = check_function(model, normalized, None, X, logits=False)
+    assert statuses(checks) == {"activations": NOT_RUN, "logits": NOT_RUN}
+
+
+def test_fold_check(pair):
+    model, normalized, scales = pair
+    expected = fold_state_dict(model.state_dict(), scales, find_topology(model))
+    assert check_fold(normalized.state_dict(), expected).status == PASS
+    changed = dict(normalized.state_dict())
+    changed["features.5.bias"] = changed["features.5.bias"].clone()
+    changed["features.5.bias"][0] *= 1.001
+    check = check_fold(changed, expected)
+    assert check.status == FAIL and "features.5.bias" in check.detail
+    missing = {k: v for k, v in normalized.state_dict().items() if k != "features.0.bias"}
+    assert check_fold(missing, expected).status == FAIL
+    reshaped = {**normalized.state_dict(), "features.0.bias": torch.zeros(5)}
+    assert check_fold(reshaped, expected).status == FAIL
+    ints = {"n": torch.tensor([1, 2])}
+    assert check_fold(ints, {"n": torch.tensor([1, 3])}).status == FAIL
+    assert check_fold(ints, {"n": torch.tensor([1, 2])}).status == PASS
+
+
+def test_means_check():
+    ones = {"a": torch.ones(4, dtype=torch.float64), "b": torch.ones(3, dtype=torch.float64)}
+    assert check_means(ones, {"a": [], "b": []}, eps=1e-6).status == PASS
+    off = {**ones, "b": torch.tensor([1.0, 1.01, 1.0], dtype=torch.float64)}
+    check = check_means(off, {"a": [], "b": []}, eps=1e-6)
+    assert check.status == FAIL and check.figure == pytest.approx(0.01) and "worst layer b" in check.detail
+    assert check_means(off, {"a": [], "b": [1]}, eps=1e-6).status == PASS  # a dead filter is excluded
+    nan = {**ones, "a": torch.tensor([1.0, float("nan"), 1.0, 1.0], dtype=torch.float64)}
+    assert check_means(nan, {"a": [], "b": []}, eps=1e-6).status == FAIL
+    all_dead = check_means(ones, {"a": [0, 1, 2, 3], "b": [0, 1, 2]}, eps=1e-6)
+    assert all_dead.status == FAIL and "every filter is dead" in all_dead.detail
+    raw = {"a": torch.tensor([3.0, 0.0, 2.0], dtype=torch.float64)}  # an audit: the rule decides what is dead
+    assert "NOT normalized" in check_means(raw, None, eps=1e-6).detail
+
+
+def test_a_report_passes_only_when_every_check_that_ran_passed(pair):
+    model, normalized, scales = pair
+    checks = check_function(model, normalized, scales, X)
+    assert Report("x", "a", checks).passed
+    assert not Report("x", "a", [*checks, check_means({"a": torch.zeros(2)}, {"a": []}, eps=0)]).passed
+    assert not Report("x", "a", check_function(model, normalized, None, X, logits=False)).passed  # nothing ran
+
+
+def test_normalize_model_is_the_fold(tiny_vgg):
+    from vggnorm.api import measure_means
+
+    model = tiny_vgg(bn=True)
+    stats = measure_means(model, [X])
+    normalized = normalize_model(model, stats)
+    scales = {n: s.scale for n, s in __import__("vggnorm").scales(model, stats).items()}
+    assert (
+        check_fold(normalized.state_dict(), fold_state_dict(model.state_dict(), scales, find_topology(model))).status
+        == PASS
+    )
