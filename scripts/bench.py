@@ -18,7 +18,11 @@ floor for 2N images, which drops the first batch's one-time kernel set-up; the r
 A, B, C and D are measured in alternation --repeats times and the best of each kept, since a shared
 machine's speed drifts over minutes.
 
+With --precision fp64 every figure is taken with the forward pass in float64 (model and batches in
+double); compare with an fp32 run of the same command for the cost of exact statistics.
+
 Usage: python scripts/bench.py [--arch vgg19] [--images 32] [--batch-size 16] [--repeats 3] [--device auto]
+                               [--precision fp32|fp64]
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ def run_a(folder: Path, ckpt: Path, out: Path, args: argparse.Namespace, workers
         "device": args.device,
         "batch_size": args.batch_size,
         "workers": workers,
+        "precision": args.precision,
     }
     payload = json.dumps({"dir": str(folder), "out": str(out), "config": config})
     res = subprocess.run([sys.executable, "-c", CHILD, payload], capture_output=True, text=True, check=True)
@@ -89,8 +94,9 @@ def decoded_batches(folder: Path, args: argparse.Namespace, workers: int) -> tup
 def time_forward(model, batches, device, sums: ReluSums | None) -> float:
     net = model.features
     fmt = memory_format(device)
-    xs = [x.to(device, memory_format=fmt) for x in batches]
-    with torch.inference_mode(), precision_mode("fp32", device.type):
+    dtype = next(model.parameters()).dtype
+    xs = [x.to(device, dtype=dtype, memory_format=fmt) for x in batches]
+    with torch.inference_mode(), precision_mode(args.precision, device.type):
         net(xs[0])  # warm-up (allocator, cudnn algorithm choice)
         sync(device)
         if sums is None:
@@ -102,7 +108,7 @@ def time_forward(model, batches, device, sums: ReluSums | None) -> float:
     batch_objs = [data_mod.Batch(x, list(range(len(x))), []) for x in xs]
     sync(device)
     t0 = time.perf_counter()
-    measure(model, batch_objs, sums, device=device)
+    measure(model, batch_objs, sums, device=device, precision=args.precision)
     _ = {k: v.cpu() for k, v in sums.sums.items()}  # the result reaches the host: include that sync
     return time.perf_counter() - t0
 
@@ -144,6 +150,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers [default: vggnorm's default]")
     ap.add_argument("--repeats", type=int, default=3, help="alternating repetitions; the best of each is kept")
     ap.add_argument("--skip-naive", action="store_true", help="skip E (slow: about L/2 forward passes)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp64"], help="the forward pass's arithmetic")
     args = ap.parse_args()
     device = resolve_device(args.device)
     workers = data_mod.default_workers() if args.workers is None else args.workers
@@ -156,7 +163,7 @@ def main() -> None:
     torch.save(random_state_dict(args.arch, 0), ckpt)
     n1 = len(data_mod.find_images(tmp / "n1"))
     print(
-        f"device {device}, {torch.get_num_threads()} torch threads, {workers} workers, {args.arch}, batch {args.batch_size}, "
+        f"device {device}, {args.precision}, {torch.get_num_threads()} torch threads, {workers} workers, {args.arch}, batch {args.batch_size}, "
         f"N = {n1} JPEGs of 500x375 (3N = {len(data_mod.find_images(tmp / 'n3'))})",
         flush=True,
     )
@@ -164,6 +171,8 @@ def main() -> None:
     # Shared machines drift: measure A, B, C, D in alternation, R times, and keep each one's best.
     sd = torch.load(ckpt, weights_only=True)
     model = load_model(args.arch, sd, device=device, memory_format=memory_format(device))
+    if args.precision == "fp64":
+        model = model.double()
     runs: dict[str, list] = {"a1": [], "a3": [], "b": [], "c": [], "d": []}
     for r in range(args.repeats):
         runs["a1"].append(run_a(tmp / "n1", ckpt, tmp / "a1.h5", args, workers))

@@ -74,24 +74,24 @@ def test_fold_check(pair):
 
 def test_means_check():
     ones = {"a": torch.ones(4, dtype=torch.float64), "b": torch.ones(3, dtype=torch.float64)}
-    assert check_means(ones, {"a": [], "b": []}, eps=1e-6).status == PASS
+    assert check_means(ones, {"a": [], "b": []}).status == PASS
     off = {**ones, "b": torch.tensor([1.0, 1.01, 1.0], dtype=torch.float64)}
-    check = check_means(off, {"a": [], "b": []}, eps=1e-6)
-    assert check.status == FAIL and check.figure == pytest.approx(0.01) and "worst layer b" in check.detail
-    assert check_means(off, {"a": [], "b": [1]}, eps=1e-6).status == PASS  # a dead filter is excluded
+    check = check_means(off, {"a": [], "b": []})
+    assert check.status == FAIL and check.figure == pytest.approx(0.01) and "worst: b filter 1" in check.detail
+    assert check_means(off, {"a": [], "b": [1]}).status == PASS  # a dead filter is excluded
     nan = {**ones, "a": torch.tensor([1.0, float("nan"), 1.0, 1.0], dtype=torch.float64)}
-    assert check_means(nan, {"a": [], "b": []}, eps=1e-6).status == FAIL
-    all_dead = check_means(ones, {"a": [0, 1, 2, 3], "b": [0, 1, 2]}, eps=1e-6)
+    assert check_means(nan, {"a": [], "b": []}).status == FAIL
+    all_dead = check_means(ones, {"a": [0, 1, 2, 3], "b": [0, 1, 2]})
     assert all_dead.status == FAIL and "every filter is dead" in all_dead.detail
     raw = {"a": torch.tensor([3.0, 0.0, 2.0], dtype=torch.float64)}  # an audit: the rule decides what is dead
-    assert "NOT normalized" in check_means(raw, None, eps=1e-6).detail
+    assert "NOT normalized" in check_means(raw, None).detail
 
 
 def test_a_report_passes_only_when_every_check_that_ran_passed(pair):
     model, normalized, scales = pair
     checks = check_function(model, normalized, scales, X)
     assert Report("x", "a", checks).passed
-    assert not Report("x", "a", [*checks, check_means({"a": torch.zeros(2)}, {"a": []}, eps=0)]).passed
+    assert not Report("x", "a", [*checks, check_means({"a": torch.zeros(2)}, {"a": []})]).passed
     assert not Report("x", "a", check_function(model, normalized, None, X, logits=False)).passed  # nothing ran
 
 

@@ -5,7 +5,7 @@ import torch
 
 from vggnorm.collect import ReluSums
 from vggnorm.layers import find_topology
-from vggnorm.normalize import fold_state_dict, scales_from_means, scales_from_stats
+from vggnorm.normalize import DeadRule, fold_state_dict, scales_from_means, scales_from_stats
 from vggnorm.stats import LayerStats, Stats
 
 
@@ -102,7 +102,21 @@ def test_features_only_drops_the_classifier(tiny_vgg):
 
 def test_dead_filters_keep_scale_one():
     mean = torch.tensor([2.0, 0.0, 1e-9, 0.5], dtype=torch.float64)
-    assert scales_from_means(mean, eps=1e-6).tolist() == [2.0, 1.0, 1.0, 0.5]
+    assert scales_from_means(mean, DeadRule(rel_eps=0, eps=1e-6)).tolist() == [2.0, 1.0, 1.0, 0.5]
+
+
+def test_the_dead_rule_is_relative_to_the_layer():
+    # median of the positive means: 1.0; threshold max(1e-6, 1e-3 * 1.0) = 1e-3
+    mean = torch.tensor([1.0, 2.0, 1.5, 9e-4, 1.1e-3, 0.0, float("nan")], dtype=torch.float64)
+    rule = DeadRule()
+    assert rule.threshold(mean) == pytest.approx(1e-3)
+    assert rule.live(mean).tolist() == [True, True, True, False, True, False, False]
+    assert scales_from_means(mean, rule)[3] == 1.0
+    # the same mean, 1.1e-3, is dead in a louder layer: the rule follows the layer's scale
+    loud = torch.tensor([10.0, 20.0, 15.0, 1.1e-3], dtype=torch.float64)
+    assert rule.threshold(loud) == pytest.approx(1e-2) and rule.live(loud).tolist() == [True, True, True, False]
+    # the absolute floor stays: eps alone decides when rel_eps is 0
+    assert DeadRule(rel_eps=0, eps=1.2).live(mean).tolist() == [False, True, True, False, False, False, False]
 
 
 def test_normalized_means_are_one_and_dead_filters_listed(tiny_vgg):

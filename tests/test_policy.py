@@ -72,11 +72,19 @@ def test_caffe_and_avg_pooling_are_measured_recorded_and_honoured(photos, checkp
     assert r.exit_code == 0 and "4 passed" in r.stdout, r.output
     r = invoke("verify", out, "--stats", stats, "--data", photos, "--pooling", "max")
     assert r.exit_code == 2 and "differs from the statistics' pooling avg" in r.stderr
-    # an audit must be told the policy: under the default one the means are not 1
-    r = invoke("verify", out, "--data", photos, "--workers", 0, *SIZE)
-    assert r.exit_code == 1
-    r = invoke("verify", out, "--data", photos, "--workers", 0, *SIZE, "--preprocess", "caffe", "--pooling", "avg")
+    # an audit re-measures under the policy apply recorded beside the checkpoint, and says so
+    r = invoke("verify", out, "--data", photos, "--workers", 0)
     assert r.exit_code == 0, r.output
+    assert "caffe preprocessing, avg pooling" in r.stdout and "n.report.json" in r.stdout
+    # options override it: under torchvision's preprocessing and max pooling the means are not 1
+    r = invoke("verify", out, "--data", photos, "--workers", 0, "--preprocess", "torchvision", "--pooling", "max")
+    assert r.exit_code == 1 and "overridden by options" in r.stdout
+    # a .safetensors file carries its policy inside
+    st = tmp_path / "st.safetensors"
+    assert invoke("apply", ckpt, "--stats", stats, "-o", st, "--model", TINY["tiny"]).exit_code == 0
+    st.with_name("st.report.json").unlink()
+    r = invoke("verify", st, "--data", photos, "--workers", 0)
+    assert r.exit_code == 0 and "safetensors metadata" in r.stdout, r.output
 
 
 def test_include_classifier_normalizes_fc6_fc7_and_keeps_logits(photos, checkpoints, tmp_path):
@@ -104,8 +112,7 @@ def test_include_classifier_normalizes_fc6_fc7_and_keeps_logits(photos, checkpoi
     with torch.no_grad():
         y, y2 = models[0](x), models[1](x)
     torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5 * float(y.abs().max()))
-    # Random-weight fc units active on one of the 8 photos have means near 1e-6; re-measured in
-    # float32 after a 1e6x rescale they come back within about 1% (the conv layers within 1e-4).
+    # the default dead rule keeps only fc units float32 can normalize to verify's default tolerance
     r = invoke(
         "verify",
         out,
@@ -118,12 +125,12 @@ def test_include_classifier_normalizes_fc6_fc7_and_keeps_logits(photos, checkpoi
         "--workers",
         0,
         "--include-classifier",
-        "--means-tol",
-        0.02,
     )
     assert r.exit_code == 0 and "4 passed" in r.stdout, r.output
-    # without the flag, verify recomputes the conv-only fold, which is not this file
-    r = invoke("verify", out, "--original", ckpt, "--stats", stats)
+    # without the flag, verify checks as apply recorded; told otherwise, it recomputes the conv-only
+    # fold, which is not this file
+    assert invoke("verify", out, "--original", ckpt, "--stats", stats).exit_code == 0
+    r = invoke("verify", out, "--original", ckpt, "--stats", stats, "--no-include-classifier")
     assert r.exit_code == 1
 
 

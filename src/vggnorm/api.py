@@ -26,10 +26,9 @@ from torch import nn
 from vggnorm import data as data_mod
 from vggnorm.checks import check_fold, check_function, check_means, not_run
 from vggnorm.collect import ReluSums, images_of, measure, measure_files
-from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_EPS, DEFAULT_MEANS_TOL, DEFAULT_RTOL
-from vggnorm.device import resolve_device
+from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
 from vggnorm.layers import Site, find_topology
-from vggnorm.normalize import LayerScales, fold_state_dict, scales_from_stats
+from vggnorm.normalize import DeadRule, LayerScales, fold_state_dict, scales_from_stats
 from vggnorm.report import Report, layer_summary, measured_summary
 from vggnorm.stats import Stats
 
@@ -102,14 +101,14 @@ def measure_folder(
 
 
 def scales(
-    model: nn.Module, stats: Stats, *, eps: float = DEFAULT_EPS, include_classifier: bool = False
+    model: nn.Module, stats: Stats, *, rule: DeadRule = DeadRule(), include_classifier: bool = False
 ) -> dict[str, LayerScales]:
     """The per-filter scales of every site of ``model`` (1 for dead filters), checked against ``stats``."""
-    return scales_from_stats(stats, find_topology(model), eps=eps, include_classifier=include_classifier)
+    return scales_from_stats(stats, find_topology(model), rule=rule, include_classifier=include_classifier)
 
 
 def normalize_model(
-    model: nn.Module, stats: Stats, *, eps: float = DEFAULT_EPS, include_classifier: bool = False
+    model: nn.Module, stats: Stats, *, rule: DeadRule = DeadRule(), include_classifier: bool = False
 ) -> nn.Module:
     """A copy of ``model`` whose every live filter's mean ReLU activation on the measured data is 1.
 
@@ -117,7 +116,7 @@ def normalize_model(
     ``model`` itself is not modified.
     """
     topo = find_topology(model)
-    layer_scales = scales_from_stats(stats, topo, eps=eps, include_classifier=include_classifier)
+    layer_scales = scales_from_stats(stats, topo, rule=rule, include_classifier=include_classifier)
     folded = fold_state_dict(model.state_dict(), {n: s.scale for n, s in layer_scales.items()}, topo)
     out = copy.deepcopy(model)
     out.load_state_dict(folded)
@@ -131,7 +130,7 @@ def verify_models(
     *,
     batches: Iterable[Any] | None = None,
     probe: torch.Tensor | None = None,
-    eps: float = DEFAULT_EPS,
+    rule: DeadRule = DeadRule(),
     include_classifier: bool = False,
     rtol: float = DEFAULT_RTOL,
     means_tol: float = DEFAULT_MEANS_TOL,
@@ -139,7 +138,7 @@ def verify_models(
     """The four checks of SPEC section 4 on a pair of models: (a) activations, (b) outputs and
     (d) fold on ``probe`` (default: two seeded random 64x64 images), (c) the means re-measured on
     ``batches`` (not run without them)."""
-    layer_scales = scales(original, stats, eps=eps, include_classifier=include_classifier)
+    layer_scales = scales(original, stats, rule=rule, include_classifier=include_classifier)
     scale_t = {n: s.scale for n, s in layer_scales.items()}
     device = _device_of(normalized)
     x = probe if probe is not None else torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -157,8 +156,8 @@ def verify_models(
     else:
         means = measure_means(normalized, batches, include_classifier=include_classifier).means()
         dead = {n: s.dead for n, s in layer_scales.items()}
-        checks.append(check_means(means, dead, tol=means_tol, eps=eps))
-        measured = measured_summary(means, dead, eps=eps)
+        checks.append(check_means(means, dead, tol=means_tol, rule=rule))
+        measured = measured_summary(means, dead, rule=rule)
     return Report(
         type(normalized).__name__,
         type(normalized).__name__,
@@ -169,4 +168,4 @@ def verify_models(
     )
 
 
-__all__ = ["measure_folder", "measure_means", "normalize_model", "resolve_device", "scales", "verify_models"]
+__all__ = ["DeadRule", "measure_folder", "measure_means", "normalize_model", "scales", "verify_models"]

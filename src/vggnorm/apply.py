@@ -3,6 +3,7 @@ together, fold (``normalize.fold_state_dict``, pure), self-check, save, and writ
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -11,14 +12,14 @@ from pathlib import Path
 import torch
 
 import vggnorm
-from vggnorm.checkpoint import check_writable, save_state_dict
+from vggnorm.checkpoint import check_writable, save_state_dict, state_dict_bytes
 from vggnorm.checks import Check, check_function, not_run
-from vggnorm.defaults import DEFAULT_EPS
+from vggnorm.data import Preprocess
 from vggnorm.errors import StatsMismatchError, VggnormError
 from vggnorm.figures import have_matplotlib, plot_means
 from vggnorm.layouts import export_layout, to_torchvision_layout
-from vggnorm.models import build_model, infer_arch, load_model, topology
-from vggnorm.normalize import fold_state_dict, scales_from_stats
+from vggnorm.models import build_model, conv_names, infer_arch, load_model, topology
+from vggnorm.normalize import DeadRule, fold_state_dict, scales_from_stats
 from vggnorm.report import Report, layer_summary, report_paths, write_report
 from vggnorm.stats import Stats, now, read_stats
 from vggnorm.weights import Weights, resolve_weights
@@ -91,7 +92,7 @@ def apply_stats(
     features_only: bool = False,
     layout: str = "torchvision",
     include_classifier: bool = False,
-    eps: float = DEFAULT_EPS,
+    rule: DeadRule = DeadRule(),
     force: bool = False,
 ) -> ApplyResult:
     """Fold ``stats`` into ``checkpoint`` (a weight SPEC), self-check it, write it and its report.
@@ -101,16 +102,21 @@ def apply_stats(
     probe batch: the written tensors, loaded back, give ReLU outputs equal to the original's
     divided by the scales (and the same logits), under the statistics' pooling.
     ``include_classifier`` also normalizes the ReLUs after fc6 and fc7 (measured with
-    ``RunConfig.include_classifier``), compensating fc7 and fc8.
+    ``RunConfig.include_classifier``), compensating fc7 and fc8. ``rule`` decides which filters
+    are dead (left unscaled). The measurement policy and the rule are recorded with the output
+    (``recorded_policy``), so ``verify --data`` re-measures the same way without being told.
     """
     stats = read_stats(stats_path)
     arch = str(stats.attrs["arch"])
     output = Path(output) if output is not None else default_output(checkpoint, arch)
     json_path, md_path = report_paths(report_base(output))
     png_path = md_path.with_suffix(".png") if have_matplotlib() else None
-    for p in (output, json_path, md_path, *([png_path] if png_path else [])):
-        check_writable(p, force=force)
+    outputs = (output, json_path, md_path, *([png_path] if png_path else []))
+    inputs: list[str | os.PathLike[str]] = [stats_path, *([checkpoint] if os.path.exists(checkpoint) else [])]
+    for p in outputs:
+        check_writable(p, force=force, inputs=inputs)
     weights = weights_for(checkpoint, stats)
+    check_writable(output, force=force, inputs=inputs, size=state_dict_bytes(weights.state_dict))
     features_only = features_only or layout == "gatys" or weights.features_only
     if include_classifier and features_only:
         raise VggnormError(
@@ -118,7 +124,7 @@ def apply_stats(
             "--layout gatys, or features-only weights"
         )
     topo = topology(arch)
-    scales = scales_from_stats(stats, topo, eps=eps, include_classifier=include_classifier)
+    scales = scales_from_stats(stats, topo, rule=rule, include_classifier=include_classifier)
     scale_tensors = {n: s.scale for n, s in scales.items()}
     folded = fold_state_dict(weights.state_dict, scale_tensors, topo, features_only=features_only)
     exported = export_layout(folded, arch, layout)
@@ -143,7 +149,12 @@ def apply_stats(
         notes.append("no figure: install matplotlib (pip install 'vggnorm[plot]') for OUT.report.png")
     if layout == "gatys" and arch.endswith("_bn"):
         notes.append("BatchNorm folded into the convs (eval-mode statistics): the Gatys layout has no BatchNorm")
-    policy = {"preprocess": str(stats.attrs.get("preprocess", "torchvision")), "pooling": pooling}
+    policy = {
+        **Preprocess.from_attrs(stats.attrs).as_attrs(),
+        "rel_eps": rule.rel_eps,
+        "eps": rule.eps,
+        "include_classifier": include_classifier,
+    }
     report = Report(
         checkpoint=str(output),
         arch=arch,
@@ -153,21 +164,26 @@ def apply_stats(
             "original_sha256": weights.sha256,
             "stats": str(stats_path),
             "stats_images": stats.num_images,
-            "eps": eps,
+            "dead_rule": rule.describe(),
             "features_only": features_only,
             "layout": layout,
             "include_classifier": include_classifier,
-            **policy,
+            "policy": policy,
             "created": now(),
             "vggnorm_version": vggnorm.__version__,
             **({"note": "; ".join(notes)} if notes else {}),
         },
         layers=layer_summary(scales),
         figure=png_path.name if png_path else None,
+        names=conv_names(arch),
     )
     if not report.passed:
         failed = "; ".join(f"{c.name}: {c.figure} > {c.tolerance} ({c.detail})" for c in checks if c.status != "pass")
-        raise VggnormError(f"the folded checkpoint failed its self-check, nothing was written: {failed}")
+        raise VggnormError(
+            f"the folded checkpoint failed its self-check, nothing was written: {failed}; a nearly silent filter "
+            f"amplified beyond what float32 weights can hold is counted as dead with a larger --rel-eps (now "
+            f"{rule.rel_eps:g})"
+        )
     meta = {
         "vggnorm_version": vggnorm.__version__,
         "arch": arch,
@@ -176,8 +192,9 @@ def apply_stats(
         "include_classifier": str(include_classifier),
         "original_sha256": weights.sha256,
         "stats": str(stats_path),
-        "eps": str(eps),
-        **policy,
+        "preprocess": str(policy["preprocess"]),
+        "pooling": pooling,
+        "policy": json.dumps(policy),
     }
     save_state_dict(exported, output, force=force, metadata=meta)
     write_report(report, report_base(output), force=force)
@@ -189,7 +206,34 @@ def apply_stats(
             {n: sc.dead for n, sc in scales.items()},
             png_path,
             title=f"{arch}: {output.name}, {stats.num_images} images",
+            names=conv_names(arch),
             force=force,
             after_label="after (by construction: mean / scale)",
         )
     return ApplyResult(output, json_path, md_path, png_path, report, notes)
+
+
+def recorded_policy(checkpoint: Path) -> tuple[dict[str, object], str] | None:
+    """The measurement policy and dead rule ``apply`` recorded with ``checkpoint``, and where from:
+    the ``.safetensors`` metadata, or the report written beside a ``.pth`` (``OUT.report.json``)."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(checkpoint), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # an unreadable file is reported by the loader, with its reason
+            return None
+        if "policy" in meta:
+            return json.loads(meta["policy"]), f"{checkpoint} (safetensors metadata)"
+        return None
+    report = report_paths(report_base(checkpoint))[0]
+    if report.is_file():
+        try:
+            policy = json.loads(report.read_text()).get("inputs", {}).get("policy")
+        except (OSError, ValueError):
+            return None
+        if isinstance(policy, dict):
+            return policy, str(report)
+    return None

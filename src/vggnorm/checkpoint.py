@@ -3,57 +3,155 @@
 Loading never unpickles code (``weights_only=True``) and accepts the prefixes that
 ``nn.DataParallel`` (``module.``) and ``torch.compile`` (``_orig_mod.``) add. Saving goes to a
 temporary file in the destination folder and is renamed into place, so a crash never leaves a
-half-written file under the final name.
+half-written file under the final name; the file gets the mode ``open()`` would give it under the
+user's umask. An output is checked before any work: never one of the command's inputs (even with
+``--force``), in a writable folder with room for it. A full disk is an ``OSError`` naming the file
+(never a crash), and the previous file stays as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import pickle
+import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import IO, Any
 
 import torch
 
-from vggnorm.errors import CheckpointError, OutputExistsError
+from vggnorm.errors import CheckpointError, InvalidValuesError, OutputExistsError
 
 StateDict = dict[str, torch.Tensor]
 
 _PREFIXES = ("module.", "_orig_mod.")
 _WRAPPER_KEYS = ("state_dict", "model")
 
+log = logging.getLogger(__name__)
 
-def check_writable(path: Path, *, force: bool) -> None:
-    """Refuse early (before any long work) to overwrite ``path`` unless ``force``."""
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists already; pass --force to overwrite it, or choose another -o path")
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name one file (the same resolved path, or hard/sym links to it)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_writable(
+    path: Path, *, force: bool, inputs: Iterable[str | os.PathLike[str]] = (), size: int | None = None
+) -> None:
+    """Refuse early (before any long work) an output that cannot or must not be written.
+
+    It may not be one of ``inputs`` (even with ``force``), overwrite an existing file without
+    ``force``, be a folder, or lie in a missing or read-only folder; with ``size`` (bytes, where
+    known) the disk must have room. Temporary files left by a killed earlier run are removed.
+    """
+    path = Path(path)
+    for source in inputs:
+        if same_file(path, source):
+            raise OutputExistsError(
+                f"{path} is also an input of this command ({source}); vggnorm never writes over its inputs, even "
+                "with --force: choose another output path"
+            )
     if path.is_dir():
         raise OutputExistsError(f"{path} is a folder; give a file name with -o")
-    if not path.parent.is_dir():
-        raise OutputExistsError(f"the folder {path.parent} does not exist; create it first")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists already; pass --force to overwrite it, or choose another -o path")
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputExistsError(f"the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"cannot write in the folder {folder} (permission denied); choose another -o path")
+    if size is not None:
+        free = shutil.disk_usage(folder).free
+        if free < size:
+            raise OutputExistsError(
+                f"{path} needs about {size / 2**20:.0f} MB and {folder} has {free / 2**20:.0f} MB free; "
+                "free some space or choose another -o path"
+            )
+    remove_stale_temporaries(path)
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of ``path`` that killed runs left (``.NAME.PID.*.tmp`` of a PID
+    that is gone); report other ``.NAME.*.tmp`` files, which older versions left."""
+    prefix = _temporary_prefix(path)
+    for tmp in path.parent.glob(f"{prefix}*.tmp"):
+        pid_text = tmp.name[len(prefix) :].split(".", 1)[0]
+        if pid_text.isdigit() and not _running(int(pid_text)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                log.warning("removed %s, left by an interrupted earlier run", tmp)
+        elif not pid_text.isdigit():
+            log.warning("%s looks like the temporary file of an interrupted earlier run; delete it", tmp)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path, *, force: bool) -> Iterator[Path]:
+def atomic_write(path: Path, *, force: bool, inputs: Iterable[str | os.PathLike[str]] = ()) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    The file gets the mode a plain ``open()`` would give under the umask. On any exception (a full
+    disk included) the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    check_writable(path, force=force)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    check_writable(path, force=force, inputs=inputs)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{_temporary_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         if not force and path.exists():
             raise OutputExistsError(f"{path} appeared while vggnorm was writing it; pass --force to overwrite it")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class _RecordingFile:
+    """A file whose first write error is kept: torch.save reports a full disk as "unexpected pos"."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f: IO[bytes] = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
@@ -102,18 +200,41 @@ def load_state_dict(path: str | os.PathLike[str]) -> StateDict:
     return strip_prefixes(raw)
 
 
+def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse NaN or inf in any floating-point tensor, naming the first such tensor."""
+    for key, t in state_dict.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = ~torch.isfinite(t)
+            first = tuple(int(i) for i in torch.nonzero(bad)[0])
+            raise InvalidValuesError(
+                f"{source}: tensor {key} has {int(bad.sum())} non-finite value(s) (first at {first}: "
+                f"{float(t[first]) if first else float(t)}); no normalization can be computed from it: "
+                "check how the file was made"
+            )
+
+
+def state_dict_bytes(state_dict: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state_dict.values())
+
+
 def save_state_dict(
     state_dict: Mapping[str, torch.Tensor], path: Path, *, force: bool, metadata: Mapping[str, str] | None = None
 ) -> None:
     """Write ``state_dict`` atomically; ``.safetensors`` by extension (with ``metadata``), else torch.save."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    with atomic_write(path, force=force) as tmp:
+    with atomic_write(path, force=force) as tmp, open(tmp, "wb") as f:
         if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+            f.write(save(tensors, metadata=dict(metadata or {})))  # bytes: a full disk is a plain OSError
         else:
-            torch.save(tensors, tmp)
+            writer = _RecordingFile(f)
+            try:
+                torch.save(tensors, writer)  # type: ignore[arg-type]
+            except RuntimeError as e:
+                if writer.error is not None:
+                    raise writer.error from e
+                raise
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 from vggnorm.collect import relu_hooks
 from vggnorm.defaults import DEFAULT_MEANS_TOL, DEFAULT_RTOL
 from vggnorm.layers import Site, find_topology
-from vggnorm.normalize import live_filters
+from vggnorm.normalize import DeadRule
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
 
@@ -127,33 +127,55 @@ def check_means(
     dead: Mapping[str, list[int]] | None,
     *,
     tol: float = DEFAULT_MEANS_TOL,
-    eps: float,
+    rule: DeadRule = DeadRule(),
     detail: str = "",
+    scales: Mapping[str, torch.Tensor] | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> Check:
-    """(c) every live filter's re-measured mean ReLU activation is 1 within ``tol``."""
+    """(c) every live filter's re-measured mean ReLU activation is 1 within ``tol``.
+
+    ``dead`` lists each layer's dead filters (from the statistics); without it, ``rule`` decides on
+    the measured means (an audit). A failure names the worst filter -- its layer as
+    ``features.N (convB_I)`` with ``names``, its mean and, with ``scales``, its amplification -- and
+    the fix.
+    """
     desc = "re-measured mean ReLU activation of every live filter is 1"
-    worst_layer, worst, live, n_dead = "", -1.0, [], 0
+    worst: tuple[float, str, int] = (-1.0, "", -1)
+    live, n_dead = [], 0
     for name, mean in means.items():
-        mask = live_filters(mean, eps=eps) if dead is None else torch.ones_like(mean, dtype=torch.bool)
+        m = mean.double()
+        mask = rule.live(m) if dead is None else torch.ones_like(m, dtype=torch.bool)
         if dead is not None:
             mask[dead[name]] = False
         n_dead += int((~mask).sum())
         if mask.any():
-            dev = float((mean.double()[mask] - 1).abs().max())
-            live.append(mean.double()[mask])
-            if dev > worst or dev != dev:
-                worst_layer, worst = name, dev
+            dev = (m - 1).abs().masked_fill(~mask, -1.0).nan_to_num(nan=float("inf"))
+            i = int(dev.argmax())
+            live.append(m[mask])
+            if float(dev[i]) > worst[0]:
+                worst = (float(dev[i]), name, i)
     if not live:
         return Check("means", desc, FAIL, None, tol, "every filter is dead: nothing was measured")
     allv = torch.cat(live)
-    status = _status(worst, tol)
+    figure, layer, index = worst
+    figure = float("nan") if figure == float("inf") else figure
+    status = _status(figure, tol)
+    label = f"{layer} ({names[layer]})" if names and layer in names else layer
+    where = f"worst: {label} filter {index}, mean {float(means[layer][index]):.6g}"
+    if scales is not None and layer in scales:
+        where += f", amplified {1 / float(scales[layer][index]):.3g}x by its scale {float(scales[layer][index]):.3g}"
     summary = (
-        f"live filter means range {float(allv.min()):.6g} .. {float(allv.max()):.6g} (median {float(allv.median()):.6g}); "
-        f"worst layer {worst_layer}; {n_dead} dead filter(s) excluded"
+        f"live filter means range {float(allv.min()):.6g} .. {float(allv.max()):.6g} "
+        f"(median {float(allv.median()):.6g}); {where}; {n_dead} dead filter(s) excluded"
     )
-    if status == FAIL and float((allv - 1).abs().median()) > 10 * tol:
+    if status == FAIL and float((allv - 1).abs().median()) > max(10 * tol, 1e-2):
         summary = "NOT normalized: " + summary
-    return Check("means", desc, status, worst, tol, "; ".join(x for x in (summary, detail) if x))
+    elif status == FAIL and scales is not None:
+        summary += (
+            f"; float32 cannot normalize a nearly silent filter to {tol:g}: count it as dead with a larger "
+            f"--rel-eps (now {rule.rel_eps:g}), or measure and verify with --precision fp64"
+        )
+    return Check("means", desc, status, figure, tol, "; ".join(x for x in (summary, detail) if x))
 
 
 def check_fold(

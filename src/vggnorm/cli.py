@@ -25,6 +25,7 @@ from vggnorm.defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPS,
     DEFAULT_MEANS_TOL,
+    DEFAULT_REL_EPS,
     DEFAULT_RTOL,
     DEFAULT_WEIGHTS,
     LAYOUTS,
@@ -121,6 +122,29 @@ PREPROCESS_HELP = (
     "Caffe VGG (and Gatys' code) expects."
 )
 POOLING_HELP = "Measure with max pooling, or with average pooling as Gatys et al. synthesized."
+
+
+def _dead_rule_options(verify: bool) -> Callable[[F], F]:
+    """--rel-eps and --eps: the dead-filter rule (normalize.DeadRule); verify defaults to what apply recorded."""
+    default = " [default: as apply recorded, else {}]" if verify else ""
+    return options(
+        click.option(
+            "--rel-eps",
+            type=click.FloatRange(min=0),
+            default=None if verify else DEFAULT_REL_EPS,
+            show_default=not verify,
+            help="A filter whose mean is at most REL_EPS x its layer's median is dead: left unscaled (its "
+            "float32 activations could not be normalized to verify's precision) and listed."
+            + default.format(DEFAULT_REL_EPS),
+        ),
+        click.option(
+            "--eps",
+            type=click.FloatRange(min=0),
+            default=None if verify else DEFAULT_EPS,
+            show_default=not verify,
+            help="An absolute floor: a mean at most EPS is dead too." + default.format(DEFAULT_EPS),
+        ),
+    )
 
 
 def _policy_options(verify: bool) -> Callable[[F], F]:
@@ -220,8 +244,9 @@ def cli() -> None:
     type=click.Choice(PRECISIONS),
     default="fp32",
     show_default=True,
-    help="CUDA arithmetic: fp32 (TF32 off), tf32, bf16 or fp16 autocast (faster, less exact; see the "
-    "README). CPU runs fp32 only.",
+    help="Arithmetic of the forward pass. fp32 (TF32 off): means within ~1e-5 relative of a float64 "
+    "computation, more for nearly silent filters (see the README). fp64: a float64 forward pass, means equal "
+    "to float64 arithmetic (CPU: about 5x slower, 2x memory). CUDA only: tf32, bf16 or fp16 autocast (faster, less exact).",
 )
 @click.option(
     "--decode",
@@ -247,7 +272,7 @@ def compute_stats_cmd(
     """
     from vggnorm.compute import RunConfig, compute_stats
     from vggnorm.distributed import world_from_env
-    from vggnorm.normalize import live_filters
+    from vggnorm.normalize import DeadRule
 
     if model is not None:
         with user_errors():
@@ -263,17 +288,21 @@ def compute_stats_cmd(
         signal.signal(signal.SIGTERM, previous)
     if not world_from_env().is_main:
         return  # under torchrun, rank 0 reports
-    for path, reason in stats.skipped[:SHOWN_SKIPPED]:
-        click.echo(f"skipped {path}: {reason}", err=True)
-    if len(stats.skipped) > SHOWN_SKIPPED:
+    from vggnorm.data import printable
+
+    shown = 0 if logging.getLogger("vggnorm").isEnabledFor(logging.INFO) else SHOWN_SKIPPED  # -v logged each
+    for path, reason in stats.skipped[:shown]:
+        click.echo(f"skipped {printable(path)}: {reason}", err=True)
+    if shown and len(stats.skipped) > shown:
         click.echo(
             f"... and {len(stats.skipped) - SHOWN_SKIPPED} more (all listed in {output}, group skipped/)", err=True
         )
-    dead = {n: int((~live_filters(layer.mean)).sum()) for n, layer in stats.layers.items()}
+    rule = DeadRule()
+    dead = {n: int((~rule.live(layer.mean)).sum()) for n, layer in stats.layers.items()}
     click.echo(f"images: {stats.num_images} used, {len(stats.skipped)} skipped")
     click.echo(f"layers: {len(stats.layers)} ({', '.join(stats.layers)})")
     click.echo(
-        f"dead filters (mean <= {DEFAULT_EPS:g}): {sum(dead.values())}"
+        f"dead filters ({rule.describe()}; apply --rel-eps/--eps): {sum(dead.values())}"
         + "".join(f"; {n}: {d}" for n, d in dead.items() if d)
     )
     click.echo(f"wrote {output}")
@@ -310,17 +339,19 @@ def compute_stats_cmd(
     help="Also normalize the ReLUs after fc6 and fc7 (compensating fc7 and fc8; logits unchanged). "
     "Needs statistics measured with --include-classifier.",
 )
-@click.option(
-    "--eps",
-    type=click.FloatRange(min=0),
-    default=DEFAULT_EPS,
-    show_default=True,
-    help="Filters with mean <= eps are dead: left unscaled and listed.",
-)
+@_dead_rule_options(verify=False)
 @model_option
 @click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
 @verbose_option
-def apply_cmd(checkpoint: str, stats_path: Path, output: Path | None, model: str | None, **options: Any) -> None:
+def apply_cmd(
+    checkpoint: str,
+    stats_path: Path,
+    output: Path | None,
+    model: str | None,
+    rel_eps: float,
+    eps: float,
+    **options: Any,
+) -> None:
     """Fold the statistics into CKPT so every filter's mean ReLU activation becomes 1.
 
     CKPT is a weight SPEC as for compute-stats (a file, a torchvision weights name, random:SEED) and
@@ -330,11 +361,12 @@ def apply_cmd(checkpoint: str, stats_path: Path, output: Path | None, model: str
     Example: vggnorm apply vgg19.pth --stats vgg19-stats.h5 -o vgg19-normalized.pth
     """
     from vggnorm.apply import apply_stats
+    from vggnorm.normalize import DeadRule
 
     with user_errors():
         if model is not None:
             _import_model(model)
-        result = apply_stats(checkpoint, stats_path, output, **options)
+        result = apply_stats(checkpoint, stats_path, output, rule=DeadRule(rel_eps=rel_eps, eps=eps), **options)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     _echo_checks(result.report.checks)
@@ -375,23 +407,30 @@ def apply_cmd(checkpoint: str, stats_path: Path, output: Path | None, model: str
     type=click.FloatRange(min=0),
     default=DEFAULT_RTOL,
     show_default=True,
-    help="Tolerance (relative) for activations, logits and the fold.",
+    help="Relative tolerance of activations and logits (both networks run in float64 on the same input) "
+    "and of the fold (elementwise): what remains is the float32 rounding of the stored weights, ~1e-7.",
 )
 @click.option(
     "--means-tol",
     type=click.FloatRange(min=0),
     default=DEFAULT_MEANS_TOL,
     show_default=True,
-    help="Tolerance for |mean - 1| of every live filter.",
+    help="Tolerance of |mean - 1| for every live filter, re-measured in float32: filters kept live by the "
+    "dead rule re-measure within ~4e-4 of 1 on random weights (README, 'Tolerances').",
 )
-@click.option(
-    "--eps", type=click.FloatRange(min=0), default=DEFAULT_EPS, show_default=True, help="Dead-filter threshold."
-)
+@_dead_rule_options(verify=True)
 @_policy_options(verify=True)
 @click.option(
-    "--include-classifier",
-    is_flag=True,
-    help="NORMALIZED was made with apply --include-classifier: check the fc ReLUs too.",
+    "--include-classifier/--no-include-classifier",
+    default=None,
+    help="Check the fc ReLUs too (NORMALIZED was made with apply --include-classifier). [default: as apply recorded]",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(("fp32", "fp64")),
+    default="fp32",
+    show_default=True,
+    help="Arithmetic of the re-measurement (--data): fp64 re-measures in float64.",
 )
 @model_option
 @device_option
@@ -411,13 +450,19 @@ def verify_cmd(normalized: Path, model: str | None, **options: Any) -> None:
     Example: vggnorm verify vgg19-normalized.pth --original vgg19.pth --stats vgg19-stats.h5 --data val/
     """
     from vggnorm.checks import NOT_RUN, PASS
+    from vggnorm.errors import InvalidValuesError
     from vggnorm.report import report_paths
     from vggnorm.verify import verify_checkpoint
 
-    with user_errors(UsageFailure):
-        if model is not None:
-            _import_model(model)
-        result = verify_checkpoint(normalized, **options)
+    try:
+        with user_errors(UsageFailure):
+            if model is not None:
+                _import_model(model)
+            result = verify_checkpoint(normalized, **options)
+    except UsageFailure as e:
+        if isinstance(e.__cause__, InvalidValuesError):  # a bad file, not bad usage: it fails verification
+            raise click.ClickException(e.message) from e
+        raise
     if options["report"] is not None:
         json_path, md_path = report_paths(options["report"])
         click.echo(f"report: {md_path} ({json_path.name})")
@@ -425,9 +470,11 @@ def verify_cmd(normalized: Path, model: str | None, **options: Any) -> None:
         click.echo("measured means of live filters, per layer:")
         for m in result.measured:
             click.echo(
-                f"  {m['layer']:14} {m['live']:4}/{m['filters']:<4} min {m['min']:<10.4g} "
+                f"  {result.label(m['layer'], relu=True):24} {m['live']:4}/{m['filters']:<4} min {m['min']:<10.4g} "
                 f"median {m['median']:<10.4g} max {m['max']:.4g}"
             )
+    if "policy" in result.inputs and options["data"] is not None:
+        click.echo(f"measured with: {result.inputs['policy']}")
     _echo_checks(result.checks)
     ran = [c for c in result.checks if c.status != NOT_RUN]
     failed = [c for c in ran if c.status != PASS]

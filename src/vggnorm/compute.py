@@ -22,14 +22,14 @@ from tqdm import tqdm
 import vggnorm
 from vggnorm import data as data_mod
 from vggnorm import distributed
-from vggnorm.checkpoint import check_writable
+from vggnorm.checkpoint import check_writable, same_file
 from vggnorm.collect import ReluSums, measure
 from vggnorm.defaults import DEFAULT_ARCH, DEFAULT_BATCH_SIZE, DEFAULT_CHECKPOINT_SECONDS, DEFAULT_WEIGHTS
 from vggnorm.device import check_precision, describe, memory_format, resolve_device
 from vggnorm.distributed import World, world_from_env
-from vggnorm.errors import DataError, ResumeMismatchError, StatsFileError, VggnormError
+from vggnorm.errors import DataError, OutputExistsError, ResumeMismatchError, StatsFileError, VggnormError
 from vggnorm.layers import Site
-from vggnorm.models import load_model, topology
+from vggnorm.models import check_input_size, load_model, topology
 from vggnorm.stats import Stats, attr_differences, now, read_stats, write_stats
 from vggnorm.weights import resolve_weights
 
@@ -159,9 +159,9 @@ class StatsRun:
         """Account for one measured batch: its skipped files, the progress, a save when due."""
         for i, reason in batch.failures:
             if self.config.strict:
-                raise DataError(f"--strict: cannot use {self.plan.files[i]}: {reason}")
+                raise DataError(f"--strict: cannot use {data_mod.printable(self.plan.files[i])}: {reason}")
             self.skipped.append((str(self.plan.files[i]), reason))
-            log.info("skipped %s: %s", self.plan.files[i], reason)
+            log.info("skipped %s: %s", data_mod.printable(self.plan.files[i]), reason)
         self.num_images += len(batch.indices)
         self.position += batch.num_files
         self.batches_since += 1
@@ -229,7 +229,11 @@ def _resume_state(output: Path, attrs: dict[str, Any], world: World) -> Stats:
         raise StatsFileError(f"--resume: {output} is already complete ({initial.num_images} images); nothing to do")
     diffs = attr_differences(initial.attrs, attrs, RESUME_KEYS)
     if diffs:
-        raise ResumeMismatchError(f"--resume: {output} was started with other arguments or data: " + "; ".join(diffs))
+        explained = [_explain(d, initial.attrs, attrs) for d in diffs]
+        raise ResumeMismatchError(
+            f"--resume: {output} was started with other arguments or data: " + "; ".join(explained) + ". Resume with "
+            "the arguments and folder of the first run, or start over without --resume (with --force)"
+        )
     attrs["created"] = initial.attrs.get("created", attrs["created"])
     if world.is_main:
         return initial
@@ -239,6 +243,19 @@ def _resume_state(output: Path, attrs: dict[str, Any], world: World) -> Stats:
         for n, layer in initial.layers.items()
     }
     return Stats(layers, 0, initial.attrs, [], False, initial.position)
+
+
+def _explain(diff: str, old: dict[str, Any], new: dict[str, Any]) -> str:
+    """A difference as a user reads it: the folder's contents say how many files there were."""
+    if diff.startswith("dataset_fingerprint"):
+        before, now = old.get("dataset_num_files"), new.get("dataset_num_files")
+        change = f"{before} image files then, {now} now" if before != now else f"still {now} image files, but "
+        return (
+            f"the folder's contents changed since the run started ({change}"
+            + ("; files were added, removed, renamed or changed size" if before != now else "renamed or changed size")
+            + f") [{diff}]"
+        )
+    return diff
 
 
 def compute_stats(
@@ -263,9 +280,13 @@ def compute_stats(
         raise VggnormError("--shard and torchrun both split the files: use one or the other")
     if resume and not output.is_file():
         raise StatsFileError(f"--resume: {output} does not exist; run without --resume to start")
+    weight_files = [config.weights] if os.path.exists(config.weights) else []
     if not resume:
-        check_writable(output, force=force)
+        refuse_unfinished(output, force=force)
+        check_writable(output, force=force, inputs=weight_files)
     plan = plan_files(root, config, world)
+    if any(same_file(output, f) for f in plan.files if f.name == output.name):
+        raise VggnormError(f"{output} is one of the images under {root}; choose an output path outside the data")
     device = _device(config, world)
     check_precision(config.precision, device)
     data_mod.check_decode(config.decode, device)
@@ -280,6 +301,7 @@ def compute_stats(
     )
     if preprocess.crop > preprocess.resize:
         raise VggnormError(f"--crop {preprocess.crop} is larger than --resize {preprocess.resize}")
+    check_input_size(weights.arch, preprocess.crop)
     if config.include_classifier and weights.features_only:
         raise VggnormError(f"--include-classifier: {weights.spec} has no classifier (features-only weights)")
     topo = topology(weights.arch)
@@ -291,6 +313,8 @@ def compute_stats(
     model = load_model(
         weights.arch, weights.state_dict, device=device, memory_format=memory_format(device), pooling=preprocess.pooling
     )
+    if config.precision == "fp64":  # the forward pass in float64: means equal a float64 computation
+        model = model.double()
     del weights
     run = StatsRun(output, sites, attrs, plan, world=world, device=device, config=config, initial=initial, force=force)
     _stream(run, model, preprocess, progress=progress)
@@ -305,6 +329,22 @@ def compute_stats(
     if timings is not None:
         timings["stream"] = run.stream_seconds
     return final
+
+
+def refuse_unfinished(output: Path, *, force: bool) -> None:
+    """An unfinished run in ``output`` is continued with ``--resume``; say so rather than suggest ``--force``."""
+    if force or not output.is_file():
+        return
+    try:
+        previous = read_stats(output, allow_incomplete=True)
+    except VggnormError:
+        return  # not a statistics file: check_writable says it exists
+    if not previous.complete:
+        raise OutputExistsError(
+            f"{output} is an unfinished run ({previous.position} of {previous.attrs.get('num_files', '?')} files "
+            "done): continue it with the same command plus --resume, or start over with --force (its progress "
+            "is then lost)"
+        )
 
 
 def _device(config: RunConfig, world: World) -> torch.device:

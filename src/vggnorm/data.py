@@ -163,11 +163,22 @@ def find_images(root: str | os.PathLike[str]) -> list[Path]:
 
 
 def dataset_fingerprint(root: Path, files: list[Path]) -> str:
-    """sha256 over the relative paths and sizes: tells whether a folder's contents changed."""
+    """sha256 over the relative paths (their bytes: any name) and sizes: tells whether a folder's
+    contents changed. A broken symlink counts with size -1 (the loader skips it, naming it)."""
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.relative_to(root).as_posix()}\0{f.stat().st_size}\n".encode())
+        try:
+            size = f.stat().st_size
+        except OSError:
+            size = -1
+        h.update(os.fsencode(f.relative_to(root).as_posix()) + f"\0{size}\n".encode())
     return h.hexdigest()
+
+
+def printable(path: str | os.PathLike[str]) -> str:
+    """A file name as text that any terminal, log or HDF5 string takes: bytes that are not UTF-8
+    (``os.fsdecode``'s surrogates) are shown as ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def load_rgb(path: str | os.PathLike[str]) -> Image.Image:

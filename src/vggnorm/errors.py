@@ -35,5 +35,11 @@ class ResumeMismatchError(VggnormError):
     """``--resume`` with arguments or data that differ from the run being resumed."""
 
 
+class InvalidValuesError(VggnormError):
+    """Numbers no normalization can come from: NaN/inf weights, NaN/inf/negative means, empty counts.
+
+    A bad file, not bad usage: ``verify`` exits 1 on it, as on a failed check."""
+
+
 class OutputExistsError(VggnormError):
     """An output file that exists already; vggnorm overwrites only with ``--force``."""

@@ -23,7 +23,7 @@ def have_matplotlib() -> bool:
 
 
 def plot_means(
-    before: Mapping[str, torch.Tensor],
+    before: Mapping[str, torch.Tensor] | None,
     after: Mapping[str, torch.Tensor],
     dead: Mapping[str, list[int]],
     path: Path,
@@ -31,8 +31,10 @@ def plot_means(
     title: str,
     after_label: str,
     force: bool,
+    names: Mapping[str, str] | None = None,
 ) -> None:
-    """Scatter of every filter's mean per layer (log scale), before and after; dead filters in red.
+    """Scatter of every filter's mean per layer (log scale), before (if given) and after; dead
+    filters in red. Layers are labelled with their module path and, with ``names``, Gatys' name.
 
     Dead filters (mean 0 or <= eps) cannot sit on a log axis: they are drawn as red crosses on the
     bottom edge, with their count.
@@ -42,13 +44,22 @@ def plot_means(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(before)
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.55 * len(names) + 2), 7.5), sharex=True, sharey=True)
+    layers = list(after)
+    panels = [*([(before, "before (measured)")] if before is not None else []), (after, after_label)]
+    fig, axes = plt.subplots(
+        len(panels),
+        1,
+        figsize=(max(8, 0.55 * len(layers) + 2), 3.75 * len(panels) + 0.5),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+    )
+    axes = axes[:, 0]
     gen = torch.Generator().manual_seed(0)
-    for ax, values, label in ((axes[0], before, "before (measured)"), (axes[1], after, after_label)):
-        live_all = torch.cat([values[n].double()[values[n].double() > 0] for n in names])
+    for ax, (values, label) in zip(axes, panels, strict=True):
+        live_all = torch.cat([values[n].double()[values[n].double() > 0] for n in layers])
         floor = float(live_all.min()) / 3 if live_all.numel() else 1e-6
-        for x, name in enumerate(names):
+        for x, name in enumerate(layers):
             v = values[name].double()
             mask = torch.ones_like(v, dtype=torch.bool)
             mask[dead.get(name, [])] = False
@@ -65,7 +76,8 @@ def plot_means(
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_ylabel("filter mean ReLU activation")
         ax.set_title(label, fontsize=10, loc="left")
-    axes[1].set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ticks = [f"{n} ({names[n]})" if names and n in names else n for n in layers]
+    axes[-1].set_xticks(range(len(layers)), ticks, rotation=60, ha="right", fontsize=8)
     axes[0].scatter([], [], marker="x", color="tab:red", label="dead filters (count)")
     axes[0].legend(loc="upper right", fontsize=8)
     fig.suptitle(title, fontsize=11)

@@ -159,6 +159,41 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], arch: str, *, featu
         raise CheckpointError(f"the state_dict does not fit {arch}: " + "; ".join(parts))
 
 
+@functools.cache
+def min_input_size(arch: str) -> int:
+    """The smallest square input ``arch`` can take (its poolings must leave at least one position),
+    found by running it on the meta device (no memory, no arithmetic)."""
+    model = build_model(arch, device="meta").eval()
+
+    def fits(n: int) -> bool:
+        try:
+            with torch.no_grad():
+                model(torch.empty(1, 3, n, n, device="meta"))
+        except (RuntimeError, ValueError):
+            return False
+        return True
+
+    low, high = 0, 1  # low does not fit, high does
+    while not fits(high):
+        low, high = high, high * 2
+        if high > 4096:
+            return high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return high
+
+
+def check_input_size(arch: str, crop: int) -> None:
+    """Refuse, before any work, a crop the arch cannot take, saying the smallest it can."""
+    smallest = min_input_size(arch)
+    if crop < smallest:
+        raise VggnormError(
+            f"--crop {crop} is too small for {arch}: its pooling layers need inputs of at least {smallest}x{smallest}; "
+            f"use --crop {smallest} or more (and --resize at least as large)"
+        )
+
+
 def with_pooling(model: nn.Module, pooling: str) -> nn.Module:
     """``model`` with every max pooling replaced by average pooling of the same window (``"avg"``),
     as Gatys et al. synthesized; in place, the weights are the same."""

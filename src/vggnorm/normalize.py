@@ -7,26 +7,52 @@ float64 and cast back to each tensor's dtype (as ``torch.nn.utils.fusion`` does)
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from vggnorm.checkpoint import StateDict
-from vggnorm.defaults import DEFAULT_EPS
+from vggnorm.defaults import DEFAULT_EPS, DEFAULT_REL_EPS
 from vggnorm.errors import StatsMismatchError
 from vggnorm.layers import Topology
-from vggnorm.stats import Stats
+from vggnorm.stats import Stats, check_values
 
 
-def live_filters(mean: torch.Tensor, *, eps: float = DEFAULT_EPS) -> torch.Tensor:
-    """The dead-filter rule, the one predicate every stage uses: live where ``mean > eps`` (NaN: dead)."""
-    return mean.double() > eps
+@dataclass(frozen=True)
+class DeadRule:
+    """Which filters are dead: left unscaled (scale 1), listed, and excluded from the means check.
+
+    A filter is dead when its mean is at most ``max(eps, rel_eps * median)``, the median taken over
+    its layer's positive means: relative to its layer, because what float32 can normalize is a
+    filter's activation relative to its layer's scale (a filter at 1e-6 of its layer's median,
+    amplified a million times, re-measures 1e-3 or more away from 1). ``eps`` stays as an absolute
+    floor. The one predicate of the package: apply, verify, the report and the figure use it.
+    """
+
+    rel_eps: float = DEFAULT_REL_EPS
+    eps: float = DEFAULT_EPS
+
+    def threshold(self, mean: torch.Tensor) -> float:
+        positive = mean.double()[mean.double() > 0]
+        median = float(positive.median()) if positive.numel() else 0.0
+        return max(self.eps, self.rel_eps * median)
+
+    def live(self, mean: torch.Tensor) -> torch.Tensor:
+        """``(C,)`` bool: live where ``mean > threshold`` (a NaN mean is never live)."""
+        return mean.double() > self.threshold(mean)
+
+    def describe(self) -> str:
+        return f"mean <= max({self.eps:g}, {self.rel_eps:g} x the layer's median positive mean)"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rule": self.describe()}
 
 
-def scales_from_means(mean: torch.Tensor, *, eps: float = DEFAULT_EPS) -> torch.Tensor:
+def scales_from_means(mean: torch.Tensor, rule: DeadRule = DeadRule()) -> torch.Tensor:
     """``s[i] = mean[i]`` for a live filter, else 1 (a dead filter keeps its weights)."""
     mean = mean.double()
-    return torch.where(live_filters(mean, eps=eps), mean, torch.ones_like(mean))
+    return torch.where(rule.live(mean), mean, torch.ones_like(mean))
 
 
 def fold_state_dict(
@@ -96,10 +122,11 @@ class LayerScales:
     conv: str
     scale: torch.Tensor  # (C,) float64
     dead: list[int]
+    threshold: float = 0.0  # the dead rule's threshold for this layer (a mean at or below it is dead)
 
 
 def scales_from_stats(
-    stats: Stats, topology: Topology, *, eps: float = DEFAULT_EPS, include_classifier: bool = False
+    stats: Stats, topology: Topology, *, rule: DeadRule = DeadRule(), include_classifier: bool = False
 ) -> dict[str, LayerScales]:
     """Per-site scales from ``stats``, after checking the layers and channel counts match ``topology``.
 
@@ -119,6 +146,7 @@ def scales_from_stats(
             f"the statistics are for layers {list(stats.layers)[:3]}... ({len(stats.layers)} layers) but the "
             f"checkpoint has {expected[:3]}... ({len(expected)} layers); they belong to another architecture"
         )
+    check_values(stats.layers, "the statistics")
     out = {}
     for site in (*topology.sites, *(topology.fc_sites if include_classifier else ())):
         mean = stats.layers[site.conv].mean
@@ -126,6 +154,6 @@ def scales_from_stats(
             raise StatsMismatchError(
                 f"{site.conv}: the statistics have {mean.numel()} filters, the checkpoint {site.out_channels}"
             )
-        dead = torch.nonzero(~live_filters(mean, eps=eps)).flatten().tolist()
-        out[site.conv] = LayerScales(site.conv, scales_from_means(mean, eps=eps), dead)
+        dead = torch.nonzero(~rule.live(mean)).flatten().tolist()
+        out[site.conv] = LayerScales(site.conv, scales_from_means(mean, rule), dead, rule.threshold(mean))
     return out

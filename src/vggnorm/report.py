@@ -15,7 +15,7 @@ import torch
 
 from vggnorm.checkpoint import atomic_write
 from vggnorm.checks import PASS, Check
-from vggnorm.normalize import live_filters
+from vggnorm.normalize import DeadRule
 
 
 @dataclass
@@ -29,6 +29,14 @@ class Report:
     layers: list[dict[str, Any]] = field(default_factory=list)
     figure: str | None = None  # file name of the PNG beside the report
     measured: list[dict[str, Any]] = field(default_factory=list)  # per layer, the re-measured means
+    names: dict[str, str] = field(default_factory=dict)  # conv path -> Gatys name (conv1_1), where known
+
+    def label(self, path: str, *, relu: bool = False) -> str:
+        """``features.0 (conv1_1)``, or ``(relu1_1)`` for a ReLU output: the names users know."""
+        name = self.names.get(path)
+        if name is None:
+            return path
+        return f"{path} ({name.replace('conv', 'relu', 1) if relu else name})"
 
     @property
     def passed(self) -> bool:
@@ -66,7 +74,8 @@ class Report:
                 "| --- | --- | --- | --- | --- | --- |",
             ]
             lines += [
-                f"| {m['layer']} | {m['filters']} | {m['live']} | {m['min']:.4g} | {m['median']:.4g} | {m['max']:.4g} |"
+                f"| {self.label(m['layer'], relu=True)} | {m['filters']} | {m['live']} | {m['min']:.4g} | "
+                f"{m['median']:.4g} | {m['max']:.4g} |"
                 for m in self.measured
             ]
         if self.figure:
@@ -76,26 +85,33 @@ class Report:
                 "",
                 "## Scales per layer",
                 "",
-                "| layer | filters | min scale | median | max scale | dead filters |",
-                "| --- | --- | --- | --- | --- | --- |",
+                "| layer | filters | min scale | median | max scale | dead filters | near-dead kept (amplification) |",
+                "| --- | --- | --- | --- | --- | --- | --- |",
             ]
             for layer in self.layers:
                 dead = ", ".join(map(str, layer["dead"][:20])) + (" ..." if len(layer["dead"]) > 20 else "")
+                near = ", ".join(f"{f['filter']} ({f['amplification']:.3g}x)" for f in layer.get("near_dead", [])[:20])
                 lines.append(
-                    f"| {layer['conv']} | {layer['filters']} | {layer['min']:.4g} | {layer['median']:.4g} | "
-                    f"{layer['max']:.4g} | {len(layer['dead'])}{': ' + dead if dead else ''} |"
+                    f"| {self.label(layer['conv'])} | {layer['filters']} | {layer['min']:.4g} | {layer['median']:.4g} | "
+                    f"{layer['max']:.4g} | {len(layer['dead'])}{': ' + dead if dead else ''} | {near} |"
                 )
         return "\n".join(lines) + "\n"
 
 
+# a live filter is listed as near-dead when its mean is below this many times its layer's dead threshold
+NEAR_DEAD_FACTOR = 10.0
+
+
 def layer_summary(scales: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per layer: filter count, min/median/max scale over live filters, dead filter indices."""
+    """Per layer: filter count, min/median/max scale over live filters, dead filter indices, and the
+    live filters within ``NEAR_DEAD_FACTOR`` of the dead threshold with their amplification ``1 / s``."""
     out = []
     for name, ls in scales.items():
         s = ls.scale
         live = torch.ones_like(s, dtype=torch.bool)
         live[ls.dead] = False
         v = s[live] if live.any() else s
+        near = torch.nonzero(live & (s < NEAR_DEAD_FACTOR * ls.threshold)).flatten().tolist()
         out.append(
             {
                 "conv": name,
@@ -104,19 +120,21 @@ def layer_summary(scales: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "median": float(v.median()),
                 "max": float(v.max()),
                 "dead": list(ls.dead),
+                "dead_threshold": ls.threshold,
+                "near_dead": [{"filter": i, "mean": float(s[i]), "amplification": 1 / float(s[i])} for i in near],
             }
         )
     return out
 
 
 def measured_summary(
-    means: Mapping[str, torch.Tensor], dead: Mapping[str, list[int]] | None, *, eps: float
+    means: Mapping[str, torch.Tensor], dead: Mapping[str, list[int]] | None, *, rule: DeadRule = DeadRule()
 ) -> list[dict[str, Any]]:
     """Per layer: filter count, live filters, min/median/max of their measured means."""
     out = []
     for name, mean in means.items():
         m = mean.double()
-        live = live_filters(m, eps=eps) if dead is None else torch.ones_like(m, dtype=torch.bool)
+        live = rule.live(m) if dead is None else torch.ones_like(m, dtype=torch.bool)
         if dead is not None:
             live[dead[name]] = False
         v = m[live] if live.any() else torch.full((1,), float("nan"), dtype=torch.float64)

@@ -8,7 +8,9 @@ with plain ``h5py`` or ``h5dump``.
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,8 @@ import numpy as np
 import torch
 
 from vggnorm.checkpoint import atomic_write, check_writable
-from vggnorm.errors import StatsFileError, VggnormError
+from vggnorm.data import printable
+from vggnorm.errors import InvalidValuesError, StatsFileError, VggnormError
 
 FORMAT = "vggnorm.stats"
 FORMAT_VERSION = 1
@@ -77,35 +80,72 @@ def _attr(value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, str):
-        return str(value)  # plain str: version strings are str subclasses h5py cannot store
+        return printable(value)  # plain UTF-8 str: version strings are str subclasses h5py cannot store
     return value
 
 
 def write_stats(stats: Stats, path: Path, *, force: bool) -> None:
-    """Write ``stats`` to ``path`` atomically (temp file + rename)."""
-    with atomic_write(Path(path), force=force) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["format_version"] = FORMAT_VERSION
-        for key, value in stats.attrs.items():
-            f.attrs[key] = _attr(value)
-        f.attrs["num_images"] = stats.num_images
-        f.attrs["num_skipped"] = len(stats.skipped)
-        f.attrs["complete"] = stats.complete
-        f.attrs["position"] = stats.position
-        f.attrs["layer_order"] = json.dumps(stats.layer_order)
-        layers = f.create_group("layers")
-        for name, layer in stats.layers.items():
-            g = layers.create_group(name)
-            g.create_dataset("sum", data=layer.sum.double().cpu().numpy())
-            g.create_dataset("count", data=np.int64(layer.count))
-            g.create_dataset("mean", data=layer.mean.double().cpu().numpy())
-            g.attrs["relu"] = layer.relu
-            if layer.bn is not None:
-                g.attrs["bn"] = layer.bn
-        skipped = f.create_group("skipped")
-        str_dt = h5py.string_dtype()
-        skipped.create_dataset("path", data=np.array([p for p, _ in stats.skipped], dtype=object), dtype=str_dt)
-        skipped.create_dataset("reason", data=np.array([r for _, r in stats.skipped], dtype=object), dtype=str_dt)
+    """Write ``stats`` to ``path`` atomically (temp file + rename).
+
+    The HDF5 file is built in memory and its bytes written by Python: a full disk is then an
+    ``OSError`` like any other (h5py writing to disk itself crashed on one), and ``path`` stays intact.
+    """
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        _fill(f, stats)
+    with atomic_write(Path(path), force=force) as tmp:
+        tmp.write_bytes(buffer.getbuffer())
+
+
+def _fill(f: h5py.File, stats: Stats) -> None:
+    """Write the schema of the README ("The statistics file") into an open HDF5 file."""
+    f.attrs["format"] = FORMAT
+    f.attrs["format_version"] = FORMAT_VERSION
+    for key, value in stats.attrs.items():
+        f.attrs[key] = _attr(value)
+    f.attrs["num_images"] = stats.num_images
+    f.attrs["num_skipped"] = len(stats.skipped)
+    f.attrs["complete"] = stats.complete
+    f.attrs["position"] = stats.position
+    f.attrs["layer_order"] = json.dumps(stats.layer_order)
+    layers = f.create_group("layers")
+    for name, layer in stats.layers.items():
+        g = layers.create_group(name)
+        g.create_dataset("sum", data=layer.sum.double().cpu().numpy())
+        g.create_dataset("count", data=np.int64(layer.count))
+        g.create_dataset("mean", data=layer.mean.double().cpu().numpy())
+        g.attrs["relu"] = layer.relu
+        if layer.bn is not None:
+            g.attrs["bn"] = layer.bn
+    skipped = f.create_group("skipped")
+    str_dt, bytes_dt = h5py.string_dtype(), h5py.vlen_dtype(np.uint8)
+    paths = [p for p, _ in stats.skipped]
+    skipped.create_dataset("path", data=np.array([printable(p) for p in paths], dtype=object), dtype=str_dt)
+    skipped.create_dataset(
+        "reason", data=np.array([printable(r) for _, r in stats.skipped], dtype=object), dtype=str_dt
+    )
+    # the names' own bytes, for names that are not UTF-8 (``path`` shows those bytes as \\xNN)
+    raw = np.empty(len(paths), dtype=object)
+    raw[:] = [np.frombuffer(os.fsencode(p), dtype=np.uint8) for p in paths]
+    skipped.create_dataset("path_bytes", data=raw, dtype=bytes_dt)
+
+
+def check_values(layers: dict[str, LayerStats], source: str | Path) -> None:
+    """Refuse what no measurement of ReLU outputs gives: an empty count, a NaN, inf or negative mean."""
+    for name, layer in layers.items():
+        if layer.count <= 0:
+            raise InvalidValuesError(
+                f"{source}: layer {name} has count {layer.count}: it measured nothing; measure again"
+            )
+        mean = layer.mean
+        bad = ~torch.isfinite(mean) | (mean < 0)
+        if bool(bad.any()):
+            i = int(torch.nonzero(bad)[0])
+            raise InvalidValuesError(
+                f"{source}: layer {name}, filter {i}: mean {float(mean[i])} ({int(bad.sum())} such filter(s)); a mean "
+                "ReLU activation is finite and >= 0: the file is damaged or was edited; measure again with "
+                "`vggnorm compute-stats`"
+            )
 
 
 def _decode(value: Any) -> Any:
@@ -153,11 +193,15 @@ def read_stats(path: str | Path, *, allow_incomplete: bool = False) -> Stats:
                     count=int(g["count"][()]),
                 )
             paths = [_decode(p) for p in f["skipped/path"][()]] if "skipped" in f else []
+            if "skipped/path_bytes" in f:  # lossless, whatever the names' encoding
+                paths = [os.fsdecode(bytes(b)) for b in f["skipped/path_bytes"][()]]
             reasons = [_decode(r) for r in f["skipped/reason"][()]] if "skipped" in f else []
     except (KeyError, ValueError, TypeError) as e:
         raise StatsFileError(
             f"{path} is a damaged vggnorm statistics file ({type(e).__name__}: {e}); measure it again"
         ) from e
+    if complete:
+        check_values(layers, path)
     if not complete and not allow_incomplete:
         raise StatsFileError(
             f"{path} is an unfinished run ({position} of {attrs.get('num_files', '?')} files done); "
@@ -213,7 +257,7 @@ def merge_stats(inputs: list[Path], output: Path, *, force: bool = False) -> Sta
     Refuses, naming the conflict: a file given twice, an unfinished file, a file that is not a
     shard, shards of other models, weights, preprocessing or folders, overlapping or missing shards.
     """
-    check_writable(output, force=force)
+    check_writable(output, force=force, inputs=inputs)
     seen: set[Path] = set()
     for p in inputs:
         if p.resolve() in seen:

@@ -9,7 +9,7 @@ asked is a failure.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +17,17 @@ import torch
 from torch import nn
 
 from vggnorm import data as data_mod
-from vggnorm.apply import probe_input
-from vggnorm.checkpoint import StateDict, check_writable, load_state_dict
+from vggnorm.apply import probe_input, recorded_policy, report_base
+from vggnorm.checkpoint import StateDict, check_finite, check_writable, load_state_dict
 from vggnorm.checks import FAIL, Check, check_fold, check_function, check_means, not_run
 from vggnorm.collect import measure_files
-from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_EPS, DEFAULT_MEANS_TOL, DEFAULT_RTOL
-from vggnorm.device import memory_format, resolve_device
+from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_EPS, DEFAULT_MEANS_TOL, DEFAULT_REL_EPS, DEFAULT_RTOL
+from vggnorm.device import check_precision, memory_format, resolve_device
 from vggnorm.errors import CheckpointError, VggnormError
+from vggnorm.figures import have_matplotlib, plot_means
 from vggnorm.layouts import detect_layout, export_layout, to_torchvision_layout
-from vggnorm.models import infer_arch, is_features_only, load_model, topology
-from vggnorm.normalize import LayerScales, fold_state_dict, scales_from_stats
+from vggnorm.models import conv_names, infer_arch, is_features_only, load_model, topology
+from vggnorm.normalize import DeadRule, LayerScales, fold_state_dict, scales_from_stats
 from vggnorm.report import Report, layer_summary, measured_summary, report_paths, write_report
 from vggnorm.stats import Stats, read_stats
 from vggnorm.weights import Weights, resolve_weights
@@ -50,12 +51,66 @@ class Normalized:
     @classmethod
     def load(cls, path: Path) -> Normalized:
         raw = load_state_dict(path)
+        check_finite(raw, str(path))
         sd = to_torchvision_layout(raw)
         return cls(Path(path), raw, detect_layout(raw), sd, infer_arch(sd))
 
     @property
     def features_only(self) -> bool:
         return is_features_only(self.state_dict)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How verify measures, and where each part of that came from (said in the report and on stdout)."""
+
+    preprocess: data_mod.Preprocess
+    rule: DeadRule
+    include_classifier: bool
+    source: str
+
+    def describe(self) -> str:
+        p = self.preprocess
+        what = f"resize {p.resize}, crop {p.crop}, {p.preprocess} preprocessing, {p.pooling} pooling, decode {p.decode}"
+        return f"{what}; dead filters: {self.rule.describe()} (from {self.source})"
+
+
+def resolve_policy(
+    normalized_path: Path,
+    stats: Stats | None,
+    arch: str,
+    *,
+    rel_eps: float | None,
+    eps: float | None,
+    include_classifier: bool | None,
+    **given: Any,
+) -> Policy:
+    """The measurement policy: the statistics' (options may only repeat it); else the one ``apply``
+    recorded with the checkpoint, overridden by options; else the weights' defaults and the options.
+    The dead rule and ``include_classifier``: options, else what apply recorded, else the defaults."""
+    recorded = recorded_policy(normalized_path)
+    rec = recorded[0] if recorded else {}
+    if stats is not None:
+        preprocess = data_mod.Preprocess.from_attrs(stats.attrs)
+        for name, value in given.items():
+            if value is not None and value != getattr(preprocess, name):
+                raise VggnormError(
+                    f"--{name} {value} differs from the statistics' {name} {getattr(preprocess, name)}; "
+                    "leave it out: with --stats, verify measures as compute-stats did"
+                )
+        source = "the statistics file"
+    elif recorded:
+        preprocess = replace(data_mod.Preprocess.from_attrs(rec), **{k: v for k, v in given.items() if v is not None})
+        source = recorded[1] + (", overridden by options" if any(v is not None for v in given.values()) else "")
+    else:
+        preprocess = data_mod.default_preprocess(arch, **{k: v for k, v in given.items() if v is not None})
+        source = "defaults" + (" and options" if any(v is not None for v in given.values()) else "")
+    rule = DeadRule(
+        rel_eps=rel_eps if rel_eps is not None else float(rec.get("rel_eps", DEFAULT_REL_EPS)),  # type: ignore[arg-type]
+        eps=eps if eps is not None else float(rec.get("eps", DEFAULT_EPS)),  # type: ignore[arg-type]
+    )
+    fc = include_classifier if include_classifier is not None else bool(rec.get("include_classifier", False))
+    return Policy(preprocess, rule, fc, source)
 
 
 def verify_checkpoint(
@@ -67,12 +122,14 @@ def verify_checkpoint(
     limit: int | None = None,
     rtol: float = DEFAULT_RTOL,
     means_tol: float = DEFAULT_MEANS_TOL,
-    eps: float = DEFAULT_EPS,
+    rel_eps: float | None = None,
+    eps: float | None = None,
     resize: int | None = None,
     crop: int | None = None,
     preprocess: str | None = None,
     pooling: str | None = None,
-    include_classifier: bool = False,
+    include_classifier: bool | None = None,
+    precision: str = "fp32",
     device: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int | None = None,
@@ -83,36 +140,53 @@ def verify_checkpoint(
     """Check the invariants of SPEC section 4 that the given inputs allow; write ``report`` if given.
 
     The means are measured under the statistics' policy (preprocessing, pooling, decoder) when
-    ``stats_path`` is given, else the weights' default overridden by ``resize``, ``crop``,
-    ``preprocess``, ``pooling``. With ``data`` alone this audits any checkpoint. NORMALIZED may be
-    in torchvision's or Gatys' layout. ``include_classifier`` says that apply normalized the fc
-    ReLUs too: they are then checked like the convs' (the stats must have them).
+    ``stats_path`` is given, else under the one apply recorded with the checkpoint, else the
+    weights' default; ``resize``, ``crop``, ``preprocess``, ``pooling`` override the last two. With
+    ``data`` alone this audits any checkpoint. NORMALIZED may be in torchvision's or Gatys' layout.
+    ``include_classifier`` (default: as recorded) checks the fc ReLUs too. ``precision="fp64"``
+    re-measures in float64.
     """
     if original is None and data is None:
         raise VggnormError(
             "nothing to verify: pass --original (with --stats) to check the fold, and/or --data to measure the means"
         )
+    given: list[str | os.PathLike[str]] = [
+        normalized_path,
+        *([stats_path] if stats_path else []),
+        *([original] if original and os.path.exists(original) else []),
+        *(p for p in report_paths(report_base(normalized_path)) if p.exists()),  # apply's report: its policy
+    ]
     for p in report_paths(report) if report is not None else ():
-        check_writable(p, force=force)
+        check_writable(p, force=force, inputs=given)
     target = Normalized.load(normalized_path)
     dev = resolve_device(device)
+    check_precision(precision, dev)
     stats = read_stats(stats_path) if stats_path is not None else None
     weights = None
     if original is not None:
         weights = resolve_weights(original, arch=None if os.path.isfile(original) else target.arch)
-    arch = str(stats.attrs["arch"]) if stats is not None else weights.arch if weights is not None else target.arch
-    if arch != target.arch and not (target.layout == "gatys" and arch.removesuffix("_bn") == target.arch):
-        raise CheckpointError(f"{normalized_path} is a {target.arch}, but the statistics or --original are for {arch}")
-    if weights is not None and weights.arch != arch:
-        raise CheckpointError(f"--original {original} is a {weights.arch}, the statistics are for {arch}")
-    if include_classifier and target.features_only:
+    arch = _arch(target, stats, weights, original)
+    policy = resolve_policy(
+        normalized_path,
+        stats,
+        arch,
+        rel_eps=rel_eps,
+        eps=eps,
+        include_classifier=include_classifier,
+        resize=resize,
+        crop=crop,
+        preprocess=preprocess,
+        pooling=pooling,
+    )
+    if policy.include_classifier and target.features_only:
         raise VggnormError("--include-classifier: the checkpoint has no classifier")
-    policy = verify_policy(stats, arch, resize=resize, crop=crop, preprocess=preprocess, pooling=pooling)
     scales = None
     if stats is not None:
-        scales = scales_from_stats(stats, topology(arch), eps=eps, include_classifier=include_classifier)
+        scales = scales_from_stats(
+            stats, topology(arch), rule=policy.rule, include_classifier=policy.include_classifier
+        )
     model = load_model(
-        target.arch, target.state_dict, device=dev, memory_format=memory_format(dev), pooling=policy.pooling
+        target.arch, target.state_dict, device=dev, memory_format=memory_format(dev), pooling=policy.preprocess.pooling
     )
     files = data_mod.find_images(data)[:limit] if data is not None else []
     inputs: dict[str, Any] = {
@@ -122,6 +196,8 @@ def verify_checkpoint(
         "stats": str(stats_path) if stats_path else None,
         "data": str(data) if data else None,
         "device": str(dev),
+        "precision": precision,
+        "policy": policy.describe(),
     }
     mismatch = None
     if weights is not None:
@@ -129,17 +205,26 @@ def verify_checkpoint(
         if stats is not None and stats.attrs.get("weights_sha256") != weights.sha256:
             mismatch = f"the statistics were measured on other weights than {original} (sha256 differs)"
         checks = _against_original(
-            target, model, weights, stats, scales, files, policy, arch=arch, device=dev, rtol=rtol, mismatch=mismatch
+            target,
+            model,
+            weights,
+            scales,
+            files,
+            policy.preprocess,
+            arch=arch,
+            device=dev,
+            rtol=rtol,
+            mismatch=mismatch,
         )
     else:
         checks = [
             not_run(n, d, "needs --original")
             for n, d in (("activations", ACTIVATIONS_DESC), ("logits", LOGITS_DESC), ("fold", FOLD_DESC))
         ]
-    per_layer: list[dict[str, Any]] = []
+    measured: Stats | None = None
     if data is None:
         checks.append(not_run("means", MEANS_DESC, "needs --data"))
-    elif policy.decode == "gpu" and dev.type != "cuda":
+    elif policy.preprocess.decode == "gpu" and dev.type != "cuda":
         # asked for (--data) but cannot be measured as the statistics were: a failure, never a pass
         checks.append(
             Check(
@@ -152,32 +237,97 @@ def verify_checkpoint(
             )
         )
     else:
-        dead = _dead_by_normalized_path(arch, target.arch, scales, include_classifier) if mismatch is None else None
+        if precision == "fp64":
+            model = model.double()
         measured, skipped = measure_files(
             model,
             files,
-            policy,
-            _sites(target.arch, include_classifier),
+            policy.preprocess,
+            _sites(target.arch, policy.include_classifier),
             device=dev,
             batch_size=batch_size,
             workers=workers,
             progress=progress,
         )
+        dead = _by_normalized_path(arch, target.arch, scales, policy.include_classifier) if mismatch is None else None
         note = f"{measured.num_images} images from {data}" + (f", {len(skipped)} skipped" if skipped else "")
-        if stats is not None and data_mod.dataset_fingerprint(Path(data), files) != stats.attrs.get(
-            "dataset_fingerprint"
-        ):
+        if stats is not None and data_mod.dataset_fingerprint(data, files) != stats.attrs.get("dataset_fingerprint"):
             note += (
                 "; these are not the calibration images of the statistics, so means near (not exactly) 1 are expected"
             )
-        checks.append(check_means(measured.means(), dead, tol=means_tol, eps=eps, detail=note))
-        inputs["preprocess"] = policy.as_attrs()
-        per_layer = measured_summary(measured.means(), dead, eps=eps)
+        scale_t = _by_normalized_path(arch, target.arch, scales, policy.include_classifier, "scale")
+        checks.append(
+            check_means(
+                measured.means(),
+                dead,
+                tol=means_tol,
+                rule=policy.rule,
+                detail=note,
+                scales=scale_t,
+                names=conv_names(target.arch),
+            )
+        )
+        inputs["preprocess"] = policy.preprocess.as_attrs()
+    return _report(target, arch, checks, inputs, scales, measured, stats, policy, report=report, force=force)
+
+
+def _arch(target: Normalized, stats: Stats | None, weights: Weights | None, original: str | None) -> str:
+    """The arch the inputs agree on (a Gatys export of a ``_bn`` arch loads into its plain arch)."""
+    arch = str(stats.attrs["arch"]) if stats is not None else weights.arch if weights is not None else target.arch
+    if arch != target.arch and not (target.layout == "gatys" and arch.removesuffix("_bn") == target.arch):
+        raise CheckpointError(f"{target.path} is a {target.arch}, but the statistics or --original are for {arch}")
+    if weights is not None and weights.arch != arch:
+        raise CheckpointError(f"--original {original} is a {weights.arch}, the statistics are for {arch}")
+    return arch
+
+
+def _report(
+    target: Normalized,
+    arch: str,
+    checks: list[Check],
+    inputs: dict[str, Any],
+    scales: dict[str, LayerScales] | None,
+    measured: Stats | None,
+    stats: Stats | None,
+    policy: Policy,
+    *,
+    report: Path | None,
+    force: bool,
+) -> Report:
+    """The report; written (JSON, Markdown, and the figure of the re-measured means) when ``report`` is given."""
+    dead = _by_normalized_path(arch, target.arch, scales, policy.include_classifier)
+    per_layer = measured_summary(measured.means(), dead, rule=policy.rule) if measured is not None else []
+    png = report_paths(report)[1].with_suffix(".png") if report is not None and measured and have_matplotlib() else None
     result = Report(
-        str(normalized_path), arch, checks, inputs, layer_summary(scales) if scales else [], measured=per_layer
+        str(target.path),
+        arch,
+        checks,
+        inputs,
+        layer_summary(scales) if scales else [],
+        figure=png.name if png else None,
+        measured=per_layer,
+        names=conv_names(target.arch),
     )
-    if report is not None:
-        write_report(result, report, force=force)
+    if report is None:
+        return result
+    write_report(result, report, force=force)
+    if png is not None and measured is not None:
+        means = measured.means()
+        before = (
+            {b: stats.layers[a].mean for a, b in _pairs(arch, target.arch, policy.include_classifier)}
+            if stats
+            else None
+        )
+        plot_means(
+            before,
+            means,
+            dead or {n: torch.nonzero(~policy.rule.live(m)).flatten().tolist() for n, m in means.items()},
+            png,
+            title=f"{arch}: {target.path.name}, re-measured on {measured.num_images} images",
+            after_label="after (re-measured by verify)",
+            force=force,
+            names=conv_names(target.arch),
+        )
     return result
 
 
@@ -186,22 +336,27 @@ def _sites(arch: str, include_classifier: bool) -> list[Any]:
     return [*topo.sites, *(topo.fc_sites if include_classifier else ())]
 
 
-def _dead_by_normalized_path(
-    arch: str, model_arch: str, scales: dict[str, LayerScales] | None, include_classifier: bool
-) -> dict[str, list[int]] | None:
-    """The statistics' dead filters keyed by the normalized model's paths (they differ for a
-    BN-folded Gatys export); None without statistics (the means check then applies the rule)."""
+def _pairs(arch: str, model_arch: str, include_classifier: bool) -> list[tuple[str, str]]:
+    """(the statistics' path, the normalized model's path) of each site: they differ for a
+    BN-folded Gatys export of a ``_bn`` arch."""
+    sites = zip(_sites(arch, include_classifier), _sites(model_arch, include_classifier), strict=True)
+    return [(a.conv, b.conv) for a, b in sites]
+
+
+def _by_normalized_path(
+    arch: str, model_arch: str, scales: dict[str, LayerScales] | None, include_classifier: bool, what: str = "dead"
+) -> dict[str, Any] | None:
+    """Each site's dead filters (or ``what="scale"``: scales) keyed by the normalized model's paths;
+    None without statistics (the means check then applies the rule to the measured means)."""
     if scales is None:
         return None
-    pairs = zip(_sites(arch, include_classifier), _sites(model_arch, include_classifier), strict=True)
-    return {b.conv: scales[a.conv].dead for a, b in pairs}
+    return {b: getattr(scales[a], what) for a, b in _pairs(arch, model_arch, include_classifier)}
 
 
 def _against_original(
     target: Normalized,
     model: nn.Module,
     weights: Weights,
-    stats: Stats | None,
     scales: dict[str, LayerScales] | None,
     files: list[Path],
     policy: data_mod.Preprocess,
@@ -232,20 +387,6 @@ def _against_original(
         features_only=target.features_only,
     )
     return [*checks, check_fold(target.raw, export_layout(folded, arch, target.layout), rtol=rtol)]
-
-
-def verify_policy(stats: Stats | None, arch: str, **given: Any) -> data_mod.Preprocess:
-    """The statistics' measurement policy; options may only repeat it. Without stats: the options."""
-    if stats is None:
-        return data_mod.default_preprocess(arch, **{k: v for k, v in given.items() if v is not None})
-    policy = data_mod.Preprocess.from_attrs(stats.attrs)
-    for name, value in given.items():
-        if value is not None and value != getattr(policy, name):
-            raise VggnormError(
-                f"--{name} {value} differs from the statistics' {name} {getattr(policy, name)}; "
-                "leave it out: with --stats, verify measures as compute-stats did"
-            )
-    return policy
 
 
 def function_inputs(files: list[Path], preprocess: data_mod.Preprocess, n: int = 2) -> tuple[torch.Tensor, str]:

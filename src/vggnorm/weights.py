@@ -9,7 +9,9 @@ A weight SPEC is one of:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from vggnorm.checkpoint import StateDict, load_state_dict, state_dict_sha256
+from vggnorm.checkpoint import StateDict, check_finite, load_state_dict, state_dict_sha256
 from vggnorm.defaults import DEFAULT_ARCH, RANDOM_PREFIX
 from vggnorm.errors import CheckpointError, WeightsError
 from vggnorm.layouts import to_torchvision_layout
@@ -49,7 +51,8 @@ def _torchvision_weights(arch: str, name: str) -> StateDict:
         ) from None
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(entry.url)
     try:
-        return entry.get_state_dict(progress=False, check_hash=True)
+        with contextlib.redirect_stdout(sys.stderr):  # torchvision prints "Downloading ..." to stdout
+            return entry.get_state_dict(progress=False, check_hash=True)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
         raise WeightsError(
             f"could not load the {arch} {name} weights: they are not in torchvision's cache ({cached}) "
@@ -63,6 +66,13 @@ def random_state_dict(arch: str, seed: int) -> StateDict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(arch).state_dict()
+
+
+def _arch_of(state_dict: StateDict) -> str | None:
+    try:
+        return infer_arch(state_dict)
+    except CheckpointError:
+        return None
 
 
 def is_file_spec(spec: str) -> bool:
@@ -87,7 +97,16 @@ def resolve_weights(spec: str, *, arch: str | None) -> Weights:
             sd = to_torchvision_layout(load_state_dict(spec))
             arch = arch or infer_arch(sd)
             check_arch(arch)
-            check_state_dict(sd, arch, features_only=is_features_only(sd))
+            try:
+                check_state_dict(sd, arch, features_only=is_features_only(sd))
+            except CheckpointError:
+                actual = _arch_of(sd)
+                if actual is None:
+                    raise
+                flag = f"--model {actual}" if is_user_model(actual) else f"--arch {actual}"
+                raise WeightsError(
+                    f"{spec} holds {actual} weights (its keys and shapes fit {actual}), not {arch}; pass {flag}"
+                ) from None
         except CheckpointError as e:
             raise WeightsError(f"{spec}: {e}") from e
     else:
@@ -96,4 +115,5 @@ def resolve_weights(spec: str, *, arch: str | None) -> Weights:
         if is_user_model(arch):
             raise WeightsError(f"{spec!r} is not a file: a --model needs its weights as a file or random:SEED")
         sd = _torchvision_weights(arch, spec)
+    check_finite(sd, spec)
     return Weights(spec=spec, arch=arch, state_dict=sd, sha256=state_dict_sha256(sd))

@@ -1,0 +1,231 @@
+"""Never lose a user's data, never crash: each case of the red-team pass (issue 10) as a test."""
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import TINY
+from vggnorm.cli import cli
+from vggnorm.stats import read_stats
+
+MODEL = ["--model", TINY["tiny"]]
+SMALL = ["--resize", "40", "--crop", "32", "--workers", 0, "--no-progress"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(r, *words):
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr
+
+
+@pytest.fixture
+def run(photos, checkpoints, tmp_path):
+    """A finished compute-stats -> apply on the look-alike, in tmp_path."""
+    ckpt = tmp_path / "w.pth"
+    ckpt.write_bytes(checkpoints["tiny"].read_bytes())
+    stats, out = tmp_path / "s.h5", tmp_path / "n.pth"
+    assert invoke("compute-stats", photos, *MODEL, "--weights", ckpt, "-o", stats, *SMALL).exit_code == 0
+    assert invoke("apply", ckpt, "--stats", stats, "-o", out, *MODEL).exit_code == 0
+    return {"ckpt": ckpt, "stats": stats, "out": out}
+
+
+def test_an_output_is_never_one_of_the_inputs(run, photos, tmp_path):
+    ckpt, stats = run["ckpt"], run["stats"]
+    before = ckpt.read_bytes()
+    r = invoke("compute-stats", photos, *MODEL, "--weights", ckpt, "-o", ckpt, "--force", *SMALL)
+    one_line_error(r, "also an input", "even with --force")
+    r = invoke("apply", ckpt, "--stats", stats, "-o", stats, "--force", *MODEL)
+    one_line_error(r, "also an input")
+    r = invoke("apply", ckpt, "--stats", stats, "-o", ckpt, "--force", *MODEL)
+    one_line_error(r, "also an input")
+    os.link(ckpt, tmp_path / "hardlink.pth")  # the same file under another name
+    r = invoke("apply", ckpt, "--stats", stats, "-o", tmp_path / "hardlink.pth", "--force", *MODEL)
+    one_line_error(r, "also an input")
+    r = invoke("verify", run["out"], "--data", photos, "--report", tmp_path / "n", "--force", *MODEL)
+    assert r.exit_code == 0  # n.json / n.md are not inputs
+    # apply's report beside the checkpoint is an input too: verify reads the recorded policy from it
+    r = invoke("verify", run["out"], "--data", photos, "--report", tmp_path / "n.report", "--force", *MODEL)
+    assert r.exit_code == 2 and "also an input" in r.stderr
+    r = invoke("merge-stats", stats, "-o", stats, "--force")
+    one_line_error(r, "also an input")
+    assert ckpt.read_bytes() == before and read_stats(stats).num_images == 8
+
+
+def limited_file_size(limit):
+    def preexec():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return preexec
+
+
+def vggnorm_process(*args, preexec_fn=None):
+    return subprocess.run([sys.executable, "-m", "vggnorm", *map(str, args)], capture_output=True, text=True,
+                          preexec_fn=preexec_fn, timeout=300)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_write_that_fails_is_one_line_leaves_the_old_file_and_no_temporary(run, photos, tmp_path):
+    """The file system refusing a write (here: a file-size limit, as a full disk would) is one line,
+    exit 1; the file being replaced is intact and no temporary file is left."""
+    stats, ckpt = run["stats"], run["ckpt"]
+    old = stats.read_bytes()
+    r = vggnorm_process("compute-stats", photos, *MODEL, "--weights", ckpt, "-o", stats, "--force", *SMALL,
+                        preexec_fn=limited_file_size(4096))  # fmt: skip
+    assert r.returncode == 1 and "File too large" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert stats.read_bytes() == old
+    r = vggnorm_process("apply", ckpt, "--stats", stats, "-o", run["out"], "--force", *MODEL,
+                        preexec_fn=limited_file_size(4096))  # fmt: skip
+    assert r.returncode == 1 and "File too large" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_folder_that_cannot_be_written_is_refused_before_any_work(run, photos, tmp_path, monkeypatch):
+    import vggnorm.checkpoint
+
+    real = os.access
+    monkeypatch.setattr(vggnorm.checkpoint.os, "access", lambda p, mode: not str(p).endswith("ro") and real(p, mode))
+    (tmp_path / "ro").mkdir()  # as if mounted read-only (root ignores file modes, so the test cannot chmod)
+    measured = []
+    monkeypatch.setattr("vggnorm.compute._stream", lambda *a, **k: measured.append(1))
+    r = invoke("compute-stats", photos, *MODEL, "--weights", run["ckpt"], "-o", tmp_path / "ro" / "s.h5", *SMALL)
+    one_line_error(r, "cannot write in the folder", "ro")
+    assert not measured
+
+
+def test_broken_symlinks_unreadable_files_and_odd_names_are_skipped_and_recorded(photos, tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    for p in sorted(photos.iterdir())[:3]:
+        (d / p.name).write_bytes(p.read_bytes())
+    os.symlink(d / "missing.jpg", d / "broken.jpg")
+    odd = os.fsdecode(b"caf\xe9.jpg")  # Latin-1 bytes: not UTF-8
+    (d / odd).write_bytes(b"not an image")
+    good_odd = os.fsdecode(b"ph\xf6to.jpg")
+    (d / good_odd).write_bytes(next(iter(sorted(photos.iterdir()))).read_bytes())
+    r = invoke("compute-stats", d, *MODEL, "--weights", "random:0", "-o", tmp_path / "s.h5", *SMALL)
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    stats = read_stats(tmp_path / "s.h5")
+    assert stats.num_images == 4 and len(stats.skipped) == 2
+    assert {os.path.basename(p) for p, _ in stats.skipped} == {"broken.jpg", odd}  # the names' exact bytes
+    assert "caf\\xe9.jpg" in r.stderr
+
+
+def test_a_crop_the_arch_cannot_pool_is_refused_with_the_minimum(photos, tmp_path):
+    r = invoke("compute-stats", photos, "--arch", "vgg11", "--weights", "random:0", "-o", tmp_path / "s.h5",
+               "--resize", "16", "--crop", "16")  # fmt: skip
+    one_line_error(r, "--crop 16 is too small for vgg11", "at least 32x32")
+    r = invoke("compute-stats", photos, *MODEL, "--weights", "random:0", "-o", tmp_path / "s.h5", "--crop", "3")
+    one_line_error(r, "at least 4x4")
+    assert not (tmp_path / "s.h5").exists()
+
+
+def test_outputs_get_the_mode_of_the_umask(run, photos, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "m.pth"
+        assert invoke("apply", run["ckpt"], "--stats", run["stats"], "-o", out, *MODEL).exit_code == 0
+        assert stat.S_IMODE(out.stat().st_mode) == 0o644
+        assert stat.S_IMODE(out.with_name("m.report.json").stat().st_mode) == 0o644
+        os.umask(0o027)
+        assert invoke("apply", run["ckpt"], "--stats", run["stats"], "-o", out, "--force", *MODEL).exit_code == 0
+        assert stat.S_IMODE(out.stat().st_mode) == 0o640
+        s = tmp_path / "s2.h5"
+        assert invoke("compute-stats", photos, *MODEL, "--weights", run["ckpt"], "-o", s, *SMALL).exit_code == 0
+        assert stat.S_IMODE(s.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next(run, tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a PID that is gone
+    stale = tmp_path / f".x.pth.{dead.pid}.abc123.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    with caplog.at_level("WARNING", logger="vggnorm"):
+        r = invoke("apply", run["ckpt"], "--stats", run["stats"], "-o", tmp_path / "x.pth", *MODEL)
+    assert r.exit_code == 0 and not stale.exists() and "interrupted earlier run" in caplog.text
+
+
+def test_an_unfinished_file_suggests_resume_not_force(photos, run, tmp_path):
+    import h5py
+
+    with h5py.File(run["stats"], "r+") as f:
+        f.attrs["complete"] = False
+        f.attrs["position"] = 3
+    r = invoke("compute-stats", photos, *MODEL, "--weights", run["ckpt"], "-o", run["stats"], *SMALL)
+    one_line_error(r, "unfinished run (3 of 8 files done)", "--resume")
+
+
+def test_resume_on_a_changed_folder_says_what_changed(photos, run, tmp_path):
+    import h5py
+
+    d = tmp_path / "data"
+    d.mkdir()
+    for p in photos.iterdir():
+        (d / p.name).write_bytes(p.read_bytes())
+    s = tmp_path / "r.h5"
+    assert invoke("compute-stats", d, *MODEL, "--weights", run["ckpt"], "-o", s, *SMALL).exit_code == 0
+    with h5py.File(s, "r+") as f:
+        f.attrs["complete"] = False
+        f.attrs["position"] = 3
+    (d / "extra.jpg").write_bytes(next(iter(photos.iterdir())).read_bytes())
+    r = invoke("compute-stats", d, *MODEL, "--weights", run["ckpt"], "-o", s, *SMALL, "--resume")
+    assert r.exit_code == 1 and "8 image files then, 9 now" in r.stderr and "start over" in r.stderr
+
+
+def test_weights_of_another_arch_are_named(checkpoints, photos, tmp_path):
+    r = invoke("compute-stats", photos, "--arch", "vgg13", "--weights", checkpoints["vgg11"], "-o", tmp_path / "s.h5")
+    one_line_error(r, "holds vgg11 weights", "--arch vgg11")
+
+
+def test_help_and_usage_errors_do_not_import_torch():
+    probe = (
+        "import sys\nfrom vggnorm.cli import cli\n"
+        "for args in (['--help'], ['compute-stats', '--help'], ['apply', '--help'], ['verify', '--bad']):\n"
+        "    try:\n        cli(args)\n    except SystemExit:\n        pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip().endswith("NO TORCH"), r.stdout + r.stderr
+
+
+def test_verbose_works_after_the_command_and_logs_each_skipped_file_once(photos, tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "bad.jpg").write_bytes(b"junk")
+    (d / "good.jpg").write_bytes(next(iter(photos.iterdir())).read_bytes())
+    r = vggnorm_process("compute-stats", d, *MODEL, "--weights", "random:0", "-o", tmp_path / "s.h5", *SMALL, "-v")
+    assert r.returncode == 0, r.stderr
+    assert sum("bad.jpg" in line for line in r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_stdout_carries_results_only_when_torchvision_downloads(monkeypatch, tmp_path, photos):
+    import torchvision
+
+    def fake_download(self, progress, check_hash):
+        print("Downloading: https://download.pytorch.org/models/vgg11.pth")
+        raise OSError("offline")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", fake_download)
+    r = invoke("compute-stats", photos, "--arch", "vgg11", "-o", tmp_path / "s.h5", *SMALL)
+    assert r.exit_code == 1 and "Downloading" not in r.stdout and "--weights PATH" in r.stderr
+
+
+def test_the_declared_python_is_the_one_the_code_needs():
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'requires-python = ">=3.11"' in text  # datetime.UTC (stats.now) is 3.11+
+    assert sys.version_info >= (3, 11)
