@@ -87,10 +87,12 @@ def test_a_write_that_fails_is_one_line_leaves_the_old_file_and_no_temporary(run
                         preexec_fn=limited_file_size(4096))  # fmt: skip
     assert r.returncode == 1 and "File too large" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert stats.read_bytes() == old
-    r = vggnorm_process("apply", ckpt, "--stats", stats, "-o", run["out"], "--force", *MODEL,
+    r = vggnorm_process("apply", ckpt, "--stats", stats, "-o", tmp_path / "n2.pth", *MODEL,
                         preexec_fn=limited_file_size(4096))  # fmt: skip
     assert r.returncode == 1 and "File too large" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "nothing was written" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not (tmp_path / "n2.report.json").exists()
 
 
 def test_a_folder_that_cannot_be_written_is_refused_before_any_work(run, photos, tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 import vggnorm
-from vggnorm.checkpoint import check_writable, save_state_dict, state_dict_bytes
+from vggnorm.checkpoint import atomic_writes, check_writable, state_dict_bytes, write_state_dict
 from vggnorm.checks import Check, check_function, not_run
 from vggnorm.data import Preprocess
 from vggnorm.errors import StatsMismatchError, VggnormError
@@ -20,7 +20,7 @@ from vggnorm.figures import have_matplotlib, plot_means
 from vggnorm.layouts import export_layout, to_torchvision_layout
 from vggnorm.models import build_model, conv_names, infer_arch, load_model, topology
 from vggnorm.normalize import DeadRule, fold_state_dict, scales_from_stats
-from vggnorm.report import Report, layer_summary, report_paths, write_report
+from vggnorm.report import Report, layer_summary, report_paths
 from vggnorm.stats import Stats, now, read_stats
 from vggnorm.weights import Weights, resolve_weights
 
@@ -196,20 +196,21 @@ def apply_stats(
         "pooling": pooling,
         "policy": json.dumps(policy),
     }
-    save_state_dict(exported, output, force=force, metadata=meta)
-    write_report(report, report_base(output), force=force)
-    if png_path is not None:
-        before = {n: stats.layers[n].mean for n in scales}
-        plot_means(
-            before,
-            {n: before[n] / sc.scale for n, sc in scales.items()},
-            {n: sc.dead for n, sc in scales.items()},
-            png_path,
-            title=f"{arch}: {output.name}, {stats.num_images} images",
-            names=conv_names(arch),
-            force=force,
-            after_label="after (by construction: mean / scale)",
-        )
+    # the checkpoint and its report appear together or not at all
+    with atomic_writes(outputs, force=force, inputs=inputs) as temps:
+        write_state_dict(exported, temps[0], safetensors=output.suffix == ".safetensors", metadata=meta)
+        report.write(temps[1], temps[2])
+        if png_path is not None:
+            before = {n: stats.layers[n].mean for n in scales}
+            plot_means(
+                before,
+                {n: before[n] / sc.scale for n, sc in scales.items()},
+                {n: sc.dead for n, sc in scales.items()},
+                temps[3],
+                title=f"{arch}: {output.name}, {stats.num_images} images",
+                names=conv_names(arch),
+                after_label="after (by construction: mean / scale)",
+            )
     return ApplyResult(output, json_path, md_path, png_path, report, notes)
 
 

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 import torch
 
-from vggnorm.errors import CheckpointError, InvalidValuesError, OutputExistsError
+from vggnorm.errors import CheckpointError, InvalidValuesError, OutputExistsError, WriteError
 
 StateDict = dict[str, torch.Tensor]
 
@@ -115,25 +115,53 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path, *, force: bool, inputs: Iterable[str | os.PathLike[str]] = ()) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+def atomic_writes(
+    paths: Iterable[Path], *, force: bool, inputs: Iterable[str | os.PathLike[str]] = ()
+) -> Iterator[list[Path]]:
+    """Yield a temporary path beside each of ``paths``; rename them all into place if the block succeeds.
 
-    The file gets the mode a plain ``open()`` would give under the umask. On any exception (a full
-    disk included) the temporary file is removed and ``path`` is left as it was.
+    The outputs of one command appear together or not at all. Each file gets the mode a plain
+    ``open()`` would give under the umask. On any exception the temporary files are removed and
+    ``paths`` are left as they were; a refused write (a full disk, a read-only file system) becomes a
+    ``WriteError`` that says so.
     """
-    path = Path(path)
-    check_writable(path, force=force, inputs=inputs)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{_temporary_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    paths = [Path(p) for p in paths]
+    inputs = list(inputs)
+    for path in paths:
+        check_writable(path, force=force, inputs=inputs)
+    temps: list[Path] = []
     try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
-        if not force and path.exists():
-            raise OutputExistsError(f"{path} appeared while vggnorm was writing it; pass --force to overwrite it")
-        os.replace(tmp, path)
+        for path in paths:
+            fd, name = tempfile.mkstemp(
+                prefix=f"{_temporary_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=path.parent
+            )
+            os.close(fd)
+            temps.append(Path(name))
+        try:
+            yield temps
+        except OSError as e:
+            names = ", ".join(str(p) for p in paths)
+            raise WriteError(
+                f"could not write {names}: {e.strerror or e}; nothing was written, and any file of that name is "
+                "unchanged"
+            ) from e
+        mode = 0o666 & ~_umask()
+        for tmp, path in zip(temps, paths, strict=True):
+            os.chmod(tmp, mode)
+            if not force and path.exists():
+                raise OutputExistsError(f"{path} appeared while vggnorm was writing it; pass --force to overwrite it")
+        for tmp, path in zip(temps, paths, strict=True):
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, *, force: bool, inputs: Iterable[str | os.PathLike[str]] = ()) -> Iterator[Path]:
+    """``atomic_writes`` for one file."""
+    with atomic_writes([path], force=force, inputs=inputs) as (tmp,):
+        yield tmp
 
 
 class _RecordingFile:
@@ -221,9 +249,17 @@ def save_state_dict(
     state_dict: Mapping[str, torch.Tensor], path: Path, *, force: bool, metadata: Mapping[str, str] | None = None
 ) -> None:
     """Write ``state_dict`` atomically; ``.safetensors`` by extension (with ``metadata``), else torch.save."""
+    with atomic_write(path, force=force) as tmp:
+        write_state_dict(state_dict, tmp, safetensors=path.suffix == ".safetensors", metadata=metadata)
+
+
+def write_state_dict(
+    state_dict: Mapping[str, torch.Tensor], tmp: Path, *, safetensors: bool, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``state_dict`` to ``tmp`` (a temporary file of ``atomic_writes``); a full disk is an ``OSError``."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    with atomic_write(path, force=force) as tmp, open(tmp, "wb") as f:
-        if path.suffix == ".safetensors":
+    with open(tmp, "wb") as f:
+        if safetensors:
             from safetensors.torch import save
 
             f.write(save(tensors, metadata=dict(metadata or {})))  # bytes: a full disk is a plain OSError

@@ -41,5 +41,9 @@ class InvalidValuesError(VggnormError):
     A bad file, not bad usage: ``verify`` exits 1 on it, as on a failed check."""
 
 
+class WriteError(VggnormError):
+    """The file system refused a write (full disk, quota, I/O error, read-only): nothing was written."""
+
+
 class OutputExistsError(VggnormError):
     """An output file that exists already; vggnorm overwrites only with ``--force``."""

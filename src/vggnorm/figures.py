@@ -11,8 +11,6 @@ from pathlib import Path
 
 import torch
 
-from vggnorm.checkpoint import atomic_write
-
 
 def have_matplotlib() -> bool:
     try:
@@ -30,11 +28,11 @@ def plot_means(
     *,
     title: str,
     after_label: str,
-    force: bool,
     names: Mapping[str, str] | None = None,
 ) -> None:
     """Scatter of every filter's mean per layer (log scale), before (if given) and after; dead
     filters in red. Layers are labelled with their module path and, with ``names``, Gatys' name.
+    Writes ``path`` directly: callers write it through ``checkpoint.atomic_writes``.
 
     Dead filters (mean 0 or <= eps) cannot sit on a log axis: they are drawn as red crosses on the
     bottom edge, with their count.
@@ -82,6 +80,7 @@ def plot_means(
     axes[0].legend(loc="upper right", fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    with atomic_write(path, force=force) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, format="png", dpi=110)  # a temporary file of checkpoint.atomic_writes
+    finally:
+        plt.close(fig)

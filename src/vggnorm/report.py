@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vggnorm.checkpoint import atomic_write
+from vggnorm.checkpoint import atomic_writes
 from vggnorm.checks import PASS, Check
 from vggnorm.normalize import DeadRule
 
@@ -42,6 +42,10 @@ class Report:
     def passed(self) -> bool:
         ran = [c for c in self.checks if c.ran]
         return bool(ran) and all(c.status == PASS for c in ran)
+
+    def write(self, json_path: Path, md_path: Path) -> None:
+        json_path.write_text(self.to_json())
+        md_path.write_text(self.to_markdown())
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "passed": self.passed}, indent=2)
@@ -158,9 +162,8 @@ def report_paths(path: Path) -> tuple[Path, Path]:
 
 
 def write_report(report: Report, path: Path, *, force: bool) -> tuple[Path, Path]:
+    """``PATH.json`` and ``PATH.md``, atomically and together."""
     json_path, md_path = report_paths(path)
-    with atomic_write(json_path, force=force) as tmp:
-        tmp.write_text(report.to_json())
-    with atomic_write(md_path, force=force) as tmp:
-        tmp.write_text(report.to_markdown())
+    with atomic_writes([json_path, md_path], force=force) as (json_tmp, md_tmp):
+        report.write(json_tmp, md_tmp)
     return json_path, md_path

@@ -18,7 +18,7 @@ from torch import nn
 
 from vggnorm import data as data_mod
 from vggnorm.apply import probe_input, recorded_policy, report_base
-from vggnorm.checkpoint import StateDict, check_finite, check_writable, load_state_dict
+from vggnorm.checkpoint import StateDict, atomic_writes, check_finite, check_writable, load_state_dict
 from vggnorm.checks import FAIL, Check, check_fold, check_function, check_means, not_run
 from vggnorm.collect import measure_files
 from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_EPS, DEFAULT_MEANS_TOL, DEFAULT_REL_EPS, DEFAULT_RTOL
@@ -28,7 +28,7 @@ from vggnorm.figures import have_matplotlib, plot_means
 from vggnorm.layouts import detect_layout, export_layout, to_torchvision_layout
 from vggnorm.models import conv_names, infer_arch, is_features_only, load_model, topology
 from vggnorm.normalize import DeadRule, LayerScales, fold_state_dict, scales_from_stats
-from vggnorm.report import Report, layer_summary, measured_summary, report_paths, write_report
+from vggnorm.report import Report, layer_summary, measured_summary, report_paths
 from vggnorm.stats import Stats, read_stats
 from vggnorm.weights import Weights, resolve_weights
 
@@ -156,8 +156,10 @@ def verify_checkpoint(
         *([original] if original and os.path.exists(original) else []),
         *(p for p in report_paths(report_base(normalized_path)) if p.exists()),  # apply's report: its policy
     ]
-    for p in report_paths(report) if report is not None else ():
-        check_writable(p, force=force, inputs=given)
+    if report is not None:
+        figure = [report_paths(report)[1].with_suffix(".png")] if data is not None and have_matplotlib() else []
+        for p in [*report_paths(report), *figure]:
+            check_writable(p, force=force, inputs=given)
     target = Normalized.load(normalized_path)
     dev = resolve_device(device)
     check_precision(precision, dev)
@@ -310,24 +312,20 @@ def _report(
     )
     if report is None:
         return result
-    write_report(result, report, force=force)
-    if png is not None and measured is not None:
-        means = measured.means()
-        before = (
-            {b: stats.layers[a].mean for a, b in _pairs(arch, target.arch, policy.include_classifier)}
-            if stats
-            else None
-        )
-        plot_means(
-            before,
-            means,
-            dead or {n: torch.nonzero(~policy.rule.live(m)).flatten().tolist() for n, m in means.items()},
-            png,
-            title=f"{arch}: {target.path.name}, re-measured on {measured.num_images} images",
-            after_label="after (re-measured by verify)",
-            force=force,
-            names=conv_names(target.arch),
-        )
+    with atomic_writes([*report_paths(report), *([png] if png else [])], force=force) as temps:
+        result.write(temps[0], temps[1])
+        if png is not None and measured is not None:
+            means = measured.means()
+            pairs = _pairs(arch, target.arch, policy.include_classifier)
+            plot_means(
+                {b: stats.layers[a].mean for a, b in pairs} if stats else None,
+                means,
+                dead or {n: torch.nonzero(~policy.rule.live(m)).flatten().tolist() for n, m in means.items()},
+                temps[2],
+                title=f"{arch}: {target.path.name}, re-measured on {measured.num_images} images",
+                after_label="after (re-measured by verify)",
+                names=conv_names(target.arch),
+            )
     return result
 
 
