@@ -144,23 +144,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(photos, tmp_path, s
             (d / f"{k}_{p.name}").write_bytes(p.read_bytes())
     fifo = d / "zz_pipe.jpg"
     os.mkfifo(fifo)
-    args = [
-        "compute-stats",
-        d,
-        "--model",
-        TINY["tiny"],
-        "--weights",
-        "random:0",
-        "--resize",
-        "128",
-        "--crop",
-        "112",
-        "--workers",
-        0,
-        "--batch-size",
-        2,
-        "--no-progress",
-    ]
+    options = "--weights random:0 --resize 128 --crop 112 --workers 0 --batch-size 2 --no-progress"
+    args = ["compute-stats", d, "--model", TINY["tiny"], *options.split()]
     out = tmp_path / "part.h5"
     code, _, stderr = run_until_checkpoint([*args, "-o", out, "--checkpoint-every", 1], out, sig)
     partial = read_stats(out, allow_incomplete=True)

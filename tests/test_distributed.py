@@ -14,21 +14,8 @@ import pytest
 from conftest import TINY
 from vggnorm.stats import read_stats
 
-ARGS = [
-    "--model",
-    TINY["tiny"],
-    "--weights",
-    "random:0",
-    "--resize",
-    "128",
-    "--crop",
-    "112",
-    "--workers",
-    "0",
-    "--batch-size",
-    "1",
-    "--no-progress",
-]
+OPTIONS = "--weights random:0 --resize 128 --crop 112 --workers 0 --batch-size 1 --no-progress"
+ARGS = ["--model", TINY["tiny"], *OPTIONS.split()]
 
 
 def vggnorm(*args, nproc=None, **kwargs):

@@ -75,8 +75,21 @@ def test_keeping_near_dead_filters_fails_with_a_message_that_names_them(photos16
     r = invoke("apply", checkpoints[key], "--stats", stats, "-o", out, "--rel-eps", 0, "--eps", 0, *model)
     assert r.exit_code == 0, r.output
     assert "rel_eps" in (tmp_path / "n.report.json").read_text()
-    r = invoke("verify", out, "--original", checkpoints[key], "--stats", stats, "--data", photos16, "--workers", 0,
-               "--means-tol", 1e-9, *model)  # fmt: skip
+    r = invoke(
+        "verify",
+        out,
+        "--original",
+        checkpoints[key],
+        "--stats",
+        stats,
+        "--data",
+        photos16,
+        "--workers",
+        0,
+        "--means-tol",
+        1e-9,
+        *model,
+    )
     assert r.exit_code == 1
     line = next(x for x in r.stdout.splitlines() if x.startswith("FAIL") and "means" in x)
     assert "(conv" in line and "filter" in line and "amplified" in line and "--rel-eps" in line and "fp64" in line
@@ -184,8 +197,14 @@ def test_a_filter_float32_cannot_normalize_is_dead_by_default(near_dead, photos1
     assert 1e-6 < float(mean[0]) < 1e-3 * float(mean.median())  # live by the absolute eps, dead by the layer
     r = invoke("apply", near_dead, "--stats", stats, "-o", out, *model)
     assert r.exit_code == 0 and "dead filters left unscaled" in r.stdout, r.output
-    assert 0 in next(x for x in __import__("json").loads(out.with_name("n.report.json").read_text())["layers"]
-                     if x["conv"] == "features.3")["dead"]  # fmt: skip
+    assert (
+        0
+        in next(
+            x
+            for x in __import__("json").loads(out.with_name("n.report.json").read_text())["layers"]
+            if x["conv"] == "features.3"
+        )["dead"]
+    )
     r = invoke("verify", out, "--original", near_dead, "--stats", stats, "--data", photos16, "--workers", 0, *model)
     assert r.exit_code == 0, r.output
     # the absolute rule alone keeps it: its folded float32 weights cannot even hold its function

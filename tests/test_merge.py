@@ -11,21 +11,8 @@ from vggnorm.cli import cli
 from vggnorm.stats import read_stats
 
 # batch size 1: each image's float32 partial sums are then the same whichever shard it lands in
-BASE = [
-    "--model",
-    TINY["tiny"],
-    "--weights",
-    "random:0",
-    "--resize",
-    "40",
-    "--crop",
-    "32",
-    "--workers",
-    0,
-    "--batch-size",
-    1,
-    "--no-progress",
-]
+OPTIONS = "--weights random:0 --resize 40 --crop 32 --workers 0 --batch-size 1 --no-progress"
+BASE = ["--model", TINY["tiny"], *OPTIONS.split()]
 
 
 def invoke(*args):

@@ -73,8 +73,13 @@ def limited_file_size(limit):
 
 
 def vggnorm_process(*args, preexec_fn=None):
-    return subprocess.run([sys.executable, "-m", "vggnorm", *map(str, args)], capture_output=True, text=True,
-                          preexec_fn=preexec_fn, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "vggnorm", *map(str, args)],
+        capture_output=True,
+        text=True,
+        preexec_fn=preexec_fn,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
@@ -83,12 +88,23 @@ def test_a_write_that_fails_is_one_line_leaves_the_old_file_and_no_temporary(run
     exit 1; the file being replaced is intact and no temporary file is left."""
     stats, ckpt = run["stats"], run["ckpt"]
     old = stats.read_bytes()
-    r = vggnorm_process("compute-stats", photos, *MODEL, "--weights", ckpt, "-o", stats, "--force", *SMALL,
-                        preexec_fn=limited_file_size(4096))  # fmt: skip
+    r = vggnorm_process(
+        "compute-stats",
+        photos,
+        *MODEL,
+        "--weights",
+        ckpt,
+        "-o",
+        stats,
+        "--force",
+        *SMALL,
+        preexec_fn=limited_file_size(4096),
+    )
     assert r.returncode == 1 and "File too large" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert stats.read_bytes() == old
-    r = vggnorm_process("apply", ckpt, "--stats", stats, "-o", tmp_path / "n2.pth", *MODEL,
-                        preexec_fn=limited_file_size(4096))  # fmt: skip
+    r = vggnorm_process(
+        "apply", ckpt, "--stats", stats, "-o", tmp_path / "n2.pth", *MODEL, preexec_fn=limited_file_size(4096)
+    )
     assert r.returncode == 1 and "File too large" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert "nothing was written" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -127,8 +143,20 @@ def test_broken_symlinks_unreadable_files_and_odd_names_are_skipped_and_recorded
 
 
 def test_a_crop_the_arch_cannot_pool_is_refused_with_the_minimum(photos, tmp_path):
-    r = invoke("compute-stats", photos, "--arch", "vgg11", "--weights", "random:0", "-o", tmp_path / "s.h5",
-               "--resize", "16", "--crop", "16")  # fmt: skip
+    r = invoke(
+        "compute-stats",
+        photos,
+        "--arch",
+        "vgg11",
+        "--weights",
+        "random:0",
+        "-o",
+        tmp_path / "s.h5",
+        "--resize",
+        "16",
+        "--crop",
+        "16",
+    )
     one_line_error(r, "--crop 16 is too small for vgg11", "at least 32x32")
     r = invoke("compute-stats", photos, *MODEL, "--weights", "random:0", "-o", tmp_path / "s.h5", "--crop", "3")
     one_line_error(r, "at least 4x4")

@@ -30,32 +30,13 @@ from vggnorm.distributed import World, world_from_env
 from vggnorm.errors import DataError, OutputExistsError, ResumeMismatchError, StatsFileError, VggnormError
 from vggnorm.layers import Site
 from vggnorm.models import check_input_size, load_model, topology
-from vggnorm.stats import Stats, attr_differences, now, read_stats, write_stats
+from vggnorm.stats import MEASUREMENT_KEYS, Stats, attr_differences, now, read_stats, write_stats
 from vggnorm.weights import resolve_weights
 
 log = logging.getLogger(__name__)
 
 # Attributes that must be equal for --resume to continue a run.
-RESUME_KEYS = (
-    "arch",
-    "weights",
-    "weights_sha256",
-    "resize",
-    "crop",
-    "interpolation",
-    "mean",
-    "std",
-    "preprocess",
-    "pooling",
-    "include_classifier",
-    "dataset_fingerprint",
-    "shard",
-    "world_size",
-    "num_files",
-    "limit",
-    "precision",
-    "decode",
-)
+RESUME_KEYS = (*MEASUREMENT_KEYS, "weights", "dataset_fingerprint", "shard", "world_size", "num_files", "limit")
 
 
 @dataclass(frozen=True)

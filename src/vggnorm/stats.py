@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vggnorm.checkpoint import atomic_write, check_writable
-from vggnorm.data import printable
+from vggnorm.data import Preprocess, printable
 from vggnorm.errors import InvalidValuesError, StatsFileError, VggnormError
 
 FORMAT = "vggnorm.stats"
@@ -231,24 +231,10 @@ def attr_differences(
     return diffs
 
 
+# What makes two measurements the same measurement: the model, the weights, the policy.
+MEASUREMENT_KEYS = ("arch", "weights_sha256", *Preprocess.__dataclass_fields__, "include_classifier", "precision")
 # Attributes every shard of one measurement shares; a difference names a foreign shard.
-MERGE_KEYS = (
-    "arch",
-    "weights_sha256",
-    "resize",
-    "crop",
-    "interpolation",
-    "mean",
-    "std",
-    "preprocess",
-    "pooling",
-    "include_classifier",
-    "dataset_fingerprint",
-    "dataset_num_files",
-    "limit",
-    "precision",
-    "decode",
-)
+MERGE_KEYS = (*MEASUREMENT_KEYS, "dataset_fingerprint", "dataset_num_files", "limit")
 
 
 def merge_stats(inputs: list[Path], output: Path, *, force: bool = False) -> Stats:
