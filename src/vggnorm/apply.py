@@ -141,7 +141,7 @@ def apply_stats(
         scale_tensors,
         probe_input(crop),
         logits=not features_only,
-        inputs=f"2 seeded random inputs at {crop}x{crop}, {pooling} pooling",
+        inputs=f"2 seeded random inputs (seed 0) at {crop}x{crop}, {pooling} pooling",
     )
     checks.append(check_loads(exported, arch, features_only=features_only))
     notes = []

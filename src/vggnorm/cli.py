@@ -435,10 +435,24 @@ def apply_cmd(
 @model_option
 @device_option
 @loader_options
-@click.option("--force", is_flag=True, help="Overwrite an existing report.")
+@click.option(
+    "--junit-xml",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the checks as JUnit XML (a test case per check and per layer), for CI systems.",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(("text", "json")),
+    default="text",
+    show_default=True,
+    help="stdout: text for people, or json (the report, as --report writes it) for scripts.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing report or JUnit file.")
 @progress_option
 @verbose_option
-def verify_cmd(normalized: Path, model: str | None, **options: Any) -> None:
+def verify_cmd(normalized: Path, model: str | None, output_format: str, **options: Any) -> None:
     """Check that NORMALIZED is the correct normalization. Exit 0: all checks run passed; 1: a check
     failed (or none could run); 2: bad usage.
 
@@ -463,6 +477,9 @@ def verify_cmd(normalized: Path, model: str | None, **options: Any) -> None:
         if isinstance(e.__cause__, InvalidValuesError):  # a bad file, not bad usage: it fails verification
             raise click.ClickException(e.message) from e
         raise
+    if output_format == "json":
+        click.echo(result.to_json())
+        sys.exit(0 if result.passed else 1)
     if options["report"] is not None:
         json_path, md_path = report_paths(options["report"])
         click.echo(f"report: {md_path} ({json_path.name})")

@@ -95,8 +95,8 @@ def fold_state_dict(
     if topology.classifier is not None and prev is not None:
         key = f"{topology.classifier}.weight"
         fc = state_dict[key]  # (out, C_L * P), input index j = c * P + p
-        repeat = prev.repeat_interleave(topology.positions_per_channel)  # (C_L * P,)
-        out[key] = (fc.double() * repeat.view(1, -1)).to(fc.dtype)
+        repeat = prev.repeat_interleave(topology.positions_per_channel).view(1, -1)  # (1, C_L * P)
+        out[key] = _scale_rows_chunked(fc, repeat)
     prev_fc: torch.Tensor | None = None
     last = None
     for site in topology.fc_sites:
@@ -112,6 +112,15 @@ def fold_state_dict(
     if prev_fc is not None and last is not None:
         head = f"{topology.next_linear(last)}.weight"
         out[head] = (state_dict[head].double() * prev_fc.view(1, -1)).to(state_dict[head].dtype)
+    return out
+
+
+def _scale_rows_chunked(w: torch.Tensor, factor: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """``(w.double() * factor).to(w.dtype)``, a block of rows at a time: the same numbers, without
+    a float64 copy of the whole matrix (VGG's first Linear is 100M+ weights)."""
+    out = torch.empty_like(w)
+    for i in range(0, w.shape[0], rows):
+        out[i : i + rows] = (w[i : i + rows].double() * factor).to(w.dtype)
     return out
 
 

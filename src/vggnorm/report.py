@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from vggnorm.checkpoint import atomic_writes
-from vggnorm.checks import PASS, Check
+from vggnorm.checks import FAIL, NOT_RUN, PASS, Check
 from vggnorm.normalize import DeadRule
 
 
@@ -42,6 +42,41 @@ class Report:
     def passed(self) -> bool:
         ran = [c for c in self.checks if c.ran]
         return bool(ran) and all(c.status == PASS for c in ran)
+
+    def to_junit(self) -> str:
+        """The checks as JUnit XML, the format pytest's ``--junitxml`` writes and CI systems read: a
+        test case per check, and one per layer (or tensor) of a check that measured layers, so a
+        failure names its layer. Checks that did not run are skipped."""
+        import xml.etree.ElementTree as ET
+
+        suites = ET.Element("testsuites")
+        suite = ET.SubElement(suites, "testsuite", name="vggnorm verify")
+        counts = {"tests": 0, "failures": 0, "skipped": 0}
+
+        def case(name: str, classname: str, status: str, message: str, text: str) -> None:
+            element = ET.SubElement(suite, "testcase", classname=classname, name=name, time="0")
+            counts["tests"] += 1
+            if status == NOT_RUN:
+                ET.SubElement(element, "skipped", message=message)
+                counts["skipped"] += 1
+            elif status != PASS:
+                ET.SubElement(element, "failure", message=message).text = text
+                counts["failures"] += 1
+
+        for c in self.checks:
+            figure = "" if c.figure is None else f"{c.figure:.3g} (tolerance {c.tolerance:.3g})"
+            case(c.name, "vggnorm.verify", c.status, f"{c.name}: {figure} {c.detail}".strip(), c.detail)
+            for layer, value in c.layers.items():
+                status = PASS if c.tolerance is not None and value <= c.tolerance else FAIL
+                label = self.label(layer) if layer in self.names else layer
+                message = f"{c.name} {label}: {value:.3g} (tolerance {c.tolerance:.3g})"
+                case(f"{c.name}[{label}]", f"vggnorm.verify.{c.name}", status, message, message)
+        suite.set("name", f"vggnorm verify {self.checkpoint}")
+        for key, value in counts.items():
+            suite.set(key, str(value))
+        suite.set("errors", "0")
+        ET.indent(suites)
+        return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 
     def write(self, json_path: Path, md_path: Path) -> None:
         json_path.write_text(self.to_json())

@@ -18,7 +18,7 @@ from torch import nn
 
 from vggnorm import data as data_mod
 from vggnorm.apply import probe_input, recorded_policy, report_base
-from vggnorm.checkpoint import StateDict, atomic_writes, check_finite, check_writable, load_state_dict
+from vggnorm.checkpoint import StateDict, atomic_write, atomic_writes, check_finite, check_writable, load_state_dict
 from vggnorm.checks import FAIL, Check, check_fold, check_function, check_means, not_run
 from vggnorm.collect import measure_files
 from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_EPS, DEFAULT_MEANS_TOL, DEFAULT_REL_EPS, DEFAULT_RTOL
@@ -26,7 +26,7 @@ from vggnorm.device import check_precision, memory_format, resolve_device
 from vggnorm.errors import CheckpointError, VggnormError
 from vggnorm.figures import have_matplotlib, plot_means
 from vggnorm.layouts import detect_layout, export_layout, to_torchvision_layout
-from vggnorm.models import conv_names, infer_arch, is_features_only, load_model, topology
+from vggnorm.models import conv_names, infer_arch, is_features_only, load_model, min_input_size, topology
 from vggnorm.normalize import DeadRule, LayerScales, fold_state_dict, scales_from_stats
 from vggnorm.report import Report, layer_summary, measured_summary, report_paths
 from vggnorm.stats import Stats, read_stats
@@ -135,6 +135,7 @@ def verify_checkpoint(
     workers: int | None = None,
     progress: bool = True,
     report: Path | None = None,
+    junit_xml: Path | None = None,
     force: bool = False,
 ) -> Report:
     """Check the invariants of SPEC section 4 that the given inputs allow; write ``report`` if given.
@@ -144,7 +145,7 @@ def verify_checkpoint(
     weights' default; ``resize``, ``crop``, ``preprocess``, ``pooling`` override the last two. With
     ``data`` alone this audits any checkpoint. NORMALIZED may be in torchvision's or Gatys' layout.
     ``include_classifier`` (default: as recorded) checks the fc ReLUs too. ``precision="fp64"``
-    re-measures in float64.
+    re-measures in float64. ``junit_xml`` also writes the checks as JUnit XML (``Report.to_junit``).
     """
     if original is None and data is None:
         raise VggnormError(
@@ -160,6 +161,8 @@ def verify_checkpoint(
         figure = [report_paths(report)[1].with_suffix(".png")] if data is not None and have_matplotlib() else []
         for p in [*report_paths(report), *figure]:
             check_writable(p, force=force, inputs=given)
+    if junit_xml is not None:
+        check_writable(junit_xml, force=force, inputs=given)
     target = Normalized.load(normalized_path)
     dev = resolve_device(device)
     check_precision(precision, dev)
@@ -270,7 +273,11 @@ def verify_checkpoint(
             )
         )
         inputs["preprocess"] = policy.preprocess.as_attrs()
-    return _report(target, arch, checks, inputs, scales, measured, stats, policy, report=report, force=force)
+    result = _report(target, arch, checks, inputs, scales, measured, stats, policy, report=report, force=force)
+    if junit_xml is not None:
+        with atomic_write(junit_xml, force=force, inputs=given) as tmp:
+            tmp.write_text(result.to_junit())
+    return result
 
 
 def _arch(target: Normalized, stats: Stats | None, weights: Weights | None, original: str | None) -> str:
@@ -366,7 +373,7 @@ def _against_original(
 ) -> list[Check]:
     """(a) activations, (b) logits, (d) fold: the checks that compare with the original."""
     orig_model = load_model(arch, weights.state_dict, device=device, pooling=policy.pooling)
-    x, source = function_inputs(files, policy)
+    x, source = function_inputs(files, policy, arch)
     scale_t = {n: sc.scale for n, sc in scales.items()} if scales is not None and mismatch is None else None
     checks = check_function(
         orig_model, model, scale_t, x.to(device), rtol=rtol, logits=not target.features_only, inputs=source
@@ -387,8 +394,16 @@ def _against_original(
     return [*checks, check_fold(target.raw, export_layout(folded, arch, target.layout), rtol=rtol)]
 
 
-def function_inputs(files: list[Path], preprocess: data_mod.Preprocess, n: int = 2) -> tuple[torch.Tensor, str]:
-    """Up to ``n`` decodable images from ``files``, else a seeded random batch."""
+# A probe without --data: the identities (a) and (b) hold for every input, so a small one checks them
+# as well as a full-size one, at a fraction of the float64 arithmetic.
+PROBE_SIZE = 64
+
+
+def function_inputs(
+    files: list[Path], preprocess: data_mod.Preprocess, arch: str, n: int = 2
+) -> tuple[torch.Tensor, str]:
+    """Up to ``n`` decodable images from ``files``, else a seeded random batch (``probe_input``, seed 0)
+    of ``PROBE_SIZE`` (or the arch's smallest input, if larger)."""
     ds = data_mod.ImageFiles(files, preprocess)
     images = []
     for i in range(len(ds)):
@@ -399,4 +414,5 @@ def function_inputs(files: list[Path], preprocess: data_mod.Preprocess, n: int =
             break
     if images:
         return torch.stack(images), f"{len(images)} images from --data"
-    return probe_input(preprocess.crop), f"2 seeded random inputs at {preprocess.crop}x{preprocess.crop}"
+    size = max(min(PROBE_SIZE, preprocess.crop), min_input_size(arch))
+    return probe_input(size), f"2 seeded random inputs (seed 0) at {size}x{size}"
