@@ -214,7 +214,9 @@ def test_resume_on_a_changed_folder_says_what_changed(photos, run, tmp_path):
         f.attrs["position"] = 3
     (d / "extra.jpg").write_bytes(next(iter(photos.iterdir())).read_bytes())
     r = invoke("compute-stats", d, *MODEL, "--weights", run["ckpt"], "-o", s, *SMALL, "--resume")
-    assert r.exit_code == 1 and "8 image files then, 9 now" in r.stderr and "start over" in r.stderr
+    assert (
+        r.exit_code == 1 and "8 image files then, 9 now: 1 added (extra.jpg)" in r.stderr and "start over" in r.stderr
+    )
 
 
 def test_weights_of_another_arch_are_named(checkpoints, photos, tmp_path):

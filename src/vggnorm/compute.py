@@ -67,15 +67,22 @@ class FilePlan:
 
     files: list[Path]  # this process's files: its shard, then its torchrun rank's share
     total: int  # files of the shard (all ranks together)
-    dataset_files: int  # files in the folder (after --limit)
-    fingerprint: str
+    listing: list[tuple[str, int]]  # the folder's files (after --limit): relative path, size
+
+    @property
+    def dataset_files(self) -> int:
+        return len(self.listing)
+
+    @property
+    def fingerprint(self) -> str:
+        return data_mod.fingerprint(self.listing)
 
 
 def plan_files(root: Path, config: RunConfig, world: World) -> FilePlan:
     files = data_mod.find_images(root)
     if config.limit is not None:
         files = files[: config.limit]
-    fingerprint, dataset_files = data_mod.dataset_fingerprint(root, files), len(files)
+    contents, dataset_files = data_mod.listing(root, files), len(files)
     if config.shard is not None:
         index, count = config.shard
         if not 0 <= index < count:
@@ -84,7 +91,7 @@ def plan_files(root: Path, config: RunConfig, world: World) -> FilePlan:
         if not files:
             raise DataError(f"--shard {index}/{count} has no files: the folder has only {dataset_files}")
     total = len(files)
-    return FilePlan(files[world.rank :: world.size], total, dataset_files, fingerprint)
+    return FilePlan(files[world.rank :: world.size], total, contents)
 
 
 class StatsRun:
@@ -128,7 +135,15 @@ class StatsRun:
 
     def snapshot(self, complete: bool) -> Stats:
         """The statistics so far, summed over ranks (a collective under torchrun)."""
-        mine = Stats(self.sums.layers(), self.num_images, self.attrs, list(self.skipped), complete, self.position)
+        mine = Stats(
+            self.sums.layers(),
+            self.num_images,
+            self.attrs,
+            list(self.skipped),
+            complete,
+            self.position,
+            self.plan.listing if self.world.is_main else [],
+        )
         return distributed.reduce_stats(mine, self.world, self.device)
 
     def save(self, stats: Stats) -> None:
@@ -203,14 +218,14 @@ def _attrs(
     }
 
 
-def _resume_state(output: Path, attrs: dict[str, Any], world: World) -> Stats:
+def _resume_state(output: Path, attrs: dict[str, Any], world: World, plan: FilePlan) -> Stats:
     """The unfinished run in ``output``, checked to be this one; under torchrun, rank 0 carries its sums."""
     initial = read_stats(output, allow_incomplete=True)
     if initial.complete:
         raise StatsFileError(f"--resume: {output} is already complete ({initial.num_images} images); nothing to do")
     diffs = attr_differences(initial.attrs, attrs, RESUME_KEYS)
     if diffs:
-        explained = [_explain(d, initial.attrs, attrs) for d in diffs]
+        explained = [_explain(d, initial, attrs, plan) for d in diffs]
         raise ResumeMismatchError(
             f"--resume: {output} was started with other arguments or data: " + "; ".join(explained) + ". Resume with "
             "the arguments and folder of the first run, or start over without --resume (with --force)"
@@ -226,15 +241,14 @@ def _resume_state(output: Path, attrs: dict[str, Any], world: World) -> Stats:
     return Stats(layers, 0, initial.attrs, [], False, initial.position)
 
 
-def _explain(diff: str, old: dict[str, Any], new: dict[str, Any]) -> str:
-    """A difference as a user reads it: the folder's contents say how many files there were."""
+def _explain(diff: str, initial: Stats, new: dict[str, Any], plan: FilePlan) -> str:
+    """A difference as a user reads it: for the folder, which files changed."""
     if diff.startswith("dataset_fingerprint"):
-        before, now = old.get("dataset_num_files"), new.get("dataset_num_files")
-        change = f"{before} image files then, {now} now" if before != now else f"still {now} image files, but "
+        before, now = initial.attrs.get("dataset_num_files"), new.get("dataset_num_files")
+        what = data_mod.listing_changes(initial.dataset, plan.listing) if initial.dataset else "files changed"
         return (
-            f"the folder's contents changed since the run started ({change}"
-            + ("; files were added, removed, renamed or changed size" if before != now else "renamed or changed size")
-            + f") [{diff}]"
+            f"the folder's contents changed since the run started (dataset_fingerprint: {before} image files then, "
+            f"{now} now: {what})"
         )
     return diff
 
@@ -288,7 +302,7 @@ def compute_stats(
     topo = topology(weights.arch)
     sites = [*topo.sites, *(topo.fc_sites if config.include_classifier else ())]
     attrs = _attrs(root, config, plan, weights, preprocess, world, device)
-    initial = _resume_state(output, attrs, world) if resume else None
+    initial = _resume_state(output, attrs, world, plan) if resume else None
     if initial is not None:
         log.info("resuming %s at file %d of %d", output, initial.position, len(plan.files))
     model = load_model(

@@ -162,17 +162,45 @@ def find_images(root: str | os.PathLike[str]) -> list[Path]:
     return found
 
 
-def dataset_fingerprint(root: Path, files: list[Path]) -> str:
-    """sha256 over the relative paths (their bytes: any name) and sizes: tells whether a folder's
-    contents changed. A broken symlink counts with size -1 (the loader skips it, naming it)."""
-    h = hashlib.sha256()
+def listing(root: Path, files: list[Path]) -> list[tuple[str, int]]:
+    """Each file's path relative to ``root`` and its size (-1 for a broken symlink, which the loader
+    then skips, naming it): what identifies a folder's contents."""
+    out = []
     for f in files:
         try:
             size = f.stat().st_size
         except OSError:
             size = -1
-        h.update(os.fsencode(f.relative_to(root).as_posix()) + f"\0{size}\n".encode())
+        out.append((f.relative_to(root).as_posix(), size))
+    return out
+
+
+def fingerprint(files: list[tuple[str, int]]) -> str:
+    """sha256 over a ``listing``'s paths (their bytes: any name) and sizes."""
+    h = hashlib.sha256()
+    for name, size in files:
+        h.update(os.fsencode(name) + f"\0{size}\n".encode())
     return h.hexdigest()
+
+
+def dataset_fingerprint(root: Path, files: list[Path]) -> str:
+    """Tells whether a folder's contents changed: ``fingerprint(listing(root, files))``."""
+    return fingerprint(listing(root, files))
+
+
+def listing_changes(old: list[tuple[str, int]], new: list[tuple[str, int]], shown: int = 3) -> str:
+    """What differs between two listings, with the first names: ``1 added (extra.jpg); ...``."""
+    before, after = dict(old), dict(new)
+    parts = []
+    for label, names in (
+        ("added", sorted(set(after) - set(before))),
+        ("removed", sorted(set(before) - set(after))),
+        ("changed size", sorted(n for n in set(before) & set(after) if before[n] != after[n])),
+    ):
+        if names:
+            more = f", ... {len(names) - shown} more" if len(names) > shown else ""
+            parts.append(f"{len(names)} {label} ({', '.join(printable(n) for n in names[:shown])}{more})")
+    return "; ".join(parts) or "the same files in another order"
 
 
 def printable(path: str | os.PathLike[str]) -> str:

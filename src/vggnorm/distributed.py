@@ -72,7 +72,7 @@ def reduce_stats(stats: Stats, world: World, device: torch.device) -> Stats:
     gathered: list[list[tuple[str, str]]] = [[] for _ in range(world.size)]
     dist.all_gather_object(gathered, stats.skipped)
     skipped = sorted(s for part in gathered for s in part)
-    return Stats(layers, int(flat[-1]), stats.attrs, skipped, stats.complete, stats.position)
+    return Stats(layers, int(flat[-1]), stats.attrs, skipped, stats.complete, stats.position, stats.dataset)
 
 
 def agree_max(value: float, world: World, device: torch.device) -> float:

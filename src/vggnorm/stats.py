@@ -53,6 +53,7 @@ class Stats:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     complete: bool = True
     position: int = 0  # files consumed so far (for --resume)
+    dataset: list[tuple[str, int]] = field(default_factory=list)  # the folder's files (relative path, size)
 
     @property
     def layer_order(self) -> list[str]:
@@ -69,7 +70,13 @@ class Stats:
             n: LayerStats(a.conv, a.relu, a.bn, a.sum + other.layers[n].sum, a.count + other.layers[n].count)
             for n, a in self.layers.items()
         }
-        return Stats(layers, self.num_images + other.num_images, dict(self.attrs), self.skipped + other.skipped)
+        return Stats(
+            layers,
+            self.num_images + other.num_images,
+            dict(self.attrs),
+            self.skipped + other.skipped,
+            dataset=self.dataset,
+        )
 
 
 def _attr(value: Any) -> Any:
@@ -128,6 +135,12 @@ def _fill(f: h5py.File, stats: Stats) -> None:
     raw = np.empty(len(paths), dtype=object)
     raw[:] = [np.frombuffer(os.fsencode(p), dtype=np.uint8) for p in paths]
     skipped.create_dataset("path_bytes", data=raw, dtype=bytes_dt)
+    if stats.dataset:  # the folder's contents, so --resume can say what changed
+        files = f.create_group("dataset")
+        names = np.empty(len(stats.dataset), dtype=object)
+        names[:] = [np.frombuffer(os.fsencode(n), dtype=np.uint8) for n, _ in stats.dataset]
+        files.create_dataset("path_bytes", data=names, dtype=bytes_dt)
+        files.create_dataset("size", data=np.array([s for _, s in stats.dataset], dtype=np.int64))
 
 
 def check_values(layers: dict[str, LayerStats], source: str | Path) -> None:
@@ -195,6 +208,10 @@ def read_stats(path: str | Path, *, allow_incomplete: bool = False) -> Stats:
             paths = [_decode(p) for p in f["skipped/path"][()]] if "skipped" in f else []
             if "skipped/path_bytes" in f:  # lossless, whatever the names' encoding
                 paths = [os.fsdecode(bytes(b)) for b in f["skipped/path_bytes"][()]]
+            dataset = []
+            if "dataset" in f:
+                names = [os.fsdecode(bytes(b)) for b in f["dataset/path_bytes"][()]]
+                dataset = list(zip(names, (int(s) for s in f["dataset/size"][()]), strict=True))
             reasons = [_decode(r) for r in f["skipped/reason"][()]] if "skipped" in f else []
     except (KeyError, ValueError, TypeError) as e:
         raise StatsFileError(
@@ -207,7 +224,7 @@ def read_stats(path: str | Path, *, allow_incomplete: bool = False) -> Stats:
             f"{path} is an unfinished run ({position} of {attrs.get('num_files', '?')} files done); "
             "finish it with `vggnorm compute-stats ... --resume` using the same arguments"
         )
-    return Stats(layers, num_images, attrs, list(zip(paths, reasons, strict=True)), complete, position)
+    return Stats(layers, num_images, attrs, list(zip(paths, reasons, strict=True)), complete, position, dataset)
 
 
 def now() -> str:
@@ -287,6 +304,8 @@ def merge_stats(inputs: list[Path], output: Path, *, force: bool = False) -> Sta
         "merged_from": [str(p) for p in inputs],
         "created": now(),
     }
-    result = Stats(merged.layers, merged.num_images, attrs, sorted(merged.skipped), True, attrs["num_files"])
+    result = Stats(
+        merged.layers, merged.num_images, attrs, sorted(merged.skipped), True, attrs["num_files"], merged.dataset
+    )
     write_stats(result, output, force=force)
     return result
