@@ -115,9 +115,11 @@ def apply_stats(
     inputs: list[str | os.PathLike[str]] = [stats_path, *([checkpoint] if os.path.exists(checkpoint) else [])]
     for p in outputs:
         check_writable(p, force=force, inputs=inputs)
+    if layout == "adain":
+        check_adain(arch, stats)
     weights = weights_for(checkpoint, stats)
     check_writable(output, force=force, inputs=inputs, size=state_dict_bytes(weights.state_dict))
-    features_only = features_only or layout == "gatys" or weights.features_only
+    features_only = features_only or layout in ("gatys", "adain") or weights.features_only
     if include_classifier and features_only:
         raise VggnormError(
             "--include-classifier needs the classifier: it cannot go with --features-only, "
@@ -127,13 +129,15 @@ def apply_stats(
     scales = scales_from_stats(stats, topo, rule=rule, include_classifier=include_classifier)
     scale_tensors = {n: s.scale for n, s in scales.items()}
     folded = fold_state_dict(weights.state_dict, scale_tensors, topo, features_only=features_only)
-    exported = export_layout(folded, arch, layout)
+    measured_as = Preprocess.from_attrs(stats.attrs)
+    exported = export_layout(folded, arch, layout, measured_as.as_attrs())
 
     # self-check what will be written: the exported tensors, loaded back, against the original
     pooling = str(stats.attrs.get("pooling", "max"))
-    original = load_model(arch, weights.state_dict, pooling=pooling)
+    padding = str(stats.attrs.get("padding", "zeros"))
+    original = load_model(arch, weights.state_dict, pooling=pooling, padding=padding)
     reloaded = to_torchvision_layout(exported)
-    normalized = load_model(infer_arch(reloaded), reloaded, pooling=pooling)
+    normalized = load_model(infer_arch(reloaded), reloaded, pooling=pooling, padding=padding)
     crop = int(stats.attrs.get("crop", 224))
     checks = check_function(
         original,
@@ -141,16 +145,20 @@ def apply_stats(
         scale_tensors,
         probe_input(crop),
         logits=not features_only,
-        inputs=f"2 seeded random inputs (seed 0) at {crop}x{crop}, {pooling} pooling",
+        inputs=f"2 seeded random inputs (seed 0) at {crop}x{crop}, {pooling} pooling, {padding} padding",
     )
     checks.append(check_loads(exported, arch, features_only=features_only))
     notes = []
     if png_path is None:
         notes.append("no figure: install matplotlib (pip install 'vggnorm[plot]') for OUT.report.png")
-    if layout == "gatys" and arch.endswith("_bn"):
-        notes.append("BatchNorm folded into the convs (eval-mode statistics): the Gatys layout has no BatchNorm")
+    if layout in ("gatys", "adain") and arch.endswith("_bn"):
+        notes.append(f"BatchNorm folded into the convs (eval-mode statistics): the {layout} layout has no BatchNorm")
+    if layout == "adain":
+        notes.append(
+            f"adain layout: feed RGB in [0, 1]; its first (1x1) conv does the {measured_as.preprocess} preprocessing"
+        )
     policy = {
-        **Preprocess.from_attrs(stats.attrs).as_attrs(),
+        **measured_as.as_attrs(),
         "rel_eps": rule.rel_eps,
         "eps": rule.eps,
         "include_classifier": include_classifier,
@@ -212,6 +220,19 @@ def apply_stats(
                 after_label="after (by construction: mean / scale)",
             )
     return ApplyResult(output, json_path, md_path, png_path, report, notes)
+
+
+def check_adain(arch: str, stats: Stats) -> None:
+    """AdaIN's encoder is VGG19's, pads by reflection and max-pools: refuse statistics measured otherwise."""
+    if arch not in ("vgg19", "vgg19_bn"):
+        raise VggnormError(f"--layout adain writes VGG19's encoder, and these statistics are for {arch}")
+    if stats.attrs.get("padding", "zeros") != "reflect":
+        raise VggnormError(
+            "--layout adain: AdaIN's encoder pads by reflection, and these statistics were measured with zero "
+            "padding, so its means would not be 1; measure with `vggnorm compute-stats ... --padding reflect`"
+        )
+    if stats.attrs.get("pooling", "max") != "max":
+        raise VggnormError("--layout adain: AdaIN's encoder max-pools; measure without --pooling avg")
 
 
 def recorded_policy(checkpoint: Path) -> tuple[dict[str, object], str] | None:

@@ -29,6 +29,7 @@ from vggnorm.defaults import (
     DEFAULT_RTOL,
     DEFAULT_WEIGHTS,
     LAYOUTS,
+    PADDINGS,
     POOLINGS,
     PRECISIONS,
     PREPROCESSINGS,
@@ -122,6 +123,10 @@ PREPROCESS_HELP = (
     "Caffe VGG (and Gatys' code) expects."
 )
 POOLING_HELP = "Measure with max pooling, or with average pooling as Gatys et al. synthesized."
+PADDING_HELP = (
+    "zeros: torchvision's convolutions. reflect: every 3x3 conv pads by reflection, as AdaIN's VGG encoder "
+    "does; measure under the padding you will run (apply --layout adain needs reflect)."
+)
 
 
 def _dead_rule_options(verify: bool) -> Callable[[F], F]:
@@ -167,6 +172,13 @@ def _policy_options(verify: bool) -> Callable[[F], F]:
             default=None if verify else "max",
             show_default=not verify,
             help=prefix + POOLING_HELP,
+        ),
+        click.option(
+            "--padding",
+            type=click.Choice(PADDINGS),
+            default=None if verify else "zeros",
+            show_default=not verify,
+            help=prefix + PADDING_HELP,
         ),
     )
 
@@ -331,7 +343,9 @@ def compute_stats_cmd(
     default="torchvision",
     show_default=True,
     help="torchvision: loads into torchvision's VGG. gatys: conv layers only, keyed conv1_1 ... conv5_4 "
-    "(BatchNorm folded into the convs for _bn models).",
+    "(BatchNorm folded into the convs for _bn models). adain: vgg19 only, AdaIN's encoder (an nn.Sequential "
+    "of a 1x1 preprocessing conv, ReflectionPad2d + 3x3 conv + ReLU, ceil-mode max pooling; RGB in [0, 1]); "
+    "needs statistics measured with --padding reflect.",
 )
 @click.option(
     "--include-classifier",

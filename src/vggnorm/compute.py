@@ -53,6 +53,7 @@ class RunConfig:
     crop: int | None = None
     preprocess: str = "torchvision"  # or "caffe": BGR, 0-255, mean-subtracted
     pooling: str = "max"  # or "avg": measure with average pooling, as Gatys synthesized
+    padding: str = "zeros"  # or "reflect": measure with reflection padding, as AdaIN's encoder runs
     include_classifier: bool = False  # also measure the ReLUs after fc6 and fc7
     strict: bool = False
     checkpoint_every: int | None = None  # batches; None: about every DEFAULT_CHECKPOINT_SECONDS
@@ -292,6 +293,7 @@ def compute_stats(
         crop=config.crop,
         preprocess=config.preprocess,
         pooling=config.pooling,
+        padding=config.padding,
         decode=config.decode,
     )
     if preprocess.crop > preprocess.resize:
@@ -306,7 +308,12 @@ def compute_stats(
     if initial is not None:
         log.info("resuming %s at file %d of %d", output, initial.position, len(plan.files))
     model = load_model(
-        weights.arch, weights.state_dict, device=device, memory_format=memory_format(device), pooling=preprocess.pooling
+        weights.arch,
+        weights.state_dict,
+        device=device,
+        memory_format=memory_format(device),
+        pooling=preprocess.pooling,
+        padding=preprocess.padding,
     )
     if config.precision == "fp64":  # the forward pass in float64: means equal a float64 computation
         model = model.double()

@@ -40,7 +40,8 @@ class Preprocess:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     preprocess: str = "torchvision"
     pooling: str = "max"
-    decode: str = "cpu"  # "gpu": JPEGs decoded by nvJPEG and resized on the device (other pixels, see DECODERS)
+    decode: str = "cpu"
+    padding: str = "zeros"  # or "reflect": the convs pad by reflection (AdaIN's encoder)  # "gpu": JPEGs decoded by nvJPEG and resized on the device (other pixels, see DECODERS)
 
     def transform(self) -> torch.nn.Module:
         """torchvision's own ImageNet preset (resize, center crop, to float, normalize), or Caffe's."""
@@ -69,6 +70,7 @@ class Preprocess:
             std=tuple(float(x) for x in attrs["std"]),
             preprocess=str(attrs.get("preprocess", "torchvision")),
             pooling=str(attrs.get("pooling", "max")),
+            padding=str(attrs.get("padding", "zeros")),
             decode=str(attrs.get("decode", "cpu")),
         )
 
@@ -102,6 +104,7 @@ def default_preprocess(
     preprocess: str = "torchvision",
     pooling: str = "max",
     decode: str = "cpu",
+    padding: str = "zeros",
 ) -> Preprocess:
     """The preprocessing of the arch's torchvision weights, read from ``Weights.transforms()``.
 
@@ -130,6 +133,7 @@ def default_preprocess(
         preprocess=preprocess,
         pooling=pooling,
         decode=decode,
+        padding=padding,
     )
 
 

@@ -13,6 +13,8 @@ RANDOM_PREFIX = "random:"
 
 # Measurement policies, recorded in the statistics file and honoured by verify.
 POOLINGS = ("max", "avg")
+# zeros: torchvision's convolutions; reflect: every 3x3 conv pads by reflection, as AdaIN's VGG encoder does
+PADDINGS = ("zeros", "reflect")
 PREPROCESSINGS = ("torchvision", "caffe")
 # cpu: DataLoader workers decode and resize with PIL, as torchvision's own pipeline does.
 # gpu: workers only read the files; plain JPEGs are decoded in batches by nvJPEG and resized as
@@ -23,7 +25,7 @@ DECODERS = ("cpu", "gpu")
 PRECISIONS = ("fp32", "fp64", "tf32", "bf16", "fp16")  # fp32 and fp64 run on CPU too
 
 # On-disk layouts of a normalized checkpoint (see layouts.py).
-LAYOUTS = ("torchvision", "gatys")
+LAYOUTS = ("torchvision", "gatys", "adain")
 
 # The dead-filter rule (normalize.DeadRule): a filter is dead, and left unscaled, when its mean is
 # <= max(eps, rel_eps * the median of its layer's positive means). rel_eps = 1e-3 is measured, not

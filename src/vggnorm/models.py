@@ -20,7 +20,7 @@ import torch
 import torchvision
 from torch import nn
 
-from vggnorm.defaults import POOLINGS, VGG_ARCHS
+from vggnorm.defaults import PADDINGS, POOLINGS, VGG_ARCHS
 from vggnorm.errors import CheckpointError, VggnormError, WeightsError
 from vggnorm.layers import Topology, find_topology, gatys_names
 
@@ -207,6 +207,17 @@ def with_pooling(model: nn.Module, pooling: str) -> nn.Module:
     return model
 
 
+def with_padding(model: nn.Module, padding: str) -> nn.Module:
+    """``model`` with every padded conv padding by reflection (``"reflect"``) instead of zeros, as
+    AdaIN's encoder (``ReflectionPad2d(1)`` before each 3x3 conv) does; in place, same weights."""
+    if padding not in PADDINGS:
+        raise WeightsError(f"unknown padding {padding!r}; expected one of {', '.join(PADDINGS)}")
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and any(p > 0 for p in m._reversed_padding_repeated_twice):
+            m.padding_mode = "reflect" if padding == "reflect" else "zeros"
+    return model
+
+
 def load_model(
     arch: str,
     state_dict: Mapping[str, torch.Tensor],
@@ -214,11 +225,14 @@ def load_model(
     device: str | torch.device = "cpu",
     memory_format: torch.memory_format = torch.contiguous_format,
     pooling: str = "max",
+    padding: str = "zeros",
 ) -> nn.Module:
-    """An eval-mode ``arch`` carrying ``state_dict`` (features-only weights: no avgpool and classifier)."""
+    """An eval-mode ``arch`` carrying ``state_dict`` (features-only weights: no avgpool and classifier),
+    measuring under ``pooling`` and ``padding`` (see ``with_pooling``, ``with_padding``)."""
     model = build_model(arch, device="meta")
     strict = not is_features_only(state_dict)
     model.load_state_dict(state_dict, strict=strict, assign=True)
     if not strict:  # torchvision's VGG layout: features, avgpool, classifier
         model.avgpool, model.classifier = nn.Identity(), nn.Identity()
-    return with_pooling(model, pooling).to(device).to(memory_format=memory_format).eval()
+    model = with_padding(with_pooling(model, pooling), padding)
+    return model.to(device).to(memory_format=memory_format).eval()

@@ -71,7 +71,10 @@ class Policy:
 
     def describe(self) -> str:
         p = self.preprocess
-        what = f"resize {p.resize}, crop {p.crop}, {p.preprocess} preprocessing, {p.pooling} pooling, decode {p.decode}"
+        what = (
+            f"resize {p.resize}, crop {p.crop}, {p.preprocess} preprocessing, {p.pooling} pooling, "
+            f"{p.padding} padding, decode {p.decode}"
+        )
         return f"{what}; dead filters: {self.rule.describe()} (from {self.source})"
 
 
@@ -128,6 +131,7 @@ def verify_checkpoint(
     crop: int | None = None,
     preprocess: str | None = None,
     pooling: str | None = None,
+    padding: str | None = None,
     include_classifier: bool | None = None,
     precision: str = "fp32",
     device: str = "auto",
@@ -143,7 +147,7 @@ def verify_checkpoint(
     The means are measured under the statistics' policy (preprocessing, pooling, decoder) when
     ``stats_path`` is given, else under the one apply recorded with the checkpoint, else the
     weights' default; ``resize``, ``crop``, ``preprocess``, ``pooling`` override the last two. With
-    ``data`` alone this audits any checkpoint. NORMALIZED may be in torchvision's or Gatys' layout.
+    ``data`` alone this audits any checkpoint. NORMALIZED may be in torchvision's, Gatys' or AdaIN's layout.
     ``include_classifier`` (default: as recorded) checks the fc ReLUs too. ``precision="fp64"``
     re-measures in float64. ``junit_xml`` also writes the checks as JUnit XML (``Report.to_junit``).
     """
@@ -182,6 +186,7 @@ def verify_checkpoint(
         crop=crop,
         preprocess=preprocess,
         pooling=pooling,
+        padding=padding,
     )
     if policy.include_classifier and target.features_only:
         raise VggnormError("--include-classifier: the checkpoint has no classifier")
@@ -191,7 +196,12 @@ def verify_checkpoint(
             stats, topology(arch), rule=policy.rule, include_classifier=policy.include_classifier
         )
     model = load_model(
-        target.arch, target.state_dict, device=dev, memory_format=memory_format(dev), pooling=policy.preprocess.pooling
+        target.arch,
+        target.state_dict,
+        device=dev,
+        memory_format=memory_format(dev),
+        pooling=policy.preprocess.pooling,
+        padding=policy.preprocess.padding,
     )
     files = data_mod.find_images(data)[:limit] if data is not None else []
     inputs: dict[str, Any] = {
@@ -372,7 +382,7 @@ def _against_original(
     mismatch: str | None,
 ) -> list[Check]:
     """(a) activations, (b) logits, (d) fold: the checks that compare with the original."""
-    orig_model = load_model(arch, weights.state_dict, device=device, pooling=policy.pooling)
+    orig_model = load_model(arch, weights.state_dict, device=device, pooling=policy.pooling, padding=policy.padding)
     x, source = function_inputs(files, policy, arch)
     scale_t = {n: sc.scale for n, sc in scales.items()} if scales is not None and mismatch is None else None
     checks = check_function(
@@ -391,7 +401,8 @@ def _against_original(
         topology(arch),
         features_only=target.features_only,
     )
-    return [*checks, check_fold(target.raw, export_layout(folded, arch, target.layout), rtol=rtol)]
+    expected = export_layout(folded, arch, target.layout, policy.as_attrs())
+    return [*checks, check_fold(target.raw, expected, rtol=rtol)]
 
 
 # A probe without --data: the identities (a) and (b) hold for every input, so a small one checks them
