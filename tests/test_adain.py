@@ -117,19 +117,12 @@ def test_reflect_padding_is_measured_recorded_and_honoured(runs, photos, tmp_pat
     r = invoke("verify", runs / "tv.pth", "--data", photos, "--workers", 0, "--padding", "zeros")
     assert r.exit_code == 1, r.output  # measured under another padding, the means are not 1
     # the adain file is verified too: against the fold, and its means
-    r = invoke(
-        "verify",
-        runs / "adain.pth",
-        "--original",
-        runs / "vgg19.pth",
-        "--stats",
-        runs / "reflect.h5",
-        "--data",
-        photos,
-        "--workers",
-        0,
-    )
+    verify = ["--original", runs / "vgg19.pth", "--stats", runs / "reflect.h5", "--data", photos, "--workers", 0]
+    r = invoke("verify", runs / "adain.pth", *verify)
     assert r.exit_code == 0, r.output
+    # and compare recovers the measured means from it, through its preprocessing conv and reflection pads
+    r = invoke("compare", runs / "vgg19.pth", runs / "adain.pth", "--stats", runs / "reflect.h5")
+    assert r.exit_code == 0 and "features.34 (conv5_4)" in r.stdout, r.output
 
 
 def test_the_adain_layout_refuses_what_it_cannot_be(runs, checkpoints, photos, tmp_path):

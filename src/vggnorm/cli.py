@@ -515,6 +515,59 @@ def verify_cmd(normalized: Path, model: str | None, output_format: str, **option
     sys.exit(0 if result.passed else 1)
 
 
+@cli.command("compare")
+@click.argument("a", metavar="A", type=click.Path(exists=True, dir_okay=False))
+@click.argument("b", metavar="B", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--stats",
+    "stats_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Statistics measured on A: compare the recovered scales with the measured means.",
+)
+@click.option(
+    "--tol",
+    type=click.FloatRange(min=0),
+    default=1e-4,
+    show_default=True,
+    help="Largest relative residual of a filter's weights and bias for it to count as rescaled.",
+)
+@model_option
+@verbose_option
+def compare_cmd(a: str, b: str, stats_path: Path | None, tol: float, model: str | None) -> None:
+    """Is B a positive per-filter rescaling of A (the function-preserving kind vggnorm makes)?
+
+    Recovers, layer by layer, the scale of every filter from the weights alone and prints, per layer,
+    their median and range (and, with --stats, how far they are from the measured means). Any layout
+    (torchvision, gatys, adain); BatchNorm is folded in first, so a _bn model compares with its Gatys
+    or AdaIN export. Exit 0: B is such a rescaling of A; 1: it is not (the first layer and filter that
+    break it are named); 2: bad usage.
+
+    Example: vggnorm compare vgg19.pth vgg19-normalized.pth --stats vgg19-stats.h5
+    """
+    from vggnorm.compare import compare_checkpoints
+
+    with user_errors(UsageFailure):
+        if model is not None:
+            _import_model(model)
+        result = compare_checkpoints(a, b, stats_path=stats_path, tol=tol)
+    click.echo(f"{result.arch}: scales recovered from the weights, per layer (B = A rescaled)")
+    for layer in result.layers:
+        line = (
+            f"  {layer.conv} ({layer.name})".ljust(26)
+            + f"{layer.filters:4} filters  median {layer.median:<10.4g} range {layer.low:.4g} .. {layer.high:.4g}"
+            + f"  residual {layer.residual:.2g}"
+        )
+        if layer.vs_means is not None:
+            line += f"  vs measured means {layer.vs_means:.2g}"
+        click.echo(line)
+    if result.rescaling:
+        click.echo(f"{b} is a positive per-filter rescaling of {a}")
+    else:
+        click.echo(f"NOT a rescaling: {result.broken}")
+    sys.exit(0 if result.rescaling else 1)
+
+
 @cli.command("merge-stats")
 @click.argument(
     "inputs",

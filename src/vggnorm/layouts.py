@@ -46,14 +46,14 @@ def to_gatys_layout(
     """
     out: StateDict = {}
     for conv, name in names.items():
-        w, b = _conv_without_bn(state_dict, conv, bn)
+        w, b = conv_without_bn(state_dict, conv, bn)
         out[f"{name}.weight"] = w
         if b is not None:
             out[f"{name}.bias"] = b
     return out
 
 
-def _conv_without_bn(
+def conv_without_bn(
     state_dict: Mapping[str, torch.Tensor], conv: str, bn: Mapping[str, tuple[str, float]]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A conv's weight and bias, with its BatchNorm (if any) folded in, in float64 (eval mode)."""
@@ -125,7 +125,7 @@ def to_adain_layout(
     out: StateDict = {"0.weight": w0, "0.bias": b0}
     bn = bn_eps(arch)
     for conv, index in adain_indices(arch).items():
-        w, b = _conv_without_bn(state_dict, conv, bn)
+        w, b = conv_without_bn(state_dict, conv, bn)
         out[f"{index}.weight"] = w
         if b is not None:
             out[f"{index}.bias"] = b
