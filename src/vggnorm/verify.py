@@ -155,18 +155,8 @@ def verify_checkpoint(
         raise VggnormError(
             "nothing to verify: pass --original (with --stats) to check the fold, and/or --data to measure the means"
         )
-    given: list[str | os.PathLike[str]] = [
-        normalized_path,
-        *([stats_path] if stats_path else []),
-        *([original] if original and os.path.exists(original) else []),
-        *(p for p in report_paths(report_base(normalized_path)) if p.exists()),  # apply's report: its policy
-    ]
-    if report is not None:
-        figure = [report_paths(report)[1].with_suffix(".png")] if data is not None and have_matplotlib() else []
-        for p in [*report_paths(report), *figure]:
-            check_writable(p, force=force, inputs=given)
-    if junit_xml is not None:
-        check_writable(junit_xml, force=force, inputs=given)
+    given = _inputs_of(normalized_path, stats_path, original)
+    _check_outputs(report, junit_xml, given, figure=data is not None, force=force)
     target = Normalized.load(normalized_path)
     dev = resolve_device(device)
     check_precision(precision, dev)
@@ -175,18 +165,9 @@ def verify_checkpoint(
     if original is not None:
         weights = resolve_weights(original, arch=None if os.path.isfile(original) else target.arch)
     arch = _arch(target, stats, weights, original)
+    given_policy = {"resize": resize, "crop": crop, "preprocess": preprocess, "pooling": pooling, "padding": padding}
     policy = resolve_policy(
-        normalized_path,
-        stats,
-        arch,
-        rel_eps=rel_eps,
-        eps=eps,
-        include_classifier=include_classifier,
-        resize=resize,
-        crop=crop,
-        preprocess=preprocess,
-        pooling=pooling,
-        padding=padding,
+        normalized_path, stats, arch, rel_eps=rel_eps, eps=eps, include_classifier=include_classifier, **given_policy
     )
     if policy.include_classifier and target.features_only:
         raise VggnormError("--include-classifier: the checkpoint has no classifier")
@@ -195,13 +176,14 @@ def verify_checkpoint(
         scales = scales_from_stats(
             stats, topology(arch), rule=policy.rule, include_classifier=policy.include_classifier
         )
+    p = policy.preprocess
     model = load_model(
         target.arch,
         target.state_dict,
         device=dev,
         memory_format=memory_format(dev),
-        pooling=policy.preprocess.pooling,
-        padding=policy.preprocess.padding,
+        pooling=p.pooling,
+        padding=p.padding,
     )
     files = data_mod.find_images(data)[:limit] if data is not None else []
     inputs: dict[str, Any] = {
@@ -220,74 +202,113 @@ def verify_checkpoint(
         if stats is not None and stats.attrs.get("weights_sha256") != weights.sha256:
             mismatch = f"the statistics were measured on other weights than {original} (sha256 differs)"
         checks = _against_original(
-            target,
-            model,
-            weights,
-            scales,
-            files,
-            policy.preprocess,
-            arch=arch,
-            device=dev,
-            rtol=rtol,
-            mismatch=mismatch,
+            target, model, weights, scales, files, p, arch=arch, device=dev, rtol=rtol, mismatch=mismatch
         )
     else:
         checks = [
             not_run(n, d, "needs --original")
             for n, d in (("activations", ACTIVATIONS_DESC), ("logits", LOGITS_DESC), ("fold", FOLD_DESC))
         ]
-    measured: Stats | None = None
+    measured = None
     if data is None:
         checks.append(not_run("means", MEANS_DESC, "needs --data"))
-    elif policy.preprocess.decode == "gpu" and dev.type != "cuda":
-        # asked for (--data) but cannot be measured as the statistics were: a failure, never a pass
-        checks.append(
-            Check(
-                "means",
-                MEANS_DESC,
-                FAIL,
-                detail="cannot re-measure here: the statistics were "
-                "measured with --decode gpu (nvJPEG, resized on the GPU), whose pixels differ slightly "
-                "from the CPU decoder's; run verify on a CUDA device, which decodes the same way",
-            )
-        )
     else:
         if precision == "fp64":
             model = model.double()
-        measured, skipped = measure_files(
+        means_check, measured = _means(
+            target,
             model,
+            arch,
             files,
-            policy.preprocess,
-            _sites(target.arch, policy.include_classifier),
+            data,
+            stats,
+            scales if mismatch is None else None,
+            policy,
             device=dev,
+            tol=means_tol,
             batch_size=batch_size,
             workers=workers,
             progress=progress,
         )
-        dead = _by_normalized_path(arch, target.arch, scales, policy.include_classifier) if mismatch is None else None
-        note = f"{measured.num_images} images from {data}" + (f", {len(skipped)} skipped" if skipped else "")
-        if stats is not None and data_mod.dataset_fingerprint(data, files) != stats.attrs.get("dataset_fingerprint"):
-            note += (
-                "; these are not the calibration images of the statistics, so means near (not exactly) 1 are expected"
-            )
-        scale_t = _by_normalized_path(arch, target.arch, scales, policy.include_classifier, "scale")
-        checks.append(
-            check_means(
-                measured.means(),
-                dead,
-                tol=means_tol,
-                rule=policy.rule,
-                detail=note,
-                scales=scale_t,
-                names=conv_names(target.arch),
-            )
-        )
-        inputs["preprocess"] = policy.preprocess.as_attrs()
+        checks.append(means_check)
+        inputs["preprocess"] = p.as_attrs()
     result = _report(target, arch, checks, inputs, scales, measured, stats, policy, report=report, force=force)
     if junit_xml is not None:
         with atomic_write(junit_xml, force=force, inputs=given) as tmp:
             tmp.write_text(result.to_junit())
     return result
+
+
+def _inputs_of(normalized: Path, stats: Path | None, original: str | None) -> list[str | os.PathLike[str]]:
+    """The files verify reads, which it never writes over: apply's report beside NORMALIZED too (its policy)."""
+    return [
+        normalized,
+        *([stats] if stats else []),
+        *([original] if original and os.path.exists(original) else []),
+        *(p for p in report_paths(report_base(normalized)) if p.exists()),
+    ]
+
+
+def _check_outputs(
+    report: Path | None, junit_xml: Path | None, given: list[str | os.PathLike[str]], *, figure: bool, force: bool
+) -> None:
+    """Refuse, before any work, outputs that cannot or must not be written."""
+    outputs = [*report_paths(report)] if report is not None else []
+    if report is not None and figure and have_matplotlib():
+        outputs.append(report_paths(report)[1].with_suffix(".png"))
+    for p in [*outputs, *([junit_xml] if junit_xml is not None else [])]:
+        check_writable(p, force=force, inputs=given)
+
+
+def _means(
+    target: Normalized,
+    model: nn.Module,
+    arch: str,
+    files: list[Path],
+    data: Path,
+    stats: Stats | None,
+    scales: dict[str, LayerScales] | None,
+    policy: Policy,
+    *,
+    device: torch.device,
+    tol: float,
+    batch_size: int,
+    workers: int | None,
+    progress: bool,
+) -> tuple[Check, Stats | None]:
+    """(c): re-measure the means on ``files`` under ``policy``; the statistics' dead filters are excluded."""
+    if policy.preprocess.decode == "gpu" and device.type != "cuda":
+        # asked for (--data) but cannot be measured as the statistics were: a failure, never a pass
+        why = (
+            "cannot re-measure here: the statistics were measured with --decode gpu (nvJPEG, resized on the GPU), "
+            "whose pixels differ slightly from the CPU decoder's; run verify on a CUDA device, which decodes the "
+            "same way"
+        )
+        return Check("means", MEANS_DESC, FAIL, detail=why), None
+    fc = policy.include_classifier
+    measured, skipped = measure_files(
+        model,
+        files,
+        policy.preprocess,
+        _sites(target.arch, fc),
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+    )
+    note = f"{measured.num_images} images from {data}" + (f", {len(skipped)} skipped" if skipped else "")
+    if stats is not None and data_mod.dataset_fingerprint(data, files) != stats.attrs.get("dataset_fingerprint"):
+        note += "; these are not the calibration images of the statistics, so means near (not exactly) 1 are expected"
+    check = check_means(
+        measured.means(),
+        _by_normalized_path(arch, target.arch, scales, fc),
+        tol=tol,
+        rule=policy.rule,
+        detail=note,
+        scales=_by_normalized_path(arch, target.arch, scales, fc, "scale"),
+        names=conv_names(target.arch),
+    )
+    return check, measured
 
 
 def _arch(target: Normalized, stats: Stats | None, weights: Weights | None, original: str | None) -> str:
