@@ -20,6 +20,7 @@ from vggnorm.figures import have_matplotlib, plot_means
 from vggnorm.layouts import export_layout, to_torchvision_layout
 from vggnorm.models import build_model, conv_names, infer_arch, load_model, topology
 from vggnorm.normalize import DeadRule, fold_state_dict, scales_from_stats
+from vggnorm.policy import report_base
 from vggnorm.report import Report, layer_summary, report_paths
 from vggnorm.stats import Stats, now, read_stats
 from vggnorm.weights import Weights, resolve_weights
@@ -41,11 +42,6 @@ def default_output(spec: str, arch: str) -> Path:
         p = Path(spec)
         return p.with_name(f"{p.stem}.normalized{p.suffix if p.suffix == '.safetensors' else '.pth'}")
     return Path(f"{arch}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', spec)}.normalized.pth")
-
-
-def report_base(output: Path) -> Path:
-    """``OUT.report`` for ``OUT.pth``: the report apply writes beside its checkpoint."""
-    return output.with_name(output.name.removesuffix(output.suffix) + ".report")
 
 
 def weights_for(spec: str, stats: Stats) -> Weights:
@@ -104,7 +100,7 @@ def apply_stats(
     ``include_classifier`` also normalizes the ReLUs after fc6 and fc7 (measured with
     ``RunConfig.include_classifier``), compensating fc7 and fc8. ``rule`` decides which filters
     are dead (left unscaled). The measurement policy and the rule are recorded with the output
-    (``recorded_policy``), so ``verify --data`` re-measures the same way without being told.
+    (``policy.recorded_policy``), so ``verify --data`` re-measures the same way without being told.
     """
     stats = read_stats(stats_path)
     arch = str(stats.attrs["arch"])
@@ -233,29 +229,3 @@ def check_adain(arch: str, stats: Stats) -> None:
         )
     if stats.attrs.get("pooling", "max") != "max":
         raise VggnormError("--layout adain: AdaIN's encoder max-pools; measure without --pooling avg")
-
-
-def recorded_policy(checkpoint: Path) -> tuple[dict[str, object], str] | None:
-    """The measurement policy and dead rule ``apply`` recorded with ``checkpoint``, and where from:
-    the ``.safetensors`` metadata, or the report written beside a ``.pth`` (``OUT.report.json``)."""
-    checkpoint = Path(checkpoint)
-    if checkpoint.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(checkpoint), "pt") as f:
-                meta = f.metadata() or {}
-        except Exception:  # an unreadable file is reported by the loader, with its reason
-            return None
-        if "policy" in meta:
-            return json.loads(meta["policy"]), f"{checkpoint} (safetensors metadata)"
-        return None
-    report = report_paths(report_base(checkpoint))[0]
-    if report.is_file():
-        try:
-            policy = json.loads(report.read_text()).get("inputs", {}).get("policy")
-        except (OSError, ValueError):
-            return None
-        if isinstance(policy, dict):
-            return policy, str(report)
-    return None

@@ -9,7 +9,7 @@ asked is a failure.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +17,18 @@ import torch
 from torch import nn
 
 from vggnorm import data as data_mod
-from vggnorm.apply import probe_input, recorded_policy, report_base
+from vggnorm.apply import probe_input
 from vggnorm.checkpoint import StateDict, atomic_write, atomic_writes, check_finite, check_writable, load_state_dict
 from vggnorm.checks import FAIL, Check, check_fold, check_function, check_means, not_run
 from vggnorm.collect import measure_files
-from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_EPS, DEFAULT_MEANS_TOL, DEFAULT_REL_EPS, DEFAULT_RTOL
+from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
 from vggnorm.device import check_precision, memory_format, resolve_device
 from vggnorm.errors import CheckpointError, VggnormError
 from vggnorm.figures import have_matplotlib, plot_means
 from vggnorm.layouts import detect_layout, export_layout, to_torchvision_layout
 from vggnorm.models import conv_names, infer_arch, is_features_only, load_model, min_input_size, topology
-from vggnorm.normalize import DeadRule, LayerScales, fold_state_dict, scales_from_stats
+from vggnorm.normalize import LayerScales, fold_state_dict, scales_from_stats
+from vggnorm.policy import Policy, report_base, resolve_policy
 from vggnorm.report import Report, layer_summary, measured_summary, report_paths
 from vggnorm.stats import Stats, read_stats
 from vggnorm.weights import Weights, resolve_weights
@@ -58,62 +59,6 @@ class Normalized:
     @property
     def features_only(self) -> bool:
         return is_features_only(self.state_dict)
-
-
-@dataclass(frozen=True)
-class Policy:
-    """How verify measures, and where each part of that came from (said in the report and on stdout)."""
-
-    preprocess: data_mod.Preprocess
-    rule: DeadRule
-    include_classifier: bool
-    source: str
-
-    def describe(self) -> str:
-        p = self.preprocess
-        what = (
-            f"resize {p.resize}, crop {p.crop}, {p.preprocess} preprocessing, {p.pooling} pooling, "
-            f"{p.padding} padding, decode {p.decode}"
-        )
-        return f"{what}; dead filters: {self.rule.describe()} (from {self.source})"
-
-
-def resolve_policy(
-    normalized_path: Path,
-    stats: Stats | None,
-    arch: str,
-    *,
-    rel_eps: float | None,
-    eps: float | None,
-    include_classifier: bool | None,
-    **given: Any,
-) -> Policy:
-    """The measurement policy: the statistics' (options may only repeat it); else the one ``apply``
-    recorded with the checkpoint, overridden by options; else the weights' defaults and the options.
-    The dead rule and ``include_classifier``: options, else what apply recorded, else the defaults."""
-    recorded = recorded_policy(normalized_path)
-    rec = recorded[0] if recorded else {}
-    if stats is not None:
-        preprocess = data_mod.Preprocess.from_attrs(stats.attrs)
-        for name, value in given.items():
-            if value is not None and value != getattr(preprocess, name):
-                raise VggnormError(
-                    f"--{name} {value} differs from the statistics' {name} {getattr(preprocess, name)}; "
-                    "leave it out: with --stats, verify measures as compute-stats did"
-                )
-        source = "the statistics file"
-    elif recorded:
-        preprocess = replace(data_mod.Preprocess.from_attrs(rec), **{k: v for k, v in given.items() if v is not None})
-        source = recorded[1] + (", overridden by options" if any(v is not None for v in given.values()) else "")
-    else:
-        preprocess = data_mod.default_preprocess(arch, **{k: v for k, v in given.items() if v is not None})
-        source = "defaults" + (" and options" if any(v is not None for v in given.values()) else "")
-    rule = DeadRule(
-        rel_eps=rel_eps if rel_eps is not None else float(rec.get("rel_eps", DEFAULT_REL_EPS)),  # type: ignore[arg-type]
-        eps=eps if eps is not None else float(rec.get("eps", DEFAULT_EPS)),  # type: ignore[arg-type]
-    )
-    fc = include_classifier if include_classifier is not None else bool(rec.get("include_classifier", False))
-    return Policy(preprocess, rule, fc, source)
 
 
 def verify_checkpoint(

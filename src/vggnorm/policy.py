@@ -1,0 +1,107 @@
+"""The measurement policy: how images become the network's input and which filters are dead.
+
+``compute-stats`` records it in the statistics file; ``apply`` records it with its output (the
+``.safetensors`` metadata, or the report beside a ``.pth``); ``verify`` resolves it from those, in
+that order, and options override what was recorded (``resolve_policy``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from vggnorm import data as data_mod
+from vggnorm.defaults import DEFAULT_EPS, DEFAULT_REL_EPS
+from vggnorm.errors import VggnormError
+from vggnorm.normalize import DeadRule
+from vggnorm.report import report_paths
+from vggnorm.stats import Stats
+
+
+def report_base(output: Path) -> Path:
+    """``OUT.report`` for ``OUT.pth``: the report apply writes beside its checkpoint."""
+    return output.with_name(output.name.removesuffix(output.suffix) + ".report")
+
+
+def recorded_policy(checkpoint: Path) -> tuple[dict[str, object], str] | None:
+    """The measurement policy and dead rule ``apply`` recorded with ``checkpoint``, and where from:
+    the ``.safetensors`` metadata, or the report written beside a ``.pth`` (``OUT.report.json``)."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(checkpoint), "pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # an unreadable file is reported by the loader, with its reason
+            return None
+        if "policy" in meta:
+            return json.loads(meta["policy"]), f"{checkpoint} (safetensors metadata)"
+        return None
+    report = report_paths(report_base(checkpoint))[0]
+    if report.is_file():
+        try:
+            policy = json.loads(report.read_text()).get("inputs", {}).get("policy")
+        except (OSError, ValueError):
+            return None
+        if isinstance(policy, dict):
+            return policy, str(report)
+    return None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How verify measures, and where each part of that came from (said in the report and on stdout)."""
+
+    preprocess: data_mod.Preprocess
+    rule: DeadRule
+    include_classifier: bool
+    source: str
+
+    def describe(self) -> str:
+        p = self.preprocess
+        what = (
+            f"resize {p.resize}, crop {p.crop}, {p.preprocess} preprocessing, {p.pooling} pooling, "
+            f"{p.padding} padding, decode {p.decode}"
+        )
+        return f"{what}; dead filters: {self.rule.describe()} (from {self.source})"
+
+
+def resolve_policy(
+    normalized_path: Path,
+    stats: Stats | None,
+    arch: str,
+    *,
+    rel_eps: float | None,
+    eps: float | None,
+    include_classifier: bool | None,
+    **given: Any,
+) -> Policy:
+    """The measurement policy: the statistics' (options may only repeat it); else the one ``apply``
+    recorded with the checkpoint, overridden by options; else the weights' defaults and the options.
+    The dead rule and ``include_classifier``: options, else what apply recorded, else the defaults."""
+    recorded = recorded_policy(normalized_path)
+    rec = recorded[0] if recorded else {}
+    if stats is not None:
+        preprocess = data_mod.Preprocess.from_attrs(stats.attrs)
+        for name, value in given.items():
+            if value is not None and value != getattr(preprocess, name):
+                raise VggnormError(
+                    f"--{name} {value} differs from the statistics' {name} {getattr(preprocess, name)}; "
+                    "leave it out: with --stats, verify measures as compute-stats did"
+                )
+        source = "the statistics file"
+    elif recorded:
+        preprocess = replace(data_mod.Preprocess.from_attrs(rec), **{k: v for k, v in given.items() if v is not None})
+        source = recorded[1] + (", overridden by options" if any(v is not None for v in given.values()) else "")
+    else:
+        preprocess = data_mod.default_preprocess(arch, **{k: v for k, v in given.items() if v is not None})
+        source = "defaults" + (" and options" if any(v is not None for v in given.values()) else "")
+    rule = DeadRule(
+        rel_eps=rel_eps if rel_eps is not None else float(rec.get("rel_eps", DEFAULT_REL_EPS)),  # type: ignore[arg-type]
+        eps=eps if eps is not None else float(rec.get("eps", DEFAULT_EPS)),  # type: ignore[arg-type]
+    )
+    fc = include_classifier if include_classifier is not None else bool(rec.get("include_classifier", False))
+    return Policy(preprocess, rule, fc, source)
