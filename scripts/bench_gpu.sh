@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark for compute-stats (VGG19 at 224): images/s per --precision, CPU workers vs GPU
 # (nvJPEG) decoding, and 1 GPU vs all GPUs (torchrun), plus the relative error of each run's means
-# against the reference run (fp32, --decode cpu).
+# against the reference run (--precision fp64, --decode cpu).
 # Usage: bash scripts/bench_gpu.sh [IMAGES=4000] [BATCH=128]   (after `make install`; on a machine with
 # torch, torchvision, click, h5py, tqdm and scikit-image but no network: PYTHONPATH=src PYTHON=python3 bash ...)
 # --decode gpu stays in vggnorm only if its lines here beat --decode cpu at the same precision.
@@ -25,22 +25,22 @@ run() {  # name, then extra args; prints images/s from the wall time of the whol
     t0=$(date +%s.%N)
     "$@" >/dev/null
     t1=$(date +%s.%N)
-    "$py" - "$name" "$t0" "$t1" "$work/$name.h5" "$work/fp32.h5" <<'PY'
+    "$py" - "$name" "$t0" "$t1" "$work/$name.h5" "$work/fp64.h5" <<'PY'
 import sys
 from vggnorm.stats import read_stats
 name, t0, t1, path, ref = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
 s = read_stats(path)
 line = f"{name:12s} {s.num_images / (t1 - t0):8.1f} images/s end to end ({s.num_images} images, {t1 - t0:.1f} s with start-up)"
-if name != "fp32":
+if name != "fp64":
     r = read_stats(ref)
     err = max(float(((s.layers[n].mean - r.layers[n].mean).abs() / r.layers[n].mean.abs().clamp_min(1e-12))[r.layers[n].mean > 1e-3].max()) for n in r.layers)
-    line += f"; max relative error of means vs fp32 --decode cpu: {err:.2e}"
+    line += f"; max relative error of means vs fp64 --decode cpu: {err:.2e}"
 print(line, flush=True)
 PY
 }
 
-run fp32 "$py" -m vggnorm compute-stats "$work/data" "${common[@]}" -o "$work/fp32.h5" --precision fp32
-for p in tf32 bf16 fp16; do
+run fp64 "$py" -m vggnorm compute-stats "$work/data" "${common[@]}" -o "$work/fp64.h5" --precision fp64
+for p in fp32 tf32 bf16 fp16; do
     run "$p" "$py" -m vggnorm compute-stats "$work/data" "${common[@]}" -o "$work/$p.h5" --precision "$p"
 done
 for p in fp32 bf16; do
