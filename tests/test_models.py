@@ -95,3 +95,10 @@ def test_a_file_for_another_arch_is_refused(tmp_path, tiny_vgg):
         resolve_weights(str(tmp_path / "broken.pth"), arch=None)
     with pytest.raises(WeightsError, match="missing keys: features.0.bias"):
         resolve_weights(str(tmp_path / "broken.pth"), arch="vgg11")
+
+
+def test_an_image_given_as_a_checkpoint_is_not_called_a_pickled_model(tmp_path, photos):
+    jpeg = next(iter(sorted(photos.iterdir())))
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint") as e:
+        load_state_dict(jpeg)
+    assert "pickled" not in str(e.value)

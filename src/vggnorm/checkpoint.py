@@ -212,6 +212,13 @@ def load_state_dict(path: str | os.PathLike[str]) -> StateDict:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
+            with open(path, "rb") as f:
+                head = f.read(2)
+            if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch.save's zip nor a pickle
+                raise CheckpointError(
+                    f"{path} is not a PyTorch checkpoint (torch.save writes a zip file); pass a .pth/.pt state_dict "
+                    "or a .safetensors file"
+                ) from e
             raise CheckpointError(
                 f"{path} holds pickled Python objects, not a plain state_dict (a whole saved model?). "
                 "vggnorm never unpickles code; save `model.state_dict()` instead and pass that file"
