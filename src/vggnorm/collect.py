@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from vggnorm import data as data_mod
 from vggnorm.device import memory_format, precision_mode
 from vggnorm.errors import DataError
 from vggnorm.layers import Site
+from vggnorm.models import load_model
 from vggnorm.stats import LayerStats, Stats
 
 HookFn = Callable[[Site, torch.Tensor], None]
@@ -135,6 +136,27 @@ def measure(
                 sums.commit()
             if on_batch is not None:
                 on_batch(batch)
+
+
+def measuring_model(
+    arch: str,
+    state_dict: Mapping[str, torch.Tensor],
+    preprocess: data_mod.Preprocess,
+    device: torch.device,
+    *,
+    precision: str = "fp32",
+) -> nn.Module:
+    """``arch`` carrying ``state_dict`` as vggnorm measures it: under the policy's pooling and padding,
+    in the device's memory format, and in float64 for ``precision="fp64"``."""
+    model = load_model(
+        arch,
+        state_dict,
+        device=device,
+        memory_format=memory_format(device),
+        pooling=preprocess.pooling,
+        padding=preprocess.padding,
+    )
+    return model.double() if precision == "fp64" else model
 
 
 def measure_files(

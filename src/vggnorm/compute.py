@@ -23,13 +23,13 @@ import vggnorm
 from vggnorm import data as data_mod
 from vggnorm import distributed
 from vggnorm.checkpoint import check_writable, same_file
-from vggnorm.collect import ReluSums, measure
+from vggnorm.collect import ReluSums, measure, measuring_model
 from vggnorm.defaults import DEFAULT_ARCH, DEFAULT_BATCH_SIZE, DEFAULT_CHECKPOINT_SECONDS, DEFAULT_WEIGHTS
-from vggnorm.device import check_precision, describe, memory_format, resolve_device
+from vggnorm.device import check_precision, describe, resolve_device
 from vggnorm.distributed import World, world_from_env
 from vggnorm.errors import DataError, OutputExistsError, ResumeMismatchError, StatsFileError, VggnormError
 from vggnorm.layers import Site
-from vggnorm.models import check_input_size, load_model, topology
+from vggnorm.models import check_input_size, topology
 from vggnorm.stats import MEASUREMENT_KEYS, Stats, attr_differences, now, read_stats, write_stats
 from vggnorm.weights import resolve_weights
 
@@ -307,16 +307,7 @@ def compute_stats(
     initial = _resume_state(output, attrs, world, plan) if resume else None
     if initial is not None:
         log.info("resuming %s at file %d of %d", output, initial.position, len(plan.files))
-    model = load_model(
-        weights.arch,
-        weights.state_dict,
-        device=device,
-        memory_format=memory_format(device),
-        pooling=preprocess.pooling,
-        padding=preprocess.padding,
-    )
-    if config.precision == "fp64":  # the forward pass in float64: means equal a float64 computation
-        model = model.double()
+    model = measuring_model(weights.arch, weights.state_dict, preprocess, device, precision=config.precision)
     del weights
     run = StatsRun(output, sites, attrs, plan, world=world, device=device, config=config, initial=initial, force=force)
     _stream(run, model, preprocess, progress=progress)

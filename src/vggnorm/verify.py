@@ -20,9 +20,9 @@ from vggnorm import data as data_mod
 from vggnorm.apply import probe_input
 from vggnorm.checkpoint import StateDict, atomic_write, atomic_writes, check_finite, check_writable, load_state_dict
 from vggnorm.checks import FAIL, Check, check_fold, check_function, check_means, not_run
-from vggnorm.collect import measure_files
+from vggnorm.collect import measure_files, measuring_model
 from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
-from vggnorm.device import check_precision, memory_format, resolve_device
+from vggnorm.device import check_precision, resolve_device
 from vggnorm.errors import CheckpointError, VggnormError
 from vggnorm.figures import have_matplotlib, plot_means
 from vggnorm.layouts import detect_layout, export_layout, to_torchvision_layout
@@ -122,14 +122,7 @@ def verify_checkpoint(
             stats, topology(arch), rule=policy.rule, include_classifier=policy.include_classifier
         )
     p = policy.preprocess
-    model = load_model(
-        target.arch,
-        target.state_dict,
-        device=dev,
-        memory_format=memory_format(dev),
-        pooling=p.pooling,
-        padding=p.padding,
-    )
+    model = measuring_model(target.arch, target.state_dict, p, dev, precision=precision)
     files = data_mod.find_images(data)[:limit] if data is not None else []
     inputs: dict[str, Any] = {
         "normalized": str(normalized_path),
@@ -158,8 +151,6 @@ def verify_checkpoint(
     if data is None:
         checks.append(not_run("means", MEANS_DESC, "needs --data"))
     else:
-        if precision == "fp64":
-            model = model.double()
         means_check, measured = _means(
             target,
             model,
