@@ -17,7 +17,7 @@ from vggnorm.checks import Check, check_function, not_run
 from vggnorm.data import Preprocess
 from vggnorm.errors import StatsMismatchError, VggnormError
 from vggnorm.figures import have_matplotlib, plot_means
-from vggnorm.layouts import export_layout, to_torchvision_layout
+from vggnorm.layouts import ADAIN_ARCHS, export_layout, to_torchvision_layout
 from vggnorm.models import build_model, conv_names, infer_arch, load_model, topology
 from vggnorm.normalize import DeadRule, fold_state_dict, scales_from_stats
 from vggnorm.policy import report_base
@@ -220,7 +220,7 @@ def apply_stats(
 
 def check_adain(arch: str, stats: Stats) -> None:
     """AdaIN's encoder is VGG19's, pads by reflection and max-pools: refuse statistics measured otherwise."""
-    if arch not in ("vgg19", "vgg19_bn"):
+    if arch not in ADAIN_ARCHS:
         raise VggnormError(f"--layout adain writes VGG19's encoder, and these statistics are for {arch}")
     if stats.attrs.get("padding", "zeros") != "reflect":
         raise VggnormError(

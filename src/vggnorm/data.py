@@ -23,6 +23,7 @@ from torchvision.transforms import InterpolationMode
 
 from vggnorm.defaults import DECODERS, PREPROCESSINGS
 from vggnorm.errors import DataError
+from vggnorm.models import is_user_model
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
@@ -115,7 +116,7 @@ def default_preprocess(
         raise DataError(f"unknown preprocessing {preprocess!r}; expected one of {', '.join(PREPROCESSINGS)}")
     if decode not in DECODERS:
         raise DataError(f"unknown decoder {decode!r}; expected one of {', '.join(DECODERS)}")
-    if ":" in arch:  # a user model (--model): ImageNet's preset, as torchvision's classifiers use
+    if is_user_model(arch):  # --model: ImageNet's preset, as torchvision's classifiers use
         preset = Preprocess()
         size, crop_size, interpolation = preset.resize, preset.crop, preset.interpolation
         mean, std = preset.mean, preset.std
