@@ -139,13 +139,14 @@ def run_until_checkpoint(args, out, sig):
 def test_interrupted_run_resumes_to_the_uninterrupted_result(photos, tmp_path, sig):
     d = tmp_path / "data"
     d.mkdir()
-    for k in range(2):  # 16 real photos, then the pipe
+    for k in range(2):  # 16 real photos in two classes, then the pipe
+        (d / f"class{k}").mkdir()
         for p in photos.iterdir():
-            (d / f"{k}_{p.name}").write_bytes(p.read_bytes())
-    fifo = d / "zz_pipe.jpg"
+            (d / f"class{k}" / p.name).write_bytes(p.read_bytes())
+    fifo = d / "class1" / "zz_pipe.jpg"
     os.mkfifo(fifo)
     options = "--weights random:0 --resize 128 --crop 112 --workers 0 --batch-size 2 --no-progress"
-    args = ["compute-stats", d, "--model", TINY["tiny"], *options.split()]
+    args = ["compute-stats", d, "--model", TINY["tiny"], *options.split(), "--per-class"]
     out = tmp_path / "part.h5"
     code, _, stderr = run_until_checkpoint([*args, "-o", out, "--checkpoint-every", 1], out, sig)
     partial = read_stats(out, allow_incomplete=True)
@@ -166,3 +167,6 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(photos, tmp_path, s
     for name in a.layers:
         assert a.layers[name].count == b.layers[name].count
         np.testing.assert_allclose(b.layers[name].mean.numpy(), a.layers[name].mean.numpy(), rtol=1e-6, atol=1e-12)
+        # per-class sums too: the resumed run equals the uninterrupted one
+        assert np.array_equal(b.layers[name].class_count.numpy(), a.layers[name].class_count.numpy())
+        np.testing.assert_allclose(b.layers[name].class_sum.numpy(), a.layers[name].class_sum.numpy(), rtol=1e-6)

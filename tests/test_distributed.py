@@ -15,7 +15,7 @@ from conftest import TINY
 from vggnorm.stats import read_stats
 
 OPTIONS = "--weights random:0 --resize 128 --crop 112 --workers 0 --batch-size 1 --no-progress"
-ARGS = ["--model", TINY["tiny"], *OPTIONS.split()]
+ARGS = ["--model", TINY["tiny"], *OPTIONS.split(), "--per-class"]
 
 
 def vggnorm(*args, nproc=None, **kwargs):
@@ -52,19 +52,22 @@ def children(pid):
 
 
 def assert_same(a, b):
-    assert a.num_images == b.num_images and a.skipped == b.skipped
+    assert a.num_images == b.num_images and a.skipped == b.skipped and a.classes == b.classes == ["k0", "k1", "k2"]
     for name in a.layers:
-        assert a.layers[name].count == b.layers[name].count
-        np.testing.assert_allclose(b.layers[name].mean.numpy(), a.layers[name].mean.numpy(), rtol=1e-9, atol=0)
+        la, lb = a.layers[name], b.layers[name]
+        assert la.count == lb.count and np.array_equal(la.class_count.numpy(), lb.class_count.numpy())
+        np.testing.assert_allclose(lb.mean.numpy(), la.mean.numpy(), rtol=1e-9, atol=0)
+        np.testing.assert_allclose(lb.class_sum.numpy(), la.class_sum.numpy(), rtol=1e-9, atol=0)
 
 
 @pytest.fixture(scope="module")
 def folder(photos, tmp_path_factory):
     d = tmp_path_factory.mktemp("dist")
-    for k in range(3):
-        for p in photos.iterdir():
-            (d / f"{k}_{p.name}").write_bytes(p.read_bytes())
-    (d / "broken.jpg").write_bytes(b"not an image")
+    for k in range(3):  # three classes (per-class sums are all-reduced too)
+        (d / f"k{k}").mkdir()
+        for p in list(photos.iterdir())[: 8 - 2 * k]:
+            (d / f"k{k}" / p.name).write_bytes(p.read_bytes())
+    (d / "k0" / "broken.jpg").write_bytes(b"not an image")
     return d
 
 
@@ -83,7 +86,7 @@ def test_torchrun_two_processes_equal_one(folder, single, tmp_path):
     assert proc.returncode == 0, stderr
     assert stdout.count("wrote") == 1  # rank 0 alone reports
     two = read_stats(tmp_path / "two.h5")
-    assert two.attrs["world_size"] == 2 and two.num_images == 24
+    assert two.attrs["world_size"] == 2 and two.num_images == 18
     assert_same(single, two)
 
 
@@ -91,7 +94,7 @@ def test_torchrun_two_processes_equal_one(folder, single, tmp_path):
 def test_torchrun_resumes_after_kill(folder, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(folder, data)
-    pipe = data / "zz_pipe.jpg"
+    pipe = data / "k2" / "zz_pipe.jpg"
     os.mkfifo(pipe)  # sorted last: blocks its rank's loader, so the kill always lands mid-run
     out = tmp_path / "part.h5"
     proc = vggnorm("compute-stats", data, *ARGS, "-o", out, "--checkpoint-every", 2, nproc=2)

@@ -89,6 +89,7 @@ def apply_stats(
     layout: str = "torchvision",
     include_classifier: bool = False,
     rule: DeadRule = DeadRule(),
+    weighting: str = "image",
     force: bool = False,
 ) -> ApplyResult:
     """Fold ``stats`` into ``checkpoint`` (a weight SPEC), self-check it, write it and its report.
@@ -98,7 +99,8 @@ def apply_stats(
     probe batch: the written tensors, loaded back, give ReLU outputs equal to the original's
     divided by the scales (and the same logits), under the statistics' pooling.
     ``include_classifier`` also normalizes the ReLUs after fc6 and fc7 (measured with
-    ``RunConfig.include_classifier``), compensating fc7 and fc8. ``rule`` decides which filters
+    ``RunConfig.include_classifier``), compensating fc7 and fc8. ``weighting="class"`` normalizes the
+    class-balanced means (statistics measured with ``--per-class``). ``rule`` decides which filters
     are dead (left unscaled). The measurement policy and the rule are recorded with the output
     (``policy.recorded_policy``), so ``verify --data`` re-measures the same way without being told.
     """
@@ -122,7 +124,7 @@ def apply_stats(
             "--layout gatys, or features-only weights"
         )
     topo = topology(arch)
-    scales = scales_from_stats(stats, topo, rule=rule, include_classifier=include_classifier)
+    scales = scales_from_stats(stats, topo, rule=rule, include_classifier=include_classifier, weighting=weighting)
     scale_tensors = {n: s.scale for n, s in scales.items()}
     folded = fold_state_dict(weights.state_dict, scale_tensors, topo, features_only=features_only)
     measured_as = Preprocess.from_attrs(stats.attrs)
@@ -158,6 +160,8 @@ def apply_stats(
         "rel_eps": rule.rel_eps,
         "eps": rule.eps,
         "include_classifier": include_classifier,
+        "weighting": weighting,
+        "label_source": str(stats.attrs.get("label_source", "")),
     }
     report = Report(
         checkpoint=str(output),

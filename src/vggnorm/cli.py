@@ -34,6 +34,7 @@ from vggnorm.defaults import (
     PRECISIONS,
     PREPROCESSINGS,
     VGG_ARCHS,
+    WEIGHTINGS,
 )
 from vggnorm.errors import VggnormError
 
@@ -261,6 +262,19 @@ def cli() -> None:
     "to float64 arithmetic (CPU: about 5x slower, 2x memory). CUDA only: tf32, bf16 or fp16 autocast (faster, less exact).",
 )
 @click.option(
+    "--per-class",
+    is_flag=True,
+    help="Also sum per class: labels from class subfolders (sorted folder names, as torchvision's ImageFolder) "
+    "or from --labels. For apply --weighting class and vggnorm centers.",
+)
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="With --per-class on a flat folder: one label per line for the files in sorted order (the ILSVRC2012 "
+    "val ground truth), or CSV lines filename,label.",
+)
+@click.option(
     "--decode",
     type=click.Choice(DECODERS),
     default="cpu",
@@ -354,6 +368,14 @@ def compute_stats_cmd(
     "Needs statistics measured with --include-classifier.",
 )
 @_dead_rule_options(verify=False)
+@click.option(
+    "--weighting",
+    type=click.Choice(WEIGHTINGS),
+    default="image",
+    show_default=True,
+    help="image: normalize the means over all images and positions. class: the class-balanced means (the mean "
+    "of the per-class means), for calibration sets whose classes differ in size; needs compute-stats --per-class.",
+)
 @model_option
 @click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
 @verbose_option
@@ -434,6 +456,18 @@ def apply_cmd(
 )
 @_dead_rule_options(verify=True)
 @_policy_options(verify=True)
+@click.option(
+    "--weighting",
+    type=click.Choice(WEIGHTINGS),
+    default=None,
+    help="Check the means over all images (image) or the class-balanced means (class). [default: as apply recorded]",
+)
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="With class weighting on a flat --data folder: the labels file. [default: as compute-stats read them]",
+)
 @click.option(
     "--include-classifier/--no-include-classifier",
     default=None,
@@ -566,6 +600,37 @@ def compare_cmd(a: str, b: str, stats_path: Path | None, tol: float, model: str 
     else:
         click.echo(f"NOT a rescaling: {result.broken}")
     sys.exit(0 if result.rescaling else 1)
+
+
+@cli.command("centers")
+@click.argument("stats_path", metavar="STATS", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--layer", required=True, help="The site: a module path (features.34, classifier.3) or a Gatys name (conv5_4)."
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="centers.pt (a dict: centers, classes, layer) or centers.safetensors (classes in the metadata).",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@verbose_option
+def centers_cmd(stats_path: Path, layer: str, output: Path, force: bool) -> None:
+    """Write a layer's per-class mean features from statistics measured with --per-class.
+
+    The [classes, C] matrix of each class's mean ReLU activation per filter (over its images and the
+    layer's positions), with the class names: the centers a center-loss layer or a nearest-class-mean
+    classifier starts from.
+
+    Example: vggnorm centers stats.h5 --layer classifier.3 -o centers.pt
+    """
+    from vggnorm.centers import write_centers
+
+    with user_errors():
+        centers, classes = write_centers(stats_path, layer, output, force=force)
+    click.echo(f"centers: {tuple(centers.shape)} ({len(classes)} classes x {centers.shape[1]} filters) of {layer}")
+    click.echo(f"wrote {output}")
 
 
 @cli.command("merge-stats")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from vggnorm import data as data_mod
 from vggnorm.device import memory_format, precision_mode
 from vggnorm.errors import DataError
+from vggnorm.labels import Labels
 from vggnorm.layers import Site
 from vggnorm.models import load_model
 from vggnorm.stats import LayerStats, Stats
@@ -50,27 +51,65 @@ class ReluSums:
     interrupt in the middle of a batch leaves a consistent state that can be saved and resumed.
     """
 
-    def __init__(self, sites: Sequence[Site], device: torch.device, initial: Stats | None = None) -> None:
+    def __init__(
+        self,
+        sites: Sequence[Site],
+        device: torch.device,
+        initial: Stats | None = None,
+        *,
+        file_labels: Sequence[int] | None = None,
+        num_classes: int = 0,
+    ) -> None:
         self.sites = list(sites)
         self.sums = {s.conv: torch.zeros(s.out_channels, dtype=torch.float64, device=device) for s in self.sites}
         self.counts = dict.fromkeys(self.sums, 0)
+        # per class (--per-class): each file's class, and (K, C) sums and (K,) counts per site
+        self.file_labels = torch.tensor(list(file_labels), device=device) if file_labels is not None else None
+        self.num_classes = num_classes
+        self.class_sums = (
+            {s.conv: torch.zeros(num_classes, s.out_channels, dtype=torch.float64, device=device) for s in self.sites}
+            if self.file_labels is not None
+            else {}
+        )
+        self.class_counts = (
+            {s.conv: torch.zeros(num_classes, dtype=torch.int64, device=device) for s in self.sites}
+            if self.file_labels is not None
+            else {}
+        )
         if initial is not None:
             for s in self.sites:
-                self.sums[s.conv] += initial.layers[s.conv].sum.to(device)
-                self.counts[s.conv] = initial.layers[s.conv].count
+                layer = initial.layers[s.conv]
+                self.sums[s.conv] += layer.sum.to(device)
+                self.counts[s.conv] = layer.count
+                if self.file_labels is not None and layer.class_sum is not None and layer.class_count is not None:
+                    self.class_sums[s.conv] += layer.class_sum.to(device)
+                    self.class_counts[s.conv] += layer.class_count.to(device)
+        self._labels: torch.Tensor | None = None  # the classes of the batch being measured
         self._pending: dict[str, tuple[torch.Tensor, int]] = {}
+        self._pending_classes: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def set_batch(self, file_indices: Sequence[int]) -> None:
+        """Say which files the next forward pass holds (for per-class sums)."""
+        if self.file_labels is not None:
+            index = torch.as_tensor(list(file_indices), dtype=torch.long, device=self.file_labels.device)
+            self._labels = self.file_labels[index]
 
     def _add(self, site: Site, output: torch.Tensor) -> None:
         if output.ndim == 2:  # an fc site: (N, C) -> (C,)
-            self._pending[site.conv] = (output.sum(dim=0, dtype=torch.float64), output.shape[0])
-            return
-        n, _, h, w = output.shape
-        # (N, C, H, W) -> (N, C) in the activations' dtype (H*W terms, cascade-summed: ~1e-7
-        # relative in float32), then -> (C,) in float64. Reducing all of it with dtype=float64
-        # costs ~30x more on CPU. bf16/fp16 activations (autocast) are summed in float32.
-        low = output.dtype in (torch.float16, torch.bfloat16)
-        partial = output.sum(dim=(2, 3), dtype=torch.float32 if low else None).sum(dim=0, dtype=torch.float64)
-        self._pending[site.conv] = (partial, n * h * w)
+            per_image, positions = output, 1
+        else:
+            # (N, C, H, W) -> (N, C) in the activations' dtype (H*W terms, cascade-summed: ~1e-7
+            # relative in float32), then -> (C,) in float64. Reducing all of it with dtype=float64
+            # costs ~30x more on CPU. bf16/fp16 activations (autocast) are summed in float32.
+            low = output.dtype in (torch.float16, torch.bfloat16)
+            per_image = output.sum(dim=(2, 3), dtype=torch.float32 if low else None)
+            positions = output.shape[2] * output.shape[3]
+        self._pending[site.conv] = (per_image.sum(dim=0, dtype=torch.float64), output.shape[0] * positions)
+        if self._labels is not None:  # (N, C) -> (K, C): each image into its class, in float64
+            sums = torch.zeros(self.num_classes, per_image.shape[1], dtype=torch.float64, device=per_image.device)
+            sums.index_add_(0, self._labels, per_image.double())
+            counts = torch.bincount(self._labels, minlength=self.num_classes) * positions
+            self._pending_classes[site.conv] = (sums, counts)
 
     def attached(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
         return relu_hooks(model, self.sites, self._add)
@@ -82,12 +121,20 @@ class ReluSums:
         for name, (partial, count) in self._pending.items():
             self.sums[name] += partial
             self.counts[name] += count
+        for name, (class_partial, class_count) in self._pending_classes.items():
+            self.class_sums[name] += class_partial
+            self.class_counts[name] += class_count
         self._pending.clear()
+        self._pending_classes.clear()
 
     def layers(self) -> dict[str, LayerStats]:
-        return {
-            s.conv: LayerStats(s.conv, s.relu, s.bn, self.sums[s.conv].cpu(), self.counts[s.conv]) for s in self.sites
-        }
+        out = {}
+        for s in self.sites:
+            layer = LayerStats(s.conv, s.relu, s.bn, self.sums[s.conv].cpu(), self.counts[s.conv])
+            if self.file_labels is not None:
+                layer.class_sum, layer.class_count = self.class_sums[s.conv].cpu(), self.class_counts[s.conv].cpu()
+            out[s.conv] = layer
+        return out
 
 
 def forward_part(model: nn.Module, sites: Sequence[Site]) -> nn.Module:
@@ -131,6 +178,8 @@ def measure(
     with torch.inference_mode(), precision_mode(precision, device.type), sums.attached(model):
         for batch in batches:
             images = images_of(batch)
+            if isinstance(batch, data_mod.Batch):
+                sums.set_batch(batch.indices)
             if images is not None:
                 net(images.to(device, dtype=dtype, non_blocking=True, memory_format=fmt))
                 sums.commit()
@@ -169,12 +218,16 @@ def measure_files(
     batch_size: int = 32,
     workers: int | None = None,
     progress: bool = False,
+    labels: Labels | None = None,
 ) -> tuple[Stats, list[tuple[str, str]]]:
     """Per-filter means of ``model`` over ``files`` at ``sites``; returns the skipped files too.
 
-    Images are decoded as ``preprocess.decode`` says (``--decode gpu`` needs a CUDA ``device``)."""
+    Images are decoded as ``preprocess.decode`` says (``--decode gpu`` needs a CUDA ``device``).
+    With ``labels`` (one class per file) the per-class sums are kept too."""
     data_mod.check_decode(preprocess.decode, device)
-    sums = ReluSums(sites, device)
+    sums = ReluSums(
+        sites, device, file_labels=labels.of_file if labels else None, num_classes=len(labels.classes) if labels else 0
+    )
     loader = data_mod.make_loader(
         files,
         preprocess,
@@ -195,4 +248,4 @@ def measure_files(
         measure(model, loader, sums, device=device, on_batch=on_batch)
     if num_images == 0:
         raise DataError("none of the images could be decoded")
-    return Stats(sums.layers(), num_images, skipped=skipped), skipped
+    return Stats(sums.layers(), num_images, skipped=skipped, classes=labels.classes if labels else []), skipped

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from vggnorm.defaults import DEFAULT_ARCH, DEFAULT_BATCH_SIZE, DEFAULT_CHECKPOIN
 from vggnorm.device import check_precision, describe, resolve_device
 from vggnorm.distributed import World, world_from_env
 from vggnorm.errors import DataError, OutputExistsError, ResumeMismatchError, StatsFileError, VggnormError
+from vggnorm.labels import Labels, from_file, from_folders
 from vggnorm.layers import Site
 from vggnorm.models import check_input_size, topology
 from vggnorm.stats import MEASUREMENT_KEYS, Stats, attr_differences, now, read_stats, write_stats
@@ -36,7 +37,17 @@ from vggnorm.weights import resolve_weights
 log = logging.getLogger(__name__)
 
 # Attributes that must be equal for --resume to continue a run.
-RESUME_KEYS = (*MEASUREMENT_KEYS, "weights", "dataset_fingerprint", "shard", "world_size", "num_files", "limit")
+RESUME_KEYS = (
+    *MEASUREMENT_KEYS,
+    "weights",
+    "dataset_fingerprint",
+    "shard",
+    "world_size",
+    "num_files",
+    "limit",
+    "per_class",
+    "labels_sha256",
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,8 @@ class RunConfig:
     shard: tuple[int, int] | None = None  # (I, N): every N-th file from the I-th (0-based), for merge-stats
     precision: str = "fp32"  # CUDA only: "tf32", "bf16", "fp16" trade exactness for speed
     decode: str = "cpu"  # "gpu": nvJPEG on the CUDA device (see defaults.DECODERS)
+    per_class: bool = False  # also sum per class (labels from class subfolders, or from ``labels``)
+    labels: str | None = None  # a labels file for a flat folder (see labels.py)
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,7 @@ class FilePlan:
     files: list[Path]  # this process's files: its shard, then its torchrun rank's share
     total: int  # files of the shard (all ranks together)
     listing: list[tuple[str, int]]  # the folder's files (after --limit): relative path, size
+    labels: Labels | None = None  # with --per-class: the classes, and each of ``files``' class
 
     @property
     def dataset_files(self) -> int:
@@ -84,15 +98,24 @@ def plan_files(root: Path, config: RunConfig, world: World) -> FilePlan:
     if config.limit is not None:
         files = files[: config.limit]
     contents, dataset_files = data_mod.listing(root, files), len(files)
+    labels = None
+    if config.labels is not None and not config.per_class:
+        raise VggnormError("--labels gives the classes of --per-class; add --per-class")
+    if config.per_class:  # over the whole folder: every shard and rank has the same classes
+        labels = from_file(Path(config.labels), root, files) if config.labels else from_folders(root, files)
+    position = list(range(len(files)))
     if config.shard is not None:
         index, count = config.shard
         if not 0 <= index < count:
             raise VggnormError(f"--shard {index}/{count}: expected I/N with 0 <= I < N")
-        files = files[index::count]
+        files, position = files[index::count], position[index::count]
         if not files:
             raise DataError(f"--shard {index}/{count} has no files: the folder has only {dataset_files}")
     total = len(files)
-    return FilePlan(files[world.rank :: world.size], total, contents)
+    files, position = files[world.rank :: world.size], position[world.rank :: world.size]
+    if labels is not None:  # each measured file's class, in the order of ``files``
+        labels = replace(labels, of_file=[labels.of_file[i] for i in position])
+    return FilePlan(files, total, contents, labels)
 
 
 class StatsRun:
@@ -119,7 +142,14 @@ class StatsRun:
     ) -> None:
         self.output, self.attrs, self.plan, self.world, self.device = output, attrs, plan, world, device
         self.config, self.force = config, force
-        self.sums = ReluSums(sites, device, initial)
+        labels = plan.labels
+        self.sums = ReluSums(
+            sites,
+            device,
+            initial,
+            file_labels=labels.of_file if labels else None,
+            num_classes=len(labels.classes) if labels else 0,
+        )
         self.num_images = initial.num_images if initial else 0
         self.position = initial.position if initial else 0  # files of this rank done
         self.start = self.position
@@ -144,6 +174,7 @@ class StatsRun:
             complete,
             self.position,
             self.plan.listing if self.world.is_main else [],
+            self.plan.labels.classes if self.plan.labels else [],
         )
         return distributed.reduce_stats(mine, self.world, self.device)
 
@@ -216,6 +247,9 @@ def _attrs(
         "precision": config.precision,
         "include_classifier": config.include_classifier,
         "batch_size": config.batch_size,
+        "per_class": config.per_class,
+        "label_source": plan.labels.source if plan.labels else "",
+        "labels_sha256": plan.labels.sha256 if plan.labels else "",
     }
 
 
@@ -239,7 +273,7 @@ def _resume_state(output: Path, attrs: dict[str, Any], world: World, plan: FileP
         n: type(layer)(layer.conv, layer.relu, layer.bn, torch.zeros_like(layer.sum), 0)
         for n, layer in initial.layers.items()
     }
-    return Stats(layers, 0, initial.attrs, [], False, initial.position)
+    return Stats(layers, 0, initial.attrs, [], False, initial.position, classes=initial.classes)
 
 
 def _explain(diff: str, initial: Stats, new: dict[str, Any], plan: FilePlan) -> str:

@@ -22,6 +22,8 @@ PREPROCESSINGS = ("torchvision", "caffe")
 # pixel), which moved VGG11's means by up to 8.5e-3 relative on 16 photos: the decoder is part of
 # the measurement policy, recorded in the stats file, and verify re-measures with the same one.
 DECODERS = ("cpu", "gpu")
+# image: every image and position counts alike; class: the mean of the per-class means (--per-class)
+WEIGHTINGS = ("image", "class")
 PRECISIONS = ("fp32", "fp64", "tf32", "bf16", "fp16")  # fp32 and fp64 run on CPU too
 
 # On-disk layouts of a normalized checkpoint (see layouts.py).

@@ -53,26 +53,40 @@ def reduce_stats(stats: Stats, world: World, device: torch.device) -> Stats:
     if not world.distributed:
         return stats
     names = list(stats.layers)
-    # One float64 vector: every layer's sums, then the counts and the image count (exact below 2**53).
-    flat = torch.cat(
-        [
-            *(stats.layers[n].sum.double() for n in names),
-            torch.tensor([stats.layers[n].count for n in names] + [stats.num_images], dtype=torch.float64),
-        ]
-    ).to(device)
+    # One float64 vector: every layer's sums (and per-class sums and counts), then the counts and the
+    # image count (integers exact below 2**53).
+    parts: list[torch.Tensor] = []
+    for n in names:
+        layer = stats.layers[n]
+        parts.append(layer.sum.double().flatten())
+        if layer.class_sum is not None and layer.class_count is not None:
+            parts += [layer.class_sum.double().flatten(), layer.class_count.double()]
+    parts.append(torch.tensor([stats.layers[n].count for n in names] + [stats.num_images], dtype=torch.float64))
+    flat = torch.cat(parts).to(device)
     dist.all_reduce(flat)
     flat = flat.cpu()
     layers, offset = {}, 0
+
+    def take(count: int) -> torch.Tensor:
+        nonlocal offset
+        out = flat[offset : offset + count].clone()
+        offset += count
+        return out
+
     for n in names:
-        c = stats.layers[n].sum.numel()
-        layers[n] = LayerStats(n, stats.layers[n].relu, stats.layers[n].bn, flat[offset : offset + c].clone(), 0)
-        offset += c
+        layer = stats.layers[n]
+        layers[n] = LayerStats(n, layer.relu, layer.bn, take(layer.sum.numel()), 0)
+        if layer.class_sum is not None and layer.class_count is not None:
+            layers[n].class_sum = take(layer.class_sum.numel()).view_as(layer.class_sum)
+            layers[n].class_count = take(layer.class_count.numel()).round().long()
     for i, n in enumerate(names):
         layers[n].count = int(flat[offset + i])
     gathered: list[list[tuple[str, str]]] = [[] for _ in range(world.size)]
     dist.all_gather_object(gathered, stats.skipped)
     skipped = sorted(s for part in gathered for s in part)
-    return Stats(layers, int(flat[-1]), stats.attrs, skipped, stats.complete, stats.position, stats.dataset)
+    return Stats(
+        layers, int(flat[-1]), stats.attrs, skipped, stats.complete, stats.position, stats.dataset, stats.classes
+    )
 
 
 def agree_max(value: float, world: World, device: torch.device) -> float:

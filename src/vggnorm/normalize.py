@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from vggnorm.checkpoint import StateDict
-from vggnorm.defaults import DEFAULT_EPS, DEFAULT_REL_EPS
+from vggnorm.defaults import DEFAULT_EPS, DEFAULT_REL_EPS, WEIGHTINGS
 from vggnorm.errors import StatsMismatchError
 from vggnorm.layers import Topology
 from vggnorm.stats import Stats, check_values
@@ -135,12 +135,25 @@ class LayerScales:
 
 
 def scales_from_stats(
-    stats: Stats, topology: Topology, *, rule: DeadRule = DeadRule(), include_classifier: bool = False
+    stats: Stats,
+    topology: Topology,
+    *,
+    rule: DeadRule = DeadRule(),
+    include_classifier: bool = False,
+    weighting: str = "image",
 ) -> dict[str, LayerScales]:
     """Per-site scales from ``stats``, after checking the layers and channel counts match ``topology``.
 
     With ``include_classifier`` the classifier's fc sites are included (the statistics must have them).
+    ``weighting="class"`` takes the class-balanced means (the mean of the per-class means; the
+    statistics must be measured with ``--per-class``) instead of the means over all images.
     """
+    if weighting not in WEIGHTINGS:
+        raise StatsMismatchError(f"unknown weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
+    if weighting == "class" and not stats.classes:
+        raise StatsMismatchError(
+            "--weighting class needs per-class sums: measure with `vggnorm compute-stats ... --per-class`"
+        )
     expected = [s.conv for s in topology.sites]
     fc = [s.conv for s in topology.fc_sites]
     measured = list(stats.layers)
@@ -158,7 +171,8 @@ def scales_from_stats(
     check_values(stats.layers, "the statistics")
     out = {}
     for site in (*topology.sites, *(topology.fc_sites if include_classifier else ())):
-        mean = stats.layers[site.conv].mean
+        layer = stats.layers[site.conv]
+        mean = layer.balanced_mean if weighting == "class" else layer.mean
         if mean.numel() != site.out_channels:
             raise StatsMismatchError(
                 f"{site.conv}: the statistics have {mean.numel()} filters, the checkpoint {site.out_channels}"

@@ -59,6 +59,8 @@ class Policy:
     rule: DeadRule
     include_classifier: bool
     source: str
+    weighting: str = "image"  # or "class": the class-balanced means are checked
+    label_source: str = ""  # with class weighting: "folders" or the labels file
 
     def describe(self) -> str:
         p = self.preprocess
@@ -66,7 +68,8 @@ class Policy:
             f"resize {p.resize}, crop {p.crop}, {p.preprocess} preprocessing, {p.pooling} pooling, "
             f"{p.padding} padding, decode {p.decode}"
         )
-        return f"{what}; dead filters: {self.rule.describe()} (from {self.source})"
+        weighting = f"; class-balanced means (labels: {self.label_source})" if self.weighting == "class" else ""
+        return f"{what}; dead filters: {self.rule.describe()}{weighting} (from {self.source})"
 
 
 def resolve_policy(
@@ -77,6 +80,8 @@ def resolve_policy(
     rel_eps: float | None,
     eps: float | None,
     include_classifier: bool | None,
+    weighting: str | None = None,
+    labels: str | None = None,
     **given: Any,
 ) -> Policy:
     """The measurement policy: the statistics' (options may only repeat it); else the one ``apply``
@@ -104,4 +109,6 @@ def resolve_policy(
         eps=eps if eps is not None else float(rec.get("eps", DEFAULT_EPS)),  # type: ignore[arg-type]
     )
     fc = include_classifier if include_classifier is not None else bool(rec.get("include_classifier", False))
-    return Policy(preprocess, rule, fc, source)
+    weighting = weighting or str(rec.get("weighting", "image"))
+    label_source = labels or str(rec.get("label_source", "") or (stats.attrs.get("label_source", "") if stats else ""))
+    return Policy(preprocess, rule, fc, source, weighting, label_source or "folders")

@@ -37,10 +37,25 @@ class LayerStats:
     bn: str | None
     sum: torch.Tensor  # (C,) float64
     count: int
+    class_sum: torch.Tensor | None = None  # (K, C) float64, with --per-class: the sum per class
+    class_count: torch.Tensor | None = None  # (K,) int64: images x positions per class
 
     @property
     def mean(self) -> torch.Tensor:
         return self.sum / self.count if self.count else torch.full_like(self.sum, float("nan"))
+
+    @property
+    def class_means(self) -> torch.Tensor:
+        """``(K, C)``: each class's mean feature (NaN for a class with no images)."""
+        if self.class_sum is None or self.class_count is None:
+            raise VggnormError(f"{self.conv}: no per-class sums; measure with `vggnorm compute-stats ... --per-class`")
+        return self.class_sum / self.class_count.to(self.class_sum).view(-1, 1)
+
+    @property
+    def balanced_mean(self) -> torch.Tensor:
+        """``(C,)``: the class-balanced mean, the mean over the classes (with images) of their means."""
+        present = self.class_count > 0  # type: ignore[operator]
+        return self.class_means[present].mean(dim=0)
 
 
 @dataclass
@@ -54,6 +69,7 @@ class Stats:
     complete: bool = True
     position: int = 0  # files consumed so far (for --resume)
     dataset: list[tuple[str, int]] = field(default_factory=list)  # the folder's files (relative path, size)
+    classes: list[str] = field(default_factory=list)  # with --per-class: the class names, sorted
 
     @property
     def layer_order(self) -> list[str]:
@@ -63,20 +79,43 @@ class Stats:
         return {name: layer.mean for name, layer in self.layers.items()}
 
     def merge(self, other: Stats) -> Stats:
-        """Exact sum of two disjoint measurements of the same layers."""
+        """Exact sum of two disjoint measurements of the same layers (per-class sums matched by class name)."""
         if self.layer_order != other.layer_order:
             raise StatsFileError("cannot merge statistics of different layers")
-        layers = {
-            n: LayerStats(a.conv, a.relu, a.bn, a.sum + other.layers[n].sum, a.count + other.layers[n].count)
-            for n, a in self.layers.items()
-        }
+        if bool(self.classes) != bool(other.classes):
+            raise VggnormError("cannot merge statistics with per-class sums and statistics without (--per-class)")
+        classes = sorted(set(self.classes) | set(other.classes))
+        layers = {}
+        for n, a in self.layers.items():
+            b = other.layers[n]
+            layer = LayerStats(a.conv, a.relu, a.bn, a.sum + b.sum, a.count + b.count)
+            if classes:
+                layer.class_sum = _by_class(a, self.classes, classes, "sum") + _by_class(
+                    b, other.classes, classes, "sum"
+                )
+                layer.class_count = _by_class(a, self.classes, classes, "count") + _by_class(
+                    b, other.classes, classes, "count"
+                )
+            layers[n] = layer
         return Stats(
             layers,
             self.num_images + other.num_images,
             dict(self.attrs),
             self.skipped + other.skipped,
             dataset=self.dataset,
+            classes=classes,
         )
+
+
+def _by_class(layer: LayerStats, have: list[str], want: list[str], what: str) -> torch.Tensor:
+    """``layer``'s per-class sums (or counts) laid out for the classes ``want`` (zeros where absent)."""
+    src = layer.class_sum if what == "sum" else layer.class_count
+    assert src is not None
+    out = torch.zeros((len(want), *src.shape[1:]), dtype=src.dtype)
+    index = {c: i for i, c in enumerate(want)}
+    for i, c in enumerate(have):
+        out[index[c]] = src[i]
+    return out
 
 
 def _attr(value: Any) -> Any:
@@ -124,6 +163,11 @@ def _fill(f: h5py.File, stats: Stats) -> None:
         g.attrs["relu"] = layer.relu
         if layer.bn is not None:
             g.attrs["bn"] = layer.bn
+        if layer.class_sum is not None and layer.class_count is not None:
+            g.create_dataset("class_sum", data=layer.class_sum.double().cpu().numpy())
+            g.create_dataset("class_count", data=layer.class_count.long().cpu().numpy())
+    if stats.classes:
+        f.attrs["classes"] = json.dumps(stats.classes)
     skipped = f.create_group("skipped")
     str_dt, bytes_dt = h5py.string_dtype(), h5py.vlen_dtype(np.uint8)
     paths = [p for p, _ in stats.skipped]
@@ -204,6 +248,12 @@ def read_stats(path: str | Path, *, allow_incomplete: bool = False) -> Stats:
                     bn=_decode(g.attrs["bn"]) if "bn" in g.attrs else None,
                     sum=torch.from_numpy(np.asarray(g["sum"][()], dtype=np.float64)),
                     count=int(g["count"][()]),
+                    class_sum=torch.from_numpy(np.asarray(g["class_sum"][()], dtype=np.float64))
+                    if "class_sum" in g
+                    else None,
+                    class_count=torch.from_numpy(np.asarray(g["class_count"][()], dtype=np.int64))
+                    if "class_count" in g
+                    else None,
                 )
             paths = [_decode(p) for p in f["skipped/path"][()]] if "skipped" in f else []
             if "skipped/path_bytes" in f:  # lossless, whatever the names' encoding
@@ -224,7 +274,10 @@ def read_stats(path: str | Path, *, allow_incomplete: bool = False) -> Stats:
             f"{path} is an unfinished run ({position} of {attrs.get('num_files', '?')} files done); "
             "finish it with `vggnorm compute-stats ... --resume` using the same arguments"
         )
-    return Stats(layers, num_images, attrs, list(zip(paths, reasons, strict=True)), complete, position, dataset)
+    classes = json.loads(attrs.pop("classes")) if "classes" in attrs else []
+    return Stats(
+        layers, num_images, attrs, list(zip(paths, reasons, strict=True)), complete, position, dataset, classes
+    )
 
 
 def now() -> str:
@@ -251,7 +304,7 @@ def attr_differences(
 # What makes two measurements the same measurement: the model, the weights, the policy.
 MEASUREMENT_KEYS = ("arch", "weights_sha256", *Preprocess.__dataclass_fields__, "include_classifier", "precision")
 # Attributes every shard of one measurement shares; a difference names a foreign shard.
-MERGE_KEYS = (*MEASUREMENT_KEYS, "dataset_fingerprint", "dataset_num_files", "limit")
+MERGE_KEYS = (*MEASUREMENT_KEYS, "dataset_fingerprint", "dataset_num_files", "limit", "per_class", "labels_sha256")
 
 
 def merge_stats(inputs: list[Path], output: Path, *, force: bool = False) -> Stats:
@@ -305,7 +358,14 @@ def merge_stats(inputs: list[Path], output: Path, *, force: bool = False) -> Sta
         "created": now(),
     }
     result = Stats(
-        merged.layers, merged.num_images, attrs, sorted(merged.skipped), True, attrs["num_files"], merged.dataset
+        merged.layers,
+        merged.num_images,
+        attrs,
+        sorted(merged.skipped),
+        True,
+        attrs["num_files"],
+        merged.dataset,
+        merged.classes,
     )
     write_stats(result, output, force=force)
     return result

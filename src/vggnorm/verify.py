@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vggnorm import data as data_mod
+from vggnorm import labels as label_mod
 from vggnorm.apply import probe_input
 from vggnorm.checkpoint import StateDict, atomic_write, atomic_writes, check_finite, check_writable, load_state_dict
 from vggnorm.checks import FAIL, Check, check_fold, check_function, check_means, not_run
@@ -78,6 +79,8 @@ def verify_checkpoint(
     pooling: str | None = None,
     padding: str | None = None,
     include_classifier: bool | None = None,
+    weighting: str | None = None,
+    labels: str | None = None,
     precision: str = "fp32",
     device: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -110,16 +113,34 @@ def verify_checkpoint(
     if original is not None:
         weights = resolve_weights(original, arch=None if os.path.isfile(original) else target.arch)
     arch = _arch(target, stats, weights, original)
-    given_policy = {"resize": resize, "crop": crop, "preprocess": preprocess, "pooling": pooling, "padding": padding}
+    options: dict[str, Any] = {
+        "resize": resize,
+        "crop": crop,
+        "preprocess": preprocess,
+        "pooling": pooling,
+        "padding": padding,
+    }
     policy = resolve_policy(
-        normalized_path, stats, arch, rel_eps=rel_eps, eps=eps, include_classifier=include_classifier, **given_policy
+        normalized_path,
+        stats,
+        arch,
+        rel_eps=rel_eps,
+        eps=eps,
+        include_classifier=include_classifier,
+        weighting=weighting,
+        labels=labels,
+        **options,
     )
     if policy.include_classifier and target.features_only:
         raise VggnormError("--include-classifier: the checkpoint has no classifier")
     scales = None
     if stats is not None:
         scales = scales_from_stats(
-            stats, topology(arch), rule=policy.rule, include_classifier=policy.include_classifier
+            stats,
+            topology(arch),
+            rule=policy.rule,
+            include_classifier=policy.include_classifier,
+            weighting=policy.weighting,
         )
     p = policy.preprocess
     model = measuring_model(target.arch, target.state_dict, p, dev, precision=precision)
@@ -222,6 +243,14 @@ def _means(
         )
         return Check("means", MEANS_DESC, FAIL, detail=why), None
     fc = policy.include_classifier
+    labels = None
+    if policy.weighting == "class":  # the classes of the images, as compute-stats --per-class read them
+        source = policy.label_source
+        labels = (
+            label_mod.from_folders(data, files)
+            if source == "folders"
+            else label_mod.from_file(Path(source), data, files)
+        )
     measured, skipped = measure_files(
         model,
         files,
@@ -231,12 +260,14 @@ def _means(
         batch_size=batch_size,
         workers=workers,
         progress=progress,
+        labels=labels,
     )
+    means = measured_means(measured, policy.weighting)
     note = f"{measured.num_images} images from {data}" + (f", {len(skipped)} skipped" if skipped else "")
     if stats is not None and data_mod.dataset_fingerprint(data, files) != stats.attrs.get("dataset_fingerprint"):
         note += "; these are not the calibration images of the statistics, so means near (not exactly) 1 are expected"
     check = check_means(
-        measured.means(),
+        means,
         _by_normalized_path(arch, target.arch, scales, fc),
         tol=tol,
         rule=policy.rule,
@@ -245,6 +276,13 @@ def _means(
         names=conv_names(target.arch),
     )
     return check, measured
+
+
+def measured_means(measured: Stats, weighting: str) -> dict[str, torch.Tensor]:
+    """The means verify checks: over all images, or class-balanced (``weighting="class"``)."""
+    if weighting == "class":
+        return {n: layer.balanced_mean for n, layer in measured.layers.items()}
+    return measured.means()
 
 
 def _arch(target: Normalized, stats: Stats | None, weights: Weights | None, original: str | None) -> str:
@@ -272,7 +310,7 @@ def _report(
 ) -> Report:
     """The report; written (JSON, Markdown, and the figure of the re-measured means) when ``report`` is given."""
     dead = _by_normalized_path(arch, target.arch, scales, policy.include_classifier)
-    per_layer = measured_summary(measured.means(), dead, rule=policy.rule) if measured is not None else []
+    per_layer = measured_summary(measured_means(measured, policy.weighting), dead, rule=policy.rule) if measured else []
     png = report_paths(report)[1].with_suffix(".png") if report is not None and measured and have_matplotlib() else None
     result = Report(
         str(target.path),
@@ -289,7 +327,7 @@ def _report(
     with atomic_writes([*report_paths(report), *([png] if png else [])], force=force) as temps:
         result.write(temps[0], temps[1])
         if png is not None and measured is not None:
-            means = measured.means()
+            means = measured_means(measured, policy.weighting)
             pairs = _pairs(arch, target.arch, policy.include_classifier)
             plot_means(
                 {b: stats.layers[a].mean for a, b in pairs} if stats else None,

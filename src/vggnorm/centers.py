@@ -1,0 +1,46 @@
+"""``centers``: a layer's per-class mean features, from statistics measured with ``--per-class``.
+
+Row ``k`` is class ``k``'s mean ReLU activation per filter, over its images and the layer's
+positions: exactly what a momentum-updated center-loss estimate converges to on a fixed feature
+extractor, computed in one pass. Saved with the class names, ready for a center-loss layer or a
+nearest-class-mean classifier.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from vggnorm.checkpoint import atomic_write
+from vggnorm.errors import VggnormError
+from vggnorm.models import VGG_ARCHS, conv_names
+from vggnorm.stats import read_stats
+
+
+def write_centers(stats_path: Path, layer: str, output: Path, *, force: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """Write ``layer``'s ``[classes, C]`` mean features and the class names to ``output`` (.pt or .safetensors)."""
+    if output.suffix not in (".pt", ".pth", ".safetensors"):
+        raise VggnormError(f"{output}: write the centers to a .pt or a .safetensors file")
+    stats = read_stats(stats_path)
+    if not stats.classes:
+        raise VggnormError(f"{stats_path} has no per-class sums; measure with `vggnorm compute-stats ... --per-class`")
+    arch = str(stats.attrs.get("arch", ""))
+    by_name = {v: k for k, v in conv_names(arch).items()} if arch in VGG_ARCHS else {}
+    path = by_name.get(layer, layer)
+    if path not in stats.layers:
+        known = ", ".join(
+            f"{p} ({n})" if (n := conv_names(arch).get(p) if by_name else None) else p for p in stats.layers
+        )
+        raise VggnormError(f"{stats_path} has no layer {layer!r}; its layers are {known}")
+    centers = stats.layers[path].class_means.float()  # (K, C)
+    with atomic_write(output, force=force, inputs=[stats_path]) as tmp:
+        if output.suffix == ".safetensors":
+            from safetensors.torch import save
+
+            meta = {"classes": json.dumps(stats.classes), "layer": path, "stats": str(stats_path)}
+            tmp.write_bytes(save({"centers": centers.contiguous()}, metadata=meta))
+        else:
+            torch.save({"centers": centers, "classes": list(stats.classes), "layer": path}, tmp)
+    return centers, list(stats.classes)
