@@ -53,6 +53,7 @@ def test_per_class_means_equal_a_float64_computation_per_class(folders, checkpoi
         "fp64",
     )
     assert r.exit_code == 0, r.output
+    assert "classes: 2 (images per class: cat: 5, dog: 3)" in r.stdout
     stats = read_stats(out)
     assert stats.classes == ["cat", "dog"] and stats.attrs["label_source"] == "folders"
     model = TinyVGG()

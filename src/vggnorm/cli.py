@@ -327,6 +327,13 @@ def compute_stats_cmd(
     dead = {n: int((~rule.live(layer.mean)).sum()) for n, layer in stats.layers.items()}
     click.echo(f"images: {stats.num_images} used, {len(stats.skipped)} skipped")
     click.echo(f"layers: {len(stats.layers)} ({', '.join(stats.layers)})")
+    first = next(iter(stats.layers.values()))
+    if stats.classes and first.class_count is not None and stats.num_images:
+        positions = first.count // stats.num_images
+        per_class = ", ".join(
+            f"{c}: {int(n) // positions}" for c, n in zip(stats.classes, first.class_count, strict=True)
+        )
+        click.echo(f"classes: {len(stats.classes)} (images per class: {per_class})")
     click.echo(
         f"dead filters ({rule.describe()}; apply --rel-eps/--eps): {sum(dead.values())}"
         + "".join(f"; {n}: {d}" for n, d in dead.items() if d)
