@@ -19,6 +19,15 @@ from vggnorm.weights import random_state_dict  # noqa: E402
 TINY = {"tiny": import_user_model(MODEL), "tiny_bn": import_user_model(MODEL_BN)}
 
 
+def invoke(*args):
+    """Run the CLI in this process, arguments as strings; exceptions other than exits propagate."""
+    from click.testing import CliRunner
+
+    from vggnorm.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
 @pytest.fixture
 def tiny_vgg():
     def make(**kwargs) -> TinyVGG:

@@ -4,20 +4,14 @@ import json
 
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 
-from conftest import features_state_dict
-from vggnorm.cli import cli
+from conftest import features_state_dict, invoke
 from vggnorm.data import Preprocess, find_images, load_rgb
 from vggnorm.stats import read_stats
 
 SIZE = ["--resize", "64", "--crop", "64", "--workers", 0, "--no-progress"]
 VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def adain_encoder() -> nn.Sequential:

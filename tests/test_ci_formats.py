@@ -6,16 +6,10 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from conftest import TINY
-from vggnorm.cli import cli
+from conftest import TINY, invoke
 
 MODEL = ["--model", TINY["tiny"]]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

@@ -12,20 +12,14 @@ import h5py
 import pytest
 import torch
 import torchvision
-from click.testing import CliRunner
 from PIL import Image
 from torchvision import transforms
 
-from conftest import TINY
+from conftest import TINY, invoke
 from lookalikes import GATYS_BLOCKS, POOL, TinyVGG
-from vggnorm.cli import cli
 
 SIZE = ["--resize", "64", "--crop", "64"]
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny_bn"])

@@ -4,15 +4,11 @@ import re
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
+from conftest import invoke
 from vggnorm.cli import cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.mark.parametrize("command", sorted(cli.commands))

@@ -2,18 +2,12 @@
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from conftest import TINY
-from vggnorm.cli import cli
+from conftest import TINY, invoke
 from vggnorm.compare import compare_checkpoints
 from vggnorm.normalize import DeadRule
 from vggnorm.stats import read_stats
 from vggnorm.weights import random_state_dict
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny_bn"])

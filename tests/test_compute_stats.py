@@ -9,18 +9,12 @@ import time
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from conftest import TINY
+from conftest import TINY, invoke
 from test_data import awkward_images, bad_files  # noqa: I001
-from vggnorm.cli import cli
 from vggnorm.stats import read_stats
 
 BASE = ["--model", TINY["tiny"], "--weights", "random:0", "--resize", "48", "--crop", "40", "--no-progress"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

@@ -4,19 +4,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from conftest import TINY, features_state_dict, perturbed_bn
+from conftest import TINY, features_state_dict, invoke, perturbed_bn
 from lookalikes import TinyVGG
-from vggnorm.cli import cli
 from vggnorm.data import Preprocess, find_images, load_rgb
 from vggnorm.stats import read_stats
 
 SMALL = ["--resize", "72", "--crop", "64", "--workers", 0, "--no-progress"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

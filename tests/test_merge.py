@@ -3,20 +3,14 @@
 import h5py
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from conftest import TINY
+from conftest import TINY, invoke
 from test_data import bad_files  # noqa: I001
-from vggnorm.cli import cli
 from vggnorm.stats import read_stats
 
 # batch size 1: each image's float32 partial sums are then the same whichever shard it lands in
 OPTIONS = "--weights random:0 --resize 40 --crop 32 --workers 0 --batch-size 1 --no-progress"
 BASE = ["--model", TINY["tiny"], *OPTIONS.split()]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

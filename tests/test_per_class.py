@@ -3,20 +3,14 @@
 import h5py
 import pytest
 import torch
-from click.testing import CliRunner
 
-from conftest import TINY
+from conftest import TINY, invoke
 from lookalikes import TinyVGG
-from vggnorm.cli import cli
 from vggnorm.data import Preprocess, find_images, load_rgb
 from vggnorm.stats import read_stats
 
 MODEL = ["--model", TINY["tiny"]]
 SIZE = ["--resize", "40", "--crop", "32", "--workers", 0, "--no-progress"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -152,44 +146,11 @@ def test_class_weighting_is_applied_verified_and_centers_are_written(folders, ch
 )
 def test_bad_labels_are_clear_errors(content, message, folders, tmp_path):
     (tmp_path / "bad.csv").write_text(content)
-    r = invoke(
-        "compute-stats",
-        folders / "flat",
-        *MODEL,
-        "--weights",
-        "random:0",
-        *SIZE,
-        "--per-class",
-        "--labels",
-        tmp_path / "bad.csv",
-        "-o",
-        tmp_path / "s.h5",
-    )
+    command = ["compute-stats", folders / "flat", *MODEL, "--weights", "random:0", *SIZE, "--per-class"]
+    r = invoke(*command, "--labels", tmp_path / "bad.csv", "-o", tmp_path / "s.h5")
     assert r.exit_code == 1 and message in r.stderr and "Traceback" not in r.output, r.output
     assert not (tmp_path / "s.h5").exists()
-    r = invoke(
-        "compute-stats",
-        folders / "flat",
-        *MODEL,
-        "--weights",
-        "random:0",
-        *SIZE,
-        "--per-class",
-        "-o",
-        tmp_path / "s.h5",
-    )
+    r = invoke(*command, "-o", tmp_path / "s.h5")
     assert r.exit_code == 1 and "not in a class subfolder" in r.stderr
-    r = invoke(
-        "compute-stats",
-        folders / "flat",
-        *MODEL,
-        "--weights",
-        "random:0",
-        *SIZE,
-        "--per-class",
-        "--labels",
-        tmp_path / "missing.csv",
-        "-o",
-        tmp_path / "s.h5",
-    )
+    r = invoke(*command, "--labels", tmp_path / "missing.csv", "-o", tmp_path / "s.h5")
     assert r.exit_code == 2 and "does not exist" in r.stderr

@@ -3,20 +3,14 @@
 import h5py
 import numpy as np
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from torchvision import transforms
 
-from conftest import TINY
+from conftest import TINY, invoke
 from lookalikes import TinyVGG
-from vggnorm.cli import cli
 from vggnorm.data import CAFFE_MEAN_BGR, default_preprocess
 
 SIZE = ["--resize", "64", "--crop", "64"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_caffe_preset_is_bgr_0_255_mean_subtracted():

@@ -8,18 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from conftest import TINY
-from vggnorm.cli import cli
+from conftest import TINY, invoke
 from vggnorm.stats import read_stats
 
 MODEL = ["--model", TINY["tiny"]]
 SMALL = ["--resize", "40", "--crop", "32", "--workers", 0, "--no-progress"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def one_line_error(r, *words):
