@@ -65,3 +65,122 @@ def tiny_vgg_bn() -> TinyVGG:
 
 MODEL = f"{Path(__file__).resolve()}:tiny_vgg"
 MODEL_BN = f"{Path(__file__).resolve()}:tiny_vgg_bn"
+
+
+# ---- beyond VGG: the structures the analysis accepts (issue 12) ------------------------------------
+
+
+def _randomize_affine(model: nn.Module, seed: int = 2) -> nn.Module:
+    """Non-trivial norm parameters (as a trained model has), so their fold is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.GroupNorm, nn.InstanceNorm2d, nn.BatchNorm2d)) and m.weight is not None:
+            n = m.weight.numel()
+            m.weight.data = torch.rand(n, generator=g) + 0.5
+            m.bias.data = torch.randn(n, generator=g) * 0.3
+    return model
+
+
+def group_norm_net() -> nn.Sequential:
+    """A custom Sequential: conv -> GroupNorm(affine) -> ReLU, pooling, a classifier."""
+    return _randomize_affine(
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.GroupNorm(2, 8),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 6, 3, padding=1),
+            nn.GroupNorm(3, 6),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(6 * 4, 5),
+        )
+    )
+
+
+class InstanceNormNet(nn.Module):
+    """Johnson-style: reflection pad -> conv -> InstanceNorm(affine) -> LeakyReLU, then a PReLU site."""
+
+    def __init__(self, affine: bool = True) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(3, 6, 3),
+            nn.InstanceNorm2d(6, affine=affine),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(6, 5, 3, padding=1),
+            nn.InstanceNorm2d(5, affine=affine),
+            nn.LeakyReLU(0.2),
+            nn.Conv2d(5, 4, 3, padding=1, bias=False),
+            nn.PReLU(4),
+        )
+        self.head = nn.Conv2d(4, 3, 1)
+        _randomize_affine(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def instance_norm_net() -> InstanceNormNet:
+    return InstanceNormNet()
+
+
+def instance_norm_no_affine_net() -> InstanceNormNet:
+    return InstanceNormNet(affine=False)
+
+
+class CatNet(nn.Module):
+    """Two conv -> ReLU branches concatenated with the image along the channels, a grouped conv
+    reading across the pieces, a depthwise conv, and a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 5, 1), nn.ReLU())
+        self.mix = nn.Conv2d(12, 8, 3, padding=1, groups=4)
+        self.mix_relu = nn.ReLU()
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.depthwise_relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(8 * 4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.a(x), self.b(x), x], dim=1)
+        y = self.depthwise_relu(self.depthwise(self.mix_relu(self.mix(y))))
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+def cat_net() -> CatNet:
+    return CatNet()
+
+
+class ResidualNet(nn.Module):
+    """A conv -> ReLU stem and torchvision's ResNet basic block: refused (a residual add)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.block = BasicBlock(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.stem(x))
+
+
+def activation_net(activation: type[nn.Module]) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), activation(), nn.Conv2d(4, 2, 1))
+
+
+def relu6_net() -> nn.Sequential:
+    return activation_net(nn.ReLU6)
+
+
+def gelu_net() -> nn.Sequential:
+    return activation_net(nn.GELU)
+
+
+def spec(name: str) -> str:
+    """The ``--model`` value of a factory in this file."""
+    return f"{Path(__file__).resolve()}:{name}"

@@ -47,7 +47,13 @@ def test_compute_stats_refuses_to_overwrite_before_working(tmp_path, photos):
 
 def test_bad_option_values_are_usage_errors(photos):
     assert invoke("compute-stats", photos, "--batch-size", 0).exit_code == 2
-    assert invoke("compute-stats", photos, "--arch", "resnet50").exit_code == 2
+    assert invoke("compute-stats", photos, "--arch", "vgg99").exit_code == 2
+
+
+def test_a_torchvision_model_that_cannot_be_normalized_is_refused_before_any_weights(photos, tmp_path):
+    r = invoke("compute-stats", photos, "--arch", "resnet18", "-o", tmp_path / "s.h5")  # default weights: not fetched
+    assert r.exit_code == 1 and "add (add): combines per-channel scaled channels" in r.stderr
+    assert "Downloading" not in r.output and not (tmp_path / "s.h5").exists()
 
 
 def test_cuda_requested_without_cuda(tmp_path, photos, monkeypatch):

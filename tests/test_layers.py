@@ -1,8 +1,8 @@
 import pytest
+import torch
 from torch import nn
 
 from vggnorm.defaults import VGG_ARCHS
-from vggnorm.errors import CheckpointError
 from vggnorm.layers import find_topology
 from vggnorm.models import topology
 
@@ -32,12 +32,117 @@ def test_tiny_lookalike(tiny_vgg):
     assert topo.positions_per_channel == 9
 
 
-def test_unknown_module_between_conv_and_relu_is_refused():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.ReLU())
-    with pytest.raises(CheckpointError, match="Tanh"):
-        find_topology(model)
+def _refusal(model: nn.Module) -> str:
+    return "; ".join(str(r) for r in find_topology(model).refusals)
 
 
-def test_conv_without_relu_is_refused():
-    with pytest.raises(CheckpointError, match="no ReLU"):
-        find_topology(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)))
+def test_unknown_module_between_conv_and_its_activation_is_refused():
+    assert "0 (Conv2d)" not in _refusal(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
+    assert "1 (Tanh): is not positively homogeneous" in _refusal(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh(), nn.ReLU())
+    )
+
+
+def test_a_conv_without_activation_is_no_site_and_the_next_compensates():
+    topo = find_topology(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)))
+    assert [s.conv for s in topo.sites] == ["0"] and [c.module for c in topo.compensations] == ["2"]
+    assert not topo.refusals and not topo.output_scaled
+
+
+class _Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+class _Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.relu = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.b(self.relu(self.a(x))))
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.relu = nn.Conv2d(3, 4, 3), nn.ReLU()
+
+    def forward(self, x):
+        if x.sum() > 0:  # control flow on a tensor's value
+            return self.relu(self.conv(x))
+        return x
+
+
+class _StandardizedConv(nn.Conv2d):
+    def forward(self, x):
+        w = (self.weight - self.weight.mean(dim=(1, 2, 3), keepdim=True)) / self.weight.std(dim=(1, 2, 3), keepdim=True)
+        return nn.functional.conv2d(x, w, self.bias)
+
+
+class _Scaled(nn.Module):
+    def __init__(self, op) -> None:
+        super().__init__()
+        self.a, self.relu, self.b, self.relu2, self.op = (
+            nn.Conv2d(3, 4, 3),
+            nn.ReLU(),
+            nn.Conv2d(4, 4, 1),
+            nn.ReLU(),
+            op,
+        )
+
+    def forward(self, x):
+        return self.relu2(self.b(self.op(self.relu(self.a(x)))))
+
+
+@pytest.mark.parametrize(
+    "model, words",
+    [
+        (_Functional(), "conv by a function call"),
+        (_Shared(), "relu (ReLU): is called 2 times"),
+        (_Untraceable(), "torch.fx cannot trace"),
+        (nn.Sequential(_StandardizedConv(3, 4, 3), nn.ReLU()), "overrides Conv2d.forward"),
+        (
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.GroupNorm(2, 4), nn.Conv2d(4, 4, 1)),
+            "2 (GroupNorm): receives",
+        ),
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.LayerNorm(222), nn.ReLU()), "2 (LayerNorm): receives"),
+        (_Scaled(lambda x: torch.cat([x, x], dim=2)), "along a dimension other than the channels"),
+        (_Scaled(lambda x: x + 1), "combines per-channel scaled channels"),
+        (_Scaled(lambda x: x[:, :2].repeat(1, 2, 1, 1)), "does not know whether it commutes"),
+    ],
+    ids=[
+        "function",
+        "shared",
+        "untraceable",
+        "weight_standardized",
+        "norm_after",
+        "layernorm_after",
+        "cat_dim2",
+        "add_constant",
+        "slice",
+    ],
+)
+def test_refusals_name_the_node_and_the_reason(model, words):
+    assert words in _refusal(model)
+
+
+def test_scale_flows_through_what_commutes_with_it():
+    model = _Scaled(lambda x: nn.functional.max_pool2d(nn.functional.pad(x, (1, 1, 1, 1), mode="reflect") * 2.0, 2))
+    topo = find_topology(model)
+    assert not topo.refusals and [c.module for c in topo.compensations] == ["b"]
+    assert len(topo.compensations[0].via) == 3  # pad, mul, max_pool2d
+
+
+def test_a_channelwise_layernorm_is_a_site_norm():
+    from torchvision.models.convnext import LayerNorm2d
+
+    topo = find_topology(nn.Sequential(nn.Conv2d(3, 4, 3), LayerNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)))
+    assert not topo.refusals and topo.sites[0].bn == "1" and topo.sites[0].norm == "LayerNorm2d"
+    # a plain LayerNorm over the last (width) dimension is not per channel
+    refused = find_topology(nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm(222), nn.ReLU()))
+    assert "not per channel" in "; ".join(str(r) for r in refused.refusals)

@@ -19,7 +19,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_API = ("DeadRule", "measure_folder", "measure_means", "normalize_model", "scales", "verify_models")
+_API = ("DeadRule", "analyze", "measure_folder", "measure_means", "normalize_model", "scales", "verify_models")
 
 
 def __getattr__(name: str) -> Any:

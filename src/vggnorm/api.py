@@ -27,14 +27,26 @@ from vggnorm import data as data_mod
 from vggnorm.checks import check_fold, check_function, check_means, not_run
 from vggnorm.collect import ReluSums, images_of, measure, measure_files
 from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
-from vggnorm.layers import Site, find_topology
+from vggnorm.layers import Site, Topology, find_topology, with_affine
 from vggnorm.normalize import DeadRule, LayerScales, fold_state_dict, scales_from_stats
 from vggnorm.report import Report, layer_summary, measured_summary
 from vggnorm.stats import Stats
 
 
-def _sites(model: nn.Module, include_classifier: bool) -> list[Site]:
-    topo = find_topology(model)
+def analyze(model: nn.Module, *, add_affine: bool = False) -> Topology:
+    """The structural analysis of ``model`` (what ``vggnorm inspect`` prints): its sites, what each
+    scale flows through to the layer that compensates it, and the refusals (empty: normalizable)."""
+    return find_topology(model, add_affine=add_affine)
+
+
+def _topology(model: nn.Module, add_affine: bool = False) -> Topology:
+    topo = find_topology(model, add_affine=add_affine)
+    topo.check()
+    return topo
+
+
+def _sites(model: nn.Module, include_classifier: bool, add_affine: bool = False) -> list[Site]:
+    topo = _topology(model, add_affine)
     return [*topo.sites, *(topo.fc_sites if include_classifier else ())]
 
 
@@ -48,15 +60,18 @@ def measure_means(
     *,
     include_classifier: bool = False,
     precision: str = "fp32",
+    add_affine: bool = False,
 ) -> Stats:
     """Per-filter sums and counts of every site's ReLU output over ``batches``, in one pass.
 
     ``Stats.means()`` gives ``mu_l[i] = sum over images and positions of F_l[n, i, h, w] / (N H W)``.
     Runs where ``model`` is and in its dtype (``model.double()`` measures in float64). The model
-    is not modified; put it in eval mode first (BatchNorm, dropout).
+    is not modified; put it in eval mode first (BatchNorm, dropout). A model that cannot be
+    normalized is refused (``CheckpointError`` with the reasons ``analyze`` gives); ``add_affine``
+    accepts norms without affine parameters (see ``normalize_model``).
     """
     device = _device_of(model)
-    sums = ReluSums(_sites(model, include_classifier), device)
+    sums = ReluSums(_sites(model, include_classifier, add_affine), device)
     num_images = 0
 
     def count(batch: Any) -> None:
@@ -104,22 +119,28 @@ def scales(
     model: nn.Module, stats: Stats, *, rule: DeadRule = DeadRule(), include_classifier: bool = False
 ) -> dict[str, LayerScales]:
     """The per-filter scales of every site of ``model`` (1 for dead filters), checked against ``stats``."""
-    return scales_from_stats(stats, find_topology(model), rule=rule, include_classifier=include_classifier)
+    return scales_from_stats(stats, _topology(model, add_affine=True), rule=rule, include_classifier=include_classifier)
 
 
 def normalize_model(
-    model: nn.Module, stats: Stats, *, rule: DeadRule = DeadRule(), include_classifier: bool = False
+    model: nn.Module,
+    stats: Stats,
+    *,
+    rule: DeadRule = DeadRule(),
+    include_classifier: bool = False,
+    add_affine: bool = False,
 ) -> nn.Module:
-    """A copy of ``model`` whose every live filter's mean ReLU activation on the measured data is 1.
+    """A copy of ``model`` whose every live filter's mean activation on the measured data is 1.
 
-    Invariants (SPEC section 3): at every site ``F'_l == F_l / s_l`` and the output is unchanged.
-    ``model`` itself is not modified.
+    Invariants (SPEC section 3): at every site ``F'_l == F_l / s_l`` and the output is unchanged
+    (unless the output is the last activation itself). ``model`` itself is not modified.
+    ``add_affine``: a site's norm without affine parameters (InstanceNorm2d's default) gets weight 1
+    and bias 0 in the copy (the same function), which then carry the scales.
     """
-    topo = find_topology(model)
+    topo = _topology(model, add_affine)
     layer_scales = scales_from_stats(stats, topo, rule=rule, include_classifier=include_classifier)
-    folded = fold_state_dict(model.state_dict(), {n: s.scale for n, s in layer_scales.items()}, topo)
-    out = copy.deepcopy(model)
-    out.load_state_dict(folded)
+    out = with_affine(copy.deepcopy(model), topo)
+    out.load_state_dict(fold_state_dict(out.state_dict(), {n: s.scale for n, s in layer_scales.items()}, topo))
     return out
 
 
@@ -143,11 +164,11 @@ def verify_models(
     device = _device_of(normalized)
     x = probe if probe is not None else torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     # a features-only network's output is its last ReLU's (scaled): only a classifier's is unchanged
-    has_head = find_topology(original).classifier is not None
+    topo = _topology(normalized)  # an add_affine copy's norms have the parameters the original lacks
     checks = check_function(
-        original, normalized, scale_t, x.to(device), rtol=rtol, logits=has_head, inputs="probe batch"
+        original, normalized, scale_t, x.to(device), rtol=rtol, logits=not topo.output_scaled, inputs="probe batch"
     )
-    folded = fold_state_dict(original.state_dict(), scale_t, find_topology(original))
+    folded = fold_state_dict(original.state_dict(), scale_t, topo)
     checks.append(check_fold(normalized.state_dict(), folded, rtol=rtol))
     measured: list[dict[str, Any]] = []
     desc = "re-measured mean ReLU activation of every live filter is 1"
@@ -168,4 +189,4 @@ def verify_models(
     )
 
 
-__all__ = ["DeadRule", "measure_folder", "measure_means", "normalize_model", "scales", "verify_models"]
+__all__ = ["DeadRule", "analyze", "measure_folder", "measure_means", "normalize_model", "scales", "verify_models"]

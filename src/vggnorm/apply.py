@@ -17,8 +17,17 @@ from vggnorm.checks import Check, check_function, not_run
 from vggnorm.data import Preprocess
 from vggnorm.errors import StatsMismatchError, VggnormError
 from vggnorm.figures import have_matplotlib, plot_means
+from vggnorm.layers import with_affine
 from vggnorm.layouts import ADAIN_ARCHS, export_layout, to_torchvision_layout
-from vggnorm.models import build_model, conv_names, infer_arch, load_model, topology
+from vggnorm.models import (
+    build_model,
+    checked_topology,
+    conv_names,
+    infer_arch,
+    is_user_model,
+    load_model,
+    topology,
+)
 from vggnorm.normalize import DeadRule, fold_state_dict, scales_from_stats
 from vggnorm.policy import report_base
 from vggnorm.report import Report, layer_summary, report_paths
@@ -47,7 +56,7 @@ def default_output(spec: str, arch: str) -> Path:
 def weights_for(spec: str, stats: Stats) -> Weights:
     """Resolve the checkpoint that ``stats`` belongs to; refuse one with another arch or other weights."""
     arch = str(stats.attrs["arch"])
-    weights = resolve_weights(spec, arch=None if os.path.isfile(spec) else arch)
+    weights = resolve_weights(spec, arch=None if os.path.isfile(spec) else arch, prefer=arch)
     if weights.arch != arch:
         raise StatsMismatchError(f"the statistics are for {arch}, but {spec} is a {weights.arch} checkpoint")
     if weights.sha256 != stats.attrs.get("weights_sha256"):
@@ -64,8 +73,13 @@ def probe_input(crop: int, n: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, crop, crop, generator=torch.Generator().manual_seed(0))
 
 
-def check_loads(state_dict: dict[str, torch.Tensor], arch: str, *, features_only: bool) -> Check:
-    desc = f"loads into torchvision's {arch} with strict=True"
+def check_loads(
+    state_dict: dict[str, torch.Tensor], arch: str, *, features_only: bool, add_affine: bool = False
+) -> Check:
+    """The output loads with ``strict=True`` into ``arch`` as its code builds it (``add_affine``: with
+    the norms that had no affine parameters built with ``affine=True``)."""
+    where = "torchvision's " if not is_user_model(arch) else ""
+    desc = f"loads into {where}{arch} with strict=True" + (" (norms built with affine=True)" if add_affine else "")
     if features_only:
         return not_run(
             "loads",
@@ -74,7 +88,10 @@ def check_loads(state_dict: dict[str, torch.Tensor], arch: str, *, features_only
             "layout, Gatys-named code) with strict=True",
         )
     try:
-        build_model(arch, device="meta").load_state_dict(state_dict, strict=True, assign=True)
+        model = build_model(arch, device="meta")
+        if add_affine:
+            with_affine(model, topology(arch, True))
+        model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as e:
         return Check("loads", desc, "fail", detail=str(e).splitlines()[0])
     return Check("loads", desc, "pass")
@@ -106,6 +123,8 @@ def apply_stats(
     """
     stats = read_stats(stats_path)
     arch = str(stats.attrs["arch"])
+    add_affine = bool(stats.attrs.get("add_affine", False))
+    topo = checked_topology(arch, add_affine)  # a model that cannot be normalized is refused first
     output = Path(output) if output is not None else default_output(checkpoint, arch)
     json_path, md_path = report_paths(report_base(output))
     png_path = md_path.with_suffix(".png") if have_matplotlib() else None
@@ -123,7 +142,6 @@ def apply_stats(
             "--include-classifier needs the classifier: it cannot go with --features-only, "
             "--layout gatys, or features-only weights"
         )
-    topo = topology(arch)
     scales = scales_from_stats(stats, topo, rule=rule, include_classifier=include_classifier, weighting=weighting)
     scale_tensors = {n: s.scale for n, s in scales.items()}
     folded = fold_state_dict(weights.state_dict, scale_tensors, topo, features_only=features_only)
@@ -133,19 +151,20 @@ def apply_stats(
     # self-check what will be written: the exported tensors, loaded back, against the original
     pooling = str(stats.attrs.get("pooling", "max"))
     padding = str(stats.attrs.get("padding", "zeros"))
-    original = load_model(arch, weights.state_dict, pooling=pooling, padding=padding)
+    original = load_model(arch, weights.state_dict, pooling=pooling, padding=padding, add_affine=add_affine)
     reloaded = to_torchvision_layout(exported)
-    normalized = load_model(infer_arch(reloaded), reloaded, pooling=pooling, padding=padding)
+    normalized = load_model(infer_arch(reloaded, prefer=arch), reloaded, pooling=pooling, padding=padding)
     crop = int(stats.attrs.get("crop", 224))
     checks = check_function(
         original,
         normalized,
         scale_tensors,
         probe_input(crop),
-        logits=not features_only,
+        logits=not (features_only or topo.output_scaled),
         inputs=f"2 seeded random inputs (seed 0) at {crop}x{crop}, {pooling} pooling, {padding} padding",
     )
-    checks.append(check_loads(exported, arch, features_only=features_only))
+    added = any(s.added_affine for s in topo.all_sites)
+    checks.append(check_loads(exported, arch, features_only=features_only, add_affine=added))
     notes = []
     if png_path is None:
         notes.append("no figure: install matplotlib (pip install 'vggnorm[plot]') for OUT.report.png")

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from vggnorm.checkpoint import atomic_write
+from vggnorm.defaults import NAMED_ARCHS
 from vggnorm.errors import VggnormError
-from vggnorm.models import VGG_ARCHS, conv_names
+from vggnorm.models import conv_names
 from vggnorm.stats import read_stats
 
 
@@ -27,7 +28,7 @@ def write_centers(stats_path: Path, layer: str, output: Path, *, force: bool = F
     if not stats.classes:
         raise VggnormError(f"{stats_path} has no per-class sums; measure with `vggnorm compute-stats ... --per-class`")
     arch = str(stats.attrs.get("arch", ""))
-    by_name = {v: k for k, v in conv_names(arch).items()} if arch in VGG_ARCHS else {}
+    by_name = {v: k for k, v in conv_names(arch).items()} if arch in NAMED_ARCHS else {}
     path = by_name.get(layer, layer)
     if path not in stats.layers:
         known = ", ".join(

@@ -7,6 +7,7 @@ until a command runs, so ``--help`` and usage errors answer at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -29,11 +30,11 @@ from vggnorm.defaults import (
     DEFAULT_RTOL,
     DEFAULT_WEIGHTS,
     LAYOUTS,
+    NAMED_ARCHS,
     PADDINGS,
     POOLINGS,
     PRECISIONS,
     PREPROCESSINGS,
-    VGG_ARCHS,
     WEIGHTINGS,
 )
 from vggnorm.errors import VggnormError
@@ -106,13 +107,37 @@ loader_options = options(
         help="DataLoader processes decoding images (0: decode in the main process). [default: CPUs - 1]",
     ),
 )
+def _check_arch_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """An arch name torchvision does not know is a usage error (exit 2); importing torchvision to
+    know that is done only for names other than the VGGs and AlexNet."""
+    if value in NAMED_ARCHS:
+        return value
+    import torchvision
+
+    if value not in torchvision.models.list_models(module=torchvision.models):
+        raise click.BadParameter(
+            f"{value!r} is not a torchvision classification model; use one of {', '.join(NAMED_ARCHS)}, another "
+            "torchvision name, or --model for your own",
+            param_hint="--arch",
+        )
+    return value
+
+
 model_option = click.option(
     "--model",
     metavar="FILE.py:NAME|MODULE:NAME",
     default=None,
-    help="A model of your own instead of a torchvision VGG: a class or zero-argument function returning an "
-    "nn.Module with conv -> (BatchNorm) -> ReLU sites. Importing it RUNS ITS CODE; vggnorm never imports "
-    "code unless you pass this option. apply and verify need the same --model as compute-stats.",
+    help="A model of your own instead of a torchvision one: a class or zero-argument function returning an "
+    "nn.Module with Conv2d -> (norm) -> ReLU/LeakyReLU/PReLU sites (check it with `vggnorm inspect`). Importing "
+    "it RUNS ITS CODE; vggnorm never imports code unless you pass this option. apply and verify need the same "
+    "--model as compute-stats.",
+)
+add_affine_option = click.option(
+    "--add-affine",
+    is_flag=True,
+    help="Accept a site's norm built without affine parameters (InstanceNorm2d's default) by giving it weight 1 "
+    "and bias 0 (the same function), which then carry the scales. The normalized file holds them, so your code "
+    "must build that norm with affine=True to load it. Recorded in the statistics; apply and verify follow it.",
 )
 progress_option = click.option(
     "--progress/--no-progress", default=True, show_default=True, help="Show a progress bar on stderr."
@@ -192,6 +217,7 @@ def cli() -> None:
 
     The network computes the same function afterwards (logits unchanged). Three steps:
     compute-stats (measure), apply (fold the scales into the weights), verify (prove it).
+    Beyond VGG: AlexNet, and any ReLU CNN that `vggnorm inspect` accepts.
     """
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
 
@@ -200,10 +226,12 @@ def cli() -> None:
 @click.argument("directory", metavar="DIR", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
     "--arch",
-    type=click.Choice(VGG_ARCHS),
+    metavar="NAME",
+    callback=_check_arch_name,
     default=DEFAULT_ARCH,
     show_default=True,
-    help="torchvision VGG architecture (ignored with --model).",
+    help=f"torchvision architecture: {', '.join(NAMED_ARCHS)}, or another torchvision classification model "
+    "that `vggnorm inspect NAME` accepts (ignored with --model).",
 )
 @model_option
 @click.option(
@@ -283,6 +311,7 @@ def cli() -> None:
     "(experimental, CUDA only): nvJPEG decodes the JPEGs and they are resized on the GPU; pixels "
     "differ slightly, so the means do too (see the README). Recorded in the output.",
 )
+@add_affine_option
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @progress_option
 @verbose_option
@@ -607,6 +636,43 @@ def compare_cmd(a: str, b: str, stats_path: Path | None, tol: float, model: str 
     else:
         click.echo(f"NOT a rescaling: {result.broken}")
     sys.exit(0 if result.rescaling else 1)
+
+
+@cli.command("inspect")
+@click.argument("model_name", metavar="MODEL")
+@click.option(
+    "--weights",
+    metavar="SPEC",
+    default=None,
+    help="Also check that these weights (a file, a torchvision weights name, or random:SEED) fit MODEL: keys, "
+    "shapes and finite values.",
+)
+@add_affine_option
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON instead of a table.")
+@verbose_option
+def inspect_cmd(model_name: str, weights: str | None, add_affine: bool, as_json: bool) -> None:
+    """Can MODEL be normalized? Lists every site, where its scale flows, and every refusal with its reason.
+
+    MODEL is a torchvision name (vgg19, alexnet, resnet18, ...) or your own model as FILE.py:NAME or
+    package.module:NAME (this imports it, which RUNS ITS CODE: inspect only what you trust). The same
+    structural analysis (torch.fx) that compute-stats, apply and verify run; no data is read. Exit 0:
+    normalizable; 1: refused (the reasons are printed); 2: bad usage.
+
+    Example: vggnorm inspect alexnet
+    """
+    from vggnorm.inspection import inspect_model
+    from vggnorm.models import is_user_model
+
+    with user_errors(UsageFailure):
+        if is_user_model(model_name):
+            _import_model(model_name)
+        result = inspect_model(model_name, weights=weights, add_affine=add_affine)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        for line in result.lines():
+            click.echo(line)
+    sys.exit(0 if result.normalizable else 1)
 
 
 @cli.command("centers")

@@ -130,7 +130,9 @@ class ReluSums:
     def layers(self) -> dict[str, LayerStats]:
         out = {}
         for s in self.sites:
-            layer = LayerStats(s.conv, s.relu, s.bn, self.sums[s.conv].cpu(), self.counts[s.conv])
+            layer = LayerStats(
+                s.conv, s.relu, s.bn, self.sums[s.conv].cpu(), self.counts[s.conv], activation=s.activation, norm=s.norm
+            )
             if self.file_labels is not None:
                 layer.class_sum, layer.class_count = self.class_sums[s.conv].cpu(), self.class_counts[s.conv].cpu()
             out[s.conv] = layer
@@ -194,9 +196,11 @@ def measuring_model(
     device: torch.device,
     *,
     precision: str = "fp32",
+    add_affine: bool = False,
 ) -> nn.Module:
     """``arch`` carrying ``state_dict`` as vggnorm measures it: under the policy's pooling and padding,
-    in the device's memory format, and in float64 for ``precision="fp64"``."""
+    in the device's memory format, and in float64 for ``precision="fp64"`` (``add_affine``: see
+    ``models.load_model``)."""
     model = load_model(
         arch,
         state_dict,
@@ -204,6 +208,7 @@ def measuring_model(
         memory_format=memory_format(device),
         pooling=preprocess.pooling,
         padding=preprocess.padding,
+        add_affine=add_affine,
     )
     return model.double() if precision == "fp64" else model
 

@@ -20,7 +20,7 @@ import torch
 from vggnorm.checkpoint import StateDict, load_state_dict
 from vggnorm.errors import VggnormError
 from vggnorm.layouts import conv_without_bn, detect_layout, to_torchvision_layout
-from vggnorm.models import bn_eps, conv_names, infer_arch, is_features_only, topology
+from vggnorm.models import bn_eps, checked_topology, conv_names, infer_arch, is_features_only, topology
 from vggnorm.normalize import DeadRule
 from vggnorm.stats import read_stats
 
@@ -79,6 +79,8 @@ def compare_checkpoints(
     sd_b, arch_b, _ = _effective(str(b))
     if arch_a.removesuffix("_bn") != arch_b.removesuffix("_bn"):
         raise VggnormError(f"{a} is a {arch_a} and {b} a {arch_b}: compare needs two checkpoints of one architecture")
+    _check_chain(arch_a)
+    _check_chain(arch_b)
     sites_a, sites_b = topology(arch_a).sites, topology(arch_b).sites
     names = conv_names(arch_a)
     stats = read_stats(Path(stats_path)) if stats_path is not None else None
@@ -126,6 +128,20 @@ def compare_checkpoints(
     if result.rescaling and not (is_features_only(sd_a) or is_features_only(sd_b)):
         _check_head(sd_a, sd_b, arch_a, prev, tol, result)
     return result
+
+
+def _check_chain(arch: str) -> None:
+    """compare recovers scales layer after layer: each conv site must read the previous one's channels
+    alone, ungrouped, with no norm or a BatchNorm (VGG, AlexNet)."""
+    topo = checked_topology(arch)
+    readers = {c.module: c for c in topo.compensations}
+    for prev, site in zip(topo.sites, topo.sites[1:], strict=False):
+        comp = readers.get(site.conv)
+        if comp is None or comp.pieces != ((prev.conv, prev.out_channels),) or comp.groups != 1:
+            raise VggnormError(f"compare handles chains of convs (VGG, AlexNet); in {arch}, {site.conv} is not one")
+    for site in topo.sites:
+        if site.bn is not None and site.norm != "BatchNorm2d":
+            raise VggnormError(f"compare handles convs with BatchNorm or none; {arch} has a {site.norm} at {site.bn}")
 
 
 def _check_head(

@@ -7,6 +7,7 @@ state of a run (what is done, what was skipped, when to save) is a ``StatsRun`` 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -30,7 +31,7 @@ from vggnorm.distributed import World, world_from_env
 from vggnorm.errors import DataError, OutputExistsError, ResumeMismatchError, StatsFileError, VggnormError
 from vggnorm.labels import Labels, from_file, from_folders
 from vggnorm.layers import Site
-from vggnorm.models import check_input_size, topology
+from vggnorm.models import check_arch, check_input_size, checked_topology
 from vggnorm.stats import MEASUREMENT_KEYS, Stats, attr_differences, now, read_stats, write_stats
 from vggnorm.weights import resolve_weights
 
@@ -73,6 +74,7 @@ class RunConfig:
     decode: str = "cpu"  # "gpu": nvJPEG on the CUDA device (see defaults.DECODERS)
     per_class: bool = False  # also sum per class (labels from class subfolders, or from ``labels``)
     labels: str | None = None  # a labels file for a flat folder (see labels.py)
+    add_affine: bool = False  # give affine-less norms of sites weight 1, bias 0 (layers.with_affine)
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,7 @@ def _attrs(
         "device": describe(device),
         "precision": config.precision,
         "include_classifier": config.include_classifier,
+        "add_affine": config.add_affine,
         "batch_size": config.batch_size,
         "per_class": config.per_class,
         "label_source": plan.labels.source if plan.labels else "",
@@ -270,7 +273,7 @@ def _resume_state(output: Path, attrs: dict[str, Any], world: World, plan: FileP
         return initial
     # the other ranks start from zero sums at the same position (``position`` counts each rank's files)
     layers = {
-        n: type(layer)(layer.conv, layer.relu, layer.bn, torch.zeros_like(layer.sum), 0)
+        n: dataclasses.replace(layer, sum=torch.zeros_like(layer.sum), count=0, class_sum=None, class_count=None)
         for n, layer in initial.layers.items()
     }
     return Stats(layers, 0, initial.attrs, [], False, initial.position, classes=initial.classes)
@@ -320,6 +323,8 @@ def compute_stats(
     device = _device(config, world)
     check_precision(config.precision, device)
     data_mod.check_decode(config.decode, device)
+    check_arch(config.arch)
+    checked_topology(config.arch, config.add_affine)  # before loading (or downloading) any weights
     weights = resolve_weights(config.weights, arch=config.arch)
     preprocess = data_mod.default_preprocess(
         weights.arch,
@@ -335,13 +340,15 @@ def compute_stats(
     check_input_size(weights.arch, preprocess.crop)
     if config.include_classifier and weights.features_only:
         raise VggnormError(f"--include-classifier: {weights.spec} has no classifier (features-only weights)")
-    topo = topology(weights.arch)
+    topo = checked_topology(weights.arch, config.add_affine)
     sites = [*topo.sites, *(topo.fc_sites if config.include_classifier else ())]
     attrs = _attrs(root, config, plan, weights, preprocess, world, device)
     initial = _resume_state(output, attrs, world, plan) if resume else None
     if initial is not None:
         log.info("resuming %s at file %d of %d", output, initial.position, len(plan.files))
-    model = measuring_model(weights.arch, weights.state_dict, preprocess, device, precision=config.precision)
+    model = measuring_model(
+        weights.arch, weights.state_dict, preprocess, device, precision=config.precision, add_affine=config.add_affine
+    )
     del weights
     run = StatsRun(output, sites, attrs, plan, world=world, device=device, config=config, initial=initial, force=force)
     _stream(run, model, preprocess, progress=progress)

@@ -7,6 +7,9 @@ once: the CLI builds its options from these constants and imports the library on
 from __future__ import annotations
 
 VGG_ARCHS = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+# archs known by name: inferred from a state_dict's keys and shapes (other torchvision
+# classification models are accepted with --arch where the structural analysis succeeds)
+NAMED_ARCHS = (*VGG_ARCHS, "alexnet")
 DEFAULT_ARCH = "vgg19"
 DEFAULT_WEIGHTS = "IMAGENET1K_V1"
 RANDOM_PREFIX = "random:"

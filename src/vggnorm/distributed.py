@@ -8,13 +8,14 @@ the skipped-file lists gathered, at every checkpoint and at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from vggnorm.stats import LayerStats, Stats
+from vggnorm.stats import Stats
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def reduce_stats(stats: Stats, world: World, device: torch.device) -> Stats:
 
     for n in names:
         layer = stats.layers[n]
-        layers[n] = LayerStats(n, layer.relu, layer.bn, take(layer.sum.numel()), 0)
+        layers[n] = dataclasses.replace(layer, sum=take(layer.sum.numel()), count=0, class_sum=None, class_count=None)
         if layer.class_sum is not None and layer.class_count is not None:
             layers[n].class_sum = take(layer.class_sum.numel()).view_as(layer.class_sum)
             layers[n].class_count = take(layer.class_count.numel()).round().long()

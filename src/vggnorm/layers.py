@@ -1,26 +1,137 @@
-"""Walk a VGG and return its conv -> (BN) -> ReLU sites, keyed by module path.
+"""The structural analysis: which units of a model can be normalized, and how the fold compensates.
 
-Nothing here hard-codes layer indices: the sites come from ``model.named_modules()`` in forward
-order, so the same code serves every torchvision VGG and the small look-alikes in the tests.
+``find_topology`` traces the model with ``torch.fx`` (shapes propagated on fake tensors: no memory,
+no arithmetic) and follows a per-channel scale through the graph. Every model vggnorm handles,
+torchvision's VGGs included, goes through this one analysis.
+
+* A **site** is a Conv2d or Linear whose output reaches a positively homogeneous activation (ReLU,
+  LeakyReLU, PReLU: ``f(s x) = s f(x)`` for ``s > 0``) through at most one per-channel affine
+  normalization (BatchNorm, GroupNorm, InstanceNorm, a channel-wise LayerNorm) **with** affine
+  parameters, and through ops that commute with a positive per-channel scale. Dividing the activation
+  by ``s`` is exact by dividing the norm's weight and bias (or the conv's, when there is no norm) by ``s``.
+* The scale then **flows** forward through ops that commute with it (pooling, dropout, padding,
+  identity, flatten, ``cat`` along channels, the activations themselves) to the next Conv2d or Linear,
+  which **compensates** its input columns (per group for a grouped conv; ``P`` columns per channel for
+  a Linear after a flatten, channel-major).
+* Anything else a scale would reach is **refused**, by node and with the reason: a residual
+  add/sub/mul, an activation that is not homogeneous, a norm that receives a scaled input, a norm
+  without affine parameters that would have to absorb one, a module called more than once, code the
+  tracer cannot see through.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import dataclasses
+import io
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
 
+import torch
+import torch.fx
+import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import ShapeProp
 
 from vggnorm.errors import CheckpointError
 
-# Modules that commute with a positive per-channel scale, so they may sit between sites.
-_SCALE_COMMUTING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Flatten, nn.Identity)
+HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LayerNorm)
+COMMUTING = (
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.ZeroPad2d,
+    nn.ReflectionPad2d,
+    nn.ReplicationPad2d,
+)
+NOT_HOMOGENEOUS = (
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Softplus,
+    nn.Softsign,
+    nn.Tanhshrink,
+    nn.LogSigmoid,
+    nn.Threshold,
+    nn.Softmax,
+    nn.LogSoftmax,
+)
+_HOMOGENEOUS_FNS = {F.relu, F.relu_, torch.relu, torch.relu_, F.leaky_relu, F.prelu, "relu", "relu_"}
+_NOT_HOMOGENEOUS_FNS = {
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.hardtanh,
+    F.elu,
+    F.selu,
+    F.mish,
+    F.hardswish,
+    F.softplus,
+    torch.sigmoid,
+    torch.tanh,
+    F.sigmoid,
+    F.tanh,
+    "sigmoid",
+    "tanh",
+}
+_COMMUTING_FNS = {
+    F.max_pool2d,
+    F.avg_pool2d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
+    F.dropout,
+    torch.max_pool2d,
+    "contiguous",
+    "clone",
+    "detach",
+}
+_FLATTEN_FNS = {torch.flatten, "flatten", "view", "reshape", torch.reshape}
+_CAT_FNS = {torch.cat, torch.concat, torch.concatenate}
+_ARITHMETIC = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    "add",
+    "sub",
+    "mul",
+    "div",
+}
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+_POOL_FNS = {F.max_pool2d, F.avg_pool2d, torch.max_pool2d}
+
+ADD_AFFINE_NOTE = (
+    "the output file then holds its weight (1) and bias (0), so the module must be built with affine=True to load it"
+)
 
 
 @dataclass(frozen=True)
 class Site:
-    """One normalized unit: a conv, its optional BatchNorm, and the ReLU whose output is measured.
+    """One normalized unit: a Conv2d (or Linear), its optional normalization, and the activation
+    whose output is measured and divided by the scales.
 
-    For the classifier's fc sites, ``conv`` is the path of the Linear (``classifier.0``).
+    ``conv`` is the producer's module path (``features.0``, or ``classifier.0`` for an fc site);
+    ``bn`` is the normalization's path, whatever its kind (``norm``: BatchNorm2d, GroupNorm, ...).
     """
 
     conv: str
@@ -28,93 +139,490 @@ class Site:
     bn: str | None
     in_channels: int
     out_channels: int
+    kind: str = "conv"  # conv or linear
+    norm: str = ""  # the normalization's class name
+    activation: str = "ReLU"  # the activation's class name
+    added_affine: bool = False  # the norm had no affine parameters; --add-affine gave it weight 1, bias 0
+
+    @property
+    def signed(self) -> bool:
+        """Whether the activation can be negative (LeakyReLU, PReLU): a mean at or below 0 is then legal."""
+        return self.activation != "ReLU"
+
+
+@dataclass(frozen=True)
+class Compensation:
+    """A Conv2d or Linear that reads scaled channels and multiplies its input columns by their scales.
+
+    ``pieces`` lists its input channels in order: ``(site conv path, channels)``, or ``(None, channels)``
+    for channels that carry no scale (a ``cat`` with the image, say). ``positions`` is ``P``, the
+    columns per channel of a Linear after a channel-major flatten.
+    """
+
+    module: str
+    pieces: tuple[tuple[str | None, int], ...]
+    positions: int = 1
+    groups: int = 1
+    via: tuple[str, ...] = ()  # the ops the scale passed through on its way here
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return tuple(p for p, _ in self.pieces if p is not None)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a node keeps the model from being normalized, and what would make it normalizable."""
+
+    node: str
+    reason: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.reason}" + (f"; {self.fix}" if self.fix else "")
 
 
 @dataclass(frozen=True)
 class Topology:
-    """The sites in forward order and the Linear that reads ``flatten(avgpool(F_L))``."""
+    """The sites in forward order, the compensations, and the refusals (empty: normalizable)."""
 
     sites: tuple[Site, ...]
-    classifier: str | None
-    classifier_in_features: int | None
-    fc_sites: tuple[Site, ...] = ()  # Linear -> ReLU in the classifier (fc6, fc7)
-    linears: tuple[str, ...] = ()  # every Linear, in forward order
-
-    def next_linear(self, path: str) -> str | None:
-        """The Linear after ``path``, which reads its ReLU's output."""
-        i = self.linears.index(path)
-        return self.linears[i + 1] if i + 1 < len(self.linears) else None
+    classifier: str | None = None  # the first Linear after a flatten of scaled channels (fc6)
+    classifier_in_features: int | None = None
+    fc_sites: tuple[Site, ...] = ()  # Linear -> activation sites (fc6, fc7): normalized on request
+    compensations: tuple[Compensation, ...] = ()
+    refusals: tuple[Refusal, ...] = ()
+    names: dict[str, str] = field(default_factory=dict)  # conv path -> Gatys' name (conv1_1)
+    output_scaled: bool = False  # the output is the last activation itself (features only), divided by s_L
 
     @property
     def positions_per_channel(self) -> int:
         """``P`` in the SPEC: flattened positions per channel seen by the first Linear (7 * 7)."""
-        if self.classifier_in_features is None:
-            raise ValueError("this topology has no classifier")
-        return self.classifier_in_features // self.sites[-1].out_channels
+        for c in self.compensations:
+            if c.module == self.classifier:
+                return c.positions
+        raise ValueError("this topology has no classifier")
+
+    @property
+    def all_sites(self) -> tuple[Site, ...]:
+        return (*self.sites, *self.fc_sites)
+
+    def check(self) -> None:
+        """Raise ``CheckpointError`` naming the refusals (at most three) when there are any."""
+        if self.refusals:
+            shown = "; ".join(str(r) for r in self.refusals[:3])
+            more = f" (and {len(self.refusals) - 3} more)" if len(self.refusals) > 3 else ""
+            raise CheckpointError(f"cannot normalize this model: {shown}{more}. `vggnorm inspect` lists every site")
+        if not self.sites:
+            raise CheckpointError("the model has no Conv2d -> activation sites to normalize")
 
 
-def find_topology(model: nn.Module) -> Topology:
-    """Return the conv -> (BN) -> ReLU sites of ``model`` in forward order.
+# ---- the scale state of one value in the graph ---------------------------------------------------
 
-    Raises ``CheckpointError`` for a structure the fold cannot handle (a conv not followed by a
-    ReLU, an unknown module between a conv and its ReLU).
+
+@dataclass(frozen=True)
+class _Pre:
+    """The output of a Conv2d/Linear, perhaps through a norm: unscaled, but a site if it meets an activation."""
+
+    producer: str
+    kind: str  # conv or linear
+    in_channels: int
+    channels: int
+    norm: str | None = None
+    norm_type: str = ""
+    added_affine: bool = False
+    blocked: str = ""  # why it cannot be a site (a norm without affine parameters)
+    fix: str = ""
+
+
+@dataclass(frozen=True)
+class _Scaled:
+    """Channels divided by the scales of ``pieces``; ``positions > 1`` after a channel-major flatten."""
+
+    pieces: tuple[tuple[str | None, int], ...]
+    positions: int = 1
+    via: tuple[str, ...] = ()
+
+    def through(self, name: str) -> _Scaled:
+        return _Scaled(self.pieces, self.positions, (*self.via, name))
+
+
+_State = _Pre | _Scaled | None  # None: carries no scale
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer, with norms (LayerNorm2d-style subclasses included) kept as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (*NORMS, *HOMOGENEOUS, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = getattr(node, "meta", {}).get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _trace(model: nn.Module) -> torch.fx.GraphModule:
+    graph = _Tracer().trace(model)
+    gm = torch.fx.GraphModule(model, graph)
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = first.in_channels if first is not None else 3
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    error: BaseException | None = None
+    for size in (224, 64, 32, 512, 16, 1024):
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        x = mode.from_tensor(torch.empty(1, channels, size, size, device=device, dtype=dtype))
+        try:  # ShapeProp prints the traceback of a failing node: a size the model cannot take is no news
+            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+                ShapeProp(gm, fake_mode=mode).propagate(x)
+            return gm
+        except Exception as e:  # a size the model cannot take: try the next
+            error = e.__cause__ or e
+    raise CheckpointError(f"could not run the traced model on any input size to learn its shapes ({error})")
+
+
+def find_topology(model: nn.Module, *, add_affine: bool = False) -> Topology:
+    """Trace ``model`` and return its sites, compensations and refusals (see the module docstring).
+
+    ``add_affine`` accepts a norm without affine parameters as a site's norm, as if it had weight 1
+    and bias 0 (``with_affine`` makes the model so). Nothing is refused by raising: the refusals are
+    returned, and ``Topology.check()`` raises them.
     """
-    sites: list[Site] = []
-    conv: tuple[str, nn.Conv2d] | None = None
-    bn: str | None = None
-    classifier: str | None = None
-    classifier_in: int | None = None
-    fc_sites: list[Site] = []
-    linears: list[str] = []
-    linear: tuple[str, nn.Linear] | None = None
-    for path, module in model.named_modules():
-        if list(module.children()):
-            continue
-        if isinstance(module, nn.Conv2d):
-            if conv is not None:
-                raise CheckpointError(f"conv {conv[0]} is followed by conv {path} with no ReLU between them")
-            conv, bn = (path, module), None
-        elif isinstance(module, nn.BatchNorm2d) and conv is not None:
-            bn = path
-        elif isinstance(module, nn.ReLU) and conv is not None:
-            sites.append(Site(conv[0], path, bn, conv[1].in_channels, conv[1].out_channels))
-            conv, bn = None, None
-        elif isinstance(module, nn.ReLU) and linear is not None:
-            fc_sites.append(Site(linear[0], path, None, linear[1].in_features, linear[1].out_features))
-            linear = None
-        elif isinstance(module, nn.Linear):
-            if classifier is None:
-                classifier, classifier_in = path, module.in_features
-            linears.append(path)
-            linear = (path, module)
-        elif conv is not None and not isinstance(module, _SCALE_COMMUTING):
-            raise CheckpointError(
-                f"cannot normalize: {type(module).__name__} {path} sits between conv {conv[0]} and its ReLU"
-            )
-    if conv is not None:
-        raise CheckpointError(f"conv {conv[0]} has no ReLU after it")
-    if not sites:
-        raise CheckpointError("the model has no conv -> ReLU layers to normalize")
-    if classifier_in is not None and classifier_in % sites[-1].out_channels:
-        raise CheckpointError(
-            f"classifier {classifier} has {classifier_in} inputs, not a multiple of the "
-            f"{sites[-1].out_channels} channels of the last conv"
+    try:
+        gm = _trace(model)
+    except CheckpointError as e:
+        return Topology((), refusals=(Refusal("<trace>", str(e)),))
+    except Exception as e:  # the user's forward may raise anything under the tracer
+        return Topology(
+            (),
+            refusals=(
+                Refusal(
+                    "<trace>",
+                    f"torch.fx cannot trace the model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                    "make forward traceable (no control flow on tensor values) or move the untraceable part into a "
+                    "submodule vggnorm may treat as opaque",
+                ),
+            ),
         )
-    return Topology(tuple(sites), classifier, classifier_in, tuple(fc_sites), tuple(linears))
+    return _Analysis(gm, add_affine).run()
 
 
-def gatys_names(model: nn.Module) -> dict[str, str]:
-    """Gatys' (Caffe's) name of each conv, keyed by module path: ``conv{block}_{i}``.
+class _Analysis:
+    """One forward walk over the traced graph, carrying each value's scale state."""
 
-    A block is a pooling stage: the count restarts after every pooling layer, so vgg19's
-    ``features.0`` is ``conv1_1`` and ``features.34`` is ``conv5_4``.
-    """
-    names: dict[str, str] = {}
-    block, i = 1, 0
-    for path, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            i += 1
-            names[path] = f"conv{block}_{i}"
-        elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)) and i:
-            block, i = block + 1, 0
-    return names
+    def __init__(self, gm: torch.fx.GraphModule, add_affine: bool) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.add_affine = add_affine
+        self.state: dict[torch.fx.Node, _State] = {}
+        self.sites: list[Site] = []
+        self.compensations: list[Compensation] = []
+        self.refusals: list[Refusal] = []
+        self.calls: dict[str, int] = {}
+        self.names: dict[str, str] = {}
+        self._block, self._index = 1, 0
+        self.output_scaled = False
+
+    def refuse(self, node: torch.fx.Node, reason: str, fix: str = "") -> None:
+        self.refusals.append(Refusal(self._label(node), reason, fix))
+
+    def _label(self, node: torch.fx.Node) -> str:
+        if node.op == "call_module":
+            return f"{node.target} ({type(self.modules[str(node.target)]).__name__})"
+        if node.op in ("call_function", "call_method"):
+            target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+            return f"{node.name} ({target})"
+        return node.name
+
+    def run(self) -> Topology:
+        for node in self.gm.graph.nodes:
+            inputs = [a for a in node.all_input_nodes]
+            states = [self.state.get(a) for a in inputs]
+            if node.op == "call_module":
+                self.calls[str(node.target)] = self.calls.get(str(node.target), 0) + 1
+                self.state[node] = self._module(node, self.modules[str(node.target)], states)
+            elif node.op in ("call_function", "call_method"):
+                self.state[node] = self._function(node, states)
+            elif node.op == "output":
+                self.output_scaled = any(isinstance(s, _Scaled) for s in states)
+            else:
+                self.state[node] = None
+        for path, n in self.calls.items():
+            m = self.modules[path]
+            used = any(path in (s.conv, s.relu, s.bn) for s in self.sites) or any(
+                c.module == path for c in self.compensations
+            )
+            if n > 1 and used:
+                self.refusals.append(
+                    Refusal(
+                        f"{path} ({type(m).__name__})",
+                        f"is called {n} times in forward: one module cannot carry several scales",
+                        "give each use its own module",
+                    )
+                )
+        conv_sites = tuple(s for s in self.sites if s.kind == "conv")
+        fc_sites = tuple(s for s in self.sites if s.kind == "linear")
+        classifier = next((c for c in self.compensations if c.positions > 1), None)
+        return Topology(
+            conv_sites,
+            classifier.module if classifier else None,
+            sum(n for _, n in classifier.pieces) * classifier.positions if classifier else None,
+            fc_sites,
+            tuple(self.compensations),
+            tuple(self.refusals),
+            self.names,
+            self.output_scaled,
+        )
+
+    # -- modules ----------------------------------------------------------------------------------
+
+    def _module(self, node: torch.fx.Node, m: nn.Module, states: list[_State]) -> _State:
+        path = str(node.target)
+        x = states[0] if states else None
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            return self._weighted(node, path, m, x)
+        if isinstance(m, NORMS):
+            return self._norm(node, path, m, x)
+        if isinstance(m, HOMOGENEOUS):
+            if isinstance(x, _Pre):
+                return self._site(node, path, m, x)
+            return x.through(path) if isinstance(x, _Scaled) else None
+        if isinstance(m, COMMUTING):
+            if isinstance(m, _POOLS):
+                self._pooled()
+            if isinstance(x, _Scaled):
+                return x.through(path)
+            return x  # a pre-activation value stays one: max(s x) = s max(x)
+        if isinstance(m, nn.Flatten):
+            return self._flatten(node, x, path, m.start_dim)
+        if isinstance(m, NOT_HOMOGENEOUS):
+            return self._not_homogeneous(node, x)
+        if isinstance(x, _Scaled) or any(isinstance(s, _Scaled) for s in states):
+            self.refuse(
+                node,
+                f"receives per-channel scaled channels, and vggnorm does not know whether {type(m).__name__} "
+                "commutes with a positive per-channel scale",
+            )
+        elif isinstance(x, _Pre) and x.kind == "conv":
+            self.refuse(
+                node,
+                f"follows {x.producer}: vggnorm does not know whether {type(m).__name__} is positively homogeneous, "
+                "so that conv's filters cannot be normalized",
+            )
+        return None
+
+    def _weighted(self, node: torch.fx.Node, path: str, m: nn.Conv2d | nn.Linear, x: _State) -> _State:
+        base = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
+        if type(m).forward is not base.forward:
+            self.refuse(
+                node,
+                f"{type(m).__name__} overrides {base.__name__}.forward (weight standardization?): its stored weights "
+                "are not applied as they are, so rescaling them is not exact",
+            )
+            return None
+        if isinstance(m, nn.Conv2d):
+            self._index += 1
+            self.names[path] = f"conv{self._block}_{self._index}"
+        if isinstance(x, _Scaled):
+            if isinstance(m, nn.Conv2d) and x.positions > 1:
+                self.refuse(node, "reads flattened scaled channels")
+            elif isinstance(m, nn.Linear) and x.positions == 1 and len(_shape(node.args[0]) or ()) != 2:
+                self.refuse(
+                    node, "is applied over the last dimension of channel-scaled features, not over the channels"
+                )
+            else:
+                groups = m.groups if isinstance(m, nn.Conv2d) else 1
+                self.compensations.append(Compensation(path, x.pieces, x.positions, groups, x.via))
+        kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
+        in_c = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
+        out_c = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+        return _Pre(path, kind, in_c, out_c)
+
+    def _norm(self, node: torch.fx.Node, path: str, m: nn.Module, x: _State) -> _State:
+        if isinstance(x, _Scaled):
+            self.refuse(
+                node,
+                "receives per-channel scaled channels: a normalization is not invariant to them (GroupNorm and "
+                "LayerNorm mix channels; epsilon makes even BatchNorm and InstanceNorm inexact)",
+            )
+            return None
+        if not isinstance(x, _Pre):
+            return None
+        channelwise = self._channelwise(node, m)
+        if not channelwise:
+            return _Pre(
+                x.producer,
+                x.kind,
+                x.in_channels,
+                x.channels,
+                path,
+                type(m).__name__,
+                blocked="normalizes over more than the channels (its affine parameters are not per channel)",
+            )
+        affine = getattr(m, "affine", getattr(m, "elementwise_affine", True)) and getattr(m, "weight", None) is not None
+        if not affine and not self.add_affine:
+            return _Pre(
+                x.producer,
+                x.kind,
+                x.in_channels,
+                x.channels,
+                path,
+                type(m).__name__,
+                blocked="has no affine parameters to absorb the scale (affine=False)",
+                fix=f"build it with affine=True (weight 1, bias 0: the same function), or pass --add-affine "
+                f"({ADD_AFFINE_NOTE})",
+            )
+        return _Pre(x.producer, x.kind, x.in_channels, x.channels, path, type(m).__name__, added_affine=not affine)
+
+    def _channelwise(self, node: torch.fx.Node, m: nn.Module) -> bool:
+        """Whether ``m``'s affine parameters act per channel (dim 1) of this input."""
+        if not isinstance(m, nn.LayerNorm):
+            return True
+        shape = _shape(node.args[0])
+        if shape is None or len(m.normalized_shape) != 1:
+            return False
+        if len(shape) == 2:  # (N, features) after a Linear
+            return shape[1] == m.normalized_shape[0]
+        # a LayerNorm2d-style subclass (torchvision's): permutes, normalizes over the channels only
+        return type(m) is not nn.LayerNorm and len(shape) == 4 and shape[1] == m.normalized_shape[0]
+
+    def _site(self, node: torch.fx.Node, path: str, m: nn.Module, x: _Pre) -> _State:
+        if x.blocked:
+            self.refuse(
+                _node_named(self.gm, x.norm) or node,
+                f"{x.blocked}, but the activation {path} after {x.producer} is to be normalized",
+                x.fix,
+            )
+            return None
+        if isinstance(m, nn.PReLU) and m.num_parameters not in (1, x.channels):
+            self.refuse(node, f"has {m.num_parameters} parameters for {x.channels} channels")
+            return None
+        site = Site(x.producer, path, x.norm, x.in_channels, x.channels, x.kind, x.norm_type, type(m).__name__)
+        if x.added_affine:
+            site = dataclasses.replace(site, added_affine=True)
+        self.sites.append(site)
+        return _Scaled(((x.producer, x.channels),))
+
+    def _not_homogeneous(self, node: torch.fx.Node, x: _State) -> _State:
+        what = "is not positively homogeneous (f(s x) != s f(x) for s > 0)"
+        if isinstance(x, _Scaled):
+            self.refuse(node, f"receives per-channel scaled channels and {what}")
+        elif isinstance(x, _Pre) and x.kind == "conv":
+            self.refuse(
+                node,
+                f"{what}: the filters of {x.producer} before it cannot be normalized",
+                "vggnorm normalizes ReLU, LeakyReLU and PReLU networks",
+            )
+        return None
+
+    def _flatten(self, node: torch.fx.Node, x: _State, where: str, start_dim: int = 1) -> _State:
+        if not isinstance(x, _Scaled):
+            return None
+        shape = _shape(node.args[0])
+        out = _shape(node)
+        if shape is None or out is None or start_dim != 1 or len(out) != 2 or out[0] != shape[0]:
+            self.refuse(node, "reshapes scaled channels in a way other than a channel-major flatten (N, C*H*W)")
+            return None
+        if len(shape) == 2:
+            return x.through(where)
+        return _Scaled(x.pieces, x.positions * math.prod(shape[2:]), (*x.via, where))
+
+    def _pooled(self) -> None:
+        if self._index:
+            self._block, self._index = self._block + 1, 0
+
+    # -- functions and methods --------------------------------------------------------------------
+
+    def _function(self, node: torch.fx.Node, states: list[_State]) -> _State:
+        target = node.target
+        x = states[0] if states else None
+        scaled = [s for s in states if isinstance(s, _Scaled)]
+        if target in _HOMOGENEOUS_FNS:
+            if isinstance(x, _Pre) and not x.blocked:
+                self.refuse(
+                    node,
+                    f"activates {x.producer} by a function call, which vggnorm cannot hook to measure",
+                    "use an nn.ReLU (or LeakyReLU, PReLU) module",
+                )
+                return None
+            return x.through(node.name) if isinstance(x, _Scaled) else None
+        if target in _NOT_HOMOGENEOUS_FNS:
+            return self._not_homogeneous(node, x)
+        if target in _POOL_FNS:
+            self._pooled()
+        if target in _COMMUTING_FNS or (target is F.pad and _zero_or_copy_pad(node)):
+            return x.through(node.name) if isinstance(x, _Scaled) else x
+        if target in _FLATTEN_FNS:
+            start: Any = 1  # view / reshape: _flatten checks the shapes are (N, ...) -> (N, C*H*W)
+            if target in (torch.flatten, "flatten"):
+                start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            return self._flatten(node, x, node.name, start if isinstance(start, int) else -1)
+        if target in _CAT_FNS:
+            return self._cat(node)
+        if target in (getattr, "size", "dim") or not scaled:
+            return None
+        if target in _ARITHMETIC and len(node.args) == 2 and len(node.all_input_nodes) == 1:
+            constant = next(a for a in node.args if not isinstance(a, torch.fx.Node))
+            scaling = target in (operator.mul, torch.mul, "mul") or (
+                target in (operator.truediv, "div") and node.args[1] is constant
+            )
+            if scaling and isinstance(constant, (int, float)) and constant > 0:  # s (c x) = c (s x)
+                return x.through(node.name) if isinstance(x, _Scaled) else None
+        if target in _ARITHMETIC:
+            self.refuse(
+                node,
+                "combines per-channel scaled channels with another tensor (a residual connection?): both sides "
+                "would need the same scales",
+                "an activation whose output reaches a residual add (the identity path) cannot be normalized",
+            )
+            return None
+        self.refuse(
+            node, "receives per-channel scaled channels, and vggnorm does not know whether it commutes with them"
+        )
+        return None
+
+    def _cat(self, node: torch.fx.Node) -> _State:
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        parts = [a for a in tensors if isinstance(a, torch.fx.Node)] if isinstance(tensors, (list, tuple)) else []
+        states = [self.state.get(a) for a in parts]
+        if not any(isinstance(s, _Scaled) for s in states):
+            return None
+        ndim = len(_shape(node) or ())
+        if dim not in (1, 1 - ndim) or any(isinstance(s, _Scaled) and s.positions > 1 for s in states):
+            self.refuse(node, "concatenates scaled channels along a dimension other than the channels")
+            return None
+        pieces: list[tuple[str | None, int]] = []
+        for a, s in zip(parts, states, strict=True):
+            pieces += list(s.pieces) if isinstance(s, _Scaled) else [(None, (_shape(a) or (0, 0))[1])]
+        return _Scaled(tuple(pieces), 1, (node.name,))
+
+
+def _node_named(gm: torch.fx.GraphModule, target: str | None) -> torch.fx.Node | None:
+    return next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == target), None)
+
+
+def _zero_or_copy_pad(node: torch.fx.Node) -> bool:
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+    return bool(mode != "constant" or not value)
+
+
+def with_affine(model: nn.Module, topology: Topology) -> nn.Module:
+    """``model`` with the norms of ``--add-affine`` sites given affine parameters, weight 1 and bias 0
+    (the same function); in place."""
+    modules = dict(model.named_modules())
+    like = next((t for t in model.parameters() if t.is_floating_point()), torch.empty(0))
+    for site in topology.all_sites:
+        norm = modules.get(site.bn) if site.bn else None
+        if site.added_affine and norm is not None and getattr(norm, "weight", None) is None:
+            channels = site.out_channels
+            norm.weight = nn.Parameter(torch.ones(channels, device=like.device, dtype=like.dtype))
+            norm.bias = nn.Parameter(torch.zeros(channels, device=like.device, dtype=like.dtype))
+            if hasattr(norm, "affine"):
+                norm.affine = True
+            else:
+                norm.elementwise_affine = True
+    return model

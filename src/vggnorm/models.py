@@ -20,9 +20,9 @@ import torch
 import torchvision
 from torch import nn
 
-from vggnorm.defaults import PADDINGS, POOLINGS, VGG_ARCHS
+from vggnorm.defaults import NAMED_ARCHS, PADDINGS, POOLINGS
 from vggnorm.errors import CheckpointError, VggnormError, WeightsError
-from vggnorm.layers import Topology, find_topology, gatys_names
+from vggnorm.layers import Topology, find_topology, with_affine
 
 # user models imported on request: spec as given -> class or zero-argument factory
 _USER_MODELS: dict[str, Callable[[], nn.Module]] = {}
@@ -65,19 +65,29 @@ def import_user_model(spec: str) -> str:
 
 
 def known_archs() -> tuple[str, ...]:
-    """The user models imported so far (first: asked for explicitly), then torchvision's VGGs."""
-    return (*_USER_MODELS, *VGG_ARCHS)
+    """The archs a state_dict's arch is inferred among: the user models imported so far (asked for
+    explicitly), then torchvision's VGGs and AlexNet. Other torchvision classification models are
+    accepted by name (``--arch``), not inferred."""
+    return (*_USER_MODELS, *NAMED_ARCHS)
+
+
+@functools.cache
+def _torchvision_classifiers() -> frozenset[str]:
+    return frozenset(torchvision.models.list_models(module=torchvision.models))
 
 
 def check_arch(arch: str) -> None:
-    if arch in known_archs():
+    if arch in known_archs() or arch in _torchvision_classifiers():
         return
     if is_user_model(arch):
         raise WeightsError(
             f"{arch} is a user model: pass --model {arch} to import it (this runs its code; vggnorm never "
             "imports code because a file names it)"
         )
-    raise WeightsError(f"unknown architecture {arch!r}; expected one of {', '.join(VGG_ARCHS)}, or --model")
+    raise WeightsError(
+        f"unknown architecture {arch!r}; expected one of {', '.join(NAMED_ARCHS)}, another torchvision "
+        "classification model (`vggnorm inspect NAME` says whether it can be normalized), or --model"
+    )
 
 
 def build_model(arch: str, *, device: str | torch.device | None = None) -> nn.Module:
@@ -93,9 +103,17 @@ def build_model(arch: str, *, device: str | torch.device | None = None) -> nn.Mo
 
 
 @functools.cache
-def topology(arch: str) -> Topology:
-    """The conv -> (BN) -> ReLU sites of ``arch``, read off a model built on the meta device."""
-    return find_topology(build_model(arch, device="meta"))
+def topology(arch: str, add_affine: bool = False) -> Topology:
+    """The sites, compensations and refusals of ``arch`` (``layers.find_topology`` on a model built
+    on the meta device), refusals included: ``inspect`` lists them."""
+    return find_topology(build_model(arch, device="meta"), add_affine=add_affine)
+
+
+def checked_topology(arch: str, add_affine: bool = False) -> Topology:
+    """``topology(arch)``, raising ``CheckpointError`` with the reasons when it cannot be normalized."""
+    topo = topology(arch, add_affine)
+    topo.check()
+    return topo
 
 
 @functools.cache
@@ -103,14 +121,21 @@ def _shapes(arch: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in build_model(arch, device="meta").state_dict().items()}
 
 
+@functools.cache
+def affine_keys(arch: str) -> dict[str, tuple[int, ...]]:
+    """The weight and bias ``--add-affine`` gives the norms of ``arch`` that have none: a state_dict
+    may hold them (a normalized one does) or not (the original)."""
+    topo = topology(arch, True)
+    return {f"{s.bn}.{p}": (s.out_channels,) for s in topo.all_sites if s.added_affine for p in ("weight", "bias")}
+
+
 def is_features_only(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return all(k.startswith("features.") for k in state_dict)
 
 
-@functools.cache
 def conv_names(arch: str) -> dict[str, str]:
     """Gatys' names (conv1_1 ...) of ``arch``'s convs, keyed by module path."""
-    return gatys_names(build_model(arch, device="meta"))
+    return topology(arch).names
 
 
 def bn_eps(arch: str) -> dict[str, tuple[str, float]]:
@@ -119,12 +144,14 @@ def bn_eps(arch: str) -> dict[str, tuple[str, float]]:
     return {s.conv: (s.bn, float(modules[s.bn].eps)) for s in topology(arch).sites if s.bn is not None}
 
 
-def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """The torchvision VGG whose keys and shapes ``state_dict`` has (features-only state_dicts too)."""
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+def infer_arch(state_dict: Mapping[str, torch.Tensor], *, prefer: str | None = None) -> str:
+    """The arch whose keys and shapes ``state_dict`` has (features-only state_dicts too): ``prefer``
+    if it fits (two models may share their shapes), else the first of ``known_archs()`` that does."""
+    all_shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     features_only = is_features_only(state_dict)
-    for arch in known_archs():
+    for arch in dict.fromkeys([*([prefer] if prefer in known_archs() else []), *known_archs()]):
         expected = _shapes(arch)
+        shapes = {k: v for k, v in all_shapes.items() if affine_keys(arch).get(k) != v}
         if features_only:
             expected = {k: v for k, v in expected.items() if k.startswith("features.")}
         if shapes == expected:
@@ -132,15 +159,17 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> str:
     convs = sum(1 for k, v in state_dict.items() if k.endswith(".weight") and v.ndim == 4)
     has_bn = any(k.endswith("running_mean") for k in state_dict)
     raise CheckpointError(
-        f"the state_dict matches no torchvision VGG ({convs} conv weights, "
-        f"{'with' if has_bn else 'without'} BatchNorm, {len(state_dict)} tensors); "
-        f"vggnorm handles {', '.join(VGG_ARCHS)} in torchvision's layout, and models given with --model"
+        f"the state_dict matches no torchvision VGG or AlexNet ({convs} conv weights, "
+        f"{'with' if has_bn else 'without'} BatchNorm, {len(state_dict)} tensors); pass --arch NAME for another "
+        "torchvision model, or --model for your own"
     )
 
 
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], arch: str, *, features_only: bool = False) -> None:
     """Raise ``CheckpointError`` listing missing, unexpected and mis-shaped keys (sorted)."""
     expected = _shapes(arch)
+    optional = {k: v for k, v in affine_keys(arch).items() if k in state_dict}  # --add-affine's, when present
+    expected = {**expected, **optional}
     if features_only:
         expected = {k: v for k, v in expected.items() if k.startswith("features.")}
     missing = sorted(set(expected) - set(state_dict))
@@ -226,11 +255,20 @@ def load_model(
     memory_format: torch.memory_format = torch.contiguous_format,
     pooling: str = "max",
     padding: str = "zeros",
+    add_affine: bool = False,
 ) -> nn.Module:
     """An eval-mode ``arch`` carrying ``state_dict`` (features-only weights: no avgpool and classifier),
-    measuring under ``pooling`` and ``padding`` (see ``with_pooling``, ``with_padding``)."""
+    measuring under ``pooling`` and ``padding`` (see ``with_pooling``, ``with_padding``).
+
+    A norm without affine parameters gets them (``layers.with_affine``) when ``state_dict`` holds
+    them (a checkpoint written with ``--add-affine``) or ``add_affine`` asks for it (weight 1, bias 0)."""
     model = build_model(arch, device="meta")
     strict = not is_features_only(state_dict)
+    extra = affine_keys(arch)
+    if add_affine or any(k in state_dict for k in extra):
+        with_affine(model, topology(arch, True))
+        ones_zeros = {k: torch.ones(v) if k.endswith(".weight") else torch.zeros(v) for k, v in extra.items()}
+        state_dict = {**{k: v for k, v in ones_zeros.items() if strict or k.startswith("features.")}, **state_dict}
     model.load_state_dict(state_dict, strict=strict, assign=True)
     if not strict:  # torchvision's VGG layout: features, avgpool, classifier
         model.avgpool, model.classifier = nn.Identity(), nn.Identity()

@@ -15,7 +15,7 @@ import torch
 from vggnorm.checkpoint import StateDict
 from vggnorm.defaults import DEFAULT_EPS, DEFAULT_REL_EPS, WEIGHTINGS
 from vggnorm.errors import StatsMismatchError
-from vggnorm.layers import Topology
+from vggnorm.layers import Compensation, Topology
 from vggnorm.stats import Stats, check_values
 
 
@@ -62,65 +62,83 @@ def fold_state_dict(
     *,
     features_only: bool = False,
 ) -> StateDict:
-    """Rescale weights so that the network's ReLU output at every site becomes ``F_l / s_l``.
+    """Rescale weights so that the activation at every site becomes ``F_l / s_l``.
 
-    Invariants of the result (SPEC section 3): at every site ``l``, ``F'_l == F_l / s_l``; the
-    logits are unchanged (the first Linear is compensated channel-major, ``s_L`` repeated ``P``
-    times). ``scales`` maps each site's conv path to a positive ``(C_l,)`` tensor. With
-    ``features_only`` the classifier (and avgpool) entries are dropped. Scales given for the
-    classifier's fc sites (``topology.fc_sites``, keyed by the Linear's path) normalize their ReLUs
-    too, the following Linear compensating; the logits stay unchanged.
+    ``scales`` maps site paths (the producing Conv2d/Linear's) to positive ``(C_l,)`` tensors; a site
+    without an entry keeps scale 1 (the classifier's fc sites unless asked for). Each tensor is
+    computed once from the original, in float64, and cast back (SPEC section 3):
+
+    * a site without a norm: its weight rows and bias are divided by ``s_l``;
+    * a site with a norm (BatchNorm, GroupNorm, InstanceNorm, LayerNorm2d): the norm's weight and bias
+      are divided by ``s_l``; conv weights, conv bias and running statistics stay as they are;
+    * a compensation (the next Conv2d or Linear): input column ``k`` is multiplied by the scale its
+      channel carries -- per group for a grouped conv, ``P`` columns per channel for a Linear after a
+      channel-major flatten (``s_L.repeat_interleave(P)``), concatenated pieces after a ``cat``.
+
+    The output (logits) is then unchanged. With ``features_only`` only ``features.*`` entries are kept.
     """
     out: StateDict = dict(state_dict)
-    prev: torch.Tensor | None = None  # s_{l-1}; s_0 = 1 for the input image
-    for site in topology.sites:
-        s = scales[site.conv].double()  # (C_out,)
-        w_key, b_key = f"{site.conv}.weight", f"{site.conv}.bias"
+    rows = {s.conv: scales[s.conv].double() for s in topology.all_sites if s.conv in scales and s.bn is None}
+    columns = {c.module: c for c in topology.compensations}
+    for module in dict.fromkeys([*rows, *columns]):
+        w_key, b_key = f"{module}.weight", f"{module}.bias"
+        if w_key not in state_dict:  # a features-only state_dict has no classifier
+            continue
         w = state_dict[w_key]
-        w64 = w.double()  # (C_out, C_in, kh, kw)
-        if prev is not None:
-            w64 = w64 * prev.view(1, -1, 1, 1)
-        if site.bn is None:
-            out[w_key] = (w64 / s.view(-1, 1, 1, 1)).to(w.dtype)
-            if b_key in state_dict:
-                out[b_key] = (state_dict[b_key].double() / s).to(state_dict[b_key].dtype)
-        else:
-            # BN's affine output is divided by s; conv bias and running stats stay as they are.
-            out[w_key] = w64.to(w.dtype)
-            for key in (f"{site.bn}.weight", f"{site.bn}.bias"):
-                out[key] = (state_dict[key].double() / s).to(state_dict[key].dtype)
-        prev = s
+        col = _input_scale(columns[module], scales, w.shape) if module in columns else None
+        row = rows.get(module)
+        if col is None and row is None:
+            continue
+        out[w_key] = _rescale_chunked(w, col, row)
+        if row is not None and b_key in state_dict:
+            out[b_key] = (state_dict[b_key].double() / row).to(state_dict[b_key].dtype)
+    for site in topology.all_sites:
+        if site.bn is None or site.conv not in scales:
+            continue
+        s = scales[site.conv].double()
+        # the norm's affine output is divided by s; an --add-affine norm starts from weight 1, bias 0
+        for key, start in ((f"{site.bn}.weight", 1.0), (f"{site.bn}.bias", 0.0)):
+            t = state_dict.get(key)
+            base = t.double() if t is not None else torch.full_like(s, start)
+            out[key] = (base / s).to(t.dtype if t is not None else torch.float32)
     if features_only:
         return {k: v for k, v in out.items() if k.startswith("features.")}
-    if topology.classifier is not None and prev is not None:
-        key = f"{topology.classifier}.weight"
-        fc = state_dict[key]  # (out, C_L * P), input index j = c * P + p
-        repeat = prev.repeat_interleave(topology.positions_per_channel).view(1, -1)  # (1, C_L * P)
-        out[key] = _scale_rows_chunked(fc, repeat)
-    prev_fc: torch.Tensor | None = None
-    last = None
-    for site in topology.fc_sites:
-        if site.conv not in scales:
-            break
-        s = scales[site.conv].double()  # (out_features,)
-        w_key, b_key = f"{site.conv}.weight", f"{site.conv}.bias"
-        w = out[w_key]  # the first fc is already compensated for s_L above
-        w64 = w.double() if prev_fc is None else w.double() * prev_fc.view(1, -1)
-        out[w_key] = (w64 / s.view(-1, 1)).to(w.dtype)
-        out[b_key] = (state_dict[b_key].double() / s).to(state_dict[b_key].dtype)
-        prev_fc, last = s, site.conv
-    if prev_fc is not None and last is not None:
-        head = f"{topology.next_linear(last)}.weight"
-        out[head] = (state_dict[head].double() * prev_fc.view(1, -1)).to(state_dict[head].dtype)
     return out
 
 
-def _scale_rows_chunked(w: torch.Tensor, factor: torch.Tensor, rows: int = 256) -> torch.Tensor:
-    """``(w.double() * factor).to(w.dtype)``, a block of rows at a time: the same numbers, without
-    a float64 copy of the whole matrix (VGG's first Linear is 100M+ weights)."""
+def _input_scale(comp: Compensation, scales: Mapping[str, torch.Tensor], shape: torch.Size) -> torch.Tensor | None:
+    """The factor of ``comp``'s weight columns, broadcastable to ``shape``; None when all are 1."""
+    if not any(site in scales for site in comp.sites):
+        return None
+    parts = [
+        scales[p].double() if p is not None and p in scales else torch.ones(n, dtype=torch.float64)
+        for p, n in comp.pieces
+    ]
+    s = torch.cat(parts).repeat_interleave(comp.positions) if comp.positions > 1 else torch.cat(parts)
+    if len(shape) == 2:  # Linear (out, in)
+        return s.view(1, -1)
+    c_out, c_in_group = shape[0], shape[1]
+    if comp.groups == 1:
+        return s.view(1, -1, 1, 1)
+    # a grouped conv: output filter o reads input channels of its group g = o // (c_out / groups)
+    per_group = s.view(comp.groups, c_in_group)
+    return per_group.repeat_interleave(c_out // comp.groups, dim=0).view(c_out, c_in_group, 1, 1)
+
+
+def _rescale_chunked(
+    w: torch.Tensor, col: torch.Tensor | None, row: torch.Tensor | None, rows: int = 256
+) -> torch.Tensor:
+    """``(w.double() * col / row[:, None...]).to(w.dtype)``, a block of rows at a time: the same
+    numbers, without a float64 copy of the whole matrix (VGG's first Linear is 100M+ weights)."""
     out = torch.empty_like(w)
+    tail = [1] * (w.ndim - 1)
     for i in range(0, w.shape[0], rows):
-        out[i : i + rows] = (w[i : i + rows].double() * factor).to(w.dtype)
+        block = w[i : i + rows].double()
+        if col is not None:
+            block = block * (col[i : i + rows] if col.shape[0] > 1 else col)
+        if row is not None:
+            block = block / row[i : i + rows].view(-1, *tail)
+        out[i : i + rows] = block.to(w.dtype)
     return out
 
 

@@ -7,6 +7,7 @@ with plain ``h5py`` or ``h5dump``.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import io
 import json
@@ -39,6 +40,8 @@ class LayerStats:
     count: int
     class_sum: torch.Tensor | None = None  # (K, C) float64, with --per-class: the sum per class
     class_count: torch.Tensor | None = None  # (K,) int64: images x positions per class
+    activation: str = "ReLU"  # the site's activation (LeakyReLU and PReLU means may be negative)
+    norm: str = ""  # the class of ``bn``, the site's normalization (BatchNorm2d, GroupNorm, ...)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -88,7 +91,7 @@ class Stats:
         layers = {}
         for n, a in self.layers.items():
             b = other.layers[n]
-            layer = LayerStats(a.conv, a.relu, a.bn, a.sum + b.sum, a.count + b.count)
+            layer = dataclasses.replace(a, sum=a.sum + b.sum, count=a.count + b.count, class_sum=None, class_count=None)
             if classes:
                 layer.class_sum = _by_class(a, self.classes, classes, "sum") + _by_class(
                     b, other.classes, classes, "sum"
@@ -163,6 +166,9 @@ def _fill(f: h5py.File, stats: Stats) -> None:
         g.attrs["relu"] = layer.relu
         if layer.bn is not None:
             g.attrs["bn"] = layer.bn
+            g.attrs["norm"] = layer.norm
+        if layer.activation != "ReLU":
+            g.attrs["activation"] = layer.activation
         if layer.class_sum is not None and layer.class_count is not None:
             g.create_dataset("class_sum", data=layer.class_sum.double().cpu().numpy())
             g.create_dataset("class_count", data=layer.class_count.long().cpu().numpy())
@@ -195,12 +201,14 @@ def check_values(layers: dict[str, LayerStats], source: str | Path) -> None:
                 f"{source}: layer {name} has count {layer.count}: it measured nothing; measure again"
             )
         mean = layer.mean
-        bad = ~torch.isfinite(mean) | (mean < 0)
+        bad = ~torch.isfinite(mean) | (
+            (mean < 0) if layer.activation == "ReLU" else torch.zeros_like(mean, dtype=torch.bool)
+        )
         if bool(bad.any()):
             i = int(torch.nonzero(bad)[0])
             raise InvalidValuesError(
                 f"{source}: layer {name}, filter {i}: mean {float(mean[i])} ({int(bad.sum())} such filter(s)); a mean "
-                "ReLU activation is finite and >= 0: the file is damaged or was edited; measure again with "
+                f"{layer.activation} activation is finite{' and >= 0' if layer.activation == 'ReLU' else ''}: the file is damaged or was edited; measure again with "
                 "`vggnorm compute-stats`"
             )
 
@@ -246,6 +254,8 @@ def read_stats(path: str | Path, *, allow_incomplete: bool = False) -> Stats:
                     conv=name,
                     relu=_decode(g.attrs["relu"]),
                     bn=_decode(g.attrs["bn"]) if "bn" in g.attrs else None,
+                    activation=_decode(g.attrs.get("activation", "ReLU")),
+                    norm=_decode(g.attrs.get("norm", "BatchNorm2d" if "bn" in g.attrs else "")),
                     sum=torch.from_numpy(np.asarray(g["sum"][()], dtype=np.float64)),
                     count=int(g["count"][()]),
                     class_sum=torch.from_numpy(np.asarray(g["class_sum"][()], dtype=np.float64))

@@ -26,8 +26,18 @@ from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
 from vggnorm.device import check_precision, resolve_device
 from vggnorm.errors import CheckpointError, VggnormError
 from vggnorm.figures import have_matplotlib, plot_means
+from vggnorm.layers import Topology
 from vggnorm.layouts import detect_layout, export_layout, to_torchvision_layout
-from vggnorm.models import conv_names, infer_arch, is_features_only, load_model, min_input_size, topology
+from vggnorm.models import (
+    affine_keys,
+    checked_topology,
+    conv_names,
+    infer_arch,
+    is_features_only,
+    load_model,
+    min_input_size,
+    topology,
+)
 from vggnorm.normalize import LayerScales, fold_state_dict, scales_from_stats
 from vggnorm.policy import Policy, report_base, resolve_policy
 from vggnorm.report import Report, layer_summary, measured_summary, report_paths
@@ -51,11 +61,11 @@ class Normalized:
     arch: str  # for a Gatys layout: the plain VGG it loads into
 
     @classmethod
-    def load(cls, path: Path) -> Normalized:
+    def load(cls, path: Path, *, prefer: str | None = None) -> Normalized:
         raw = load_state_dict(path)
         check_finite(raw, str(path))
         sd = to_torchvision_layout(raw)
-        return cls(Path(path), raw, detect_layout(raw), sd, infer_arch(sd))
+        return cls(Path(path), raw, detect_layout(raw), sd, infer_arch(sd, prefer=prefer))
 
     @property
     def features_only(self) -> bool:
@@ -105,13 +115,16 @@ def verify_checkpoint(
         )
     given = _inputs_of(normalized_path, stats_path, original)
     _check_outputs(report, junit_xml, given, figure=data is not None, force=force)
-    target = Normalized.load(normalized_path)
+    stats = read_stats(stats_path) if stats_path is not None else None
+    prefer = str(stats.attrs["arch"]) if stats is not None else None  # two models may share their shapes
+    target = Normalized.load(normalized_path, prefer=prefer)
     dev = resolve_device(device)
     check_precision(precision, dev)
-    stats = read_stats(stats_path) if stats_path is not None else None
     weights = None
     if original is not None:
-        weights = resolve_weights(original, arch=None if os.path.isfile(original) else target.arch)
+        weights = resolve_weights(
+            original, arch=None if os.path.isfile(original) else target.arch, prefer=prefer or target.arch
+        )
     arch = _arch(target, stats, weights, original)
     options: dict[str, Any] = {
         "resize": resize,
@@ -133,11 +146,15 @@ def verify_checkpoint(
     )
     if policy.include_classifier and target.features_only:
         raise VggnormError("--include-classifier: the checkpoint has no classifier")
+    # --add-affine: recorded with the statistics; a normalized checkpoint holds the norms' new parameters
+    add_affine = bool(stats.attrs.get("add_affine", False)) if stats is not None else False
+    add_affine = add_affine or any(k in target.state_dict for k in affine_keys(target.arch))
+    topo = checked_topology(arch, add_affine)
     scales = None
     if stats is not None:
         scales = scales_from_stats(
             stats,
-            topology(arch),
+            topo,
             rule=policy.rule,
             include_classifier=policy.include_classifier,
             weighting=policy.weighting,
@@ -161,7 +178,7 @@ def verify_checkpoint(
         if stats is not None and stats.attrs.get("weights_sha256") != weights.sha256:
             mismatch = f"the statistics were measured on other weights than {original} (sha256 differs)"
         checks = _against_original(
-            target, model, weights, scales, files, p, arch=arch, device=dev, rtol=rtol, mismatch=mismatch
+            target, model, weights, scales, files, p, arch=arch, device=dev, rtol=rtol, mismatch=mismatch, topo=topo
         )
     else:
         checks = [
@@ -375,14 +392,21 @@ def _against_original(
     device: torch.device,
     rtol: float,
     mismatch: str | None,
+    topo: Topology,
 ) -> list[Check]:
     """(a) activations, (b) logits, (d) fold: the checks that compare with the original."""
-    orig_model = load_model(arch, weights.state_dict, device=device, pooling=policy.pooling, padding=policy.padding)
+    orig_model = load_model(
+        arch,
+        weights.state_dict,
+        device=device,
+        pooling=policy.pooling,
+        padding=policy.padding,
+        add_affine=any(s.added_affine for s in topo.all_sites),
+    )
     x, source = function_inputs(files, policy, arch)
     scale_t = {n: sc.scale for n, sc in scales.items()} if scales is not None and mismatch is None else None
-    checks = check_function(
-        orig_model, model, scale_t, x.to(device), rtol=rtol, logits=not target.features_only, inputs=source
-    )
+    logits = not (target.features_only or topo.output_scaled)
+    checks = check_function(orig_model, model, scale_t, x.to(device), rtol=rtol, logits=logits, inputs=source)
     if scales is None:
         return [*checks, not_run("fold", FOLD_DESC, "needs --stats")]
     if mismatch is not None:
@@ -393,7 +417,7 @@ def _against_original(
     folded = fold_state_dict(
         weights.state_dict,
         {n: sc.scale for n, sc in scales.items()},
-        topology(arch),
+        topo,
         features_only=target.features_only,
     )
     expected = export_layout(folded, arch, target.layout, policy.as_attrs())

@@ -79,10 +79,11 @@ def is_file_spec(spec: str) -> bool:
     return os.path.exists(spec) or os.sep in spec or spec.endswith((".pth", ".pt", ".safetensors"))
 
 
-def resolve_weights(spec: str, *, arch: str | None) -> Weights:
+def resolve_weights(spec: str, *, arch: str | None, prefer: str | None = None) -> Weights:
     """Resolve a weight SPEC (path, torchvision name or ``random:SEED``) to a checked state_dict.
 
-    ``arch`` may be ``None`` for a file, whose arch is then inferred from its keys and shapes.
+    ``arch`` may be ``None`` for a file, whose arch is then inferred from its keys and shapes
+    (``prefer``: the arch to take when it fits, as another may too).
     """
     if spec.startswith(RANDOM_PREFIX):
         seed_text = spec[len(RANDOM_PREFIX) :]
@@ -95,7 +96,7 @@ def resolve_weights(spec: str, *, arch: str | None) -> Weights:
     elif is_file_spec(spec):
         try:
             sd = to_torchvision_layout(load_state_dict(spec))
-            arch = arch or infer_arch(sd)
+            arch = arch or infer_arch(sd, prefer=prefer)
             check_arch(arch)
             try:
                 check_state_dict(sd, arch, features_only=is_features_only(sd))

@@ -1,0 +1,114 @@
+"""``inspect``: what the structural analysis finds in a model, without touching data.
+
+Every site (path, activation, norm, channels), where its scale flows and which layer compensates
+it, and every refusal with its reason and fix. The same analysis (``layers.find_topology``) that
+compute-stats, apply and verify run, so what ``inspect`` accepts they accept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vggnorm.layers import Site, Topology
+from vggnorm.models import topology
+
+
+@dataclass
+class Inspection:
+    model: str
+    topology: Topology
+    weights: str = ""  # what the --weights check found
+
+    @property
+    def normalizable(self) -> bool:
+        return not self.topology.refusals and bool(self.topology.sites)
+
+    def flows(self, site: Site) -> str:
+        """Where ``site``'s scale goes: the layers that compensate it, and through what."""
+        readers = [c for c in self.topology.compensations if site.conv in c.sites]
+        parts = []
+        for c in readers:
+            via = f" via {', '.join(c.via)}" if c.via else ""
+            how = []
+            if c.positions > 1:
+                how.append(f"{c.positions} columns per channel")
+            if c.groups > 1:
+                how.append(f"{c.groups} groups")
+            if len(c.pieces) > 1:
+                how.append(f"channels {_offset(c, site.conv)} of its {sum(n for _, n in c.pieces)} inputs")
+            parts.append(f"{c.module}{via}" + (f" ({', '.join(how)})" if how else ""))
+        if not parts:
+            return "the model's output (divided by the scales)" if self.topology.output_scaled else "-"
+        return "; ".join(parts)
+
+    def lines(self) -> list[str]:
+        topo = self.topology
+        n_conv, n_fc = len(topo.sites), len(topo.fc_sites)
+        verdict = "normalizable" if self.normalizable else "NOT normalizable"
+        out = [f"{self.model}: {n_conv} conv site(s), {n_fc} fc site(s): {verdict}"]
+        if self.weights:
+            out.append(f"weights: {self.weights}")
+        if topo.all_sites:
+            header = ("site", "name", "activation", "norm", "in", "out", "scale compensated by")
+            rows = [header]
+            for s in topo.all_sites:
+                norm = f"{s.bn} ({s.norm}{', --add-affine' if s.added_affine else ''})" if s.bn else "-"
+                name = topo.names.get(s.conv, "fc" if s.kind == "linear" else "")
+                rows.append(
+                    (
+                        s.conv,
+                        name,
+                        f"{s.relu} ({s.activation})",
+                        norm,
+                        str(s.in_channels),
+                        str(s.out_channels),
+                        self.flows(s),
+                    )
+                )
+            widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+            out += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
+        if topo.fc_sites:
+            out.append("fc sites are normalized only with --include-classifier (compute-stats and apply)")
+        if topo.output_scaled:
+            out.append("output: the last activation itself (a feature extractor): divided by its scales, by design")
+        elif topo.sites:
+            out.append("output: unchanged (the last layer compensates)")
+        for r in topo.refusals:
+            out.append(f"REFUSED {r.node}: {r.reason}" + (f"\n    fix: {r.fix}" if r.fix else ""))
+        if not topo.sites and not topo.refusals:
+            out.append("REFUSED: no Conv2d -> (norm) -> ReLU/LeakyReLU/PReLU site found")
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        topo = self.topology
+        return {
+            "model": self.model,
+            "normalizable": self.normalizable,
+            "sites": [
+                {**vars(s), "name": topo.names.get(s.conv, ""), "compensated_by": self.flows(s)} for s in topo.all_sites
+            ],
+            "output_scaled": topo.output_scaled,
+            "refusals": [vars(r) for r in topo.refusals],
+        }
+
+
+def _offset(c: Any, site: str) -> str:
+    start = 0
+    for p, n in c.pieces:
+        if p == site:
+            return f"{start}..{start + n - 1}"
+        start += n
+    return "?"
+
+
+def inspect_model(arch: str, *, weights: str | None = None, add_affine: bool = False) -> Inspection:
+    """The analysis of ``arch`` (a torchvision name, or a user model imported with ``--model``);
+    with ``weights`` (a SPEC), also whether they fit it (keys, shapes, finite values)."""
+    from vggnorm.weights import resolve_weights
+
+    result = Inspection(arch, topology(arch, add_affine))
+    if weights is not None:
+        w = resolve_weights(weights, arch=arch)
+        result.weights = f"{weights} fits {arch} ({len(w.state_dict)} tensors, sha256 {w.sha256[:12]})"
+    return result

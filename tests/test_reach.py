@@ -1,0 +1,188 @@
+"""Beyond torchvision's VGG (issue 12): every accepted model keeps its logits and gets means of 1,
+checked in float64 with hooks of the test's own; every refused one is named with its reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import lookalikes as L
+import vggnorm
+from conftest import invoke
+from vggnorm.errors import CheckpointError
+from vggnorm.stats import LayerStats, Stats, write_stats
+
+ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
+
+
+def _alexnet() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.alexnet()
+
+
+def _images(size: int, n: int = 6) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    # smooth, positive-mean images: more filters alive than white noise keeps
+    low = torch.rand(n, 3, size // 8, size // 8, generator=g, dtype=torch.float64)
+    return nn.functional.interpolate(low, size=(size, size), mode="bilinear") * 2 - 0.6
+
+
+def _activation_means(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each activation module's output, averaged per channel over images and positions: plain forward hooks."""
+    means: dict[str, torch.Tensor] = {}
+    handles = [
+        m.register_forward_hook(
+            lambda mod, args, out, name=name: means.__setitem__(name, out.transpose(0, 1).flatten(1).mean(1))
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, ACTIVATIONS)
+    ]
+    with torch.no_grad():
+        y = model(x)
+    for h in handles:
+        h.remove()
+    means["<output>"] = y
+    return means
+
+
+# (factory, input size, sites expected, include_classifier)
+ACCEPTED = {
+    "alexnet": (_alexnet, 96, 7, True),
+    "group_norm": (L.group_norm_net, 16, 2, False),
+    "instance_norm_leaky": (L.instance_norm_net, 16, 3, False),
+    "cat_grouped_depthwise": (L.cat_net, 16, 4, False),
+}
+
+
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_accepted_models_keep_their_logits_and_get_means_of_one(name):
+    factory, size, n_sites, fc = ACCEPTED[name]
+    model = factory().eval().double()
+    x = _images(size)
+    topo = vggnorm.analyze(model)
+    assert not topo.refusals and len(topo.all_sites) == n_sites
+    stats = vggnorm.measure_means(model, [x], include_classifier=fc)
+    normalized = vggnorm.normalize_model(model, stats, include_classifier=fc)
+
+    before, after = _activation_means(model, x), _activation_means(normalized, x)
+    y, y2 = before.pop("<output>"), after.pop("<output>")
+    assert float((y2 - y).abs().max() / y.abs().max()) < 1e-5  # logits unchanged
+    sites = {s.relu: s for s in topo.all_sites}
+    assert set(sites) <= set(before)
+    checked = 0
+    for relu, mean in before.items():
+        if relu not in sites:
+            continue
+        # live: the test's own rule, the same definition as the SPEC's (relative to the layer's median)
+        positive = mean[mean > 0]
+        live = mean > max(1e-6, 1e-3 * float(positive.median())) if positive.numel() else mean > 1e300
+        assert live.any(), relu
+        torch.testing.assert_close(after[relu][live], torch.ones_like(after[relu][live]), rtol=0, atol=1e-6)
+        # dead filters keep their activations
+        torch.testing.assert_close(after[relu][~live], mean[~live], rtol=1e-6, atol=1e-12)
+        checked += 1
+    assert checked == n_sites
+
+
+def test_alexnet_has_its_own_positions_per_channel():
+    with torch.device("meta"):
+        topo = vggnorm.analyze(torchvision.models.alexnet())
+    assert topo.classifier == "classifier.1" and topo.positions_per_channel == 36  # 256 x 6 x 6 = 9216
+    assert [s.conv for s in topo.fc_sites] == ["classifier.1", "classifier.4"]
+
+
+def test_cat_and_groups_compensate_the_right_columns():
+    topo = vggnorm.analyze(L.cat_net())
+    mix = next(c for c in topo.compensations if c.module == "mix")
+    assert mix.pieces == (("a.0", 4), ("b.0", 5), (None, 3)) and mix.groups == 4  # the image's channels: unscaled
+    assert next(c for c in topo.compensations if c.module == "depthwise").groups == 8
+
+
+# (factory, the node named, words of the reason)
+REFUSED = {
+    "instance_norm_without_affine": (L.instance_norm_no_affine_net, "body.2 (InstanceNorm2d)", "no affine parameters"),
+    "resnet_basic_block": (L.ResidualNet, "add", "residual"),
+    "relu6": (L.relu6_net, "3 (ReLU6)", "not positively homogeneous"),
+    "gelu": (L.gelu_net, "3 (GELU)", "not positively homogeneous"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_refused_models_are_named_with_the_reason(name):
+    factory, node, reason = REFUSED[name]
+    model = factory().eval()
+    refusals = vggnorm.analyze(model).refusals
+    assert any(r.node.startswith(node) and reason in r.reason for r in refusals), refusals
+    with pytest.raises(CheckpointError, match=reason):
+        vggnorm.measure_means(model, [torch.rand(1, 3, 16, 16)])
+    with pytest.raises(CheckpointError, match=reason):
+        vggnorm.normalize_model(model, Stats({}, 0))
+    result = invoke("inspect", L.spec(factory.__name__))
+    assert result.exit_code == 1
+    assert f"REFUSED {node}" in result.output and reason in result.output
+
+
+def test_apply_refuses_a_model_it_cannot_normalize(tmp_path):
+    """Statistics that name a refused model (written by hand: compute-stats would refuse first)."""
+    spec = L.spec("gelu_net")
+    stats = Stats({"0": LayerStats("0", "1", None, torch.ones(4), 10)}, 1, {"arch": spec})
+    write_stats(stats, tmp_path / "s.h5", force=False)
+    ckpt = tmp_path / "gelu.pth"
+    torch.save(L.gelu_net().state_dict(), ckpt)
+    result = invoke("apply", ckpt, "--stats", tmp_path / "s.h5", "--model", spec, "-o", tmp_path / "out.pth")
+    assert result.exit_code == 1 and "3 (GELU): is not positively homogeneous" in result.output
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_add_affine_normalizes_an_instance_norm_without_affine():
+    model = L.instance_norm_no_affine_net().eval().double()
+    x = _images(16)
+    stats = vggnorm.measure_means(model, [x], add_affine=True)
+    normalized = vggnorm.normalize_model(model, stats, add_affine=True)
+    assert normalized.body[2].affine and not model.body[2].affine  # the copy only
+    with torch.no_grad():
+        y, y2 = model(x), normalized(x)
+    assert float((y2 - y).abs().max() / y.abs().max()) < 1e-5
+    after = _activation_means(normalized, x)
+    for relu in ("body.3", "body.6"):
+        mean = _activation_means(model, x)[relu]
+        live = mean > 1e-3 * float(mean[mean > 0].median())
+        torch.testing.assert_close(after[relu][live], torch.ones_like(after[relu][live]), rtol=0, atol=1e-6)
+    report = vggnorm.verify_models(model, normalized, stats, batches=[x.float()], include_classifier=False)
+    assert report.passed, [(c.name, c.status, c.detail) for c in report.checks]
+
+
+def test_the_cli_runs_add_affine_end_to_end(photos, tmp_path):
+    spec = L.spec("instance_norm_no_affine_net")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "in.pth"
+    torch.save(L.instance_norm_no_affine_net().state_dict(), ckpt)
+    common = ("--model", spec)
+    measure = ("compute-stats", photos, *common, "--weights", ckpt, "--crop", 32, "--resize", 32, "--no-progress")
+    refused = invoke(*measure, "-o", tmp_path / "x.h5")
+    assert refused.exit_code == 1 and "--add-affine" in refused.output and not (tmp_path / "x.h5").exists()
+    stats = tmp_path / "s.h5"
+    r = invoke(*measure, "-o", stats, "--add-affine")
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "n.pth"
+    r = invoke("apply", ckpt, "--stats", stats, *common, "-o", out)
+    assert r.exit_code == 0, r.output
+    assert {"body.2.weight", "body.2.bias"} <= set(torch.load(out))
+    r = invoke("verify", out, "--original", ckpt, "--stats", stats, "--data", photos, *common, "--no-progress")
+    assert r.exit_code == 0, r.output
+
+
+@pytest.mark.slow
+def test_alexnet_by_name_end_to_end(photos, tmp_path):
+    stats, out = tmp_path / "alexnet.h5", tmp_path / "alexnet-normalized.pth"
+    sizes = ("--resize", 72, "--crop", 64)
+    r = invoke(
+        "compute-stats", photos, "--arch", "alexnet", "--weights", "random:0", *sizes, "-o", stats, "--no-progress"
+    )
+    assert r.exit_code == 0, r.output
+    r = invoke("apply", "random:0", "--stats", stats, "-o", out)
+    assert r.exit_code == 0, r.output
+    r = invoke("verify", out, "--original", "random:0", "--stats", stats, "--data", photos, "--no-progress")
+    assert r.exit_code == 0, r.output
