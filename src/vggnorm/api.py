@@ -139,8 +139,14 @@ def normalize_model(
     """
     topo = _topology(model, add_affine)
     layer_scales = scales_from_stats(stats, topo, rule=rule, include_classifier=include_classifier)
-    out = with_affine(copy.deepcopy(model), topo)
-    out.load_state_dict(fold_state_dict(out.state_dict(), {n: s.scale for n, s in layer_scales.items()}, topo))
+    original = model.state_dict()
+    folded = fold_state_dict(original, {n: s.scale for n, s in layer_scales.items()}, topo)
+    # the copy's tensors: the folded ones, and clones of those the fold left alone; the structure is
+    # copied sharing the original's tensors (no memory), and they are all replaced below
+    fresh = {k: v.clone() if v is original.get(k) else v for k, v in folded.items()}
+    tensors = [*model.parameters(), *model.buffers()]
+    out = with_affine(copy.deepcopy(model, memo={id(t): t for t in tensors}), topo)
+    out.load_state_dict(fresh, assign=True)
     return out
 
 

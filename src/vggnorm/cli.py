@@ -107,6 +107,8 @@ loader_options = options(
         help="DataLoader processes decoding images (0: decode in the main process). [default: CPUs - 1]",
     ),
 )
+
+
 def _check_arch_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
     """An arch name torchvision does not know is a usage error (exit 2); importing torchvision to
     know that is done only for names other than the VGGs and AlexNet."""

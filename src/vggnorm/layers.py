@@ -21,9 +21,7 @@ torchvision's VGGs included, goes through this one analysis.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import math
 import operator
 from dataclasses import dataclass, field
@@ -34,7 +32,6 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.shape_prop import ShapeProp
 
 from vggnorm.errors import CheckpointError
 
@@ -258,13 +255,27 @@ class _Tracer(torch.fx.Tracer):
 
 
 def _shape(node: Any) -> tuple[int, ...] | None:
-    meta = getattr(node, "meta", {}).get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    return getattr(node, "meta", {}).get("vggnorm_shape")
 
 
-def _trace(model: nn.Module) -> torch.fx.GraphModule:
+class _Shapes(torch.fx.Interpreter):
+    """Runs the traced graph on the model itself under a fake-tensor mode (no memory, no arithmetic,
+    no copy of the model) and records each node's output shape."""
+
+    def __init__(self, model: nn.Module, graph: torch.fx.Graph, mode: FakeTensorMode) -> None:
+        super().__init__(model, graph=graph)
+        self.mode = mode
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        with self.mode:
+            result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["vggnorm_shape"] = tuple(int(d) for d in result.shape)
+        return result
+
+
+def _trace(model: nn.Module) -> torch.fx.Graph:
     graph = _Tracer().trace(model)
-    gm = torch.fx.GraphModule(model, graph)
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     channels = first.in_channels if first is not None else 3
     param = next(model.parameters(), None)
@@ -274,12 +285,12 @@ def _trace(model: nn.Module) -> torch.fx.GraphModule:
     for size in (224, 64, 32, 512, 16, 1024):
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         x = mode.from_tensor(torch.empty(1, channels, size, size, device=device, dtype=dtype))
-        try:  # ShapeProp prints the traceback of a failing node: a size the model cannot take is no news
-            with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-                ShapeProp(gm, fake_mode=mode).propagate(x)
-            return gm
+        try:
+            with torch.no_grad():
+                _Shapes(model, graph, mode).run(x)
+            return graph
         except Exception as e:  # a size the model cannot take: try the next
-            error = e.__cause__ or e
+            error = e
     raise CheckpointError(f"could not run the traced model on any input size to learn its shapes ({error})")
 
 
@@ -291,7 +302,7 @@ def find_topology(model: nn.Module, *, add_affine: bool = False) -> Topology:
     returned, and ``Topology.check()`` raises them.
     """
     try:
-        gm = _trace(model)
+        graph = _trace(model)
     except CheckpointError as e:
         return Topology((), refusals=(Refusal("<trace>", str(e)),))
     except Exception as e:  # the user's forward may raise anything under the tracer
@@ -306,15 +317,15 @@ def find_topology(model: nn.Module, *, add_affine: bool = False) -> Topology:
                 ),
             ),
         )
-    return _Analysis(gm, add_affine).run()
+    return _Analysis(model, graph, add_affine).run()
 
 
 class _Analysis:
     """One forward walk over the traced graph, carrying each value's scale state."""
 
-    def __init__(self, gm: torch.fx.GraphModule, add_affine: bool) -> None:
-        self.gm = gm
-        self.modules = dict(gm.named_modules())
+    def __init__(self, model: nn.Module, graph: torch.fx.Graph, add_affine: bool) -> None:
+        self.graph = graph
+        self.modules = dict(model.named_modules())
         self.add_affine = add_affine
         self.state: dict[torch.fx.Node, _State] = {}
         self.sites: list[Site] = []
@@ -337,7 +348,7 @@ class _Analysis:
         return node.name
 
     def run(self) -> Topology:
-        for node in self.gm.graph.nodes:
+        for node in self.graph.nodes:
             inputs = [a for a in node.all_input_nodes]
             states = [self.state.get(a) for a in inputs]
             if node.op == "call_module":
@@ -491,7 +502,7 @@ class _Analysis:
     def _site(self, node: torch.fx.Node, path: str, m: nn.Module, x: _Pre) -> _State:
         if x.blocked:
             self.refuse(
-                _node_named(self.gm, x.norm) or node,
+                _node_named(self.graph, x.norm) or node,
                 f"{x.blocked}, but the activation {path} after {x.producer} is to be normalized",
                 x.fix,
             )
@@ -600,8 +611,8 @@ class _Analysis:
         return _Scaled(tuple(pieces), 1, (node.name,))
 
 
-def _node_named(gm: torch.fx.GraphModule, target: str | None) -> torch.fx.Node | None:
-    return next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == target), None)
+def _node_named(graph: torch.fx.Graph, target: str | None) -> torch.fx.Node | None:
+    return next((n for n in graph.nodes if n.op == "call_module" and n.target == target), None)
 
 
 def _zero_or_copy_pad(node: torch.fx.Node) -> bool:

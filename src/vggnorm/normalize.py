@@ -100,7 +100,8 @@ def fold_state_dict(
         for key, start in ((f"{site.bn}.weight", 1.0), (f"{site.bn}.bias", 0.0)):
             t = state_dict.get(key)
             base = t.double() if t is not None else torch.full_like(s, start)
-            out[key] = (base / s).to(t.dtype if t is not None else torch.float32)
+            like = t if t is not None else state_dict.get(f"{site.conv}.weight", base.float())
+            out[key] = (base / s).to(like.dtype)
     if features_only:
         return {k: v for k, v in out.items() if k.startswith("features.")}
     return out
