@@ -3,6 +3,8 @@ checked in float64 with hooks of the test's own; every refused one is named with
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torchvision
@@ -188,3 +190,25 @@ def test_alexnet_by_name_end_to_end(photos, tmp_path):
     assert r.exit_code == 0, r.output
     r = invoke("verify", out, "--original", "random:0", "--stats", stats, "--data", photos, "--no-progress")
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("factory", ["group_norm_net", "cat_net", "instance_norm_net"])
+def test_the_cli_runs_models_of_every_site_kind(factory, photos, tmp_path):
+    spec = L.spec(factory)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "m.pth"
+    torch.save(getattr(L, factory)().state_dict(), ckpt)
+    stats, out = tmp_path / "s.h5", tmp_path / "n.pth"
+    common = ("--model", spec)
+    r = invoke(
+        "compute-stats", photos, *common, "--weights", ckpt, "--crop", 32, "--resize", 32, "-o", stats, "--no-progress"
+    )
+    assert r.exit_code == 0, r.output
+    r = invoke("apply", ckpt, "--stats", stats, *common, "-o", out)
+    assert r.exit_code == 0, r.output
+    r = invoke("verify", out, "--original", ckpt, "--stats", stats, "--data", photos, *common, "--format", "json")
+    assert r.exit_code == 0, r.output
+    assert [c["status"] for c in json.loads(r.stdout)["checks"]] == ["pass"] * 4
+    if factory != "cat_net":  # a GroupNorm or InstanceNorm cannot be folded into its conv
+        r = invoke("apply", ckpt, "--stats", stats, *common, "-o", tmp_path / "g.pth", "--layout", "gatys")
+        assert r.exit_code == 1 and "use the torchvision layout" in r.output

@@ -134,6 +134,12 @@ def apply_stats(
         check_writable(p, force=force, inputs=inputs)
     if layout == "adain":
         check_adain(arch, stats)
+    other_norms = sorted({s.norm for s in topo.all_sites if s.bn is not None and s.norm != "BatchNorm2d"})
+    if layout != "torchvision" and other_norms:
+        raise VggnormError(
+            f"--layout {layout} folds each conv's BatchNorm into it, and {arch} has {', '.join(other_norms)} "
+            "(which normalize per input, not by fixed statistics): use the torchvision layout"
+        )
     weights = weights_for(checkpoint, stats)
     check_writable(output, force=force, inputs=inputs, size=state_dict_bytes(weights.state_dict))
     features_only = features_only or layout in ("gatys", "adain") or weights.features_only
