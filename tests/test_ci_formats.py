@@ -114,3 +114,22 @@ def test_no_network_is_attempted_when_every_input_is_a_file(normalized, monkeypa
     n = normalized
     r = invoke("verify", n["out"], "--original", n["ckpt"], "--stats", n["stats"], *MODEL)
     assert r.exit_code == 0, r.output
+
+
+def test_verify_without_data_imports_neither_torchvision_nor_dynamo(normalized):
+    """Each costs about a second of every CI run (issue 16): VGGs are built without torchvision, shapes
+    come from formulas, not meta kernels that import torch._dynamo."""
+    import subprocess
+    import sys
+
+    n = normalized
+    code = (
+        "import sys; from vggnorm.cli import cli\n"
+        "try: cli(sys.argv[1:], standalone_mode=False)\n"
+        "except SystemExit as e: assert not e.code, e.code\n"
+        "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))"
+    )
+    args = ["verify", n["out"], "--original", n["ckpt"], "--stats", n["stats"], *MODEL, "--format", "json"]
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"

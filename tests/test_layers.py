@@ -146,3 +146,38 @@ def test_a_channelwise_layernorm_is_a_site_norm():
     # a plain LayerNorm over the last (width) dimension is not per channel
     refused = find_topology(nn.Sequential(nn.Conv2d(3, 4, 3), nn.LayerNorm(222), nn.ReLU()))
     assert "not per channel" in "; ".join(str(r) for r in refused.refusals)
+
+
+WINDOWS = [
+    nn.Conv2d(3, 5, 3, padding=1),
+    nn.Conv2d(3, 5, 11, stride=4, padding=2),
+    nn.Conv2d(3, 5, (3, 5), stride=(2, 1), padding=(0, 2), dilation=2),
+    nn.MaxPool2d(2),
+    nn.MaxPool2d(3, 2, ceil_mode=True),
+    nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+    nn.MaxPool2d(2, 2, dilation=2),
+    nn.AvgPool2d(3, 2, 1),
+    nn.AvgPool2d(2, ceil_mode=True),
+    nn.AdaptiveAvgPool2d((6, 6)),
+    nn.AdaptiveAvgPool2d((None, 3)),
+    nn.AdaptiveMaxPool2d(2),
+]
+
+
+@pytest.mark.parametrize("module", WINDOWS, ids=repr)
+def test_shapes_by_formula_equal_torch(module):
+    """meta_shape stands in for running layers on the meta device (a second of verify's time): it must
+    give torch's shapes, and refuse (raise) exactly where torch does."""
+    from vggnorm.layers import meta_shape
+
+    for h in range(1, 40):
+        for w in (1, 7, 32):
+            try:
+                real = tuple(module(torch.zeros(1, 3, h, w)).shape)
+            except RuntimeError:
+                real = None
+            try:
+                mine = meta_shape(module, (1, 3, h, w))
+            except RuntimeError:
+                mine = None
+            assert mine == real, (h, w)

@@ -102,3 +102,27 @@ def test_an_image_given_as_a_checkpoint_is_not_called_a_pickled_model(tmp_path, 
     with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint") as e:
         load_state_dict(jpeg)
     assert "pickled" not in str(e.value)
+
+
+@pytest.mark.parametrize("arch", VGG_ARCHS)
+def test_vggnorms_vgg_is_torchvisions(arch):
+    """vggnorm builds VGGs without importing torchvision; the module tree must be torchvision's."""
+    import torchvision
+
+    from vggnorm.models import VGG
+
+    with torch.device("meta"):
+        ours, theirs = VGG(arch), torchvision.models.get_model(arch, weights=None)
+    assert [(n, repr(m)) for n, m in ours.named_modules() if n] == [
+        (n, repr(m)) for n, m in theirs.named_modules() if n
+    ]
+    if arch == "vgg11_bn":  # and so is the forward pass
+        theirs = theirs.to_empty(device="cpu").eval()
+        torch.manual_seed(0)
+        for t in theirs.state_dict().values():
+            t.copy_(torch.rand_like(t, dtype=torch.float32).to(t.dtype) * 0.1)
+        ours = ours.to_empty(device="cpu").eval()
+        ours.load_state_dict(theirs.state_dict())
+        x = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.equal(ours(x), theirs(x))

@@ -88,7 +88,7 @@ def check_loads(
             "layout, Gatys-named code) with strict=True",
         )
     try:
-        model = build_model(arch, device="meta")
+        model = build_model(arch, device="meta", torchvision_class=True)
         if add_affine:
             with_affine(model, topology(arch, True))
         model.load_state_dict(state_dict, strict=True, assign=True)
@@ -159,7 +159,8 @@ def apply_stats(
     padding = str(stats.attrs.get("padding", "zeros"))
     original = load_model(arch, weights.state_dict, pooling=pooling, padding=padding, add_affine=add_affine)
     reloaded = to_torchvision_layout(exported)
-    normalized = load_model(infer_arch(reloaded, prefer=arch), reloaded, pooling=pooling, padding=padding)
+    normalized_arch = infer_arch(reloaded, prefer=arch)
+    normalized = load_model(normalized_arch, reloaded, pooling=pooling, padding=padding)
     crop = int(stats.attrs.get("crop", 224))
     checks = check_function(
         original,
@@ -168,6 +169,7 @@ def apply_stats(
         probe_input(crop),
         logits=not (features_only or topo.output_scaled),
         inputs=f"2 seeded random inputs (seed 0) at {crop}x{crop}, {pooling} pooling, {padding} padding",
+        topologies=(topology(arch, True), topology(normalized_arch, True)),
     )
     added = any(s.added_affine for s in topo.all_sites)
     checks.append(check_loads(exported, arch, features_only=features_only, add_affine=added))

@@ -16,10 +16,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
 
 from vggnorm.defaults import DECODERS, PREPROCESSINGS
 from vggnorm.errors import DataError
@@ -48,6 +46,7 @@ class Preprocess:
         """torchvision's own ImageNet preset (resize, center crop, to float, normalize), or Caffe's."""
         if self.preprocess == "caffe":
             return CaffePreset(resize=self.resize, crop=self.crop, mean=self.mean, interpolation=self.interpolation)
+        from torchvision.transforms import InterpolationMode
         from torchvision.transforms._presets import ImageClassification
 
         return ImageClassification(
@@ -85,6 +84,8 @@ class CaffePreset(torch.nn.Module):
 
     def __init__(self, *, resize: int, crop: int, mean: tuple[float, ...], interpolation: str) -> None:
         super().__init__()
+        from torchvision.transforms import InterpolationMode
+
         self.resize, self.crop, self.interpolation = resize, crop, InterpolationMode(interpolation)
         self.mean: torch.Tensor
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1))
@@ -121,6 +122,8 @@ def default_preprocess(
         size, crop_size, interpolation = preset.resize, preset.crop, preset.interpolation
         mean, std = preset.mean, preset.std
     else:
+        import torchvision
+
         tv = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
         size, crop_size, interpolation = int(tv.resize_size[0]), int(tv.crop_size[0]), tv.interpolation.value
         mean, std = tuple(float(x) for x in tv.mean), tuple(float(x) for x in tv.std)

@@ -17,12 +17,11 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
-from vggnorm.defaults import NAMED_ARCHS, PADDINGS, POOLINGS
+from vggnorm.defaults import NAMED_ARCHS, PADDINGS, POOLINGS, VGG_ARCHS
 from vggnorm.errors import CheckpointError, VggnormError, WeightsError
-from vggnorm.layers import Topology, find_topology, with_affine
+from vggnorm.layers import Topology, find_topology, input_fits, with_affine
 
 # user models imported on request: spec as given -> class or zero-argument factory
 _USER_MODELS: dict[str, Callable[[], nn.Module]] = {}
@@ -73,7 +72,56 @@ def known_archs() -> tuple[str, ...]:
 
 @functools.cache
 def _torchvision_classifiers() -> frozenset[str]:
+    import torchvision
+
     return frozenset(torchvision.models.list_models(module=torchvision.models))
+
+
+# torchvision's VGG configurations (``torchvision.models.vgg.cfgs``): conv widths, "M" a max pooling
+_VGG_CFGS: dict[str, tuple[int | str, ...]] = {
+    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+    "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
+}
+
+
+class VGG(nn.Module):
+    """torchvision's VGG, module for module (the same paths, modules and forward), built without
+    importing torchvision, which costs 1.7 s of every process (verify in CI pays it for nothing).
+    Used for structure and for carrying loaded weights; random initializations (``random:SEED``)
+    and apply's ``loads`` check use torchvision's own class. ``tests/test_models.py`` holds the two
+    equal."""
+
+    def __init__(self, arch: str) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c, bn = 3, arch.endswith("_bn")
+        for v in _VGG_CFGS[arch.removesuffix("_bn")]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                assert isinstance(v, int)
+                layers += [nn.Conv2d(c, v, kernel_size=3, padding=1), *([nn.BatchNorm2d(v)] if bn else [])]
+                layers.append(nn.ReLU(inplace=True))
+                c = v
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 4096),
+            nn.ReLU(True),
+            nn.Dropout(p=0.5),
+            nn.Linear(4096, 4096),
+            nn.ReLU(True),
+            nn.Dropout(p=0.5),
+            nn.Linear(4096, 1000),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
 
 
 def check_arch(arch: str) -> None:
@@ -90,8 +138,9 @@ def check_arch(arch: str) -> None:
     )
 
 
-def build_model(arch: str, *, device: str | torch.device | None = None) -> nn.Module:
-    """``arch`` with its own random initialization (``device="meta"``: structure only)."""
+def build_model(arch: str, *, device: str | torch.device | None = None, torchvision_class: bool = False) -> nn.Module:
+    """``arch`` with its own random initialization (``device="meta"``: structure only; a VGG is then
+    vggnorm's ``VGG``, which needs no torchvision import, unless ``torchvision_class``)."""
     check_arch(arch)
     with torch.device(device or "cpu"):
         if arch in _USER_MODELS:
@@ -99,6 +148,10 @@ def build_model(arch: str, *, device: str | torch.device | None = None) -> nn.Mo
             if not isinstance(model, nn.Module):
                 raise VggnormError(f"--model {arch}: calling it gave a {type(model).__name__}, not an nn.Module")
             return model
+        if arch in VGG_ARCHS and str(device) == "meta" and not torchvision_class:
+            return VGG(arch)
+        import torchvision
+
         return torchvision.models.get_model(arch, weights=None)
 
 
@@ -151,11 +204,15 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor], *, prefer: str | None = N
     features_only = is_features_only(state_dict)
     for arch in dict.fromkeys([*([prefer] if prefer in known_archs() else []), *known_archs()]):
         expected = _shapes(arch)
-        shapes = {k: v for k, v in all_shapes.items() if affine_keys(arch).get(k) != v}
         if features_only:
             expected = {k: v for k, v in expected.items() if k.startswith("features.")}
-        if shapes == expected:
+        if all_shapes == expected:
             return arch
+        extra = set(all_shapes) - set(expected)
+        if extra and expected.items() <= all_shapes.items():  # perhaps the weights --add-affine gave norms
+            optional = affine_keys(arch)  # (an analysis: only for a near match)
+            if all(optional.get(k) == all_shapes[k] for k in extra):
+                return arch
     convs = sum(1 for k, v in state_dict.items() if k.endswith(".weight") and v.ndim == 4)
     has_bn = any(k.endswith("running_mean") for k in state_dict)
     raise CheckpointError(
@@ -168,7 +225,10 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor], *, prefer: str | None = N
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], arch: str, *, features_only: bool = False) -> None:
     """Raise ``CheckpointError`` listing missing, unexpected and mis-shaped keys (sorted)."""
     expected = _shapes(arch)
-    optional = {k: v for k, v in affine_keys(arch).items() if k in state_dict}  # --add-affine's, when present
+    # --add-affine's norm parameters, when present (an analysis: only when there are keys to explain)
+    optional = (
+        {k: v for k, v in affine_keys(arch).items() if k in state_dict} if set(state_dict) - set(expected) else {}
+    )
     expected = {**expected, **optional}
     if features_only:
         expected = {k: v for k, v in expected.items() if k.startswith("features.")}
@@ -192,15 +252,7 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], arch: str, *, featu
 def min_input_size(arch: str) -> int:
     """The smallest square input ``arch`` can take (its poolings must leave at least one position),
     found by running it on the meta device (no memory, no arithmetic)."""
-    model = build_model(arch, device="meta").eval()
-
-    def fits(n: int) -> bool:
-        try:
-            with torch.no_grad():
-                model(torch.empty(1, 3, n, n, device="meta"))
-        except (RuntimeError, ValueError):
-            return False
-        return True
+    fits = input_fits(build_model(arch, device="meta").eval())
 
     low, high = 0, 1  # low does not fit, high does
     while not fits(high):

@@ -117,14 +117,16 @@ def verify_checkpoint(
     _check_outputs(report, junit_xml, given, figure=data is not None, force=force)
     stats = read_stats(stats_path) if stats_path is not None else None
     prefer = str(stats.attrs["arch"]) if stats is not None else None  # two models may share their shapes
-    target = Normalized.load(normalized_path, prefer=prefer)
     dev = resolve_device(device)
     check_precision(precision, dev)
+    # the original first when its arch is known: its hash is computed while the other file loads
     weights = None
-    if original is not None:
-        weights = resolve_weights(
-            original, arch=None if os.path.isfile(original) else target.arch, prefer=prefer or target.arch
-        )
+    if original is not None and (os.path.isfile(original) or prefer is not None):
+        arch_hint = None if os.path.isfile(original) else prefer
+        weights = resolve_weights(original, arch=arch_hint, prefer=prefer, background_hash=True)
+    target = Normalized.load(normalized_path, prefer=prefer)
+    if original is not None and weights is None:
+        weights = resolve_weights(original, arch=target.arch, prefer=target.arch, background_hash=True)
     arch = _arch(target, stats, weights, original)
     options: dict[str, Any] = {
         "resize": resize,
@@ -174,12 +176,21 @@ def verify_checkpoint(
     }
     mismatch = None
     if weights is not None:
-        inputs["original_sha256"] = weights.sha256
-        if stats is not None and stats.attrs.get("weights_sha256") != weights.sha256:
-            mismatch = f"the statistics were measured on other weights than {original} (sha256 differs)"
-        checks = _against_original(
-            target, model, weights, scales, files, p, arch=arch, device=dev, rtol=rtol, mismatch=mismatch, topo=topo
+        expected_sha256 = str(stats.attrs.get("weights_sha256")) if stats is not None else None
+        checks, mismatch = _against_original(
+            target,
+            model,
+            weights,
+            scales,
+            files,
+            p,
+            arch=arch,
+            device=dev,
+            rtol=rtol,
+            topo=topo,
+            sha256=expected_sha256,
         )
+        inputs["original_sha256"] = weights.sha256
     else:
         checks = [
             not_run(n, d, "needs --original")
@@ -391,10 +402,12 @@ def _against_original(
     arch: str,
     device: torch.device,
     rtol: float,
-    mismatch: str | None,
     topo: Topology,
-) -> list[Check]:
-    """(a) activations, (b) logits, (d) fold: the checks that compare with the original."""
+    sha256: str | None,
+) -> tuple[list[Check], str | None]:
+    """(a) activations, (b) logits, (d) fold: the checks that compare with the original; and why the
+    statistics do not belong to it (``sha256``: the hash they were measured with), if they do not.
+    The hash is asked for after (a) and (b), so computing it overlaps with them."""
     orig_model = load_model(
         arch,
         weights.state_dict,
@@ -404,16 +417,22 @@ def _against_original(
         add_affine=any(s.added_affine for s in topo.all_sites),
     )
     x, source = function_inputs(files, policy, arch)
-    scale_t = {n: sc.scale for n, sc in scales.items()} if scales is not None and mismatch is None else None
+    scale_t = {n: sc.scale for n, sc in scales.items()} if scales is not None else None
     logits = not (target.features_only or topo.output_scaled)
-    checks = check_function(orig_model, model, scale_t, x.to(device), rtol=rtol, logits=logits, inputs=source)
+    pair = (topology(arch, True), topology(target.arch, True))
+    checks = check_function(
+        orig_model, model, scale_t, x.to(device), rtol=rtol, logits=logits, inputs=source, topologies=pair
+    )
+    mismatch = None
+    if sha256 is not None and sha256 != weights.sha256:
+        mismatch = f"the statistics were measured on other weights than {weights.spec} (sha256 differs)"
     if scales is None:
-        return [*checks, not_run("fold", FOLD_DESC, "needs --stats")]
+        return [*checks, not_run("fold", FOLD_DESC, "needs --stats")], mismatch
     if mismatch is not None:
         return [
             *(c if c.name != "activations" else Check(c.name, c.description, FAIL, detail=mismatch) for c in checks),
             Check("fold", FOLD_DESC, FAIL, detail=mismatch),
-        ]
+        ], mismatch
     folded = fold_state_dict(
         weights.state_dict,
         {n: sc.scale for n, sc in scales.items()},
@@ -421,12 +440,12 @@ def _against_original(
         features_only=target.features_only,
     )
     expected = export_layout(folded, arch, target.layout, policy.as_attrs())
-    return [*checks, check_fold(target.raw, expected, rtol=rtol)]
+    return [*checks, check_fold(target.raw, expected, rtol=rtol)], None
 
 
 # A probe without --data: the identities (a) and (b) hold for every input, so a small one checks them
 # as well as a full-size one, at a fraction of the float64 arithmetic.
-PROBE_SIZE = 64
+PROBE_SIZE = 32
 
 
 def function_inputs(
@@ -434,8 +453,8 @@ def function_inputs(
 ) -> tuple[torch.Tensor, str]:
     """Up to ``n`` decodable images from ``files``, else a seeded random batch (``probe_input``, seed 0)
     of ``PROBE_SIZE`` (or the arch's smallest input, if larger)."""
-    ds = data_mod.ImageFiles(files, preprocess)
     images = []
+    ds: Any = data_mod.ImageFiles(files, preprocess) if files else []  # none: no torchvision import
     for i in range(len(ds)):
         sample = ds[i]
         if sample.image is not None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import urllib.error
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 
 from vggnorm.checkpoint import StateDict, check_finite, load_state_dict, state_dict_sha256
 from vggnorm.defaults import DEFAULT_ARCH, RANDOM_PREFIX
@@ -28,12 +29,17 @@ from vggnorm.models import build_model, check_arch, check_state_dict, infer_arch
 
 @dataclass(frozen=True)
 class Weights:
-    """Resolved weights: where they came from and their content hash."""
+    """Resolved weights: where they came from and their content hash (perhaps still being computed
+    in a background thread: ``sha256`` waits for it)."""
 
     spec: str
     arch: str
     state_dict: StateDict
-    sha256: str
+    digest: str | Future[str]
+
+    @property
+    def sha256(self) -> str:
+        return self.digest if isinstance(self.digest, str) else self.digest.result()
 
     @property
     def features_only(self) -> bool:
@@ -41,6 +47,8 @@ class Weights:
 
 
 def _torchvision_weights(arch: str, name: str) -> StateDict:
+    import torchvision
+
     enum = torchvision.models.get_model_weights(arch)
     try:
         entry = enum[name]
@@ -79,11 +87,29 @@ def is_file_spec(spec: str) -> bool:
     return os.path.exists(spec) or os.sep in spec or spec.endswith((".pth", ".pt", ".safetensors"))
 
 
-def resolve_weights(spec: str, *, arch: str | None, prefer: str | None = None) -> Weights:
+def _hash_in_background(state_dict: StateDict) -> Future[str]:
+    """SHA-256 of the tensors in a thread: hashlib releases the GIL, so a 500 MB checkpoint's 0.3 s
+    overlap with the work that does not need the hash yet (verify loading the other checkpoint)."""
+    future: Future[str] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(state_dict_sha256(state_dict))
+        except BaseException as e:  # handed to whoever asks for the hash
+            future.set_exception(e)
+
+    threading.Thread(target=run, name="vggnorm-sha256", daemon=True).start()
+    return future
+
+
+def resolve_weights(
+    spec: str, *, arch: str | None, prefer: str | None = None, background_hash: bool = False
+) -> Weights:
     """Resolve a weight SPEC (path, torchvision name or ``random:SEED``) to a checked state_dict.
 
     ``arch`` may be ``None`` for a file, whose arch is then inferred from its keys and shapes
-    (``prefer``: the arch to take when it fits, as another may too).
+    (``prefer``: the arch to take when it fits, as another may too). ``background_hash``: the
+    content hash is computed in a thread (``Weights.sha256`` waits for it).
     """
     if spec.startswith(RANDOM_PREFIX):
         seed_text = spec[len(RANDOM_PREFIX) :]
@@ -117,4 +143,4 @@ def resolve_weights(spec: str, *, arch: str | None, prefer: str | None = None) -
             raise WeightsError(f"{spec!r} is not a file: a --model needs its weights as a file or random:SEED")
         sd = _torchvision_weights(arch, spec)
     check_finite(sd, spec)
-    return Weights(spec=spec, arch=arch, state_dict=sd, sha256=state_dict_sha256(sd))
+    return Weights(spec, arch, sd, _hash_in_background(sd) if background_hash else state_dict_sha256(sd))
