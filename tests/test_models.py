@@ -126,3 +126,11 @@ def test_vggnorms_vgg_is_torchvisions(arch):
         x = torch.randn(1, 3, 32, 32)
         with torch.no_grad():
             assert torch.equal(ours(x), theirs(x))
+
+
+def test_legacy_format_checkpoints_load_without_mmap(tmp_path, tiny_vgg):
+    """Checkpoints load memory-mapped; torch's pre-1.6 (non-zip) format cannot be, and still loads."""
+    sd = tiny_vgg().state_dict()
+    torch.save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    loaded = load_state_dict(tmp_path / "legacy.pth")
+    assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], v) for k, v in sd.items())

