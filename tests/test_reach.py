@@ -126,16 +126,18 @@ def test_refused_models_are_named_with_the_reason(name):
     assert f"REFUSED {node}" in result.output and reason in result.output
 
 
-def test_apply_refuses_a_model_it_cannot_normalize(tmp_path):
-    """Statistics that name a refused model (written by hand: compute-stats would refuse first)."""
-    spec = L.spec("gelu_net")
-    stats = Stats({"0": LayerStats("0", "1", None, torch.ones(4), 10)}, 1, {"arch": spec})
+@pytest.mark.parametrize("name", REFUSED)
+def test_apply_refuses_a_model_it_cannot_normalize(name, tmp_path):
+    """Statistics that name a refused model (written by hand: compute-stats refuses first, as tested above)."""
+    factory, node, reason = REFUSED[name]
+    spec = L.spec(factory.__name__)
+    stats = Stats({"x": LayerStats("x", "y", None, torch.ones(4), 10)}, 1, {"arch": spec})
     write_stats(stats, tmp_path / "s.h5", force=False)
-    ckpt = tmp_path / "gelu.pth"
-    torch.save(L.gelu_net().state_dict(), ckpt)
+    ckpt = tmp_path / "m.pth"
+    torch.save(factory().state_dict(), ckpt)
     result = invoke("apply", ckpt, "--stats", tmp_path / "s.h5", "--model", spec, "-o", tmp_path / "out.pth")
-    assert result.exit_code == 1 and "3 (GELU): is not positively homogeneous" in result.output
-    assert not (tmp_path / "out.pth").exists()
+    assert result.exit_code == 1 and node in result.output and reason in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "out.pth").exists()
 
 
 def test_add_affine_normalizes_an_instance_norm_without_affine():
