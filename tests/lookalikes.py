@@ -155,6 +155,26 @@ def cat_net() -> CatNet:
     return CatNet()
 
 
+class FunctionalNet(nn.Module):
+    """Older code's style: functional pooling, padding and dropout, and ``x.view(N, -1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.relu1 = nn.Conv2d(3, 4, 3), nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv2d(4, 6, 3, padding=1), nn.ReLU()
+        self.fc = nn.Linear(6 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(self.relu1(self.conv1(x)), 2)
+        x = nn.functional.dropout(nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"), 0.5, self.training)
+        x = nn.functional.adaptive_avg_pool2d(self.relu2(self.conv2(x)), 2) * 0.5
+        return self.fc(x.view(x.size(0), -1))
+
+
+def functional_net() -> FunctionalNet:
+    return FunctionalNet()
+
+
 class ResidualNet(nn.Module):
     """A conv -> ReLU stem and torchvision's ResNet basic block: refused (a residual add)."""
 

@@ -55,6 +55,7 @@ ACCEPTED = {
     "group_norm": (L.group_norm_net, 16, 2, False),
     "instance_norm_leaky": (L.instance_norm_net, 16, 3, False),
     "cat_grouped_depthwise": (L.cat_net, 16, 4, False),
+    "functional_ops_and_view": (L.functional_net, 20, 2, False),
 }
 
 
@@ -214,3 +215,15 @@ def test_the_cli_runs_models_of_every_site_kind(factory, photos, tmp_path):
     if factory != "cat_net":  # a GroupNorm or InstanceNorm cannot be folded into its conv
         r = invoke("apply", ckpt, "--stats", stats, *common, "-o", tmp_path / "g.pth", "--layout", "gatys")
         assert r.exit_code == 1 and "use the torchvision layout" in r.output
+
+
+def test_inspect_lists_sites_flows_and_the_verdict():
+    r = invoke("inspect", "alexnet")
+    assert r.exit_code == 0 and "alexnet: 5 conv site(s), 2 fc site(s): normalizable" in r.output
+    assert "classifier.1 via features.12, avgpool, flatten, classifier.0 (36 columns per channel)" in r.output
+    r = invoke("inspect", L.spec("cat_net"), "--json")
+    assert r.exit_code == 0
+    sites = {s["conv"]: s for s in json.loads(r.output)["sites"]}
+    assert sites["b.0"]["compensated_by"] == "mix via cat (4 groups, channels 4..8 of its 12 inputs)"
+    r = invoke("inspect", L.spec("instance_norm_no_affine_net"), "--add-affine")
+    assert r.exit_code == 0 and "body.2 (InstanceNorm2d, --add-affine)" in r.output

@@ -23,7 +23,7 @@ from vggnorm.device import memory_format, precision_mode
 from vggnorm.errors import DataError
 from vggnorm.labels import Labels
 from vggnorm.layers import Site
-from vggnorm.models import load_model
+from vggnorm.models import is_user_model, load_model
 from vggnorm.stats import LayerStats, Stats
 
 HookFn = Callable[[Site, torch.Tensor], None]
@@ -170,11 +170,12 @@ def measure(
 ) -> None:
     """Run every batch through ``model`` with ``sums`` attached; call ``on_batch`` after each commit.
 
-    The model's parameters decide the input dtype (a float64 model measures in float64); it should
-    already be in ``memory_format(device)`` (``load_model`` does that).
+    The model's parameters decide the input dtype (a float64 model measures in float64) and memory
+    format (channels-last inputs only for a channels-last model: a user's ``x.view(N, -1)`` fails on
+    them).
     """
     net = forward_part(model, sums.sites)
-    fmt = memory_format(device)
+    fmt = _input_format(model)
     param = next(model.parameters())
     dtype = param.dtype if param.is_floating_point() else torch.float32
     with torch.inference_mode(), precision_mode(precision, device.type), sums.attached(model):
@@ -189,6 +190,13 @@ def measure(
                 on_batch(batch)
 
 
+def _input_format(model: nn.Module) -> torch.memory_format:
+    for p in model.parameters():
+        if p.ndim == 4 and p.shape[1] * p.shape[2] * p.shape[3] > 1:  # a conv weight whose layout shows
+            return torch.channels_last if not p.is_contiguous() else torch.contiguous_format
+    return torch.contiguous_format
+
+
 def measuring_model(
     arch: str,
     state_dict: Mapping[str, torch.Tensor],
@@ -199,13 +207,13 @@ def measuring_model(
     add_affine: bool = False,
 ) -> nn.Module:
     """``arch`` carrying ``state_dict`` as vggnorm measures it: under the policy's pooling and padding,
-    in the device's memory format, and in float64 for ``precision="fp64"`` (``add_affine``: see
-    ``models.load_model``)."""
+    in the device's memory format (a user model stays contiguous: its code may ``view`` activations),
+    and in float64 for ``precision="fp64"`` (``add_affine``: see ``models.load_model``)."""
     model = load_model(
         arch,
         state_dict,
         device=device,
-        memory_format=memory_format(device),
+        memory_format=torch.contiguous_format if is_user_model(arch) else memory_format(device),
         pooling=preprocess.pooling,
         padding=preprocess.padding,
         add_affine=add_affine,
