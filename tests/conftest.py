@@ -79,11 +79,11 @@ def features_state_dict(arch: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """torchvision's seeded initialization of ``arch``'s features only (no classifier to build)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        features = _features(arch)
+        features = vgg_features(arch)
     return {f"features.{k}": v for k, v in features.state_dict().items()}
 
 
-def _features(arch: str) -> torch.nn.Module:
+def vgg_features(arch: str) -> torch.nn.Module:
     from torchvision.models import vgg
 
     cfg = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}[arch.removesuffix("_bn")]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import features_state_dict, invoke
+from conftest import features_state_dict, invoke, vgg_features
 from vggnorm.data import Preprocess, find_images, load_rgb
 from vggnorm.stats import read_stats
 
@@ -65,7 +65,7 @@ def test_the_adain_file_loads_strictly_and_computes_the_normalized_relus(runs, p
     normalized_input, p = images(photos)
     std, mean = torch.tensor(p.std).view(1, 3, 1, 1), torch.tensor(p.mean).view(1, 3, 1, 1)
     rgb = normalized_input * std + mean  # back to [0, 1]
-    reference = nn.Sequential(*(m for m in __import__("torchvision").models.vgg19().features)).eval()
+    reference = vgg_features("vgg19").eval()
     sd = torch.load(runs / "tv.pth", weights_only=True)
     reference.load_state_dict({k.removeprefix("features."): v for k, v in sd.items()})
     for m in reference:

@@ -11,11 +11,10 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
-import torchvision
 from PIL import Image
 from torchvision import transforms
 
-from conftest import TINY, invoke
+from conftest import TINY, invoke, vgg_features
 from lookalikes import GATYS_BLOCKS, POOL, TinyVGG
 
 SIZE = ["--resize", "64", "--crop", "64"]
@@ -334,16 +333,14 @@ def test_torchvision_vgg_features_end_to_end(arch, photos, checkpoints, tmp_path
     assert r.exit_code == 0, r.output
     assert invoke("apply", ckpt, "--stats", stats, "-o", out).exit_code == 0
     sd = torch.load(out, weights_only=True)
-    torchvision.models.get_model(arch).features.load_state_dict(
-        {k.removeprefix("features."): v for k, v in sd.items()}, strict=True
-    )
+    vgg_features(arch).load_state_dict({k.removeprefix("features."): v for k, v in sd.items()}, strict=True)
     r = invoke("verify", out, "--original", ckpt, "--stats", stats, "--data", photos, "--workers", 0)
     assert r.exit_code == 0 and "3 passed, 0 failed, 1 not run" in r.stdout, r.output
     r = invoke("apply", ckpt, "--stats", stats, "-o", tmp_path / "g.pth", "--layout", "gatys")
     assert r.exit_code == 0, r.output
     gatys = GatysVGG(VGG11_BLOCKS).double().eval()
     gatys.load_state_dict(torch.load(tmp_path / "g.pth", weights_only=True), strict=True)
-    reference = torchvision.models.get_model(arch).features
+    reference = vgg_features(arch)  # torchvision's make_layers: the features alone, not 133M weights to init
     reference.load_state_dict({k.removeprefix("features."): v for k, v in sd.items()})
     x = independent_batch(photos)[:2]
     with torch.no_grad():
