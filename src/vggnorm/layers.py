@@ -550,31 +550,20 @@ class _Analysis:
             return None
         if not isinstance(x, _Pre):
             return None
-        channelwise = self._channelwise(node, m)
-        if not channelwise:
-            return _Pre(
-                x.producer,
-                x.kind,
-                x.in_channels,
-                x.channels,
-                path,
-                type(m).__name__,
-                blocked="normalizes over more than the channels (its affine parameters are not per channel)",
-            )
+        # the norm, not the conv, now carries a scale (a norm before it undoes the conv's)
+        normed = dataclasses.replace(x, norm=path, norm_type=type(m).__name__, added_affine=False, blocked="", fix="")
+        if not self._channelwise(node, m):
+            why = "normalizes over more than the channels (its affine parameters are not per channel)"
+            return dataclasses.replace(normed, blocked=why)
         affine = getattr(m, "affine", getattr(m, "elementwise_affine", True)) and getattr(m, "weight", None) is not None
         if not affine and not self.add_affine:
-            return _Pre(
-                x.producer,
-                x.kind,
-                x.in_channels,
-                x.channels,
-                path,
-                type(m).__name__,
+            return dataclasses.replace(
+                normed,
                 blocked="has no affine parameters to absorb the scale (affine=False)",
                 fix=f"build it with affine=True (weight 1, bias 0: the same function), or pass --add-affine "
                 f"({ADD_AFFINE_NOTE})",
             )
-        return _Pre(x.producer, x.kind, x.in_channels, x.channels, path, type(m).__name__, added_affine=not affine)
+        return dataclasses.replace(normed, added_affine=not affine)
 
     def _channelwise(self, node: torch.fx.Node, m: nn.Module) -> bool:
         """Whether ``m``'s affine parameters act per channel (dim 1) of this input."""
