@@ -156,19 +156,21 @@ def cat_net() -> CatNet:
 
 
 class FunctionalNet(nn.Module):
-    """Older code's style: functional pooling, padding and dropout, and ``x.view(N, -1)``."""
+    """Older code's style: functional pooling, padding and dropout, ``x.view(N, -1)``, ``x.mean([2, 3])``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1, self.relu1 = nn.Conv2d(3, 4, 3), nn.ReLU()
         self.conv2, self.relu2 = nn.Conv2d(4, 6, 3, padding=1), nn.ReLU()
         self.fc = nn.Linear(6 * 2 * 2, 3)
+        # a second head: global mean pooling (MNASNet's x.mean([2, 3])) into a Linear
+        self.conv2b, self.relu2b, self.head = nn.Conv2d(6, 5, 1), nn.ReLU(), nn.Linear(5, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = nn.functional.max_pool2d(self.relu1(self.conv1(x)), 2)
         x = nn.functional.dropout(nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"), 0.5, self.training)
         x = nn.functional.adaptive_avg_pool2d(self.relu2(self.conv2(x)), 2) * 0.5
-        return self.fc(x.view(x.size(0), -1))
+        return self.fc(x.view(x.size(0), -1)) + self.head(self.relu2b(self.conv2b(x)).mean([2, 3]))
 
 
 def functional_net() -> FunctionalNet:

@@ -1,6 +1,5 @@
 """compute-stats on messy folders, interrupted runs and resume (through the CLI and subprocesses)."""
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -112,27 +111,28 @@ def test_resume_refuses_other_arguments_or_data(messy, tmp_path):
     assert r.exit_code == 1 and "does not exist" in r.stderr
 
 
-def run_until_checkpoint(args, out, sig, fifo):
+def run_until_checkpoint(args, out, sig):
     """Start compute-stats in a subprocess; send ``sig`` as soon as a checkpoint is on disk.
 
-    The caller puts a named pipe (``fifo``) last among the images: it blocks the loader (nobody
-    writes to it), so the signal always lands mid-run, however fast the files before it are measured.
-    A process blocked opening the pipe handles the signal when the open returns; in one CI run it
-    never returned (the signal did not interrupt the open), so once signalled, the pipe is opened
-    for writing and closed: the loader reads an empty file and the pending interrupt is handled.
+    The caller puts a named pipe last among the images: it blocks the loader (nobody writes to it),
+    so the signal always lands mid-run, however fast the files before it are measured.
+
+    The child gets SIGINT's default disposition, as a program started from a terminal has: a test
+    run started in the background by a non-interactive shell (`nohup make test &`) inherits SIGINT
+    *ignored*, and Python then installs no KeyboardInterrupt handler, so Ctrl-C does nothing, as
+    the user of nohup asked (this made the test hang once).
     """
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vggnorm", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "vggnorm", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     proc.send_signal(sig)
-    deadline = time.monotonic() + 60
-    while proc.poll() is None and time.monotonic() < deadline:
-        with contextlib.suppress(OSError):  # non-blocking: fails (ENXIO) unless the loader waits in open()
-            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        time.sleep(0.05)
     stdout, stderr = proc.communicate(timeout=60)
     return proc.returncode, stdout, stderr
 
@@ -151,7 +151,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(photos, tmp_path, s
     options = "--weights random:0 --resize 128 --crop 112 --workers 0 --batch-size 2 --no-progress"
     args = ["compute-stats", d, "--model", TINY["tiny"], *options.split(), "--per-class"]
     out = tmp_path / "part.h5"
-    code, _, stderr = run_until_checkpoint([*args, "-o", out, "--checkpoint-every", 1], out, sig, fifo)
+    code, _, stderr = run_until_checkpoint([*args, "-o", out, "--checkpoint-every", 1], out, sig)
     partial = read_stats(out, allow_incomplete=True)
     assert not partial.complete and 0 < partial.position < 17
     if sig == signal.SIGINT:

@@ -55,7 +55,7 @@ ACCEPTED = {
     "group_norm": (L.group_norm_net, 16, 2, False),
     "instance_norm_leaky": (L.instance_norm_net, 16, 3, False),
     "cat_grouped_depthwise": (L.cat_net, 16, 4, False),
-    "functional_ops_and_view": (L.functional_net, 20, 2, False),
+    "functional_ops_view_and_mean": (L.functional_net, 20, 3, False),
 }
 
 

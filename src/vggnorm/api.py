@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,8 @@ def normalize_model(
     folded = fold_state_dict(original, {n: s.scale for n, s in layer_scales.items()}, topo)
     # the copy's tensors: the folded ones, and clones of those the fold left alone; the structure is
     # copied sharing the original's tensors (no memory), and they are all replaced below
-    fresh = {k: v.clone() if v is original.get(k) else v for k, v in folded.items()}
+    fresh: Any = OrderedDict((k, v.clone() if v is original.get(k) else v) for k, v in folded.items())
+    fresh._metadata = getattr(original, "_metadata", None)  # module versions (MNASNet's loader needs them)
     tensors = [*model.parameters(), *model.buffers()]
     out = with_affine(copy.deepcopy(model, memo={id(t): t for t in tensors}), topo)
     out.load_state_dict(fresh, assign=True)

@@ -174,6 +174,12 @@ def apply_stats(
     added = any(s.added_affine for s in topo.all_sites)
     checks.append(check_loads(exported, arch, features_only=features_only, add_affine=added))
     notes = []
+    if topo.output_scaled and not features_only:
+        last = topo.sites[-1]
+        notes.append(
+            f"the model's output is the activation {last.relu} itself, so it is divided by the scales of {last.conv} "
+            "(as a features-only network's is): the outputs change, by design"
+        )
     if png_path is None:
         notes.append("no figure: install matplotlib (pip install 'vggnorm[plot]') for OUT.report.png")
     if layout in ("gatys", "adain") and arch.endswith("_bn"):

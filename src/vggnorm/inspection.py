@@ -71,7 +71,10 @@ class Inspection:
         if topo.fc_sites:
             out.append("fc sites are normalized only with --include-classifier (compute-stats and apply)")
         if topo.output_scaled:
-            out.append("output: the last activation itself (a feature extractor): divided by its scales, by design")
+            out.append(
+                "output: the last activation itself (a feature extractor, or SqueezeNet's classifier): divided by "
+                "its scales, so the output changes, by design"
+            )
         elif topo.sites:
             out.append("output: unchanged (the last layer compensates)")
         for r in topo.refusals:

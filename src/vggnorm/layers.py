@@ -650,6 +650,12 @@ class _Analysis:
             return self._flatten(node, x, node.name, start if isinstance(start, int) else -1)
         if target in _CAT_FNS:
             return self._cat(node)
+        if target in ("mean", torch.mean, "amax", torch.amax) and isinstance(x, _Scaled) and x.positions == 1:
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            ndim = len(_shape(node.args[0]) or ())
+            dims = [dims] if isinstance(dims, int) else dims
+            if isinstance(dims, (list, tuple)) and dims and all(isinstance(d, int) and d % ndim > 1 for d in dims):
+                return x.through(node.name)  # a mean or max over positions (global pooling) keeps each channel's scale
         if target in (getattr, "size", "dim") or not scaled:
             return None
         if target in _ARITHMETIC and len(node.args) == 2 and len(node.all_input_nodes) == 1:

@@ -140,9 +140,24 @@ def check_arch(arch: str) -> None:
 
 def build_model(arch: str, *, device: str | torch.device | None = None, torchvision_class: bool = False) -> nn.Module:
     """``arch`` with its own random initialization (``device="meta"``: structure only; a VGG is then
-    vggnorm's ``VGG``, which needs no torchvision import, unless ``torchvision_class``)."""
+    vggnorm's ``VGG``, which needs no torchvision import, unless ``torchvision_class``). A model whose
+    constructor needs real tensors (torchvision's RegNets) is built on the CPU instead of ``meta``."""
     check_arch(arch)
-    with torch.device(device or "cpu"):
+    try:
+        return _build(arch, device or "cpu", torchvision_class)
+    except VggnormError:
+        raise
+    except Exception as e:  # the constructor (torchvision's or the user's) may raise anything
+        if str(device) == "meta":
+            try:
+                return _build(arch, "cpu", torchvision_class)
+            except Exception:
+                pass
+        raise VggnormError(f"building {arch} failed: {type(e).__name__}: {e}") from e
+
+
+def _build(arch: str, device: str | torch.device, torchvision_class: bool) -> nn.Module:
+    with torch.device(device):
         if arch in _USER_MODELS:
             model = _USER_MODELS[arch]()
             if not isinstance(model, nn.Module):
