@@ -177,6 +177,35 @@ def functional_net() -> FunctionalNet:
     return FunctionalNet()
 
 
+class ProjectedResidualNet(nn.Module):
+    """A residual block whose identity path is a projection conv (RegNet's and ResNet's downsampling
+    blocks): both convs read the stem's scaled channels and compensate them, the add sums two
+    unscaled values, and the ReLU after it is no site (its input is a sum)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.branch = nn.Sequential(
+            nn.Conv2d(6, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+        )
+        self.proj = nn.Sequential(nn.Conv2d(6, 8, 1), nn.BatchNorm2d(8))
+        self.after_add = nn.ReLU()
+        self.head = nn.Conv2d(8, 4, 1)
+        _randomize_affine(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(self.after_add(self.branch(x) + self.proj(x)))
+
+
+def projected_residual_net() -> ProjectedResidualNet:
+    return ProjectedResidualNet()
+
+
 class ResidualNet(nn.Module):
     """A conv -> ReLU stem and torchvision's ResNet basic block: refused (a residual add)."""
 

@@ -56,6 +56,7 @@ ACCEPTED = {
     "instance_norm_leaky": (L.instance_norm_net, 16, 3, False),
     "cat_grouped_depthwise": (L.cat_net, 16, 4, False),
     "functional_ops_view_and_mean": (L.functional_net, 20, 3, False),
+    "residual_with_projection": (L.projected_residual_net, 16, 2, False),
 }
 
 
