@@ -226,5 +226,8 @@ def test_inspect_lists_sites_flows_and_the_verdict():
     assert r.exit_code == 0
     sites = {s["conv"]: s for s in json.loads(r.output)["sites"]}
     assert sites["b.0"]["compensated_by"] == "mix via cat (4 groups, channels 4..8 of its 12 inputs)"
+    r = invoke("inspect", L.spec("projected_residual_net"))
+    assert r.exit_code == 0 and "not normalized: 1 activation(s) whose input is no conv's output" in r.output
+    assert "after_add" in r.output
     r = invoke("inspect", L.spec("instance_norm_no_affine_net"), "--add-affine")
     assert r.exit_code == 0 and "body.2 (InstanceNorm2d, --add-affine)" in r.output

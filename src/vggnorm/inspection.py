@@ -77,6 +77,14 @@ class Inspection:
             )
         elif topo.sites:
             out.append("output: unchanged (the last layer compensates)")
+        if topo.not_sites:
+            shown = ", ".join(topo.not_sites[:4]) + (
+                f" and {len(topo.not_sites) - 4} more" if len(topo.not_sites) > 4 else ""
+            )
+            out.append(
+                f"not normalized: {len(topo.not_sites)} activation(s) whose input is no conv's output (a residual "
+                f"sum, the image): {shown}"
+            )
         for r in topo.refusals:
             out.append(f"REFUSED {r.node}: {r.reason}" + (f"\n    fix: {r.fix}" if r.fix else ""))
         if not topo.sites and not topo.refusals:
@@ -92,6 +100,7 @@ class Inspection:
                 {**vars(s), "name": topo.names.get(s.conv, ""), "compensated_by": self.flows(s)} for s in topo.all_sites
             ],
             "output_scaled": topo.output_scaled,
+            "not_sites": list(topo.not_sites),
             "refusals": [vars(r) for r in topo.refusals],
         }
 

@@ -193,6 +193,8 @@ class Topology:
     refusals: tuple[Refusal, ...] = ()
     names: dict[str, str] = field(default_factory=dict)  # conv path -> Gatys' name (conv1_1)
     output_scaled: bool = False  # the output is the last activation itself (features only), divided by s_L
+    # activation modules that are no site: their input is no conv or Linear output (a residual sum, the image)
+    not_sites: tuple[str, ...] = ()
 
     @property
     def positions_per_channel(self) -> int:
@@ -424,6 +426,7 @@ class _Analysis:
         self.names: dict[str, str] = {}
         self._block, self._index = 1, 0
         self.output_scaled = False
+        self.not_sites: list[str] = []
 
     def refuse(self, node: torch.fx.Node, reason: str, fix: str = "") -> None:
         self.refusals.append(Refusal(self._label(node), reason, fix))
@@ -474,6 +477,7 @@ class _Analysis:
             tuple(self.refusals),
             self.names,
             self.output_scaled,
+            tuple(dict.fromkeys(self.not_sites)),
         )
 
     # -- modules ----------------------------------------------------------------------------------
@@ -488,7 +492,10 @@ class _Analysis:
         if isinstance(m, HOMOGENEOUS):
             if isinstance(x, _Pre):
                 return self._site(node, path, m, x)
-            return x.through(path) if isinstance(x, _Scaled) else None
+            if isinstance(x, _Scaled):
+                return x.through(path)
+            self.not_sites.append(path)
+            return None
         if isinstance(m, COMMUTING):
             if isinstance(m, _POOLS):
                 self._pooled()
