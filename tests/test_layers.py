@@ -84,6 +84,11 @@ class _StandardizedConv(nn.Conv2d):
         return nn.functional.conv2d(x, w, self.bias)
 
 
+class _SwishNamedReLU(nn.ReLU):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
 class _Scaled(nn.Module):
     def __init__(self, op) -> None:
         super().__init__()
@@ -106,6 +111,7 @@ class _Scaled(nn.Module):
         (_Shared(), "relu (ReLU): is called 2 times"),
         (_Untraceable(), "torch.fx cannot trace"),
         (nn.Sequential(_StandardizedConv(3, 4, 3), nn.ReLU()), "overrides Conv2d.forward"),
+        (nn.Sequential(nn.Conv2d(3, 4, 3), _SwishNamedReLU()), "overrides the forward of the activation"),
         (
             nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.GroupNorm(2, 4), nn.Conv2d(4, 4, 1)),
             "2 (GroupNorm): receives",
@@ -168,7 +174,7 @@ WINDOWS = [
 def test_shapes_by_formula_equal_torch(module):
     """meta_shape stands in for running layers on the meta device (a second of verify's time): it must
     give torch's shapes, and refuse (raise) exactly where torch does."""
-    from vggnorm.layers import meta_shape
+    from vggnorm.shapes import meta_shape
 
     for h in range(1, 40):
         for w in (1, 7, 32):

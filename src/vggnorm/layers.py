@@ -1,7 +1,7 @@
 """The structural analysis: which units of a model can be normalized, and how the fold compensates.
 
-``find_topology`` traces the model with ``torch.fx`` (shapes propagated on fake tensors: no memory,
-no arithmetic) and follows a per-channel scale through the graph. Every model vggnorm handles,
+``find_topology`` traces the model with ``torch.fx`` (its shapes from ``shapes.py``: no memory, no
+arithmetic) and follows a per-channel scale through the graph. Every model vggnorm handles,
 torchvision's VGGs included, goes through this one analysis.
 
 * A **site** is a Conv2d or Linear whose output reaches a positively homogeneous activation (ReLU,
@@ -21,11 +21,9 @@ torchvision's VGGs included, goes through this one analysis.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,9 +31,9 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vggnorm.errors import CheckpointError
+from vggnorm.shapes import Tracer, propagate_shapes, shape_of
 
 HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LayerNorm)
@@ -251,138 +249,6 @@ class _Scaled:
 _State = _Pre | _Scaled | None  # None: carries no scale
 
 
-class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, with norms (LayerNorm2d-style subclasses included) kept as leaves."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (*NORMS, *HOMOGENEOUS, nn.Conv2d, nn.Linear)) or super().is_leaf_module(m, qualname)
-
-
-def _shape(node: Any) -> tuple[int, ...] | None:
-    return getattr(node, "meta", {}).get("vggnorm_shape")
-
-
-class _Shapes(torch.fx.Interpreter):
-    """Runs the traced graph on the model itself under a fake-tensor mode (no memory, no arithmetic,
-    no copy of the model) and records each node's output shape."""
-
-    def __init__(self, model: nn.Module, graph: torch.fx.Graph, mode: contextlib.AbstractContextManager[Any]) -> None:
-        super().__init__(model, graph=graph)
-        self.mode = mode
-
-    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
-        module = self.fetch_attr(target)
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and x.device.type == "meta" and len(args) == 1 and not kwargs:
-            shape = meta_shape(module, tuple(x.shape))
-            if shape is not None:
-                return x.new_empty(shape)
-        return super().call_module(target, args, kwargs)
-
-    def run_node(self, n: torch.fx.Node) -> Any:
-        with self.mode:
-            result = super().run_node(n)
-        if isinstance(result, torch.Tensor):
-            n.meta["vggnorm_shape"] = tuple(int(d) for d in result.shape)
-        return result
-
-
-_SAME_SHAPE = (*HOMOGENEOUS, *NORMS, *NOT_HOMOGENEOUS, nn.Dropout, nn.Dropout2d, nn.Identity)
-
-
-def meta_shape(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-    """The output shape of the common layers, by formula; None for others (they are run on the meta
-    device). Running them there costs more than the arithmetic: the first meta pooling imports
-    torch's meta registrations (0.3 s), a meta BatchNorm or Linear decomposes through code that
-    imports torch._dynamo (0.7 s and more) -- a second of every ``verify``."""
-    if isinstance(module, _SAME_SHAPE):
-        return shape
-    if isinstance(module, nn.Linear):
-        if shape[-1] != module.in_features:
-            raise RuntimeError(f"{module} got {shape[-1]} features")
-        return (*shape[:-1], module.out_features)
-    if len(shape) != 4:
-        return None
-    if isinstance(module, nn.Conv2d) and not isinstance(module.padding, str) and shape[1] == module.in_channels:
-        k, s, p, d = module.kernel_size, module.stride, module.padding, module.dilation
-        return (shape[0], module.out_channels, *_window(shape[2:], k, s, p, d, ceil=False))
-    if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
-        pair = nn.modules.utils._pair
-        k, p = pair(module.kernel_size), pair(module.padding)
-        s = pair(module.stride if module.stride is not None else module.kernel_size)
-        d = pair(module.dilation) if isinstance(module, nn.MaxPool2d) else (1, 1)
-        if any(pi > ki // 2 for pi, ki in zip(p, k, strict=True)):
-            raise RuntimeError(f"{module}: padding larger than half the kernel")
-        return (*shape[:2], *_window(shape[2:], k, s, p, d, ceil=module.ceil_mode))
-    if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-        size = module.output_size if isinstance(module.output_size, tuple) else (module.output_size,) * 2
-        return (*shape[:2], *(o if o is not None else i for o, i in zip(size, shape[2:], strict=True)))
-    return None
-
-
-def _window(size: tuple[int, ...], k: Any, s: Any, p: Any, d: Any, *, ceil: bool) -> tuple[int, ...]:
-    """Output sizes of a sliding window (conv or pooling), as torch computes them; raises when empty."""
-    out = []
-    for n, ki, si, pi, di in zip(size, k, s, p, d, strict=True):
-        span = n + 2 * pi - di * (ki - 1) - 1
-        o = (span + (si - 1 if ceil else 0)) // si + 1  # floor division, as torch's pooling_output_shape
-        if ceil and (o - 1) * si >= n + pi:  # the last window must start inside the input or its left padding
-            o -= 1
-        if o <= 0:
-            raise RuntimeError(f"input {tuple(size)} is too small for a window of {k}")
-        out.append(o)
-    return tuple(out)
-
-
-def _input_channels(model: nn.Module) -> int:
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return first.in_channels if first is not None else 3
-
-
-def input_fits(model: nn.Module) -> Callable[[int], bool]:
-    """For a model on the meta device: whether a square input of size ``n`` runs through it (its
-    windows leave at least one position), by shapes alone (``meta_shape``)."""
-    try:
-        graph: torch.fx.Graph | None = _Tracer().trace(model)
-    except Exception:  # untraceable: run the model itself
-        graph = None
-    channels = _input_channels(model)
-
-    def fits(n: int) -> bool:
-        x = torch.empty(1, channels, n, n, device="meta")
-        try:
-            with torch.no_grad():
-                _ = model(x) if graph is None else _Shapes(model, graph, contextlib.nullcontext()).run(x)
-        except (RuntimeError, ValueError):
-            return False
-        return True
-
-    return fits
-
-
-def _propagate_shapes(model: nn.Module, graph: torch.fx.Graph) -> None:
-    """Record each node's output shape (``_shape``) from a run on a small input the model can take."""
-    channels = _input_channels(model)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    error: BaseException | None = None
-    for size in (224, 64, 32, 512, 16, 1024):
-        x = torch.empty(1, channels, size, size, device=device, dtype=dtype)
-        # a model on the meta device runs as it is; one with real weights under a fake-tensor mode
-        # (whose first use imports torch._dynamo: about a second, once per process)
-        mode = contextlib.nullcontext() if device.type == "meta" else FakeTensorMode(allow_non_fake_inputs=True)
-        if isinstance(mode, FakeTensorMode):
-            x = mode.from_tensor(x)
-        try:
-            with torch.no_grad():
-                _Shapes(model, graph, mode).run(x)
-            return
-        except Exception as e:  # a size the model cannot take: try the next
-            error = e
-    raise CheckpointError(f"could not run the traced model on any input size to learn its shapes ({error})")
-
-
 def find_topology(model: nn.Module, *, add_affine: bool = False) -> Topology:
     """Trace ``model`` and return its sites, compensations and refusals (see the module docstring).
 
@@ -391,7 +257,7 @@ def find_topology(model: nn.Module, *, add_affine: bool = False) -> Topology:
     returned, and ``Topology.check()`` raises them.
     """
     try:
-        graph = _Tracer().trace(model)
+        graph = Tracer().trace(model)
     except Exception as e:  # the user's forward may raise anything under the tracer
         first = str(e).splitlines()[0] if str(e) else ""
         return Topology(
@@ -405,7 +271,7 @@ def find_topology(model: nn.Module, *, add_affine: bool = False) -> Topology:
             ),
         )
     try:
-        _propagate_shapes(model, graph)
+        propagate_shapes(model, graph)
     except CheckpointError as e:
         return Topology((), refusals=(Refusal("<trace>", str(e)),))
     return _Analysis(model, graph, add_affine).run()
@@ -490,6 +356,9 @@ class _Analysis:
         if isinstance(m, NORMS):
             return self._norm(node, path, m, x)
         if isinstance(m, HOMOGENEOUS):
+            if type(m).forward not in (nn.ReLU.forward, nn.LeakyReLU.forward, nn.PReLU.forward):
+                self.refuse(node, f"{type(m).__name__} overrides the forward of the activation it subclasses")
+                return None
             if isinstance(x, _Pre):
                 return self._site(node, path, m, x)
             if isinstance(x, _Scaled):
@@ -535,7 +404,7 @@ class _Analysis:
         if isinstance(x, _Scaled):
             if isinstance(m, nn.Conv2d) and x.positions > 1:
                 self.refuse(node, "reads flattened scaled channels")
-            elif isinstance(m, nn.Linear) and x.positions == 1 and len(_shape(node.args[0]) or ()) != 2:
+            elif isinstance(m, nn.Linear) and x.positions == 1 and len(shape_of(node.args[0]) or ()) != 2:
                 self.refuse(
                     node, "is applied over the last dimension of channel-scaled features, not over the channels"
                 )
@@ -576,7 +445,7 @@ class _Analysis:
         """Whether ``m``'s affine parameters act per channel (dim 1) of this input."""
         if not isinstance(m, nn.LayerNorm):
             return True
-        shape = _shape(node.args[0])
+        shape = shape_of(node.args[0])
         if shape is None or len(m.normalized_shape) != 1:
             return False
         if len(shape) == 2:  # (N, features) after a Linear
@@ -616,8 +485,8 @@ class _Analysis:
     def _flatten(self, node: torch.fx.Node, x: _State, where: str, start_dim: int = 1) -> _State:
         if not isinstance(x, _Scaled):
             return None
-        shape = _shape(node.args[0])
-        out = _shape(node)
+        shape = shape_of(node.args[0])
+        out = shape_of(node)
         if shape is None or out is None or start_dim != 1 or len(out) != 2 or out[0] != shape[0]:
             self.refuse(node, "reshapes scaled channels in a way other than a channel-major flatten (N, C*H*W)")
             return None
@@ -659,7 +528,7 @@ class _Analysis:
             return self._cat(node)
         if target in ("mean", torch.mean, "amax", torch.amax) and isinstance(x, _Scaled) and x.positions == 1:
             dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            ndim = len(_shape(node.args[0]) or ())
+            ndim = len(shape_of(node.args[0]) or ())
             dims = [dims] if isinstance(dims, int) else dims
             if isinstance(dims, (list, tuple)) and dims and all(isinstance(d, int) and d % ndim > 1 for d in dims):
                 return x.through(node.name)  # a mean or max over positions (global pooling) keeps each channel's scale
@@ -692,13 +561,13 @@ class _Analysis:
         states = [self.state.get(a) for a in parts]
         if not any(isinstance(s, _Scaled) for s in states):
             return None
-        ndim = len(_shape(node) or ())
+        ndim = len(shape_of(node) or ())
         if dim not in (1, 1 - ndim) or any(isinstance(s, _Scaled) and s.positions > 1 for s in states):
             self.refuse(node, "concatenates scaled channels along a dimension other than the channels")
             return None
         pieces: list[tuple[str | None, int]] = []
         for a, s in zip(parts, states, strict=True):
-            pieces += list(s.pieces) if isinstance(s, _Scaled) else [(None, (_shape(a) or (0, 0))[1])]
+            pieces += list(s.pieces) if isinstance(s, _Scaled) else [(None, (shape_of(a) or (0, 0))[1])]
         return _Scaled(tuple(pieces), 1, (node.name,))
 
 

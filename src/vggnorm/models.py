@@ -21,7 +21,8 @@ from torch import nn
 
 from vggnorm.defaults import NAMED_ARCHS, PADDINGS, POOLINGS, VGG_ARCHS
 from vggnorm.errors import CheckpointError, VggnormError, WeightsError
-from vggnorm.layers import Topology, find_topology, input_fits, with_affine
+from vggnorm.layers import Topology, find_topology, with_affine
+from vggnorm.shapes import input_fits
 
 # user models imported on request: spec as given -> class or zero-argument factory
 _USER_MODELS: dict[str, Callable[[], nn.Module]] = {}
