@@ -126,6 +126,7 @@ class _Scaled(nn.Module):
         "shared",
         "untraceable",
         "weight_standardized",
+        "activation_subclass",
         "norm_after",
         "layernorm_after",
         "cat_dim2",
