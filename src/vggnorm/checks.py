@@ -230,9 +230,7 @@ def check_means(
     per_layer: dict[str, float] = {}
     for name, mean in means.items():
         m = mean.double()
-        mask = rule.live(m) if dead is None else torch.ones_like(m, dtype=torch.bool)
-        if dead is not None:
-            mask[dead[name]] = False
+        mask = rule.live_given(m, dead[name] if dead is not None else None)
         n_dead += int((~mask).sum())
         if mask.any():
             dev = (m - 1).abs().masked_fill(~mask, -1.0).nan_to_num(nan=float("inf"))

@@ -184,30 +184,23 @@ def _policy_options(verify: bool) -> Callable[[F], F]:
     """--resize, --crop, --preprocess, --pooling: how compute-stats measures; for verify, how an audit
     without --stats re-measures (with --stats, the recorded policy is used)."""
     prefix = "With --data and no --stats: " if verify else ""
+
+    def choice(flag: str, choices: tuple[str, ...], help_text: str) -> Callable[[F], F]:
+        # compute-stats defaults to the first choice; verify to what the statistics or report recorded
+        return click.option(
+            flag,
+            type=click.Choice(choices),
+            default=None if verify else choices[0],
+            show_default=not verify,
+            help=prefix + help_text,
+        )
+
     return options(
         click.option("--resize", type=click.IntRange(min=1), default=None, help=prefix + RESIZE_HELP),
         click.option("--crop", type=click.IntRange(min=1), default=None, help=prefix + CROP_HELP),
-        click.option(
-            "--preprocess",
-            type=click.Choice(PREPROCESSINGS),
-            default=None if verify else "torchvision",
-            show_default=not verify,
-            help=prefix + PREPROCESS_HELP,
-        ),
-        click.option(
-            "--pooling",
-            type=click.Choice(POOLINGS),
-            default=None if verify else "max",
-            show_default=not verify,
-            help=prefix + POOLING_HELP,
-        ),
-        click.option(
-            "--padding",
-            type=click.Choice(PADDINGS),
-            default=None if verify else "zeros",
-            show_default=not verify,
-            help=prefix + PADDING_HELP,
-        ),
+        choice("--preprocess", PREPROCESSINGS, PREPROCESS_HELP),
+        choice("--pooling", POOLINGS, POOLING_HELP),
+        choice("--padding", PADDINGS, PADDING_HELP),
     )
 
 

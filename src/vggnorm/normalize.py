@@ -42,6 +42,15 @@ class DeadRule:
         """``(C,)`` bool: live where ``mean > threshold`` (a NaN mean is never live)."""
         return mean.double() > self.threshold(mean)
 
+    def live_given(self, mean: torch.Tensor, dead: list[int] | None) -> torch.Tensor:
+        """``(C,)`` bool: live unless listed in ``dead`` (the statistics' decision); without a list,
+        the rule decides on ``mean`` itself (an audit)."""
+        if dead is None:
+            return self.live(mean)
+        mask = torch.ones_like(mean, dtype=torch.bool)
+        mask[dead] = False
+        return mask
+
     def describe(self) -> str:
         return f"mean <= max({self.eps:g}, {self.rel_eps:g} x the layer's median positive mean)"
 

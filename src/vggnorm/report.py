@@ -173,9 +173,7 @@ def measured_summary(
     out = []
     for name, mean in means.items():
         m = mean.double()
-        live = rule.live(m) if dead is None else torch.ones_like(m, dtype=torch.bool)
-        if dead is not None:
-            live[dead[name]] = False
+        live = rule.live_given(m, dead[name] if dead is not None else None)
         v = m[live] if live.any() else torch.full((1,), float("nan"), dtype=torch.float64)
         out.append(
             {
