@@ -46,7 +46,7 @@ def test_unknown_module_between_conv_and_its_activation_is_refused():
 def test_a_conv_without_activation_is_no_site_and_the_next_compensates():
     topo = find_topology(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)))
     assert [s.conv for s in topo.sites] == ["0"] and [c.module for c in topo.compensations] == ["2"]
-    assert not topo.refusals and not topo.output_scaled
+    assert not topo.refusals and not topo.left_unscaled
 
 
 class _Functional(nn.Module):
@@ -118,7 +118,7 @@ class _Scaled(nn.Module):
         ),
         (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.LayerNorm(222), nn.ReLU()), "2 (LayerNorm): receives"),
         (_Scaled(lambda x: torch.cat([x, x], dim=2)), "along a dimension other than the channels"),
-        (_Scaled(lambda x: x + 1), "combines per-channel scaled channels"),
+        (_Scaled(lambda x: x + 1), "(x + c) / s != x / s + c"),
         (_Scaled(lambda x: x[:, :2].repeat(1, 2, 1, 1)), "does not know whether it commutes"),
     ],
     ids=[

@@ -26,12 +26,13 @@ from torch import nn
 
 from vggnorm import data as data_mod
 from vggnorm.checks import check_fold, check_function, check_means, not_run
-from vggnorm.collect import ReluSums, images_of, measure, measure_files
+from vggnorm.collect import ReluSums, measure, measure_files
 from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
 from vggnorm.layers import Site, Topology, find_topology, with_affine
 from vggnorm.normalize import DeadRule, LayerScales, fold_state_dict, scales_from_stats
 from vggnorm.report import Report, layer_summary, measured_summary
 from vggnorm.stats import Stats
+from vggnorm.witness import activation_means
 
 
 def analyze(model: nn.Module, *, add_affine: bool = False) -> Topology:
@@ -77,7 +78,7 @@ def measure_means(
 
     def count(batch: Any) -> None:
         nonlocal num_images
-        images = images_of(batch)
+        images = data_mod.images_of(batch)
         num_images += 0 if images is None else images.shape[0]
 
     measure(model, batches, sums, device=device, on_batch=count, precision=precision)
@@ -171,11 +172,8 @@ def verify_models(
     scale_t = {n: s.scale for n, s in layer_scales.items()}
     device = _device_of(normalized)
     x = probe if probe is not None else torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    # a features-only network's output is its last ReLU's (scaled): only a classifier's is unchanged
     topo = _topology(normalized)  # an add_affine copy's norms have the parameters the original lacks
-    checks = check_function(
-        original, normalized, scale_t, x.to(device), rtol=rtol, logits=not topo.output_scaled, inputs="probe batch"
-    )
+    checks = check_function(original, normalized, scale_t, x.to(device), rtol=rtol, inputs="probe batch")
     folded = fold_state_dict(original.state_dict(), scale_t, topo)
     checks.append(check_fold(normalized.state_dict(), folded, rtol=rtol))
     measured: list[dict[str, Any]] = []
@@ -183,7 +181,15 @@ def verify_models(
     if batches is None:
         checks.append(not_run("means", desc, "needs batches"))
     else:
-        means = measure_means(normalized, batches, include_classifier=include_classifier).means()
+        # the witness: the normalized model's whole forward with hooks of its own on the activations the
+        # statistics name, nothing of the measuring path
+        activations = {n: stats.layers[n].relu for n in layer_scales}
+        dtype = next(normalized.parameters()).dtype
+        images = (data_mod.images_of(b) for b in batches)
+        witnessed = activation_means(
+            normalized, activations, ((x.to(device, dtype=dtype), None) for x in images if x is not None)
+        )
+        means = {n: witnessed.mean(n) for n in activations}
         dead = {n: s.dead for n, s in layer_scales.items()}
         checks.append(check_means(means, dead, tol=means_tol, rule=rule))
         measured = measured_summary(means, dead, rule=rule)

@@ -167,18 +167,17 @@ def apply_stats(
         normalized,
         scale_tensors,
         probe_input(crop),
-        logits=not (features_only or topo.output_scaled),
+        logits=not features_only,
         inputs=f"2 seeded random inputs (seed 0) at {crop}x{crop}, {pooling} pooling, {padding} padding",
         topologies=(topology(arch, True), topology(normalized_arch, True)),
     )
     added = any(s.added_affine for s in topo.all_sites)
     checks.append(check_loads(exported, arch, features_only=features_only, add_affine=added))
     notes = []
-    if topo.output_scaled and not features_only:
-        last = topo.sites[-1]
+    if topo.left_unscaled:
         notes.append(
-            f"the model's output is the activation {last.relu} itself, so it is divided by the scales of {last.conv} "
-            "(as a features-only network's is): the outputs change, by design"
+            f"left unscaled: {', '.join(topo.left_unscaled)} (its output reaches the model's output with no layer "
+            "after it to compensate a scale, so normalizing it would change the outputs)"
         )
     if png_path is None:
         notes.append("no figure: install matplotlib (pip install 'vggnorm[plot]') for OUT.report.png")

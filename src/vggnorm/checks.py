@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vggnorm.collect import relu_hooks
 from vggnorm.defaults import DEFAULT_MEANS_TOL, DEFAULT_RTOL
 from vggnorm.layers import Site, Topology, find_topology
 from vggnorm.normalize import DeadRule
+from vggnorm.witness import activation_outputs
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
 
@@ -101,11 +101,9 @@ def _linear64(module: nn.Linear, x: torch.Tensor, rows: int = 32) -> torch.Tenso
 
 
 def _relu_outputs(model: nn.Module, sites: list[Site], x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Every site's ReLU output (cloned) and the model output for a small batch ``x``."""
-    outputs: dict[str, torch.Tensor] = {}
-    with torch.inference_mode(), relu_hooks(model, sites, lambda s, out: outputs.__setitem__(s.conv, out.clone())):
-        y = model(x)
-    return outputs, y
+    """Every site's activation output and the model output for a small batch ``x``, as the witness reads
+    them: the model's whole forward, unmodified (``witness.activation_outputs``)."""
+    return activation_outputs(model, {s.conv: s.relu for s in sites}, x)
 
 
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

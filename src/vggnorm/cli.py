@@ -152,8 +152,9 @@ PREPROCESS_HELP = (
 )
 POOLING_HELP = "Measure with max pooling, or with average pooling as Gatys et al. synthesized."
 PADDING_HELP = (
-    "zeros: torchvision's convolutions. reflect: every 3x3 conv pads by reflection, as AdaIN's VGG encoder "
-    "does; measure under the padding you will run (apply --layout adain needs reflect)."
+    "model: every conv pads as the model is written (torchvision's VGGs: zeros). zeros / reflect: every padded "
+    "conv is made to pad by zeros / by reflection, as AdaIN's VGG encoder does; measure under the padding you "
+    "will run (apply --layout adain needs reflect)."
 )
 
 

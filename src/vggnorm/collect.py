@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from vggnorm import data as data_mod
 from vggnorm.device import memory_format, precision_mode
-from vggnorm.errors import DataError
+from vggnorm.errors import CheckpointError, DataError
 from vggnorm.labels import Labels
 from vggnorm.layers import Site
 from vggnorm.models import is_user_model, load_model
@@ -95,6 +95,8 @@ class ReluSums:
             self._labels = self.file_labels[index]
 
     def _add(self, site: Site, output: torch.Tensor) -> None:
+        if site.conv in self._pending:  # the analysis refuses an activation module called twice: a bug if seen
+            raise CheckpointError(f"the activation {site.relu} ran twice in one forward pass: one module, one scale")
         if output.ndim == 2:  # an fc site: (N, C) -> (C,)
             per_image, positions = output, 1
         else:
@@ -117,7 +119,9 @@ class ReluSums:
     def commit(self) -> None:
         if len(self._pending) != len(self.sites):
             missing = sorted(set(self.sums) - set(self._pending))
-            raise RuntimeError(f"ReLU hooks did not fire for {missing}")
+            raise CheckpointError(
+                f"the activations of {missing} did not run in the forward pass, so they cannot be measured"
+            )
         for name, (partial, count) in self._pending.items():
             self.sums[name] += partial
             self.counts[name] += count
@@ -139,26 +143,6 @@ class ReluSums:
         return out
 
 
-def forward_part(model: nn.Module, sites: Sequence[Site]) -> nn.Module:
-    """The part of the model the statistics need: ``features`` unless an fc site is measured."""
-    features = getattr(model, "features", None)
-    if not isinstance(features, nn.Module):
-        return model
-    inside = {f"features.{name}" for name, _ in features.named_modules() if name}
-    return features if all(s.relu in inside for s in sites) else model
-
-
-def images_of(batch: Any) -> torch.Tensor | None:
-    """The images of a batch: a ``data.Batch``, a tensor, or an ``(images, labels)`` pair."""
-    if isinstance(batch, data_mod.Batch):
-        return batch.images
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise TypeError(f"a batch must be a tensor, an (images, labels) pair or a vggnorm Batch, not {type(batch)}")
-
-
 def measure(
     model: nn.Module,
     batches: Iterable[Any],
@@ -174,17 +158,18 @@ def measure(
     format (channels-last inputs only for a channels-last model: a user's ``x.view(N, -1)`` fails on
     them).
     """
-    net = forward_part(model, sums.sites)
     fmt = _input_format(model)
     param = next(model.parameters())
     dtype = param.dtype if param.is_floating_point() else torch.float32
     with torch.inference_mode(), precision_mode(precision, device.type), sums.attached(model):
         for batch in batches:
-            images = images_of(batch)
+            images = data_mod.images_of(batch)
             if isinstance(batch, data_mod.Batch):
                 sums.set_batch(batch.indices)
             if images is not None:
-                net(images.to(device, dtype=dtype, non_blocking=True, memory_format=fmt))
+                # the whole forward, as the model's user runs it: a model may transform its input, or run
+                # layers of its own, before (or around) the part that holds the sites
+                model(images.to(device, dtype=dtype, non_blocking=True, memory_format=fmt))
                 sums.commit()
             if on_batch is not None:
                 on_batch(batch)

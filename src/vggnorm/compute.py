@@ -65,7 +65,7 @@ class RunConfig:
     crop: int | None = None
     preprocess: str = "torchvision"  # or "caffe": BGR, 0-255, mean-subtracted
     pooling: str = "max"  # or "avg": measure with average pooling, as Gatys synthesized
-    padding: str = "zeros"  # or "reflect": measure with reflection padding, as AdaIN's encoder runs
+    padding: str = "model"  # as the convs are written; "zeros" / "reflect" (AdaIN's encoder) make them pad so
     include_classifier: bool = False  # also measure the ReLUs after fc6 and fc7
     strict: bool = False
     checkpoint_every: int | None = None  # batches; None: about every DEFAULT_CHECKPOINT_SECONDS

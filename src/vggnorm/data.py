@@ -39,8 +39,9 @@ class Preprocess:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     preprocess: str = "torchvision"
     pooling: str = "max"
-    decode: str = "cpu"
-    padding: str = "zeros"  # or "reflect": the convs pad by reflection (AdaIN's encoder)  # "gpu": JPEGs decoded by nvJPEG and resized on the device (other pixels, see DECODERS)
+    decode: str = "cpu"  # or "gpu": JPEGs decoded by nvJPEG and resized on the device (other pixels, see DECODERS)
+    # "model": the convs pad as written; "zeros" / "reflect": made to pad so (reflect: AdaIN's encoder)
+    padding: str = "model"
 
     def transform(self) -> torch.nn.Module:
         """torchvision's own ImageNet preset (resize, center crop, to float, normalize), or Caffe's."""
@@ -106,7 +107,7 @@ def default_preprocess(
     preprocess: str = "torchvision",
     pooling: str = "max",
     decode: str = "cpu",
-    padding: str = "zeros",
+    padding: str = "model",
 ) -> Preprocess:
     """The preprocessing of the arch's torchvision weights, read from ``Weights.transforms()``.
 
@@ -289,6 +290,17 @@ class Batch(NamedTuple):
     @property
     def num_files(self) -> int:
         return len(self.indices) + len(self.failures)
+
+
+def images_of(batch: Any) -> torch.Tensor | None:
+    """The images of a batch: a ``data.Batch``, a tensor, or an ``(images, labels)`` pair."""
+    if isinstance(batch, Batch):
+        return batch.images
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError(f"a batch must be a tensor, an (images, labels) pair or a vggnorm Batch, not {type(batch)}")
 
 
 def collate(samples: list[Sample]) -> Batch:

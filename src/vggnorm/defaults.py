@@ -16,8 +16,9 @@ RANDOM_PREFIX = "random:"
 
 # Measurement policies, recorded in the statistics file and honoured by verify.
 POOLINGS = ("max", "avg")
-# zeros: torchvision's convolutions; reflect: every 3x3 conv pads by reflection, as AdaIN's VGG encoder does
-PADDINGS = ("zeros", "reflect")
+# model: every conv pads as the model is written (torchvision's VGGs: zeros); zeros / reflect: every padded
+# conv is made to pad by zeros / by reflection (AdaIN's VGG encoder), a measurement policy asked for by name
+PADDINGS = ("model", "zeros", "reflect")
 PREPROCESSINGS = ("torchvision", "caffe")
 # cpu: DataLoader workers decode and resize with PIL, as torchvision's own pipeline does.
 # gpu: workers only read the files; plain JPEGs are decoded in batches by nvJPEG and resized as

@@ -39,7 +39,7 @@ class Inspection:
                 how.append(f"channels {_offset(c, site.conv)} of its {sum(n for _, n in c.pieces)} inputs")
             parts.append(f"{c.module}{via}" + (f" ({', '.join(how)})" if how else ""))
         if not parts:
-            return "the model's output (divided by the scales)" if self.topology.output_scaled else "-"
+            return "-"
         return "; ".join(parts)
 
     def lines(self) -> list[str]:
@@ -70,13 +70,13 @@ class Inspection:
             out += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
         if topo.fc_sites:
             out.append("fc sites are normalized only with --include-classifier (compute-stats and apply)")
-        if topo.output_scaled:
+        if topo.left_unscaled:
             out.append(
-                "output: the last activation itself (a feature extractor, or SqueezeNet's classifier): divided by "
-                "its scales, so the output changes, by design"
+                f"left unscaled: {', '.join(topo.left_unscaled)} (its output reaches the model's output with no layer "
+                "after it to compensate a scale)"
             )
-        elif topo.sites:
-            out.append("output: unchanged (the last layer compensates)")
+        if topo.sites and not topo.refusals:
+            out.append("output: unchanged")
         if topo.not_sites:
             shown = ", ".join(topo.not_sites[:4]) + (
                 f" and {len(topo.not_sites) - 4} more" if len(topo.not_sites) > 4 else ""
@@ -99,7 +99,7 @@ class Inspection:
             "sites": [
                 {**vars(s), "name": topo.names.get(s.conv, ""), "compensated_by": self.flows(s)} for s in topo.all_sites
             ],
-            "output_scaled": topo.output_scaled,
+            "left_unscaled": list(topo.left_unscaled),
             "not_sites": list(topo.not_sites),
             "refusals": [vars(r) for r in topo.refusals],
         }

@@ -190,7 +190,9 @@ class Topology:
     compensations: tuple[Compensation, ...] = ()
     refusals: tuple[Refusal, ...] = ()
     names: dict[str, str] = field(default_factory=dict)  # conv path -> Gatys' name (conv1_1)
-    output_scaled: bool = False  # the output is the last activation itself (features only), divided by s_L
+    # activations that would be sites, left unscaled because their scale reaches the model's output
+    # with no layer after it to compensate (SqueezeNet's last ReLU): the outputs stay unchanged
+    left_unscaled: tuple[str, ...] = ()
     # activation modules that are no site: their input is no conv or Linear output (a residual sum, the image)
     not_sites: tuple[str, ...] = ()
 
@@ -227,6 +229,7 @@ class _Pre:
     kind: str  # conv or linear
     in_channels: int
     channels: int
+    origin: str = ""  # the graph node whose value the fold divides: the norm's when there is one, else the producer's
     norm: str | None = None
     norm_type: str = ""
     added_affine: bool = False
@@ -274,14 +277,31 @@ def find_topology(model: nn.Module, *, add_affine: bool = False) -> Topology:
         propagate_shapes(model, graph)
     except CheckpointError as e:
         return Topology((), refusals=(Refusal("<trace>", str(e)),))
-    return _Analysis(model, graph, add_affine).run()
+    # Pass 1 finds the candidate sites. Pass 2 walks again with each site's value scaled from the node
+    # the fold divides (not from its activation), so every reader of it -- a second activation, a side
+    # conv, an alias, the output -- meets the scale and is compensated or refused. A site whose scale
+    # reaches the model's output uncompensated is left unscaled (the outputs stay unchanged), and pass 2
+    # runs again without it.
+    candidates = _Analysis(model, graph, add_affine).run_candidates()
+    unscaled: list[str] = []
+    while True:
+        topo, reaching_output = _Analysis(model, graph, add_affine, chosen=candidates).run()
+        if not reaching_output:
+            return dataclasses.replace(topo, left_unscaled=tuple(unscaled))
+        unscaled += [s.relu for s in candidates.values() if s.conv in reaching_output]
+        candidates = {k: s for k, s in candidates.items() if s.conv not in reaching_output}
 
 
 class _Analysis:
     """One forward walk over the traced graph, carrying each value's scale state."""
 
-    def __init__(self, model: nn.Module, graph: torch.fx.Graph, add_affine: bool) -> None:
+    def __init__(
+        self, model: nn.Module, graph: torch.fx.Graph, add_affine: bool, chosen: dict[str, Site] | None = None
+    ) -> None:
         self.graph = graph
+        # pass 2: the sites, keyed by the node whose value the fold divides (pass 1: None, collecting them)
+        self.chosen = chosen
+        self.origins: dict[str, Site] = {}
         self.modules = dict(model.named_modules())
         self.add_affine = add_affine
         self.state: dict[torch.fx.Node, _State] = {}
@@ -291,7 +311,6 @@ class _Analysis:
         self.calls: dict[str, int] = {}
         self.names: dict[str, str] = {}
         self._block, self._index = 1, 0
-        self.output_scaled = False
         self.not_sites: list[str] = []
 
     def refuse(self, node: torch.fx.Node, reason: str, fix: str = "") -> None:
@@ -305,7 +324,14 @@ class _Analysis:
             return f"{node.name} ({target})"
         return node.name
 
-    def run(self) -> Topology:
+    def run_candidates(self) -> dict[str, Site]:
+        """Pass 1: the sites, keyed by the node whose value the fold divides."""
+        self._walk()
+        return dict(self.origins)
+
+    def _walk(self) -> set[str]:
+        """One forward walk; returns the sites whose scale reaches the output."""
+        reaching: set[str] = set()
         for node in self.graph.nodes:
             inputs = [a for a in node.all_input_nodes]
             states = [self.state.get(a) for a in inputs]
@@ -315,9 +341,19 @@ class _Analysis:
             elif node.op in ("call_function", "call_method"):
                 self.state[node] = self._function(node, states)
             elif node.op == "output":
-                self.output_scaled = any(isinstance(s, _Scaled) for s in states)
+                reaching = {p for s in states if isinstance(s, _Scaled) for p, _ in s.pieces if p is not None}
             else:
                 self.state[node] = None
+            if self.chosen is not None and node.name in self.chosen:
+                site = self.chosen[node.name]  # from here on the value is divided by the site's scales
+                self.state[node] = _Scaled(((site.conv, site.out_channels),))
+        return reaching
+
+    def run(self) -> tuple[Topology, set[str]]:
+        """Pass 2: the topology with the chosen sites, and the sites whose scale reaches the output."""
+        assert self.chosen is not None
+        self.sites = list(self.chosen.values())
+        reaching = self._walk()
         for path, n in self.calls.items():
             m = self.modules[path]
             used = any(path in (s.conv, s.relu, s.bn) for s in self.sites) or any(
@@ -334,17 +370,17 @@ class _Analysis:
         conv_sites = tuple(s for s in self.sites if s.kind == "conv")
         fc_sites = tuple(s for s in self.sites if s.kind == "linear")
         classifier = next((c for c in self.compensations if c.positions > 1), None)
-        return Topology(
+        topo = Topology(
             conv_sites,
-            classifier.module if classifier else None,
-            sum(n for _, n in classifier.pieces) * classifier.positions if classifier else None,
-            fc_sites,
-            tuple(self.compensations),
-            tuple(self.refusals),
-            self.names,
-            self.output_scaled,
-            tuple(dict.fromkeys(self.not_sites)),
+            classifier=classifier.module if classifier else None,
+            classifier_in_features=sum(n for _, n in classifier.pieces) * classifier.positions if classifier else None,
+            fc_sites=fc_sites,
+            compensations=tuple(self.compensations),
+            refusals=tuple(self.refusals),
+            names=self.names,
+            not_sites=tuple(dict.fromkeys(self.not_sites)),
         )
+        return topo, reaching
 
     # -- modules ----------------------------------------------------------------------------------
 
@@ -362,6 +398,8 @@ class _Analysis:
             if isinstance(x, _Pre):
                 return self._site(node, path, m, x)
             if isinstance(x, _Scaled):
+                if self.chosen is not None and any(s.relu == path for s in self.sites):
+                    return _Scaled(x.pieces, x.positions)  # the site's own activation: its scale starts here
                 return x.through(path)
             self.not_sites.append(path)
             return None
@@ -414,9 +452,25 @@ class _Analysis:
         kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
         in_c = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
         out_c = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
-        return _Pre(path, kind, in_c, out_c)
+        return _Pre(path, kind, in_c, out_c, origin=node.name)
 
     def _norm(self, node: torch.fx.Node, path: str, m: nn.Module, x: _State) -> _State:
+        if _batch_statistics(m):
+            self.refuse(
+                node,
+                "normalizes with the statistics of each batch (track_running_stats=False, or training mode), so "
+                "every mean after it depends on the batch size and on which images share a batch",
+                "call model.eval() on a model with running statistics, or build the norm with "
+                "track_running_stats=True and fill them",
+            )
+            return None
+        if type(m).forward is not _norm_forward(m):
+            self.refuse(
+                node,
+                f"{type(m).__name__} overrides the forward of the normalization it subclasses: vggnorm cannot tell "
+                "what its affine parameters act on",
+            )
+            return None
         if isinstance(x, _Scaled):
             self.refuse(
                 node,
@@ -427,7 +481,9 @@ class _Analysis:
         if not isinstance(x, _Pre):
             return None
         # the norm, not the conv, now carries a scale (a norm before it undoes the conv's)
-        normed = dataclasses.replace(x, norm=path, norm_type=type(m).__name__, added_affine=False, blocked="", fix="")
+        normed = dataclasses.replace(
+            x, origin=node.name, norm=path, norm_type=type(m).__name__, added_affine=False, blocked="", fix=""
+        )
         if not self._channelwise(node, m):
             why = "normalizes over more than the channels (its affine parameters are not per channel)"
             return dataclasses.replace(normed, blocked=why)
@@ -442,16 +498,15 @@ class _Analysis:
         return dataclasses.replace(normed, added_affine=not affine)
 
     def _channelwise(self, node: torch.fx.Node, m: nn.Module) -> bool:
-        """Whether ``m``'s affine parameters act per channel (dim 1) of this input."""
+        """Whether ``m``'s affine parameters act per channel (dim 1) of this input, by the norm's definition
+        (its class and the dims it normalizes), never by a coincidence of sizes."""
         if not isinstance(m, nn.LayerNorm):
+            return True  # BatchNorm, GroupNorm, InstanceNorm: one weight and bias per channel
+        if _is_layernorm2d(m):  # torchvision's: permutes the channels last and normalizes over them alone
             return True
         shape = shape_of(node.args[0])
-        if shape is None or len(m.normalized_shape) != 1:
-            return False
-        if len(shape) == 2:  # (N, features) after a Linear
-            return shape[1] == m.normalized_shape[0]
-        # a LayerNorm2d-style subclass (torchvision's): permutes, normalizes over the channels only
-        return type(m) is not nn.LayerNorm and len(shape) == 4 and shape[1] == m.normalized_shape[0]
+        # a plain LayerNorm over the features of an (N, features) input: the features are its channels
+        return shape is not None and len(shape) == 2 and tuple(m.normalized_shape) == (shape[1],)
 
     def _site(self, node: torch.fx.Node, path: str, m: nn.Module, x: _Pre) -> _State:
         if x.blocked:
@@ -464,10 +519,17 @@ class _Analysis:
         if isinstance(m, nn.PReLU) and m.num_parameters not in (1, x.channels):
             self.refuse(node, f"has {m.num_parameters} parameters for {x.channels} channels")
             return None
+        if self.chosen is not None:  # pass 2: a site left unscaled (its scale would reach the output)
+            return None
+        if any(s.conv == x.producer for s in self.origins.values()):
+            # a second activation of the same value (or of its producer through a norm): in pass 2 it reads
+            # the first one's scaled value, and passes the scale on or is refused there
+            return None
         site = Site(x.producer, path, x.norm, x.in_channels, x.channels, x.kind, x.norm_type, type(m).__name__)
         if x.added_affine:
             site = dataclasses.replace(site, added_affine=True)
         self.sites.append(site)
+        self.origins[x.origin] = site
         return _Scaled(((x.producer, x.channels),))
 
     def _not_homogeneous(self, node: torch.fx.Node, x: _State) -> _State:
@@ -534,13 +596,23 @@ class _Analysis:
                 return x.through(node.name)  # a mean or max over positions (global pooling) keeps each channel's scale
         if target in (getattr, "size", "dim") or not scaled:
             return None
-        if target in _ARITHMETIC and len(node.args) == 2 and len(node.all_input_nodes) == 1:
-            constant = next(a for a in node.args if not isinstance(a, torch.fx.Node))
-            scaling = target in (operator.mul, torch.mul, "mul") or (
-                target in (operator.truediv, "div") and node.args[1] is constant
-            )
-            if scaling and isinstance(constant, (int, float)) and constant > 0:  # s (c x) = c (s x)
+        constants = [a for a in node.args if not isinstance(a, torch.fx.Node)]
+        if target in _ARITHMETIC and len(node.args) == 2 and len(constants) == 1:
+            constant = constants[0]
+            if not isinstance(constant, (int, float)) or isinstance(constant, bool):
+                self.refuse(node, f"combines per-channel scaled channels with a {type(constant).__name__}")
+                return None
+            # (c x) / s = c (x / s) for any constant c, of either sign; so is (x / c) / s
+            if target in (operator.mul, torch.mul, "mul") or (
+                target in (operator.truediv, torch.div, "div") and node.args[1] is constant and constant != 0
+            ):
                 return x.through(node.name) if isinstance(x, _Scaled) else None
+            self.refuse(
+                node,
+                f"applies {_target_name(target)} with the constant {constant!r} to per-channel scaled channels: "
+                "(x + c) / s != x / s + c, so the fold cannot keep the function",
+            )
+            return None
         if target in _ARITHMETIC:
             self.refuse(
                 node,
@@ -569,6 +641,35 @@ class _Analysis:
         for a, s in zip(parts, states, strict=True):
             pieces += list(s.pieces) if isinstance(s, _Scaled) else [(None, (shape_of(a) or (0, 0))[1])]
         return _Scaled(tuple(pieces), 1, (node.name,))
+
+
+def _target_name(target: Any) -> str:
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _batch_statistics(m: nn.Module) -> bool:
+    """Whether a BatchNorm normalizes with each batch's own statistics (InstanceNorm's per-image ones are fine)."""
+    if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return False
+    return bool(m.training or getattr(m, "running_mean", None) is None)
+
+
+def _is_layernorm2d(m: nn.Module) -> bool:
+    """torchvision's ``LayerNorm2d`` (ConvNeXt's), recognized by its class, not by its shapes."""
+    cls = type(m)
+    return cls.__name__ == "LayerNorm2d" and cls.__module__.startswith("torchvision.")
+
+
+def _norm_forward(m: nn.Module) -> Any:
+    """The forward a norm must have for vggnorm to know what it computes: its torch (or torchvision) class's."""
+    if _is_layernorm2d(m):
+        return type(m).forward
+    for base in (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm):
+        if isinstance(m, base):
+            for cls in type(m).__mro__:
+                if cls.__module__.startswith("torch.nn.") and "forward" in cls.__dict__:
+                    return cls.__dict__["forward"]
+    return type(m).forward
 
 
 def _node_named(graph: torch.fx.Graph, target: str | None) -> torch.fx.Node | None:

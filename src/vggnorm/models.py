@@ -175,7 +175,7 @@ def _build(arch: str, device: str | torch.device, torchvision_class: bool) -> nn
 def topology(arch: str, add_affine: bool = False) -> Topology:
     """The sites, compensations and refusals of ``arch`` (``layers.find_topology`` on a model built
     on the meta device), refusals included: ``inspect`` lists them."""
-    return find_topology(build_model(arch, device="meta"), add_affine=add_affine)
+    return find_topology(build_model(arch, device="meta").eval(), add_affine=add_affine)
 
 
 def checked_topology(arch: str, add_affine: bool = False) -> Topology:
@@ -305,10 +305,13 @@ def with_pooling(model: nn.Module, pooling: str) -> nn.Module:
 
 
 def with_padding(model: nn.Module, padding: str) -> nn.Module:
-    """``model`` with every padded conv padding by reflection (``"reflect"``) instead of zeros, as
-    AdaIN's encoder (``ReflectionPad2d(1)`` before each 3x3 conv) does; in place, same weights."""
+    """``model`` with every padded conv padding by reflection (``"reflect"``, as AdaIN's encoder's
+    ``ReflectionPad2d(1)`` before each 3x3 conv does) or by zeros (``"zeros"``); ``"model"`` leaves each
+    conv's ``padding_mode`` as written (reflect, circular, ...). In place, same weights."""
     if padding not in PADDINGS:
         raise WeightsError(f"unknown padding {padding!r}; expected one of {', '.join(PADDINGS)}")
+    if padding == "model":
+        return model
     for m in model.modules():
         if isinstance(m, nn.Conv2d) and any(p > 0 for p in m._reversed_padding_repeated_twice):
             m.padding_mode = "reflect" if padding == "reflect" else "zeros"
@@ -322,7 +325,7 @@ def load_model(
     device: str | torch.device = "cpu",
     memory_format: torch.memory_format = torch.contiguous_format,
     pooling: str = "max",
-    padding: str = "zeros",
+    padding: str = "model",
     add_affine: bool = False,
 ) -> nn.Module:
     """An eval-mode ``arch`` carrying ``state_dict`` (features-only weights: no avgpool and classifier),

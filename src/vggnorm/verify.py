@@ -9,22 +9,24 @@ asked is a failure.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from vggnorm import data as data_mod
 from vggnorm import labels as label_mod
 from vggnorm.apply import probe_input
 from vggnorm.checkpoint import StateDict, atomic_write, atomic_writes, check_finite, check_writable, load_state_dict
 from vggnorm.checks import FAIL, Check, check_fold, check_function, check_means, not_run
-from vggnorm.collect import measure_files, measuring_model
 from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
 from vggnorm.device import check_precision, resolve_device
-from vggnorm.errors import CheckpointError, VggnormError
+from vggnorm.errors import CheckpointError, DataError, VggnormError
 from vggnorm.figures import have_matplotlib, plot_means
 from vggnorm.layers import Topology
 from vggnorm.layouts import detect_layout, export_layout, to_torchvision_layout
@@ -41,8 +43,9 @@ from vggnorm.models import (
 from vggnorm.normalize import LayerScales, fold_state_dict, scales_from_stats
 from vggnorm.policy import Policy, report_base, resolve_policy
 from vggnorm.report import Report, layer_summary, measured_summary, report_paths
-from vggnorm.stats import Stats, read_stats
+from vggnorm.stats import LayerStats, Stats, read_stats
 from vggnorm.weights import Weights, resolve_weights
+from vggnorm.witness import activation_means
 
 FOLD_DESC = "the checkpoint equals fold(original, stats) recomputed"
 ACTIVATIONS_DESC = "every conv's ReLU output equals the original's divided by its scales"
@@ -162,7 +165,7 @@ def verify_checkpoint(
             weighting=policy.weighting,
         )
     p = policy.preprocess
-    model = measuring_model(target.arch, target.state_dict, p, dev, precision=precision)
+    model = as_run(target.arch, target.state_dict, p, dev, precision=precision)
     files = data_mod.find_images(data)[:limit] if data is not None else []
     inputs: dict[str, Any] = {
         "normalized": str(normalized_path),
@@ -224,6 +227,16 @@ def verify_checkpoint(
     return result
 
 
+def as_run(
+    arch: str, state_dict: StateDict, policy: data_mod.Preprocess, device: torch.device, *, precision: str = "fp32"
+) -> nn.Module:
+    """The checkpoint's model as its user runs it: its own class, the stored tensors, eval mode, contiguous
+    inputs. Only a measurement policy asked for by name changes it (``--pooling avg``, ``--padding
+    zeros|reflect``); ``precision="fp64"`` runs it in float64."""
+    model = load_model(arch, state_dict, device=device, pooling=policy.pooling, padding=policy.padding)
+    return model.double() if precision == "fp64" else model
+
+
 def _inputs_of(normalized: Path, stats: Path | None, original: str | None) -> list[str | os.PathLike[str]]:
     """The files verify reads, which it never writes over: apply's report beside NORMALIZED too (its policy)."""
     return [
@@ -279,11 +292,11 @@ def _means(
             if source == "folders"
             else label_mod.from_file(Path(source), data, files)
         )
-    measured, skipped = measure_files(
+    measured, skipped = _witness_means(
         model,
+        {s.conv: s.relu for s in _sites(target.arch, fc)},
         files,
         policy.preprocess,
-        _sites(target.arch, fc),
         device=device,
         batch_size=batch_size,
         workers=workers,
@@ -304,6 +317,49 @@ def _means(
         names=conv_names(target.arch),
     )
     return check, measured
+
+
+def _witness_means(
+    model: nn.Module,
+    activations: dict[str, str],
+    files: list[Path],
+    preprocess: data_mod.Preprocess,
+    *,
+    device: torch.device,
+    batch_size: int,
+    workers: int | None,
+    progress: bool,
+    labels: label_mod.Labels | None,
+) -> tuple[Stats, list[tuple[str, str]]]:
+    """The means the witness reads (``witness.activation_means``: the model's whole forward, hooks of its
+    own) over ``files``, as ``Stats`` for the report; and the files that could not be decoded."""
+    loader = data_mod.make_loader(
+        files,
+        preprocess,
+        batch_size=batch_size,
+        workers=data_mod.default_workers() if workers is None else workers,
+        device=device,
+    )
+    dtype = next(model.parameters()).dtype
+    skipped: list[tuple[str, str]] = []
+    with tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress, desc="verifying") as bar:
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+            for batch in loader:
+                skipped.extend((str(files[i]), reason) for i, reason in batch.failures)
+                bar.update(batch.num_files)
+                if batch.images is not None:
+                    classes = torch.tensor([labels.of_file[i] for i in batch.indices]) if labels else None
+                    yield batch.images.to(device, dtype=dtype), classes
+
+        seen = activation_means(model, activations, batches(), num_classes=len(labels.classes) if labels else 0)
+    if seen.num_images == 0:
+        raise DataError("none of the images could be decoded")
+    layers = {
+        k: LayerStats(k, path, None, seen.sums[k], seen.counts[k], seen.class_sums.get(k), seen.class_counts.get(k))
+        for k, path in activations.items()
+    }
+    return Stats(layers, seen.num_images, skipped=skipped, classes=labels.classes if labels else []), skipped
 
 
 def measured_means(measured: Stats, weighting: str) -> dict[str, torch.Tensor]:
@@ -418,7 +474,7 @@ def _against_original(
     )
     x, source = function_inputs(files, policy, arch)
     scale_t = {n: sc.scale for n, sc in scales.items()} if scales is not None else None
-    logits = not (target.features_only or topo.output_scaled)
+    logits = not target.features_only
     pair = (topology(arch, True), topology(target.arch, True))
     checks = check_function(
         orig_model, model, scale_t, x.to(device), rtol=rtol, logits=logits, inputs=source, topologies=pair
