@@ -235,3 +235,80 @@ def gelu_net() -> nn.Sequential:
 def spec(name: str) -> str:
     """The ``--model`` value of a factory in this file."""
     return f"{Path(__file__).resolve()}:{name}"
+
+
+# ---- soundness (issue 20): models whose forward is more than their features ----------------------
+
+
+class ShiftedVGG(TinyVGG):
+    """LPIPS-style: the forward normalizes its input, ``(x - shift) / scale``, before ``features``; a
+    measurement of ``features`` alone sees other inputs than the model does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward((x - self.shift) / self.scale)
+
+
+def shifted_vgg() -> ShiftedVGG:
+    return ShiftedVGG()
+
+
+class StemVGG(TinyVGG):
+    """A stem conv -> ReLU run in forward before ``features``: a site outside ``features``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 3, 1)
+        self.stem_relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.stem_relu(self.stem(x)))
+
+
+def stem_vgg() -> StemVGG:
+    return StemVGG()
+
+
+class PaddedNet(nn.Module):
+    """Convs that pad by reflection and circularly (``padding_mode``), as style-transfer nets do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1, padding_mode="reflect"),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 5, 3, padding=1, padding_mode="circular"),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean([2, 3]))
+
+
+def padded_net() -> PaddedNet:
+    return PaddedNet()
+
+
+class TwoActivationsNet(nn.Module):
+    """One conv's output read by two activation modules (a ReLU and a LeakyReLU), each into a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.relu, self.leaky = nn.ReLU(), nn.LeakyReLU(0.1)
+        self.a, self.b = nn.Conv2d(6, 4, 1), nn.Conv2d(6, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head((self.a(self.relu(y)) + self.b(self.leaky(y))).mean([2, 3]))
+
+
+def two_activations_net() -> TwoActivationsNet:
+    return TwoActivationsNet()
