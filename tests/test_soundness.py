@@ -139,3 +139,29 @@ def test_padding_modes_are_measured_as_written_unless_a_policy_is_asked_for(phot
     # measured with zeros, the model as written (reflect, circular) does not have means of 1
     with pytest.raises(AssertionError):
         _check_independently("padded_net", ckpt, zstats, zout, photos)
+
+
+def test_a_means_failure_names_its_cause():
+    """Float32 rounding of a nearly silent filter, or a filter whose mean is wrong for another reason."""
+    from vggnorm.checks import check_means
+
+    scales = {"a": torch.tensor([1.0, 1.0, 0.2, 1e-5], dtype=torch.float64)}
+    tampered = check_means({"a": torch.tensor([1.0, 1.0, 1.8, 1.0])}, {"a": []}, scales=scales)
+    assert tampered.status == "fail" and "not a rounding effect" in tampered.detail
+    assert "nearly silent" not in tampered.detail
+    silent = check_means({"a": torch.tensor([1.0, 1.0, 1.0, 1.002])}, {"a": []}, scales=scales)
+    assert silent.status == "fail" and "nearly silent" in silent.detail and "--rel-eps" in silent.detail
+
+
+def test_apply_names_the_cause_of_a_failed_self_check():
+    from vggnorm.apply import failure_cause
+    from vggnorm.checks import Check
+    from vggnorm.normalize import DeadRule
+
+    def cause(figure: float) -> str:
+        return failure_cause([Check("activations", "", "fail", figure, 1e-4, "worst layer x")], DeadRule())
+
+    assert "float32 rounding" in cause(3e-4) and "structure" not in cause(3e-4)
+    assert "structure vggnorm accepted" in cause(0.8) and "--rel-eps" not in cause(0.8)
+    assert "structure vggnorm accepted" in cause(float("nan"))
+    assert "do not fit" in failure_cause([Check("loads", "", "fail", detail="missing keys")], DeadRule())

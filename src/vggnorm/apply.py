@@ -218,11 +218,8 @@ def apply_stats(
         names=conv_names(arch),
     )
     if not report.passed:
-        failed = "; ".join(f"{c.name}: {c.figure} > {c.tolerance} ({c.detail})" for c in checks if c.status != "pass")
         raise VggnormError(
-            f"the folded checkpoint failed its self-check, nothing was written: {failed}; a nearly silent filter "
-            f"amplified beyond what float32 weights can hold is counted as dead with a larger --rel-eps (now "
-            f"{rule.rel_eps:g})"
+            f"the folded checkpoint failed its self-check, nothing was written: {failure_cause(checks, rule)}"
         )
     meta = {
         "vggnorm_version": vggnorm.__version__,
@@ -252,6 +249,31 @@ def apply_stats(
                 after_label="after (by construction: mean / scale)",
             )
     return ApplyResult(output, json_path, md_path, png_path, report, notes)
+
+
+def failure_cause(checks: list[Check], rule: DeadRule) -> str:
+    """What failed in apply's self-check, and its likely cause, from the figures: the checks run in float64, so
+    an error near float32's rounding comes from weights amplified beyond what float32 holds, and a large one
+    from a structure the fold does not keep (a bug in vggnorm's analysis: the model should have been refused)."""
+    failed = [c for c in checks if c.status not in ("pass", "not run")]
+    said = "; ".join(
+        f"{c.name}: "
+        + (f"{c.figure:.3g} > {c.tolerance:g}" if c.figure is not None else "could not run")
+        + (f" ({c.detail})" if c.detail else "")
+        for c in failed
+    )
+    if any(c.name == "loads" for c in failed):
+        return f"{said}; the folded tensors do not fit the model's class"
+    worst = max((c.figure for c in failed if c.figure is not None), default=float("nan"))
+    if worst < 1e-2:  # NaN compares False: not a rounding effect
+        return (
+            f"{said}; an error this small is float32 rounding of filters amplified by tiny scales: count the "
+            f"nearly silent ones as dead with a larger --rel-eps (now {rule.rel_eps:g})"
+        )
+    return (
+        f"{said}; the folded model computes another function: a structure vggnorm accepted but does not normalize "
+        "exactly (please report it, with the output of `vggnorm inspect`), or non-finite weights"
+    )
 
 
 def check_adain(arch: str, stats: Stats) -> None:
