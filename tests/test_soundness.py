@@ -165,3 +165,41 @@ def test_apply_names_the_cause_of_a_failed_self_check():
     assert "structure vggnorm accepted" in cause(0.8) and "--rel-eps" not in cause(0.8)
     assert "structure vggnorm accepted" in cause(float("nan"))
     assert "do not fit" in failure_cause([Check("loads", "", "fail", detail="missing keys")], DeadRule())
+
+
+def test_nearly_silent_filters_are_held_to_what_float32_can_hold():
+    """A filter whose float32 bound exceeds the tolerance is held to its bound, and no further."""
+    from vggnorm.checks import check_means
+
+    bounds = {"a": torch.tensor([1e-6, 5e-3], dtype=torch.float64)}
+    within = check_means({"a": torch.tensor([1.0, 1.002])}, {"a": []}, bounds=bounds)
+    assert within.status == "pass" and "1 nearly silent filter(s) held to" in within.detail
+    assert check_means({"a": torch.tensor([1.0, 1.002])}, {"a": []}).status == "fail"  # without the bound
+    beyond = check_means({"a": torch.tensor([1.0, 1.01])}, {"a": []}, bounds=bounds)
+    assert beyond.status == "fail" and "a filter 1: |mean - 1| 0.01 > bound 0.005" in beyond.detail
+    strict = check_means({"a": torch.tensor([1.002, 1.0])}, {"a": []}, bounds=bounds)
+    assert strict.status == "fail"  # an ordinary filter keeps the tolerance
+
+
+def test_the_float32_bound_bounds_what_float32_does():
+    """``float32_bounds`` is at least the deviation float32 arithmetic produces in every live filter of a
+    random-weight VGG look-alike (the bound verify allows nearly silent filters)."""
+    import lookalikes
+    import vggnorm
+    from vggnorm.normalize import DeadRule, float32_bounds
+
+    torch.manual_seed(0)
+    model = lookalikes.TinyVGG(cfg=(16, "M", 32, 32, "M", 24)).eval()
+    x = torch.rand(6, 3, 32, 32) * 2 - 0.5
+    stats = vggnorm.measure_means(model.double(), [x.double()], include_classifier=True)
+    normalized = vggnorm.normalize_model(model.float(), stats, include_classifier=True)
+    topo = vggnorm.analyze(normalized)
+    paths = [s.relu for s in topo.all_sites]
+    after, _ = _own_means(normalized, x, paths)  # float32 arithmetic
+    bounds = float32_bounds(normalized.state_dict(), topo, {s.conv: after[s.relu].double() for s in topo.all_sites})
+    assert bounds, "no site got a bound"
+    for s in topo.all_sites:
+        if s.conv in bounds:
+            live = DeadRule().live(stats.layers[s.conv].mean)
+            deviation = (after[s.relu].double() - 1).abs()[live]
+            assert bool((deviation <= bounds[s.conv][live]).all()), s.conv

@@ -29,7 +29,7 @@ from vggnorm.checks import check_fold, check_function, check_means, not_run
 from vggnorm.collect import ReluSums, measure, measure_files
 from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
 from vggnorm.layers import Site, Topology, find_topology, with_affine
-from vggnorm.normalize import DeadRule, LayerScales, fold_state_dict, scales_from_stats
+from vggnorm.normalize import DeadRule, LayerScales, float32_bounds, fold_state_dict, scales_from_stats
 from vggnorm.report import Report, layer_summary, measured_summary
 from vggnorm.stats import Stats
 from vggnorm.witness import activation_means
@@ -191,7 +191,8 @@ def verify_models(
         )
         means = {n: witnessed.mean(n) for n in activations}
         dead = {n: s.dead for n, s in layer_scales.items()}
-        checks.append(check_means(means, dead, tol=means_tol, rule=rule))
+        bounds = float32_bounds(normalized.state_dict(), topo, means)
+        checks.append(check_means(means, dead, tol=means_tol, rule=rule, bounds=bounds))
         measured = measured_summary(means, dead, rule=rule)
     return Report(
         type(normalized).__name__,

@@ -15,9 +15,10 @@ import vggnorm
 from vggnorm.checkpoint import atomic_writes, check_writable, state_dict_bytes, write_state_dict
 from vggnorm.checks import Check, check_function, not_run
 from vggnorm.data import Preprocess
+from vggnorm.defaults import DEFAULT_MEANS_TOL
 from vggnorm.errors import StatsMismatchError, VggnormError
 from vggnorm.figures import have_matplotlib, plot_means
-from vggnorm.layers import with_affine
+from vggnorm.layers import Topology, with_affine
 from vggnorm.layouts import ADAIN_ARCHS, export_layout, to_torchvision_layout
 from vggnorm.models import (
     build_model,
@@ -28,7 +29,7 @@ from vggnorm.models import (
     load_model,
     topology,
 )
-from vggnorm.normalize import DeadRule, fold_state_dict, scales_from_stats
+from vggnorm.normalize import DeadRule, LayerScales, float32_bounds, fold_state_dict, scales_from_stats
 from vggnorm.policy import report_base
 from vggnorm.report import Report, layer_summary, report_paths
 from vggnorm.stats import Stats, now, read_stats
@@ -149,6 +150,8 @@ def apply_stats(
             "--layout gatys, or features-only weights"
         )
     scales = scales_from_stats(stats, topo, rule=rule, include_classifier=include_classifier, weighting=weighting)
+    # nearly silent filters whose means float32 may hold only to its own bound: named (verify allows that bound)
+    unsafe = float32_unsafe(weights.state_dict, topo, stats, scales, weighting=weighting)
     scale_tensors = {n: s.scale for n, s in scales.items()}
     folded = fold_state_dict(weights.state_dict, scale_tensors, topo, features_only=features_only)
     measured_as = Preprocess.from_attrs(stats.attrs)
@@ -174,6 +177,13 @@ def apply_stats(
     added = any(s.added_affine for s in topo.all_sites)
     checks.append(check_loads(exported, arch, features_only=features_only, add_affine=added))
     notes = []
+    if unsafe:
+        shown = "; ".join(f"{n} {f}" for n, f in list(unsafe.items())[:4]) + ("; ..." if len(unsafe) > 4 else "")
+        notes.append(
+            f"{sum(len(f) for f in unsafe.values())} nearly silent filter(s) whose normalized means float32 "
+            f"arithmetic may move by more than verify's tolerance {DEFAULT_MEANS_TOL:g}: verify holds them to that "
+            f"bound instead ({shown})"
+        )
     if topo.left_unscaled:
         notes.append(
             f"left unscaled: {', '.join(topo.left_unscaled)} (its output reaches the model's output with no layer "
@@ -205,6 +215,7 @@ def apply_stats(
             "stats": str(stats_path),
             "stats_images": stats.num_images,
             "dead_rule": rule.describe(),
+            "float32_bound_filters": unsafe,
             "features_only": features_only,
             "layout": layout,
             "include_classifier": include_classifier,
@@ -274,6 +285,28 @@ def failure_cause(checks: list[Check], rule: DeadRule) -> str:
         f"{said}; the folded model computes another function: a structure vggnorm accepted but does not normalize "
         "exactly (please report it, with the output of `vggnorm inspect`), or non-finite weights"
     )
+
+
+def float32_unsafe(
+    state_dict: dict[str, torch.Tensor],
+    topo: Topology,
+    stats: Stats,
+    scales: dict[str, LayerScales],
+    *,
+    weighting: str = "image",
+    tol: float = DEFAULT_MEANS_TOL,
+) -> dict[str, list[int]]:
+    """The live filters whose ``normalize.float32_bounds`` exceeds ``tol`` (per site, filter indices): float32
+    may move their re-measured means past verify's tolerance, so verify holds them to that bound instead."""
+    means = {n: layer.balanced_mean if weighting == "class" else layer.mean for n, layer in stats.layers.items()}
+    out = {}
+    for name, bound in float32_bounds(state_dict, topo, means).items():
+        if name in scales:
+            dead = set(scales[name].dead)
+            unsafe = [i for i in torch.nonzero(bound > tol).flatten().tolist() if i not in dead]
+            if unsafe:
+                out[name] = unsafe
+    return out
 
 
 def check_adain(arch: str, stats: Stats) -> None:

@@ -214,8 +214,12 @@ def check_means(
     detail: str = "",
     scales: Mapping[str, torch.Tensor] | None = None,
     names: Mapping[str, str] | None = None,
+    bounds: Mapping[str, torch.Tensor] | None = None,
 ) -> Check:
     """(c) every live filter's re-measured mean ReLU activation is 1 within ``tol``.
+
+    ``bounds`` (``normalize.float32_bounds``): a nearly silent filter whose bound exceeds ``tol`` is held to
+    its bound instead, the deviation float32 arithmetic can produce there, and the detail says how many.
 
     ``dead`` lists each layer's dead filters (from the statistics); without it, ``rule`` decides on
     the measured means (an audit). A failure names the worst filter -- its layer as
@@ -226,10 +230,22 @@ def check_means(
     worst: tuple[float, str, int] = (-1.0, "", -1)
     live, n_dead = [], 0
     per_layer: dict[str, float] = {}
+    widened, beyond = 0, []
     for name, mean in means.items():
         m = mean.double()
         mask = rule.live_given(m, dead[name] if dead is not None else None)
         n_dead += int((~mask).sum())
+        if bounds is not None and name in bounds:
+            b = bounds[name].double().to(m.device)
+            wide = mask & (b > tol)
+            widened += int(wide.sum())
+            for i in torch.nonzero(wide).flatten().tolist():
+                if not float((m[i] - 1).abs()) <= float(b[i]):
+                    beyond.append(
+                        f"{name} filter {i}: |mean - 1| {float((m[i] - 1).abs()):.3g} > bound {float(b[i]):.3g}"
+                    )
+            live.append(m[wide])
+            mask = mask & ~wide
         if mask.any():
             dev = (m - 1).abs().masked_fill(~mask, -1.0).nan_to_num(nan=float("inf"))
             i = int(dev.argmax())
@@ -237,12 +253,14 @@ def check_means(
             live.append(m[mask])
             if float(dev[i]) > worst[0]:
                 worst = (float(dev[i]), name, i)
-    if not live:
+    if not live or not torch.cat(live).numel():
         return Check("means", desc, FAIL, None, tol, "every filter is dead: nothing was measured")
     allv = torch.cat(live)
     figure, layer, index = worst
-    figure = float("nan") if figure == float("inf") else figure
-    status = _status(figure, tol)
+    figure = float("nan") if figure == float("inf") else max(figure, 0.0)
+    status = FAIL if beyond else _status(figure, tol)
+    if not layer:  # every live filter is held to its float32 bound
+        layer = next(iter(means))
     label = f"{layer} ({names[layer]})" if names and layer in names else layer
     where = f"worst: {label} filter {index}, mean {float(means[layer][index]):.6g}"
     if scales is not None and layer in scales:
@@ -251,6 +269,12 @@ def check_means(
         f"live filter means range {float(allv.min()):.6g} .. {float(allv.max()):.6g} "
         f"(median {float(allv.median()):.6g}); {where}; {n_dead} dead filter(s) excluded"
     )
+    if widened:
+        summary += (
+            f"; {widened} nearly silent filter(s) held to the deviation float32 arithmetic can produce in them "
+            f"(its bound) instead of {tol:g}"
+            + (f", {len(beyond)} beyond it ({'; '.join(beyond[:3])})" if beyond else "")
+        )
     if status == FAIL and float((allv - 1).abs().median()) > max(10 * tol, 1e-2):
         summary = "NOT normalized: " + summary
     elif status == FAIL and scales is not None and layer in scales:

@@ -161,6 +161,7 @@ class Compensation:
     positions: int = 1
     groups: int = 1
     via: tuple[str, ...] = ()  # the ops the scale passed through on its way here
+    max_factor: float = 1.0  # max poolings on the way raise an input channel's mean at most this many times
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -244,9 +245,10 @@ class _Scaled:
     pieces: tuple[tuple[str | None, int], ...]
     positions: int = 1
     via: tuple[str, ...] = ()
+    max_factor: float = 1.0  # max poolings on the way raise a channel's mean at most this many times
 
-    def through(self, name: str) -> _Scaled:
-        return _Scaled(self.pieces, self.positions, (*self.via, name))
+    def through(self, name: str, max_factor: float = 1.0) -> _Scaled:
+        return _Scaled(self.pieces, self.positions, (*self.via, name), self.max_factor * max_factor)
 
 
 _State = _Pre | _Scaled | None  # None: carries no scale
@@ -407,7 +409,11 @@ class _Analysis:
             if isinstance(m, _POOLS):
                 self._pooled()
             if isinstance(x, _Scaled):
-                return x.through(path)
+                maximum = isinstance(m, (nn.MaxPool2d, nn.AdaptiveMaxPool2d))
+                return x.through(
+                    path,
+                    _max_factor(node, getattr(m, "kernel_size", None), getattr(m, "stride", None)) if maximum else 1.0,
+                )
             return x  # a pre-activation value stays one: max(s x) = s max(x)
         if isinstance(m, nn.Flatten):
             return self._flatten(node, x, path, m.start_dim)
@@ -448,7 +454,7 @@ class _Analysis:
                 )
             else:
                 groups = m.groups if isinstance(m, nn.Conv2d) else 1
-                self.compensations.append(Compensation(path, x.pieces, x.positions, groups, x.via))
+                self.compensations.append(Compensation(path, x.pieces, x.positions, groups, x.via, x.max_factor))
         kind = "conv" if isinstance(m, nn.Conv2d) else "linear"
         in_c = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
         out_c = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
@@ -580,7 +586,15 @@ class _Analysis:
         if target in _POOL_FNS:
             self._pooled()
         if target in _COMMUTING_FNS or (target is F.pad and _zero_or_copy_pad(node)):
-            return x.through(node.name) if isinstance(x, _Scaled) else x
+            if not isinstance(x, _Scaled):
+                return x
+            if target in (F.max_pool2d, torch.max_pool2d, F.adaptive_max_pool2d):
+                kernel = node.args[1] if len(node.args) > 1 else node.kwargs.get("kernel_size")
+                stride = node.args[2] if len(node.args) > 2 else node.kwargs.get("stride")
+                if target is F.adaptive_max_pool2d:
+                    kernel = stride = None
+                return x.through(node.name, _max_factor(node, kernel, stride or kernel))
+            return x.through(node.name)
         if target in _FLATTEN_FNS:
             start: Any = 1  # view / reshape: _flatten checks the shapes are (N, ...) -> (N, C*H*W)
             if target in (torch.flatten, "flatten"):
@@ -593,7 +607,8 @@ class _Analysis:
             ndim = len(shape_of(node.args[0]) or ())
             dims = [dims] if isinstance(dims, int) else dims
             if isinstance(dims, (list, tuple)) and dims and all(isinstance(d, int) and d % ndim > 1 for d in dims):
-                return x.through(node.name)  # a mean or max over positions (global pooling) keeps each channel's scale
+                # a mean or max over positions (global pooling) keeps each channel's scale
+                return x.through(node.name, _max_factor(node, None, None, 1) if target in ("amax", torch.amax) else 1.0)
         if target in (getattr, "size", "dim") or not scaled:
             return None
         constants = [a for a in node.args if not isinstance(a, torch.fx.Node)]
@@ -640,7 +655,23 @@ class _Analysis:
         pieces: list[tuple[str | None, int]] = []
         for a, s in zip(parts, states, strict=True):
             pieces += list(s.pieces) if isinstance(s, _Scaled) else [(None, (shape_of(a) or (0, 0))[1])]
-        return _Scaled(tuple(pieces), 1, (node.name,))
+        factor = max(s.max_factor for s in states if isinstance(s, _Scaled))
+        return _Scaled(tuple(pieces), 1, (node.name,), factor)
+
+
+def _max_factor(node: torch.fx.Node, kernel: Any, stride: Any, overlap: int | None = None) -> float:
+    """How many times a max pooling can raise a channel's mean over positions: each output is at most the sum
+    of its window, and each input lies in at most ``ceil(k / s)`` windows per dimension, so the mean out is at
+    most that overlap times (inputs / outputs) the mean in (4 overlaps when the windows are unknown)."""
+    shape_in, shape_out = shape_of(node.args[0]), shape_of(node)
+    if not shape_in or not shape_out or len(shape_in) < 3:
+        return float("inf")
+    ratio = math.prod(shape_in[2:]) / max(1, math.prod(shape_out[2:] if len(shape_out) > 2 else (1,)))
+    if overlap is None:
+        ks = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel) if kernel else ()
+        ss = (stride, stride) if isinstance(stride, int) else tuple(stride) if stride else ks
+        overlap = math.prod(-(-k // s) for k, s in zip(ks, ss, strict=False)) if ks and ss else 4
+    return overlap * ratio
 
 
 def _target_name(target: Any) -> str:

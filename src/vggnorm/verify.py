@@ -40,7 +40,7 @@ from vggnorm.models import (
     min_input_size,
     topology,
 )
-from vggnorm.normalize import LayerScales, fold_state_dict, scales_from_stats
+from vggnorm.normalize import LayerScales, float32_bounds, fold_state_dict, scales_from_stats
 from vggnorm.policy import Policy, report_base, resolve_policy
 from vggnorm.report import Report, layer_summary, measured_summary, report_paths
 from vggnorm.stats import LayerStats, Stats, read_stats
@@ -315,6 +315,8 @@ def _means(
         detail=note,
         scales=_by_normalized_path(arch, target.arch, scales, fc, "scale"),
         names=conv_names(target.arch),
+        # from the checkpoint's own weights and the witnessed means: what float32 can hold in each filter
+        bounds=float32_bounds(target.state_dict, topology(target.arch), measured.means()),
     )
     return check, measured
 
