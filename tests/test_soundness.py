@@ -203,3 +203,13 @@ def test_the_float32_bound_bounds_what_float32_does():
             live = DeadRule().live(stats.layers[s.conv].mean)
             deviation = (after[s.relu].double() - 1).abs()[live]
             assert bool((deviation <= bounds[s.conv][live]).all()), s.conv
+
+
+def test_a_model_of_one_input_size_is_analysed_without_logged_tracebacks(capfd):
+    """Shapes are learned by trying input sizes; the sizes a model cannot take are no error of the user's."""
+    import vggnorm
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 3))
+    assert not vggnorm.analyze(model).refusals
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "failed while attempting" not in err, err[:300]

@@ -134,7 +134,7 @@ def normalize_model(
 ) -> nn.Module:
     """A copy of ``model`` whose every live filter's mean activation on the measured data is 1.
 
-    Invariants (SPEC section 3): at every site ``F'_l == F_l / s_l`` and the output is unchanged
+    Invariants: at every site ``F'_l == F_l / s_l`` and the output is unchanged
     (unless the output is the last activation itself). ``model`` itself is not modified.
     ``add_affine``: a site's norm without affine parameters (InstanceNorm2d's default) gets weight 1
     and bias 0 in the copy (the same function), which then carry the scales.
@@ -165,7 +165,7 @@ def verify_models(
     rtol: float = DEFAULT_RTOL,
     means_tol: float = DEFAULT_MEANS_TOL,
 ) -> Report:
-    """The four checks of SPEC section 4 on a pair of models: (a) activations, (b) outputs and
+    """The four checks of `verify` on a pair of models: (a) activations, (b) outputs and
     (d) fold on ``probe`` (default: two seeded random 64x64 images), (c) the means re-measured on
     ``batches`` (not run without them)."""
     layer_scales = scales(original, stats, rule=rule, include_classifier=include_classifier)

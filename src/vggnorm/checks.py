@@ -1,4 +1,4 @@
-"""The invariants of a normalized checkpoint (SPEC section 4), each a small function.
+"""The invariants of a normalized checkpoint (what verify checks), each a small function.
 
 Each check returns a ``Check`` with its measured figure and tolerance. A check whose inputs were
 given but which could not run is a failure; a check whose inputs were not given is "not run".

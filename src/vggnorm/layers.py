@@ -199,7 +199,7 @@ class Topology:
 
     @property
     def positions_per_channel(self) -> int:
-        """``P`` in the SPEC: flattened positions per channel seen by the first Linear (7 * 7)."""
+        """``P``: flattened positions per channel seen by the first Linear (7 * 7)."""
         for c in self.compensations:
             if c.module == self.classifier:
                 return c.positions

@@ -75,7 +75,7 @@ def fold_state_dict(
 
     ``scales`` maps site paths (the producing Conv2d/Linear's) to positive ``(C_l,)`` tensors; a site
     without an entry keeps scale 1 (the classifier's fc sites unless asked for). Each tensor is
-    computed once from the original, in float64, and cast back (SPEC section 3):
+    computed once from the original, in float64, and cast back:
 
     * a site without a norm: its weight rows and bias are divided by ``s_l``;
     * a site with a norm (BatchNorm, GroupNorm, InstanceNorm, LayerNorm2d): the norm's weight and bias

@@ -10,6 +10,7 @@ size runs through a model. The structural analysis (``layers.py``) reads these s
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -145,17 +146,32 @@ def propagate_shapes(model: nn.Module, graph: torch.fx.Graph) -> None:
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     error: BaseException | None = None
-    for size in (224, 64, 32, 512, 16, 1024):
-        x = torch.empty(1, channels, size, size, device=device, dtype=dtype)
-        # a model on the meta device runs as it is; one with real weights under a fake-tensor mode
-        # (whose first use imports torch._dynamo: about a second, once per process)
-        mode = contextlib.nullcontext() if device.type == "meta" else FakeTensorMode(allow_non_fake_inputs=True)
-        if isinstance(mode, FakeTensorMode):
-            x = mode.from_tensor(x)
-        try:
-            with torch.no_grad():
-                Shapes(model, graph, mode).run(x)
-            return
-        except Exception as e:  # a size the model cannot take: try the next
-            error = e
+    # a size the model cannot take fails inside a fake kernel, which torch logs as an ERROR with a traceback;
+    # here that is an expected answer, not the user's problem
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        for size in (224, 64, 32, 512, 16, 1024):
+            try:
+                _run_at(model, graph, channels, size, device, dtype)
+                return
+            except Exception as e:  # a size the model cannot take: try the next
+                error = e
+    finally:
+        fake_log.setLevel(level)
     raise CheckpointError(f"could not run the traced model on any input size to learn its shapes ({error})")
+
+
+def _run_at(
+    model: nn.Module, graph: torch.fx.Graph, channels: int, size: int, device: torch.device, dtype: torch.dtype
+) -> None:
+    """One shape-propagating run on an ``(1, channels, size, size)`` input."""
+    x = torch.empty(1, channels, size, size, device=device, dtype=dtype)
+    # a model on the meta device runs as it is; one with real weights under a fake-tensor mode
+    # (whose first use imports torch._dynamo: about a second, once per process)
+    mode = contextlib.nullcontext() if device.type == "meta" else FakeTensorMode(allow_non_fake_inputs=True)
+    if isinstance(mode, FakeTensorMode):
+        x = mode.from_tensor(x)
+    with torch.no_grad():
+        Shapes(model, graph, mode).run(x)

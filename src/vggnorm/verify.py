@@ -1,4 +1,4 @@
-"""``verify``: check a normalized checkpoint against the invariants of SPEC section 4.
+"""``verify``: check a normalized checkpoint against the four invariants verify checks.
 
 ``verify_checkpoint`` loads what it is given and runs the checks those inputs allow (``checks``):
 (a) activations and (d) fold need the original and the statistics, (b) logits the original,
@@ -103,7 +103,7 @@ def verify_checkpoint(
     junit_xml: Path | None = None,
     force: bool = False,
 ) -> Report:
-    """Check the invariants of SPEC section 4 that the given inputs allow; write ``report`` if given.
+    """Check the four invariants verify checks that the given inputs allow; write ``report`` if given.
 
     The means are measured under the statistics' policy (preprocessing, pooling, decoder) when
     ``stats_path`` is given, else under the one apply recorded with the checkpoint, else the
