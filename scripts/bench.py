@@ -1,11 +1,11 @@
-"""Benchmark compute-stats against its floors (SPEC "Performance"; `make bench`).
+"""Benchmark compute-stats against its floors (`make bench`).
 
 Builds a folder of ImageNet-sized JPEGs (500x375) from scikit-image's photos, then measures:
 
   A  compute-stats end to end from the JPEG folder (vggnorm.compute.compute_stats, in a
      subprocess, so its peak RSS is its own); reported for N and 3N images
   B  decode + preprocess only (the same DataLoader, no network)
-  C  bare forward (model.features) over pre-decoded batches
+  C  bare forward (the whole model, as compute-stats runs it) over pre-decoded batches
   D  forward + statistics (the ReLU hooks) over the same batches
   E  the naive layer-by-layer approach of published scripts: for each layer, run the data through
      the network rescaled so far (up to that layer), measure it, rescale it
@@ -92,7 +92,7 @@ def decoded_batches(folder: Path, args: argparse.Namespace, workers: int) -> tup
 
 
 def time_forward(model, batches, device, sums: ReluSums | None) -> float:
-    net = model.features
+    net = model  # the whole forward, as compute-stats runs it
     fmt = memory_format(device)
     dtype = next(model.parameters()).dtype
     xs = [x.to(device, dtype=dtype, memory_format=fmt) for x in batches]

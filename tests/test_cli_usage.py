@@ -70,3 +70,34 @@ def test_verify_usage_errors_exit_2(tmp_path):
     assert r.exit_code == 2 and "not a readable PyTorch checkpoint" in r.stderr
     r = invoke("verify", tmp_path / "x.pth")
     assert r.exit_code == 2 and "nothing to verify" in r.stderr
+
+
+def test_an_unknown_arch_is_a_usage_error_without_importing_torch(tmp_path):
+    """Said at once: the names are known without importing torch or torchvision."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from vggnorm.cli import main\n"
+        "for argv in (['compute-stats', '.', '--arch', 'vgg99', '-o', 'x.h5'], ['inspect', 'nosuchnet']):\n"
+        "    sys.argv = ['vggnorm', *argv]\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 2, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "not a torchvision classification model" in r.stderr
+
+
+def test_the_torchvision_names_vggnorm_knows_are_torchvisions():
+    import torchvision
+
+    from vggnorm.defaults import TORCHVISION_CLASSIFIERS, TORCHVISION_VERSION
+
+    if torchvision.__version__.split("+")[0] != TORCHVISION_VERSION:
+        pytest.skip(f"the list is for torchvision {TORCHVISION_VERSION}; another is asked directly")
+    assert TORCHVISION_CLASSIFIERS == tuple(torchvision.models.list_models(module=torchvision.models))

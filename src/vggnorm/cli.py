@@ -36,6 +36,7 @@ from vggnorm.defaults import (
     PRECISIONS,
     PREPROCESSINGS,
     WEIGHTINGS,
+    torchvision_classifiers,
 )
 from vggnorm.errors import VggnormError
 
@@ -110,13 +111,10 @@ loader_options = options(
 
 
 def _check_arch_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """An arch name torchvision does not know is a usage error (exit 2); importing torchvision to
-    know that is done only for names other than the VGGs and AlexNet."""
+    """An arch name torchvision does not know is a usage error (exit 2), said at once (no torch import)."""
     if value in NAMED_ARCHS:
         return value
-    import torchvision
-
-    if value not in torchvision.models.list_models(module=torchvision.models):
+    if value not in torchvision_classifiers():
         raise click.BadParameter(
             f"{value!r} is not a torchvision classification model; use one of {', '.join(NAMED_ARCHS)}, another "
             "torchvision name, or --model for your own",
@@ -656,6 +654,12 @@ def inspect_cmd(model_name: str, weights: str | None, add_affine: bool, as_json:
 
     Example: vggnorm inspect alexnet
     """
+    if ":" not in model_name and model_name not in torchvision_classifiers():  # at once, before importing torch
+        raise click.BadParameter(
+            f"{model_name!r} is not a torchvision classification model; give a torchvision name (vgg19, "
+            "alexnet, ...) or your own model as FILE.py:NAME or package.module:NAME",
+            param_hint="MODEL",
+        )
     from vggnorm.inspection import inspect_model
     from vggnorm.models import is_user_model
 

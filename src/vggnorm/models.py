@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vggnorm.defaults import NAMED_ARCHS, PADDINGS, POOLINGS, VGG_ARCHS
+from vggnorm.defaults import NAMED_ARCHS, PADDINGS, POOLINGS, VGG_ARCHS, torchvision_classifiers
 from vggnorm.errors import CheckpointError, VggnormError, WeightsError
 from vggnorm.layers import Topology, find_topology, with_affine
 from vggnorm.shapes import input_fits
@@ -73,9 +73,7 @@ def known_archs() -> tuple[str, ...]:
 
 @functools.cache
 def _torchvision_classifiers() -> frozenset[str]:
-    import torchvision
-
-    return frozenset(torchvision.models.list_models(module=torchvision.models))
+    return frozenset(torchvision_classifiers())
 
 
 # torchvision's VGG configurations (``torchvision.models.vgg.cfgs``): conv widths, "M" a max pooling
