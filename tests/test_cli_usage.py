@@ -100,4 +100,4 @@ def test_the_torchvision_names_vggnorm_knows_are_torchvisions():
 
     if torchvision.__version__.split("+")[0] != TORCHVISION_VERSION:
         pytest.skip(f"the list is for torchvision {TORCHVISION_VERSION}; another is asked directly")
-    assert TORCHVISION_CLASSIFIERS == tuple(torchvision.models.list_models(module=torchvision.models))
+    assert tuple(torchvision.models.list_models(module=torchvision.models)) == TORCHVISION_CLASSIFIERS
