@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := demo
 
-.PHONY: install test test-all demo lint bench clean
+.PHONY: install test test-all demo lint bench fuzz clean
 
 # torch and torchvision are pinned so a fresh machine takes the local wheels, not a multi-GB download.
 $(STAMP): pyproject.toml
@@ -26,6 +26,10 @@ lint: install
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 	$(BIN)/mypy
+
+# random ReLU-CNN graphs checked against the tests' own oracle; prints "N exact, M refused (by reason: ...)"
+fuzz: install
+	VGGNORM_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest -q -s tests/test_generator.py
 
 bench: install
 	$(BIN)/python scripts/bench.py

@@ -53,7 +53,8 @@ def _sites(model: nn.Module, include_classifier: bool, add_affine: bool = False)
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def measure_means(

@@ -435,6 +435,9 @@ class _Analysis:
 
     def _weighted(self, node: torch.fx.Node, path: str, m: nn.Conv2d | nn.Linear, x: _State) -> _State:
         base = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
+        if _computed_parameters(m):
+            self.refuse(node, *_COMPUTED)
+            return None
         if type(m).forward is not base.forward:
             self.refuse(
                 node,
@@ -461,6 +464,9 @@ class _Analysis:
         return _Pre(path, kind, in_c, out_c, origin=node.name)
 
     def _norm(self, node: torch.fx.Node, path: str, m: nn.Module, x: _State) -> _State:
+        if _computed_parameters(m):
+            self.refuse(node, *_COMPUTED)
+            return None
         if _batch_statistics(m):
             self.refuse(
                 node,
@@ -672,6 +678,19 @@ def _max_factor(node: torch.fx.Node, kernel: Any, stride: Any, overlap: int | No
         ss = (stride, stride) if isinstance(stride, int) else tuple(stride) if stride else ks
         overlap = math.prod(-(-k // s) for k, s in zip(ks, ss, strict=False)) if ks and ss else 4
     return overlap * ratio
+
+
+_COMPUTED = (
+    "computes its weights when called (a parametrization such as weight_norm or spectral_norm, or a forward "
+    "hook): the stored tensors are not the ones it applies, so rescaling them is not exact",
+    "remove it first (torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'), "
+    "torch.nn.utils.remove_weight_norm), and normalize the plain module",
+)
+
+
+def _computed_parameters(m: nn.Module) -> bool:
+    """Whether ``m``'s parameters are not used as stored: parametrized, or changed by hooks before it runs."""
+    return bool(getattr(m, "parametrizations", None) or m._forward_pre_hooks or m._forward_hooks)
 
 
 def _target_name(target: Any) -> str:

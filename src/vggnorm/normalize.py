@@ -188,8 +188,8 @@ def scales_from_stats(
     expected = [s.conv for s in topology.sites]
     fc = [s.conv for s in topology.fc_sites]
     measured = list(stats.layers)
-    if include_classifier:
-        if not fc or measured[len(expected) :] != fc:
+    if include_classifier and fc:  # (a model without Linear sites has no classifier sites to include)
+        if measured[len(expected) :] != fc:
             raise StatsMismatchError(
                 "the statistics have no classifier layers; measure them with `vggnorm compute-stats ... --include-classifier`"
             )

@@ -113,8 +113,15 @@ def _window(size: tuple[int, ...], k: Any, s: Any, p: Any, d: Any, *, ceil: bool
     return tuple(out)
 
 
-def _input_channels(model: nn.Module) -> int:
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+def _input_channels(model: nn.Module, graph: torch.fx.Graph | None = None) -> int:
+    """The image's channels: those of the first conv the forward calls (modules may be registered in
+    another order), else of the first registered conv, else 3."""
+    modules = dict(model.named_modules())
+    called = (
+        (modules.get(str(n.target)) for n in graph.nodes if n.op == "call_module") if graph is not None else iter(())
+    )
+    first = next((m for m in called if isinstance(m, nn.Conv2d)), None)
+    first = first or next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return first.in_channels if first is not None else 3
 
 
@@ -141,7 +148,7 @@ def input_fits(model: nn.Module) -> Callable[[int], bool]:
 
 def propagate_shapes(model: nn.Module, graph: torch.fx.Graph) -> None:
     """Record each node's output shape (``_shape``) from a run on a small input the model can take."""
-    channels = _input_channels(model)
+    channels = _input_channels(model, graph)
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -167,7 +174,8 @@ def _run_at(
     model: nn.Module, graph: torch.fx.Graph, channels: int, size: int, device: torch.device, dtype: torch.dtype
 ) -> None:
     """One shape-propagating run on an ``(1, channels, size, size)`` input."""
-    x = torch.empty(1, channels, size, size, device=device, dtype=dtype)
+    # two images: a BatchNorm in training mode (refused by the analysis, with its reason) needs more than one
+    x = torch.empty(2, channels, size, size, device=device, dtype=dtype)
     # a model on the meta device runs as it is; one with real weights under a fake-tensor mode
     # (whose first use imports torch._dynamo: about a second, once per process)
     mode = contextlib.nullcontext() if device.type == "meta" else FakeTensorMode(allow_non_fake_inputs=True)
