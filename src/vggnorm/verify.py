@@ -25,7 +25,7 @@ from vggnorm.apply import probe_input
 from vggnorm.checkpoint import StateDict, atomic_write, atomic_writes, check_finite, check_writable, load_state_dict
 from vggnorm.checks import FAIL, Check, check_fold, check_function, check_means, not_run
 from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
-from vggnorm.device import check_precision, resolve_device
+from vggnorm.device import check_precision, memory_format, resolve_device
 from vggnorm.errors import CheckpointError, DataError, VggnormError
 from vggnorm.figures import have_matplotlib, plot_means
 from vggnorm.layers import Topology
@@ -36,6 +36,7 @@ from vggnorm.models import (
     conv_names,
     infer_arch,
     is_features_only,
+    is_user_model,
     load_model,
     min_input_size,
     topology,
@@ -233,7 +234,12 @@ def as_run(
     """The checkpoint's model as its user runs it: its own class, the stored tensors, eval mode, contiguous
     inputs. Only a measurement policy asked for by name changes it (``--pooling avg``, ``--padding
     zeros|reflect``); ``precision="fp64"`` runs it in float64."""
-    model = load_model(arch, state_dict, device=device, pooling=policy.pooling, padding=policy.padding)
+    # torchvision's models in the device's faster memory format (the same function); a user model stays
+    # contiguous, since its code may view activations
+    fmt = torch.contiguous_format if is_user_model(arch) else memory_format(device)
+    model = load_model(
+        arch, state_dict, device=device, pooling=policy.pooling, padding=policy.padding, memory_format=fmt
+    )
     return model.double() if precision == "fp64" else model
 
 
@@ -343,6 +349,8 @@ def _witness_means(
         device=device,
     )
     dtype = next(model.parameters()).dtype
+    convs = [p for p in model.parameters() if p.ndim == 4]
+    fmt = torch.channels_last if convs and not convs[0].is_contiguous() else torch.contiguous_format
     skipped: list[tuple[str, str]] = []
     with tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress, desc="verifying") as bar:
 
@@ -352,7 +360,7 @@ def _witness_means(
                 bar.update(batch.num_files)
                 if batch.images is not None:
                     classes = torch.tensor([labels.of_file[i] for i in batch.indices]) if labels else None
-                    yield batch.images.to(device, dtype=dtype), classes
+                    yield batch.images.to(device, dtype=dtype, memory_format=fmt), classes
 
         seen = activation_means(model, activations, batches(), num_classes=len(labels.classes) if labels else 0)
     if seen.num_images == 0:
