@@ -13,7 +13,7 @@ import torch
 
 import vggnorm
 from vggnorm.checkpoint import atomic_writes, check_writable, state_dict_bytes, write_state_dict
-from vggnorm.checks import Check, check_function, not_run
+from vggnorm.checks import Check, check_function, not_run, probe_input
 from vggnorm.data import Preprocess
 from vggnorm.defaults import DEFAULT_MEANS_TOL
 from vggnorm.errors import StatsMismatchError, VggnormError
@@ -27,6 +27,7 @@ from vggnorm.models import (
     infer_arch,
     is_user_model,
     load_model,
+    probe_size,
     topology,
 )
 from vggnorm.normalize import DeadRule, LayerScales, float32_bounds, fold_state_dict, scales_from_stats
@@ -67,11 +68,6 @@ def weights_for(spec: str, stats: Stats) -> Weights:
             f"measure this checkpoint with `vggnorm compute-stats DIR --weights {spec}`"
         )
     return weights
-
-
-def probe_input(crop: int, n: int = 2) -> torch.Tensor:
-    """A fixed, seeded batch standing in for images: the invariants hold for every input."""
-    return torch.randn(n, 3, crop, crop, generator=torch.Generator().manual_seed(0))
 
 
 def check_loads(
@@ -164,14 +160,14 @@ def apply_stats(
     reloaded = to_torchvision_layout(exported)
     normalized_arch = infer_arch(reloaded, prefer=arch)
     normalized = load_model(normalized_arch, reloaded, pooling=pooling, padding=padding)
-    crop = int(stats.attrs.get("crop", 224))
+    size = probe_size(arch, int(stats.attrs.get("crop", 224)))
     checks = check_function(
         original,
         normalized,
         scale_tensors,
-        probe_input(crop),
+        probe_input(size),
         logits=not features_only,
-        inputs=f"2 seeded random inputs (seed 0) at {crop}x{crop}, {pooling} pooling, {padding} padding",
+        inputs=f"2 seeded random inputs (seed 0) at {size}x{size}, {pooling} pooling, {padding} padding",
         topologies=(topology(arch, True), topology(normalized_arch, True)),
     )
     added = any(s.added_affine for s in topo.all_sites)

@@ -42,6 +42,11 @@ def _status(figure: float, tolerance: float) -> str:
     return PASS if figure <= tolerance else FAIL  # NaN compares False: a NaN figure fails
 
 
+def probe_input(size: int, n: int = 2) -> torch.Tensor:
+    """A fixed, seeded batch standing in for images in (a) and (b): their identities hold for every input."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
 def not_run(name: str, description: str, why: str) -> Check:
     return Check(name, description, NOT_RUN, detail=why)
 

@@ -279,6 +279,19 @@ def min_input_size(arch: str) -> int:
     return high
 
 
+# A probe for the checks (a) and (b): their identities hold for every input, so a small one checks them as
+# well as a full-size one, at a fraction of the float64 arithmetic.
+PROBE_SIZE = 32
+
+
+@functools.cache
+def probe_size(arch: str, crop: int) -> int:
+    """``PROBE_SIZE`` (or the arch's smallest input, if larger, and at most ``crop``) when ``arch`` takes it;
+    else ``crop``, the size it was measured at (a model whose Linear fixes its input size)."""
+    size = max(min(PROBE_SIZE, crop), min_input_size(arch))
+    return size if input_fits(build_model(arch, device="meta").eval())(size) else crop
+
+
 def check_input_size(arch: str, crop: int) -> None:
     """Refuse, before any work, a crop the arch cannot take, saying the smallest it can."""
     smallest = min_input_size(arch)

@@ -21,9 +21,8 @@ from tqdm import tqdm
 
 from vggnorm import data as data_mod
 from vggnorm import labels as label_mod
-from vggnorm.apply import probe_input
 from vggnorm.checkpoint import StateDict, atomic_write, atomic_writes, check_finite, check_writable, load_state_dict
-from vggnorm.checks import FAIL, Check, check_fold, check_function, check_means, not_run
+from vggnorm.checks import FAIL, Check, check_fold, check_function, check_means, not_run, probe_input
 from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
 from vggnorm.device import check_precision, memory_format, resolve_device
 from vggnorm.errors import CheckpointError, DataError, VggnormError
@@ -38,7 +37,7 @@ from vggnorm.models import (
     is_features_only,
     is_user_model,
     load_model,
-    min_input_size,
+    probe_size,
     topology,
 )
 from vggnorm.normalize import LayerScales, float32_bounds, fold_state_dict, scales_from_stats
@@ -509,16 +508,11 @@ def _against_original(
     return [*checks, check_fold(target.raw, expected, rtol=rtol)], None
 
 
-# A probe without --data: the identities (a) and (b) hold for every input, so a small one checks them
-# as well as a full-size one, at a fraction of the float64 arithmetic.
-PROBE_SIZE = 32
-
-
 def function_inputs(
     files: list[Path], preprocess: data_mod.Preprocess, arch: str, n: int = 2
 ) -> tuple[torch.Tensor, str]:
     """Up to ``n`` decodable images from ``files``, else a seeded random batch (``probe_input``, seed 0)
-    of ``PROBE_SIZE`` (or the arch's smallest input, if larger)."""
+    of ``models.probe_size``."""
     images = []
     ds: Any = data_mod.ImageFiles(files, preprocess) if files else []  # none: no torchvision import
     for i in range(len(ds)):
@@ -529,5 +523,5 @@ def function_inputs(
             break
     if images:
         return torch.stack(images), f"{len(images)} images from --data"
-    size = max(min(PROBE_SIZE, preprocess.crop), min_input_size(arch))
+    size = probe_size(arch, preprocess.crop)
     return probe_input(size), f"2 seeded random inputs (seed 0) at {size}x{size}"
