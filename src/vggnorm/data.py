@@ -6,8 +6,10 @@ returns it as a failure (path index, reason) beside the batch, and the caller re
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import stat
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -20,7 +22,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vggnorm.defaults import DECODERS, PREPROCESSINGS
-from vggnorm.errors import DataError
+from vggnorm.errors import DataError, OutputExistsError
 from vggnorm.models import is_user_model
 
 IMAGE_EXTENSIONS = frozenset(
@@ -171,6 +173,34 @@ def find_images(root: str | os.PathLike[str]) -> list[Path]:
     return found
 
 
+def refuse_outputs_in(outputs: Iterable[Path], root: Path, option: str) -> None:
+    """Refuse, even with ``--force``, an output inside the image folder ``root`` (however spelled, through
+    symlinks too) or that is one of its images (a hard link, a symlinked subfolder): it would overwrite
+    an image, or become one at the next run."""
+    top = Path(root).resolve()
+    for out in outputs:
+        where = Path(out).parent.resolve() / Path(out).name
+        if where == top or where.is_relative_to(top) or _is_one_of(out, root):
+            raise OutputExistsError(
+                f"{out} is inside the image folder {option} {root}: vggnorm never writes into its data, even with "
+                "--force; choose a path outside it"
+            )
+
+
+def _is_one_of(path: Path, root: Path) -> bool:
+    """Whether the existing file ``path`` is one of the images under ``root`` (same device and inode)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    for f in find_images(root):
+        with contextlib.suppress(OSError):
+            other = os.stat(f)
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return True
+    return False
+
+
 def listing(root: Path, files: list[Path]) -> list[tuple[str, int]]:
     """Each file's path relative to ``root`` and its size (-1 for a broken symlink, which the loader
     then skips, naming it): what identifies a folder's contents."""
@@ -218,6 +248,32 @@ def printable(path: str | os.PathLike[str]) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+class NotARegularFile(OSError):
+    """A FIFO, socket or device named like an image: reading it could block forever or never end."""
+
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a folder",
+}
+
+
+def check_regular(path: str | os.PathLike[str]) -> None:
+    """Raise ``NotARegularFile`` unless ``path`` is a regular file (following symlinks). Opened
+    non-blocking to look, so a FIFO with no writer cannot hang the run."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(mode):
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a plain file")
+        raise NotARegularFile(f"not a regular file: {printable(path)} is {kind}")
+
+
 def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
     """Decode ``path`` to an 8-bit RGB PIL image, as torchvision's ``pil_loader`` would.
 
@@ -228,6 +284,7 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
         # PIL warns above ~89 Mpx (decoded, as large photos are) and raises above ~179 Mpx (the
         # file is then skipped as a decompression bomb, with PIL's message as the reason).
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        check_regular(path)
         with Image.open(path) as img:
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -252,6 +309,8 @@ class Sample(NamedTuple):
 
 def failure(e: Exception) -> str:
     """The reason stored for a file that could not be decoded."""
+    if isinstance(e, NotARegularFile):
+        return str(e)
     return f"cannot decode: {type(e).__name__}: {e}"
 
 

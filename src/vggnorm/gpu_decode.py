@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from vggnorm.data import Batch, FileRange, Preprocess, failure, load_rgb
+from vggnorm.data import Batch, FileRange, Preprocess, check_regular, failure, load_rgb
 
 # SOF markers nvJPEG decodes: baseline, extended sequential and progressive Huffman JPEG.
 _NVJPEG_SOF = frozenset({0xC0, 0xC1, 0xC2})
@@ -65,6 +65,7 @@ class RawFiles(FileRange):
         index = self.start + i
         path = self.files[index]
         try:
+            check_regular(path)
             data = path.read_bytes()
             if plain_jpeg(data):
                 return Raw(index, str(path), torch.frombuffer(bytearray(data), dtype=torch.uint8), None, None)

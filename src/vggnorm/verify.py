@@ -117,7 +117,7 @@ def verify_checkpoint(
             "nothing to verify: pass --original (with --stats) to check the fold, and/or --data to measure the means"
         )
     given = _inputs_of(normalized_path, stats_path, original)
-    _check_outputs(report, junit_xml, given, figure=data is not None, force=force)
+    _check_outputs(report, junit_xml, given, figure=data is not None, force=force, data=data)
     stats = read_stats(stats_path) if stats_path is not None else None
     prefer = str(stats.attrs["arch"]) if stats is not None else None  # two models may share their shapes
     dev = resolve_device(device)
@@ -253,13 +253,22 @@ def _inputs_of(normalized: Path, stats: Path | None, original: str | None) -> li
 
 
 def _check_outputs(
-    report: Path | None, junit_xml: Path | None, given: list[str | os.PathLike[str]], *, figure: bool, force: bool
+    report: Path | None,
+    junit_xml: Path | None,
+    given: list[str | os.PathLike[str]],
+    *,
+    figure: bool,
+    force: bool,
+    data: Path | None = None,
 ) -> None:
-    """Refuse, before any work, outputs that cannot or must not be written."""
+    """Refuse, before any work, outputs that cannot or must not be written; none may land in ``data``."""
     outputs = [*report_paths(report)] if report is not None else []
     if report is not None and figure and have_matplotlib():
         outputs.append(report_paths(report)[1].with_suffix(".png"))
-    for p in [*outputs, *([junit_xml] if junit_xml is not None else [])]:
+    outputs += [junit_xml] if junit_xml is not None else []
+    if data is not None:
+        data_mod.refuse_outputs_in(outputs, data, "--data")
+    for p in outputs:
         check_writable(p, force=force, inputs=given)
 
 

@@ -1,0 +1,136 @@
+"""Never lose data, never crash, round two (issue 25): each row of the red-team pass as a test.
+
+Each test is named after what it guarantees; the README's "What vggnorm guarantees against bad input"
+lists them.
+"""
+
+import contextlib
+import os
+import shutil
+import signal
+
+import pytest
+
+from conftest import TINY, invoke
+from vggnorm.stats import read_stats
+
+MODEL = ["--model", TINY["tiny"]]
+SMALL = ["--resize", "40", "--crop", "32", "--workers", 0, "--no-progress"]
+QUICK = ["--workers", 0, "--no-progress"]
+
+
+def one_line_error(r, *words, code=1):
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr
+
+
+@pytest.fixture
+def data(photos, tmp_path):
+    """A private copy of the photos (tests add files to it)."""
+    d = tmp_path / "photos"
+    shutil.copytree(photos, d)
+    return d
+
+
+@pytest.fixture
+def run(data, checkpoints, tmp_path):
+    """A finished compute-stats -> apply on the look-alike, in tmp_path."""
+    ckpt = tmp_path / "w.pth"
+    ckpt.write_bytes(checkpoints["tiny"].read_bytes())
+    stats, out = tmp_path / "s.h5", tmp_path / "n.pth"
+    r = invoke("compute-stats", data, *MODEL, "--weights", ckpt, "-o", stats, *SMALL)
+    assert r.exit_code == 0, r.output
+    r = invoke("apply", ckpt, "--stats", stats, "-o", out, *MODEL)
+    assert r.exit_code == 0, r.output
+    return {"ckpt": ckpt, "stats": stats, "out": out, "data": data}
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --- A1: no output of verify lands in --data ---------------------------------------------------------------
+
+
+def test_verify_never_writes_into_its_data_folder_even_with_force(run, tmp_path):
+    """Before: --junit-xml photos/x.JPEG --force overwrote the image with XML; --report photos/moon
+    dropped moon.json/.md/.png into the calibration folder."""
+    data = run["data"]
+    before = snapshot(data)
+    image = sorted(data.iterdir())[0]
+    verify = ["verify", run["out"], "--data", data, *QUICK, *MODEL]
+    r = invoke(*verify, "--junit-xml", image, "--force")
+    one_line_error(r, "--data", str(data), code=2)
+    r = invoke(*verify, "--report", image.with_suffix(""), "--force")
+    one_line_error(r, "--data", code=2)
+    r = invoke(*verify, "--report", data / "new-report")
+    one_line_error(r, "--data", code=2)
+    assert snapshot(data) == before
+    # a symlink to the data folder is the data folder
+    (tmp_path / "alias").symlink_to(data)
+    r = invoke(*verify, "--report", tmp_path / "alias" / "r", "--force")
+    one_line_error(r, "--data", code=2)
+    assert snapshot(data) == before
+    r = invoke(*verify, "--report", tmp_path / "r", "--junit-xml", tmp_path / "j.xml")
+    assert r.exit_code == 0, r.output
+
+
+# --- A2: files that are not regular files --------------------------------------------------------------------
+
+
+class Hung(BaseException):  # not an Exception: nothing in vggnorm may swallow it as a bad file
+    pass
+
+
+def _with_timeout(seconds, fn):
+    """``fn()``, or None when it is still running after ``seconds`` (an alarm interrupts a blocked open)."""
+
+    def on_alarm(signum, frame):
+        raise Hung
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(seconds)
+    try:
+        return fn()
+    except Hung:
+        return None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_fifo_named_like_an_image_is_skipped_and_recorded_not_waited_on(run, tmp_path):
+    """Before: compute-stats hung forever on open() of pipe.jpg (and --resume and verify --data again)."""
+    data = run["data"]
+    fifo = data / "pipe.jpg"
+    os.mkfifo(fifo)
+    stats = tmp_path / "fifo.h5"
+    try:
+        r = _with_timeout(
+            30, lambda: invoke("compute-stats", data, *MODEL, "--weights", run["ckpt"], "-o", stats, *SMALL)
+        )
+        assert r is not None, "compute-stats hung on a FIFO"
+        assert r.exit_code == 0, r.output
+        st = read_stats(stats)
+        assert st.num_images == 8 and [p for p, _ in st.skipped] == [str(fifo)]
+        assert "not a regular file" in st.skipped[0][1]
+        r = _with_timeout(30, lambda: invoke("verify", run["out"], "--data", data, *QUICK, *MODEL))
+        assert r is not None, "verify --data hung on a FIFO"
+        assert r.exit_code == 0 and "1 skipped" in r.stdout, r.output
+    finally:
+        # a reader still blocked on it (the unfixed code) is released by a writer's open and close
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        fifo.unlink()
+
+
+def test_verify_never_writes_over_an_image_of_its_data_through_a_hard_link(run, tmp_path):
+    data = run["data"]
+    image = sorted(data.iterdir())[0]
+    before = image.read_bytes()
+    os.link(image, tmp_path / "j.xml")
+    r = invoke("verify", run["out"], "--data", data, *QUICK, *MODEL, "--junit-xml", tmp_path / "j.xml", "--force")
+    one_line_error(r, "--data", code=2)
+    assert image.read_bytes() == before
