@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 
+import h5py
 import pytest
 
 from conftest import TINY, invoke
@@ -134,3 +135,38 @@ def test_verify_never_writes_over_an_image_of_its_data_through_a_hard_link(run, 
     r = invoke("verify", run["out"], "--data", data, *QUICK, *MODEL, "--junit-xml", tmp_path / "j.xml", "--force")
     one_line_error(r, "--data", code=2)
     assert image.read_bytes() == before
+
+
+# --- A3: apply never writes non-finite or underflowed weights ----------------------------------------------
+
+
+def edit_stats(src, dst, edit):
+    """A copy of the statistics file ``src`` at ``dst``, changed by ``edit(h5py.File)``."""
+    if src != dst:
+        shutil.copyfile(src, dst)
+    with h5py.File(dst, "r+") as f:
+        edit(f)
+    return dst
+
+
+def set_layer(name, **values):
+    def edit(f):
+        for key, value in values.items():
+            del f[f"layers/{name}/{key}"]
+            f[f"layers/{name}/{key}"] = value
+
+    return edit
+
+
+def test_apply_refuses_to_write_weights_that_overflow_or_underflow(run, tmp_path):
+    """Before: a finite but huge sum (1e300) in every layer gave all-zero features.0 weights, self-check
+    PASS, exit 0 (--features-only: no logits to catch it)."""
+    bad = tmp_path / "bad.h5"
+    shutil.copyfile(run["stats"], bad)
+    for layer in read_stats(run["stats"]).layers.values():
+        total = (layer.sum * 0 + 1e300).numpy()
+        edit_stats(bad, bad, set_layer(layer.conv, sum=total, mean=total / layer.count))
+    out = tmp_path / "bad.pth"
+    r = invoke("apply", run["ckpt"], "--stats", bad, "-o", out, "--features-only", *MODEL)
+    one_line_error(r, "underflows", "features.0.weight", "nothing was written")
+    assert not out.exists() and not (tmp_path / "bad.report.json").exists()

@@ -12,11 +12,18 @@ from pathlib import Path
 import torch
 
 import vggnorm
-from vggnorm.checkpoint import atomic_writes, check_writable, state_dict_bytes, write_state_dict
+from vggnorm.checkpoint import (
+    atomic_writes,
+    check_finite,
+    check_representable,
+    check_writable,
+    state_dict_bytes,
+    write_state_dict,
+)
 from vggnorm.checks import Check, check_function, not_run, probe_input
 from vggnorm.data import Preprocess
 from vggnorm.defaults import DEFAULT_MEANS_TOL
-from vggnorm.errors import StatsMismatchError, VggnormError
+from vggnorm.errors import InvalidValuesError, StatsMismatchError, VggnormError
 from vggnorm.figures import have_matplotlib, plot_means
 from vggnorm.layers import Topology, with_affine
 from vggnorm.layouts import ADAIN_ARCHS, export_layout, to_torchvision_layout
@@ -152,6 +159,7 @@ def apply_stats(
     folded = fold_state_dict(weights.state_dict, scale_tensors, topo, features_only=features_only)
     measured_as = Preprocess.from_attrs(stats.attrs)
     exported = export_layout(folded, arch, layout, measured_as.as_attrs())
+    _check_representable(folded, exported, weights, scale_tensors, stats_path)
 
     # self-check what will be written: the exported tensors, loaded back, against the original
     pooling = str(stats.attrs.get("pooling", "max"))
@@ -303,6 +311,27 @@ def float32_unsafe(
             if unsafe:
                 out[name] = unsafe
     return out
+
+
+def _check_representable(
+    folded: dict[str, torch.Tensor],
+    exported: dict[str, torch.Tensor],
+    weights: Weights,
+    scales: dict[str, torch.Tensor],
+    stats_path: Path,
+) -> None:
+    """The self-check compares activations, which tiny weights pass: refuse to write weights that overflowed
+    or underflowed their dtype, with the verify's finite check, naming the tensor and the scales behind it."""
+    extreme = max(scales.items(), key=lambda kv: float(kv[1].abs().log10().abs().max()))
+    why = (
+        f" (scales from {float(extreme[1].min()):.3g} to {float(extreme[1].max()):.3g} in {extreme[0]}, from the "
+        f"means in {stats_path}: no measurement gives such means; measure again with `vggnorm compute-stats`)"
+    )
+    try:
+        check_representable(folded, weights.state_dict, "the folded checkpoint", why)
+        check_finite(exported, "the folded checkpoint")
+    except InvalidValuesError as e:
+        raise InvalidValuesError(f"{e}{'' if 'nothing was written' in str(e) else '; nothing was written'}") from e
 
 
 def check_adain(arch: str, stats: Stats) -> None:

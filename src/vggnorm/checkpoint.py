@@ -260,6 +260,25 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
             )
 
 
+def check_representable(
+    new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor], source: str, why: str = ""
+) -> None:
+    """Refuse a rescaled state_dict whose tensors left their dtype's range: NaN or inf (``check_finite``),
+    or values that were normal numbers in ``old`` and underflowed to zero or subnormals in ``new``."""
+    check_finite(new, source)
+    for key, t in new.items():
+        before = old.get(key)
+        if not t.is_floating_point() or before is None or before.shape != t.shape:
+            continue
+        tiny = torch.finfo(t.dtype).tiny
+        lost = (before.abs() >= tiny) & (t.abs() < tiny)
+        if bool(lost.any()):
+            raise InvalidValuesError(
+                f"{source}: tensor {key} underflows {t.dtype}: {int(lost.sum())} of its {t.numel()} value(s) "
+                f"became 0 or subnormal{why}; nothing was written"
+            )
+
+
 def state_dict_bytes(state_dict: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state_dict.values())
 
