@@ -11,6 +11,7 @@ import signal
 
 import h5py
 import pytest
+import torch
 
 from conftest import TINY, invoke
 from vggnorm.stats import read_stats
@@ -170,3 +171,43 @@ def test_apply_refuses_to_write_weights_that_overflow_or_underflow(run, tmp_path
     r = invoke("apply", run["ckpt"], "--stats", bad, "-o", out, "--features-only", *MODEL)
     one_line_error(r, "underflows", "features.0.weight", "nothing was written")
     assert not out.exists() and not (tmp_path / "bad.report.json").exists()
+
+
+# --- A4, A5: per-class statistics ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def classes(photos, tmp_path):
+    """Class subfolders: cat (the 8 photos) and ghost, whose only image cannot be decoded."""
+    root = tmp_path / "classes"
+    shutil.copytree(photos, root / "cat")
+    (root / "ghost").mkdir()
+    (root / "ghost" / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def test_centers_never_write_a_nan_row_for_a_class_without_images(classes, checkpoints, tmp_path, caplog):
+    """Before: centers wrote a NaN row for ghost (0 images), exit 0."""
+    stats, out = tmp_path / "s.h5", tmp_path / "c.pt"
+    r = invoke("compute-stats", classes, *MODEL, "--weights", checkpoints["tiny"], "-o", stats, *SMALL, "--per-class")
+    assert r.exit_code == 0, r.output
+    r = invoke("centers", stats, "--layer", "features.3", "-o", out)
+    assert r.exit_code == 0, r.output
+    saved = torch.load(out, weights_only=True)
+    assert saved["classes"] == ["cat"] and saved["centers"].shape[0] == 1
+    assert bool(torch.isfinite(saved["centers"]).all())
+    assert "left out 1 class(es) with no image" in caplog.text and "ghost" in caplog.text, caplog.text
+
+
+def test_a_labels_file_with_a_utf8_bom_has_no_extra_class(data, checkpoints, tmp_path):
+    """Before: a BOM at the start of --labels made a class "\\ufeffa" beside "a"."""
+    names = sorted(p.name for p in data.iterdir())
+    csv = "".join(f"{n},{c}\n" for n, c in zip(names, "aabbaabb", strict=True))
+    for text in ["".join(f"{c}\n" for c in "aabbaabb"), csv]:
+        labels = tmp_path / "labels.txt"
+        labels.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        stats = tmp_path / "s.h5"
+        args = ["--per-class", "--labels", labels, "--force"]
+        r = invoke("compute-stats", data, *MODEL, "--weights", checkpoints["tiny"], "-o", stats, *SMALL, *args)
+        assert r.exit_code == 0, r.output
+        assert read_stats(stats).classes == ["a", "b"]

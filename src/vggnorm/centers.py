@@ -9,6 +9,7 @@ nearest-class-mean classifier.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ from vggnorm.defaults import NAMED_ARCHS
 from vggnorm.errors import VggnormError
 from vggnorm.models import conv_names
 from vggnorm.stats import read_stats
+
+log = logging.getLogger(__name__)
 
 
 def write_centers(stats_path: Path, layer: str, output: Path, *, force: bool = False) -> tuple[torch.Tensor, list[str]]:
@@ -35,13 +38,26 @@ def write_centers(stats_path: Path, layer: str, output: Path, *, force: bool = F
             f"{p} ({n})" if (n := conv_names(arch).get(p) if by_name else None) else p for p in stats.layers
         )
         raise VggnormError(f"{stats_path} has no layer {layer!r}; its layers are {known}")
-    centers = stats.layers[path].class_means.float()  # (K, C)
+    site = stats.layers[path]
+    assert site.class_count is not None
+    present = site.class_count > 0
+    classes = [c for c, p in zip(stats.classes, present.tolist(), strict=True) if p]
+    if not classes:
+        raise VggnormError(f"{stats_path}: no class has an image (every file was skipped); measure again")
+    empty = [c for c, p in zip(stats.classes, present.tolist(), strict=True) if not p]
+    if empty:  # a class whose images were all skipped has no mean: left out rather than a NaN row
+        log.warning(
+            "centers: left out %d class(es) with no image (all their files were skipped): %s",
+            len(empty),
+            ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""),
+        )
+    centers = site.class_means[present].float()  # (K, C)
     with atomic_write(output, force=force, inputs=[stats_path]) as tmp:
         if output.suffix == ".safetensors":
             from safetensors.torch import save
 
-            meta = {"classes": json.dumps(stats.classes), "layer": path, "stats": str(stats_path)}
+            meta = {"classes": json.dumps(classes), "layer": path, "stats": str(stats_path)}
             tmp.write_bytes(save({"centers": centers.contiguous()}, metadata=meta))
         else:
-            torch.save({"centers": centers, "classes": list(stats.classes), "layer": path}, tmp)
-    return centers, list(stats.classes)
+            torch.save({"centers": centers, "classes": classes, "layer": path}, tmp)
+    return centers, classes

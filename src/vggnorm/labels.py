@@ -47,7 +47,8 @@ def from_file(path: Path, root: Path, files: list[Path]) -> Labels:
         data = Path(path).read_bytes()
     except OSError as e:
         raise DataError(f"--labels {path}: cannot read it ({e.strerror or e})") from e
-    lines = [line for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
+    # utf-8-sig: a byte order mark (as Windows editors write) is not part of the first label
+    lines = [line for line in data.decode("utf-8-sig", "replace").splitlines() if line.strip()]
     rel = [f.relative_to(root).as_posix() for f in files]
     if lines and all("," in line for line in lines):
         by_name: dict[str, str] = {}
