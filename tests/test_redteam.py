@@ -211,3 +211,21 @@ def test_a_labels_file_with_a_utf8_bom_has_no_extra_class(data, checkpoints, tmp
         r = invoke("compute-stats", data, *MODEL, "--weights", checkpoints["tiny"], "-o", stats, *SMALL, *args)
         assert r.exit_code == 0, r.output
         assert read_stats(stats).classes == ["a", "b"]
+
+
+# --- A6: an image that resizing would make enormous --------------------------------------------------------
+
+
+def test_an_elongated_image_is_skipped_and_recorded_before_it_is_resized(data, checkpoints, tmp_path):
+    """Before: a 20000x1 PNG (a few hundred bytes) was resized to a shorter side of 256: 5,120,000 x 256,
+    6.1 GB of peak RSS; at --resize 40 here, 800000 x 40."""
+    from PIL import Image
+
+    Image.new("RGB", (20000, 1), (200, 10, 10)).save(data / "strip.png")
+    assert (data / "strip.png").stat().st_size < 1000
+    stats = tmp_path / "s.h5"
+    r = invoke("compute-stats", data, *MODEL, "--weights", checkpoints["tiny"], "-o", stats, *SMALL)
+    assert r.exit_code == 0, r.output
+    st = read_stats(stats)
+    assert st.num_images == 8 and [os.path.basename(p) for p, _ in st.skipped] == ["strip.png"]
+    assert "too elongated: 20000x1" in st.skipped[0][1]

@@ -274,11 +274,38 @@ def check_regular(path: str | os.PathLike[str]) -> None:
         raise NotARegularFile(f"not a regular file: {printable(path)} is {kind}")
 
 
-def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
+# The largest image the resize may make (pixels; 48 MB as 8-bit RGB): a 143-byte 20000x1 PNG resized
+# to a shorter side of 256 would be 5,120,000 x 256 (3.9 GB). The resize of a square image must fit too.
+MAX_RESIZED_PIXELS = 2**24
+
+
+class ImageTooLarge(ValueError):
+    """An image whose resized size (the shorter side to ``--resize``) exceeds ``MAX_RESIZED_PIXELS``."""
+
+
+def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
+    """The size torchvision's resize of the shorter side to ``resize`` gives (the longer side truncated)."""
+    if width <= height:
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
+def check_resized_size(width: int, height: int, resize: int) -> None:
+    w, h = resized_size(max(width, 1), max(height, 1), resize)
+    if w * h > MAX_RESIZED_PIXELS:
+        raise ImageTooLarge(
+            f"too elongated: {width}x{height} resized to a shorter side of {resize} would be {w}x{h} "
+            f"({w * h / 1e6:.0f} Mpx, more than the {MAX_RESIZED_PIXELS / 1e6:.0f} Mpx vggnorm allows)"
+        )
+
+
+def load_rgb(path: str | os.PathLike[str], *, resize: int | None = None) -> Image.Image:
     """Decode ``path`` to an 8-bit RGB PIL image, as torchvision's ``pil_loader`` would.
 
     Unlike a bare ``convert("RGB")``, 16-bit and 32-bit grayscale are scaled to 8 bits rather than
-    clipped, and transparency is dropped the way ``convert`` drops it (composited on black).
+    clipped, and transparency is dropped the way ``convert`` drops it (composited on black). With
+    ``resize``, an image that resizing would make larger than ``MAX_RESIZED_PIXELS`` is refused
+    (``ImageTooLarge``) before it is decoded.
     """
     with warnings.catch_warnings():
         # PIL warns above ~89 Mpx (decoded, as large photos are) and raises above ~179 Mpx (the
@@ -286,6 +313,8 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         check_regular(path)
         with Image.open(path) as img:
+            if resize is not None:
+                check_resized_size(*img.size, resize)
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
                 arr = np.asarray(img, dtype=np.float64)
@@ -309,7 +338,7 @@ class Sample(NamedTuple):
 
 def failure(e: Exception) -> str:
     """The reason stored for a file that could not be decoded."""
-    if isinstance(e, NotARegularFile):
+    if isinstance(e, (NotARegularFile, ImageTooLarge)):
         return str(e)
     return f"cannot decode: {type(e).__name__}: {e}"
 
@@ -331,11 +360,12 @@ class ImageFiles(FileRange):
     def __init__(self, files: list[Path], preprocess: Preprocess, *, start: int = 0) -> None:
         super().__init__(files, start=start)
         self.transform = preprocess.transform()
+        self.resize = preprocess.resize
 
     def __getitem__(self, i: int) -> Sample:
         index = self.start + i
         try:
-            image = self.transform(load_rgb(self.files[index]))
+            image = self.transform(load_rgb(self.files[index], resize=self.resize))
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
             return Sample(index, None, failure(e))
         return Sample(index, image, None)
