@@ -229,3 +229,16 @@ def test_an_elongated_image_is_skipped_and_recorded_before_it_is_resized(data, c
     st = read_stats(stats)
     assert st.num_images == 8 and [os.path.basename(p) for p, _ in st.skipped] == ["strip.png"]
     assert "too elongated: 20000x1" in st.skipped[0][1]
+
+
+# --- A7: a shard is not the statistics of the data -----------------------------------------------------------
+
+
+def test_apply_refuses_a_single_shard_and_says_to_merge_first(data, checkpoints, tmp_path):
+    """Before: apply --stats s0.h5 (shard 0/2) normalized on half of the images without a word."""
+    shard, out = tmp_path / "s0.h5", tmp_path / "n.pth"
+    r = invoke("compute-stats", data, *MODEL, "--weights", checkpoints["tiny"], "-o", shard, *SMALL, "--shard", "0/2")
+    assert r.exit_code == 0, r.output
+    r = invoke("apply", checkpoints["tiny"], "--stats", shard, "-o", out, *MODEL)
+    one_line_error(r, "shard 0/2", "merge-stats")
+    assert not out.exists()

@@ -126,6 +126,11 @@ def apply_stats(
     (``policy.recorded_policy``), so ``verify --data`` re-measures the same way without being told.
     """
     stats = read_stats(stats_path)
+    if stats.attrs.get("shard"):
+        raise VggnormError(
+            f"{stats_path} is shard {stats.attrs['shard']} of a measurement ({stats.num_images} images, not the whole "
+            "folder): merge all the shards first with `vggnorm merge-stats s0.h5 s1.h5 ... -o all.h5` and apply that"
+        )
     arch = str(stats.attrs["arch"])
     add_affine = bool(stats.attrs.get("add_affine", False))
     topo = checked_topology(arch, add_affine)  # a model that cannot be normalized is refused first
