@@ -242,3 +242,46 @@ def test_apply_refuses_a_single_shard_and_says_to_merge_first(data, checkpoints,
     r = invoke("apply", checkpoints["tiny"], "--stats", shard, "-o", out, *MODEL)
     one_line_error(r, "shard 0/2", "merge-stats")
     assert not out.exists()
+
+
+# --- A8: half-precision checkpoints, and checks that did not run ----------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_are_measured_folded_and_written_in_float32_and_say_so(
+    data, checkpoints, tmp_path, dtype, caplog
+):
+    """Before: an fp16/bf16 checkpoint was measured in half precision (recorded as fp32: means off by
+    ~1e-3), and apply's self-check then failed."""
+    sd = torch.load(checkpoints["tiny"], weights_only=True)
+    half, upcast = tmp_path / "half.pth", tmp_path / "upcast.pth"
+    torch.save({k: v.to(dtype) for k, v in sd.items()}, half)
+    torch.save({k: v.to(dtype).float() for k, v in sd.items()}, upcast)  # the same values, stored as float32
+    for w in (half, upcast):
+        r = invoke("compute-stats", data, *MODEL, "--weights", w, "-o", w.with_suffix(".h5"), *SMALL)
+        assert r.exit_code == 0, r.output
+    measured, exact = read_stats(half.with_suffix(".h5")), read_stats(upcast.with_suffix(".h5"))
+    for name, layer in measured.layers.items():
+        assert torch.equal(layer.sum, exact.layers[name].sum), name
+    assert "holds " + str(dtype).removeprefix("torch.") + " tensors" in caplog.text, caplog.text
+    out = tmp_path / "n.pth"
+    r = invoke("apply", half, "--stats", half.with_suffix(".h5"), "-o", out, *MODEL)
+    assert r.exit_code == 0, r.output
+    assert "written as float32" in r.stderr
+    assert {v.dtype for v in torch.load(out, weights_only=True).values()} == {torch.float32}
+    r = invoke("verify", out, "--original", half, "--stats", half.with_suffix(".h5"), "--data", data, *QUICK, *MODEL)
+    assert r.exit_code == 0 and "4 passed, 0 failed" in r.stdout, r.output
+
+
+def test_a_failed_self_check_names_only_the_checks_that_failed(run, tmp_path, monkeypatch):
+    """Before: a check that did not run was listed as failed, as "logits: None > None"."""
+    from vggnorm import apply as apply_mod
+    from vggnorm.checks import FAIL, Check, not_run
+
+    def checks(*args, **kwargs):
+        return [Check("activations", "", FAIL, 0.5, 1e-4, "worst layer features.3"), not_run("logits", "", "n/a")]
+
+    monkeypatch.setattr(apply_mod, "check_function", checks)
+    r = invoke("apply", run["ckpt"], "--stats", run["stats"], "-o", tmp_path / "x.pth", *MODEL)
+    one_line_error(r, "activations: 0.5 > 0.0001 (worst layer features.3)")
+    assert "None" not in r.stderr and "logits" not in r.stderr

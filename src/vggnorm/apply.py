@@ -17,7 +17,9 @@ from vggnorm.checkpoint import (
     check_finite,
     check_representable,
     check_writable,
+    half_dtypes,
     state_dict_bytes,
+    upcast_half,
     write_state_dict,
 )
 from vggnorm.checks import Check, check_function, not_run, probe_input
@@ -158,13 +160,16 @@ def apply_stats(
             "--layout gatys, or features-only weights"
         )
     scales = scales_from_stats(stats, topo, rule=rule, include_classifier=include_classifier, weighting=weighting)
+    # half-precision weights are folded and written in float32: float16 would round the fold by ~1e-3
+    half = half_dtypes(weights.state_dict)
+    base = upcast_half(weights.state_dict)
     # nearly silent filters whose means float32 may hold only to its own bound: named (verify allows that bound)
-    unsafe = float32_unsafe(weights.state_dict, topo, stats, scales, weighting=weighting)
+    unsafe = float32_unsafe(base, topo, stats, scales, weighting=weighting)
     scale_tensors = {n: s.scale for n, s in scales.items()}
-    folded = fold_state_dict(weights.state_dict, scale_tensors, topo, features_only=features_only)
+    folded = fold_state_dict(base, scale_tensors, topo, features_only=features_only)
     measured_as = Preprocess.from_attrs(stats.attrs)
     exported = export_layout(folded, arch, layout, measured_as.as_attrs())
-    _check_representable(folded, exported, weights, scale_tensors, stats_path)
+    _check_representable(folded, exported, base, scale_tensors, stats_path)
 
     # self-check what will be written: the exported tensors, loaded back, against the original
     pooling = str(stats.attrs.get("pooling", "max"))
@@ -197,6 +202,11 @@ def apply_stats(
         notes.append(
             f"left unscaled: {', '.join(topo.left_unscaled)} (its output reaches the model's output with no layer "
             "after it to compensate a scale, so normalizing it would change the outputs)"
+        )
+    if half:
+        notes.append(
+            f"{checkpoint} holds {' and '.join(half)} tensors: they were measured, folded and are written as float32 "
+            "(half precision would round the fold by ~1e-3, beyond what verify allows)"
         )
     if png_path is None:
         notes.append("no figure: install matplotlib (pip install 'vggnorm[plot]') for OUT.report.png")
@@ -321,7 +331,7 @@ def float32_unsafe(
 def _check_representable(
     folded: dict[str, torch.Tensor],
     exported: dict[str, torch.Tensor],
-    weights: Weights,
+    original: dict[str, torch.Tensor],
     scales: dict[str, torch.Tensor],
     stats_path: Path,
 ) -> None:
@@ -333,7 +343,7 @@ def _check_representable(
         f"means in {stats_path}: no measurement gives such means; measure again with `vggnorm compute-stats`)"
     )
     try:
-        check_representable(folded, weights.state_dict, "the folded checkpoint", why)
+        check_representable(folded, original, "the folded checkpoint", why)
         check_finite(exported, "the folded checkpoint")
     except InvalidValuesError as e:
         raise InvalidValuesError(f"{e}{'' if 'nothing was written' in str(e) else '; nothing was written'}") from e

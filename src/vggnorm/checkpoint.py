@@ -279,6 +279,20 @@ def check_representable(
             )
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def half_dtypes(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The half-precision dtypes (float16, bfloat16) among ``state_dict``'s tensors, by name."""
+    return sorted({str(t.dtype).removeprefix("torch.") for t in state_dict.values() if t.dtype in HALF_DTYPES})
+
+
+def upcast_half(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """``state_dict`` with its float16/bfloat16 tensors as float32 (exactly their values): vggnorm
+    measures, folds and checks in float32 or float64, never in half precision."""
+    return {k: v.float() if v.dtype in HALF_DTYPES else v for k, v in state_dict.items()}
+
+
 def state_dict_bytes(state_dict: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state_dict.values())
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import vggnorm
 from vggnorm import data as data_mod
 from vggnorm import distributed
-from vggnorm.checkpoint import check_writable, same_file
+from vggnorm.checkpoint import check_writable, half_dtypes, same_file
 from vggnorm.collect import ReluSums, measure, measuring_model
 from vggnorm.defaults import DEFAULT_ARCH, DEFAULT_BATCH_SIZE, DEFAULT_CHECKPOINT_SECONDS, DEFAULT_WEIGHTS
 from vggnorm.device import check_precision, describe, resolve_device
@@ -326,6 +326,13 @@ def compute_stats(
     check_arch(config.arch)
     checked_topology(config.arch, config.add_affine)  # before loading (or downloading) any weights
     weights = resolve_weights(config.weights, arch=config.arch)
+    if half := half_dtypes(weights.state_dict):
+        log.warning(
+            "%s holds %s tensors: the network runs with them as float32 (their exact values), under --precision %s",
+            config.weights,
+            " and ".join(half),
+            config.precision,
+        )
     preprocess = data_mod.default_preprocess(
         weights.arch,
         resize=config.resize,

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vggnorm.checkpoint import upcast_half
 from vggnorm.defaults import NAMED_ARCHS, PADDINGS, POOLINGS, VGG_ARCHS, torchvision_classifiers
 from vggnorm.errors import CheckpointError, VggnormError, WeightsError
 from vggnorm.layers import Topology, find_topology, with_affine
@@ -345,6 +346,7 @@ def load_model(
     A norm without affine parameters gets them (``layers.with_affine``) when ``state_dict`` holds
     them (a checkpoint written with ``--add-affine``) or ``add_affine`` asks for it (weight 1, bias 0)."""
     model = build_model(arch, device="meta")
+    state_dict = upcast_half(state_dict)  # half-precision weights run in float32 (assign=True keeps dtypes)
     strict = not is_features_only(state_dict)
     extra = affine_keys(arch)
     if add_affine or any(k in state_dict for k in extra):

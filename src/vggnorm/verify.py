@@ -21,7 +21,15 @@ from tqdm import tqdm
 
 from vggnorm import data as data_mod
 from vggnorm import labels as label_mod
-from vggnorm.checkpoint import StateDict, atomic_write, atomic_writes, check_finite, check_writable, load_state_dict
+from vggnorm.checkpoint import (
+    StateDict,
+    atomic_write,
+    atomic_writes,
+    check_finite,
+    check_writable,
+    load_state_dict,
+    upcast_half,
+)
 from vggnorm.checks import FAIL, Check, check_fold, check_function, check_means, not_run, probe_input
 from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
 from vggnorm.device import check_precision, memory_format, resolve_device
@@ -508,7 +516,7 @@ def _against_original(
             Check("fold", FOLD_DESC, FAIL, detail=mismatch),
         ], mismatch
     folded = fold_state_dict(
-        weights.state_dict,
+        upcast_half(weights.state_dict),  # as apply folds half-precision weights: in float32
         {n: sc.scale for n, sc in scales.items()},
         topo,
         features_only=target.features_only,
