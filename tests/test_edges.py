@@ -90,9 +90,10 @@ def test_keeping_near_dead_filters_fails_with_a_message_that_names_them(photos16
 
 
 def independent_float64_means(model, files, preprocess):
-    """Plain float64 arithmetic, layer by layer, on the preprocessed images."""
-    transform = preprocess.transform()
-    x = torch.stack([transform(load_rgb(f)) for f in files]).double()
+    """Plain float64 arithmetic, layer by layer, on the images preprocessed in float64 (as --precision fp64
+    does; tests/test_redteam.py checks that preprocessing against a hand-written one)."""
+    transform = preprocess.transform(torch.float64)
+    x = torch.stack([transform(load_rgb(f)) for f in files])
     model = model.double().eval()
     means, conv = {}, None
     with torch.no_grad():

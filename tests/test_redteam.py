@@ -285,3 +285,55 @@ def test_a_failed_self_check_names_only_the_checks_that_failed(run, tmp_path, mo
     r = invoke("apply", run["ckpt"], "--stats", run["stats"], "-o", tmp_path / "x.pth", *MODEL)
     one_line_error(r, "activations: 0.5 > 0.0001 (worst layer features.3)")
     assert "None" not in r.stderr and "logits" not in r.stderr
+
+
+# --- A9: fp64 means the whole input pipeline ---------------------------------------------------------------
+
+
+def float64_inputs(files, preprocess):
+    """The images resized and cropped (8-bit pixels), then everything in float64 arithmetic."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    from vggnorm.data import load_rgb
+
+    out = []
+    for f in files:
+        img = F.resize(load_rgb(f), [preprocess.resize], InterpolationMode(preprocess.interpolation), antialias=True)
+        x = F.pil_to_tensor(F.center_crop(img, [preprocess.crop])).double()
+        mean, std = (
+            torch.tensor(preprocess.mean, dtype=torch.float64),
+            torch.tensor(preprocess.std, dtype=torch.float64),
+        )
+        if preprocess.preprocess == "caffe":
+            x = x.flip(0) - mean.view(3, 1, 1)
+        else:
+            x = (x / 255 - mean.view(3, 1, 1)) / std.view(3, 1, 1)
+        out.append(x)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("preprocess", ["caffe", "torchvision"])
+def test_fp64_preprocesses_in_float64_too(data, checkpoints, tmp_path, preprocess):
+    """Before: with --precision fp64 the Caffe mean (103.939, ...) was subtracted in float32 (and the
+    ImageNet mean/std applied in float32): means 1e-8 off a float64 computation."""
+    from lookalikes import TinyVGG
+    from vggnorm.data import Preprocess, default_preprocess, find_images
+
+    stats = tmp_path / "s.h5"
+    args = ["--precision", "fp64", "--preprocess", preprocess, "--batch-size", 3]
+    r = invoke("compute-stats", data, *MODEL, "--weights", checkpoints["tiny"], "-o", stats, *SMALL, *args)
+    assert r.exit_code == 0, r.output
+    st = read_stats(stats)
+    p = Preprocess.from_attrs(st.attrs)
+    assert p == default_preprocess(TINY["tiny"], resize=40, crop=32, preprocess=preprocess)
+    model = TinyVGG()
+    model.load_state_dict(torch.load(checkpoints["tiny"], weights_only=True))
+    x, conv = float64_inputs(find_images(data), p), None
+    with torch.no_grad():
+        for i, m in enumerate(model.double().eval().features):
+            x = m(x)
+            conv = f"features.{i}" if isinstance(m, torch.nn.Conv2d) else conv
+            if isinstance(m, torch.nn.ReLU):
+                expected = x.mean(dim=(0, 2, 3))
+                torch.testing.assert_close(st.layers[conv].mean, expected, rtol=1e-12, atol=0)

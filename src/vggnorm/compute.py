@@ -402,7 +402,13 @@ def _stream(run: StatsRun, model: torch.nn.Module, preprocess: data_mod.Preproce
     config, world = run.config, run.world
     workers = data_mod.default_workers() if config.workers is None else config.workers
     loader = data_mod.make_loader(
-        run.plan.files, preprocess, batch_size=config.batch_size, workers=workers, start=run.position, device=run.device
+        run.plan.files,
+        preprocess,
+        batch_size=config.batch_size,
+        workers=workers,
+        start=run.position,
+        device=run.device,
+        dtype=torch.float64 if config.precision == "fp64" else torch.float32,
     )
     bar = tqdm(
         total=run.plan.total,

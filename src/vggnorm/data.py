@@ -45,8 +45,12 @@ class Preprocess:
     # "model": the convs pad as written; "zeros" / "reflect": made to pad so (reflect: AdaIN's encoder)
     padding: str = "model"
 
-    def transform(self) -> torch.nn.Module:
-        """torchvision's own ImageNet preset (resize, center crop, to float, normalize), or Caffe's."""
+    def transform(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+        """torchvision's own ImageNet preset (resize, center crop, to float, normalize), or Caffe's;
+        with ``dtype=torch.float64`` the same pixels with every step after them in float64 (``--precision
+        fp64``: the mean and std are then applied exactly, not in float32)."""
+        if dtype == torch.float64:
+            return Float64Preset(self)
         if self.preprocess == "caffe":
             return CaffePreset(resize=self.resize, crop=self.crop, mean=self.mean, interpolation=self.interpolation)
         from torchvision.transforms import InterpolationMode
@@ -99,6 +103,29 @@ class CaffePreset(torch.nn.Module):
         img = F.center_crop(F.resize(img, [self.resize], interpolation=self.interpolation, antialias=True), [self.crop])
         x = (img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)).float()  # (3, H, W), RGB, 0..255
         return x.flip(0) - self.mean  # BGR, mean-subtracted
+
+
+class Float64Preset(torch.nn.Module):
+    """``Preprocess.transform`` in float64: resize and center crop the 8-bit image as the float32
+    presets do, then convert, normalize (torchvision) or flip to BGR and subtract the mean (caffe) in float64."""
+
+    def __init__(self, p: Preprocess) -> None:
+        super().__init__()
+        from torchvision.transforms import InterpolationMode
+
+        self.resize, self.crop, self.interpolation = p.resize, p.crop, InterpolationMode(p.interpolation)
+        self.caffe = p.preprocess == "caffe"
+        self.mean = torch.tensor(p.mean, dtype=torch.float64).view(3, 1, 1)
+        self.std = torch.tensor(p.std, dtype=torch.float64).view(3, 1, 1)
+
+    def forward(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms import functional as F
+
+        img = F.center_crop(F.resize(img, [self.resize], interpolation=self.interpolation, antialias=True), [self.crop])
+        x = (img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)).double()  # (3, H, W), RGB, 0..255
+        if self.caffe:
+            return x.flip(0) - self.mean
+        return (x / 255 - self.mean) / self.std
 
 
 def default_preprocess(
@@ -357,9 +384,11 @@ class FileRange(Dataset[Any]):
 class ImageFiles(FileRange):
     """Decoded, preprocessed images; a file that fails gives ``Sample(index, None, reason)``."""
 
-    def __init__(self, files: list[Path], preprocess: Preprocess, *, start: int = 0) -> None:
+    def __init__(
+        self, files: list[Path], preprocess: Preprocess, *, start: int = 0, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__(files, start=start)
-        self.transform = preprocess.transform()
+        self.transform = preprocess.transform(dtype)
         self.resize = preprocess.resize
 
     def __getitem__(self, i: int) -> Sample:
@@ -414,9 +443,11 @@ def make_loader(
     workers: int,
     start: int = 0,
     device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Iterable[Batch]:
     """Batches of files ``start..`` in order; workers decode the next batches while one runs.
 
+    ``dtype=torch.float64`` (``--precision fp64``) preprocesses in float64 (``Preprocess.transform``).
     With ``preprocess.decode == "gpu"`` the workers read bytes and the JPEGs are decoded on
     ``device`` (``decode_on_device``); the batches' images are then already there.
     """
@@ -425,7 +456,7 @@ def make_loader(
     device = device if device is not None else torch.device("cpu")
     gpu = preprocess.decode == "gpu"
     loader: DataLoader[Any] = DataLoader(
-        RawFiles(files, start=start) if gpu else ImageFiles(files, preprocess, start=start),
+        RawFiles(files, start=start) if gpu else ImageFiles(files, preprocess, start=start, dtype=dtype),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
