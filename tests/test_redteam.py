@@ -5,11 +5,13 @@ lists them.
 """
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 
 import h5py
+import numpy as np
 import pytest
 import torch
 
@@ -228,7 +230,7 @@ def test_an_elongated_image_is_skipped_and_recorded_before_it_is_resized(data, c
     assert r.exit_code == 0, r.output
     st = read_stats(stats)
     assert st.num_images == 8 and [os.path.basename(p) for p, _ in st.skipped] == ["strip.png"]
-    assert "too elongated: 20000x1" in st.skipped[0][1]
+    assert "too large once resized: 20000x1" in st.skipped[0][1]
 
 
 # --- A7: a shard is not the statistics of the data -----------------------------------------------------------
@@ -337,3 +339,155 @@ def test_fp64_preprocesses_in_float64_too(data, checkpoints, tmp_path, preproces
             if isinstance(m, torch.nn.ReLU):
                 expected = x.mean(dim=(0, 2, 3))
                 torch.testing.assert_close(st.layers[conv].mean, expected, rtol=1e-12, atol=0)
+
+
+# --- B: statistics files are read through one validating schema ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def made(photos, checkpoints, tmp_path_factory):
+    """One compute-stats -> apply for the crafted-file tests (which only read these files)."""
+    d = tmp_path_factory.mktemp("made")
+    ckpt, stats, out = d / "w.pth", d / "s.h5", d / "n.pth"
+    ckpt.write_bytes(checkpoints["tiny"].read_bytes())
+    r = invoke("compute-stats", photos, *MODEL, "--weights", ckpt, "-o", stats, *SMALL, "--shard", "0/1")
+    assert r.exit_code == 0, r.output
+    with h5py.File(stats, "r+") as f:  # a one-shard file: merge-stats reads it; apply takes the whole
+        f.attrs["shard"] = ""
+    r = invoke("apply", ckpt, "--stats", stats, "-o", out, *MODEL)
+    assert r.exit_code == 0, r.output
+    return {"ckpt": ckpt, "stats": stats, "out": out, "data": photos}
+
+
+def attr(**values):
+    def edit(f):
+        for key, value in values.items():
+            f.attrs[key] = value
+
+    return edit
+
+
+def replace_dataset(name, **create):
+    def edit(f):
+        del f[name]
+        f.create_dataset(name, **create)
+
+    return edit
+
+
+def soft_link_loop(f):
+    del f["layers/features.3"]
+    f["layers/features.3"] = h5py.SoftLink("/layers/features.3")
+
+
+def external_link(f):
+    other = os.path.join(os.path.dirname(f.filename), "other.h5")
+    with h5py.File(other, "w") as o:
+        o["sum"] = np.ones(8)
+    del f["layers/features.3/sum"]
+    f["layers/features.3/sum"] = h5py.ExternalLink(other, "/sum")
+
+
+CRAFTED = {
+    "crop=-5": (attr(crop=-5), "crop is -5"),
+    "crop='abc'": (attr(crop="abc"), "crop is 'abc'"),
+    "resize an array": (attr(resize=np.array([40, 40])), "resize is an array"),
+    "mean='abc'": (attr(mean="abc"), "mean is 'abc'"),
+    "interpolation='bogus'": (attr(interpolation="bogus"), "interpolation is 'bogus'"),
+    "sum of 1e12 elements": (
+        replace_dataset("layers/features.3/sum", shape=(10**12,), dtype="f8", chunks=(1024,)),
+        "declares shape (1000000000000,)",
+    ),
+    "soft-link loop": (soft_link_loop, "SoftLink"),
+    "external link": (external_link, "ExternalLink"),
+    "shard='abc'": (attr(shard="abc"), "shard is 'abc'"),
+    "classes but no class_sum": (attr(classes='["a", "b", "c"]'), "no class_sum"),
+    "position=500": (attr(position=500), "position is 500"),
+    "position=-4": (attr(position=-4), "position is -4"),
+    "std=[0,0,0]": (attr(std=np.zeros(3)), "std is [0.0, 0.0, 0.0]"),
+    "preprocess='bogus'": (attr(preprocess="bogus"), "preprocess is 'bogus'"),
+    "a float count": (replace_dataset("layers/features.3/count", data=np.float64(8192.0)), "'count' holds float64"),
+    "complete='False'": (attr(complete="False"), "complete is 'False'"),
+    "layer_order not JSON": (attr(layer_order="[features.0"), "layer_order is not JSON"),
+}
+
+
+@pytest.mark.parametrize("case", CRAFTED)
+def test_a_crafted_statistics_file_is_one_line_in_every_command(made, tmp_path, case):
+    """Before: each of these was a traceback (ValueError, TypeError, RecursionError, an 8 TB allocation...),
+    or worse, was read as something else (complete='False' as True, a shard 'abc' split on '/')."""
+    edit, words = CRAFTED[case]
+    bad = edit_stats(made["stats"], tmp_path / "bad.h5", edit)
+    r = invoke("apply", made["ckpt"], "--stats", bad, "-o", tmp_path / "o.pth", *MODEL)
+    one_line_error(r, "bad.h5", words, "measure it again")
+    r = invoke("verify", made["out"], "--original", made["ckpt"], "--stats", bad, *QUICK, *MODEL)
+    one_line_error(r, words, code=2)
+    r = invoke("merge-stats", bad, "-o", tmp_path / "m.h5")
+    one_line_error(r, words)
+    r = invoke("centers", bad, "--layer", "features.3", "-o", tmp_path / "c.pt")
+    one_line_error(r, words)
+    # an unfinished run continued with --resume
+    with h5py.File(bad, "r+") as f:
+        if case != "complete='False'":
+            f.attrs["complete"] = False
+        if not case.startswith("position"):
+            f.attrs["position"] = 4
+    r = invoke("compute-stats", made["data"], *MODEL, "--weights", made["ckpt"], "-o", bad, *SMALL, "--resume")
+    one_line_error(r, words)
+    assert not (tmp_path / "o.pth").exists() and not (tmp_path / "m.h5").exists()
+
+
+def _policy_with(**changes):
+    return lambda real: json.dumps({**real, **changes})
+
+
+@pytest.mark.parametrize(
+    ("policy", "words"),
+    [
+        (lambda real: "{not json", "policy is not JSON"),
+        (lambda real: "[1, 2]", "policy is [1, 2]; expected a mapping"),
+        (_policy_with(crop="abc"), "crop is 'abc'"),
+        (_policy_with(rel_eps="x"), "rel_eps is 'x'; expected a number"),
+        (_policy_with(resize=100000), "resize is 100000"),
+        (_policy_with(std=[0, 0, 0]), "std is [0.0, 0.0, 0.0]"),
+        (lambda real: "null", "policy is None; expected a mapping"),
+    ],
+)
+def test_a_crafted_policy_in_safetensors_metadata_is_one_line(made, tmp_path, policy, words):
+    """Before: bad JSON, a list, crop "abc" or rel_eps "x" in the metadata apply writes were tracebacks
+    (JSONDecodeError, TypeError, ValueError) in verify; resize 100000 and std [0, 0, 0] said "none of the
+    images could be decoded"."""
+    from safetensors.torch import save_file
+
+    real = json.loads((made["out"].parent / "n.report.json").read_text())["inputs"]["policy"]
+    path = tmp_path / "n.safetensors"
+    sd = torch.load(made["out"], weights_only=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, path, metadata={"policy": policy(real)})
+    r = invoke("verify", path, "--data", made["data"], *QUICK, *MODEL)
+    one_line_error(r, "safetensors metadata", words, code=2)
+
+
+def test_a_resize_no_image_can_be_measured_at_is_a_usage_error(made, tmp_path):
+    """Before: compute-stats --resize 100000 decoded every image and tried to resize it to 100000x100000
+    (a MemoryError, or each file skipped as undecodable)."""
+    r = invoke(
+        "compute-stats",
+        made["data"],
+        *MODEL,
+        "--weights",
+        made["ckpt"],
+        "-o",
+        tmp_path / "s.h5",
+        *QUICK,
+        "--resize",
+        100000,
+        "--crop",
+        32,
+    )
+    assert r.exit_code == 2 and "100000 is not in the range 1<=x<=4096" in r.stderr, r.output
+    assert not (tmp_path / "s.h5").exists()
+    from vggnorm.data import Preprocess
+    from vggnorm.errors import DataError
+
+    with pytest.raises(DataError, match="resize 100000: expected a whole number of pixels from 1 to 4096"):
+        Preprocess(resize=100000)

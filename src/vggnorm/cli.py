@@ -30,6 +30,7 @@ from vggnorm.defaults import (
     DEFAULT_RTOL,
     DEFAULT_WEIGHTS,
     LAYOUTS,
+    MAX_RESIZE,
     NAMED_ARCHS,
     PADDINGS,
     POOLINGS,
@@ -195,8 +196,8 @@ def _policy_options(verify: bool) -> Callable[[F], F]:
         )
 
     return options(
-        click.option("--resize", type=click.IntRange(min=1), default=None, help=prefix + RESIZE_HELP),
-        click.option("--crop", type=click.IntRange(min=1), default=None, help=prefix + CROP_HELP),
+        click.option("--resize", type=click.IntRange(1, MAX_RESIZE), default=None, help=prefix + RESIZE_HELP),
+        click.option("--crop", type=click.IntRange(1, MAX_RESIZE), default=None, help=prefix + CROP_HELP),
         choice("--preprocess", PREPROCESSINGS, PREPROCESS_HELP),
         choice("--pooling", POOLINGS, POOLING_HELP),
         choice("--padding", PADDINGS, PADDING_HELP),

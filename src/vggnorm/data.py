@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import stat
 import warnings
@@ -21,13 +22,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from vggnorm.defaults import DECODERS, PREPROCESSINGS
+from vggnorm.defaults import DECODERS, MAX_RESIZE, MAX_RESIZED_PIXELS, PADDINGS, POOLINGS, PREPROCESSINGS
 from vggnorm.errors import DataError, OutputExistsError
 from vggnorm.models import is_user_model
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
+
+
+# torchvision's InterpolationMode values (PIL images take them all)
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,32 @@ class Preprocess:
     decode: str = "cpu"  # or "gpu": JPEGs decoded by nvJPEG and resized on the device (other pixels, see DECODERS)
     # "model": the convs pad as written; "zeros" / "reflect": made to pad so (reflect: AdaIN's encoder)
     padding: str = "model"
+
+    def __post_init__(self) -> None:
+        """Refuse a policy no image can be measured under (from options, a statistics file, or metadata)."""
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RESIZE:
+                raise DataError(
+                    f"{name} {value!r}: expected a whole number of pixels from 1 to {MAX_RESIZE} (a {MAX_RESIZE}x"
+                    f"{MAX_RESIZE} image is the largest vggnorm resizes to)"
+                )
+        choices = {
+            "interpolation": INTERPOLATIONS,
+            "preprocess": PREPROCESSINGS,
+            "pooling": POOLINGS,
+            "decode": DECODERS,
+            "padding": PADDINGS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise DataError(f"{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) != 3 or not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+                raise DataError(f"{name} {values!r}: expected 3 finite numbers, one per color channel")
+        if not all(v > 0 for v in self.std):
+            raise DataError(f"std {self.std!r}: expected 3 positive numbers (the input is divided by them)")
 
     def transform(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         """torchvision's own ImageNet preset (resize, center crop, to float, normalize), or Caffe's;
@@ -69,6 +100,17 @@ class Preprocess:
 
     @classmethod
     def from_attrs(cls, attrs: dict[str, Any]) -> Preprocess:
+        """The policy recorded in ``attrs`` (statistics or apply's record); ``DataError`` when incomplete."""
+        missing = [k for k in ("resize", "crop", "interpolation", "mean", "std") if k not in attrs]
+        if missing:
+            raise DataError(f"the recorded measurement policy has no {', '.join(missing)}: it cannot be measured again")
+        try:
+            return cls._from_attrs(attrs)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"the recorded measurement policy is damaged ({e})") from e
+
+    @classmethod
+    def _from_attrs(cls, attrs: dict[str, Any]) -> Preprocess:
         return cls(
             resize=int(attrs["resize"]),
             crop=int(attrs["crop"]),
@@ -301,11 +343,6 @@ def check_regular(path: str | os.PathLike[str]) -> None:
         raise NotARegularFile(f"not a regular file: {printable(path)} is {kind}")
 
 
-# The largest image the resize may make (pixels; 48 MB as 8-bit RGB): a 143-byte 20000x1 PNG resized
-# to a shorter side of 256 would be 5,120,000 x 256 (3.9 GB). The resize of a square image must fit too.
-MAX_RESIZED_PIXELS = 2**24
-
-
 class ImageTooLarge(ValueError):
     """An image whose resized size (the shorter side to ``--resize``) exceeds ``MAX_RESIZED_PIXELS``."""
 
@@ -321,7 +358,7 @@ def check_resized_size(width: int, height: int, resize: int) -> None:
     w, h = resized_size(max(width, 1), max(height, 1), resize)
     if w * h > MAX_RESIZED_PIXELS:
         raise ImageTooLarge(
-            f"too elongated: {width}x{height} resized to a shorter side of {resize} would be {w}x{h} "
+            f"too large once resized: {width}x{height} resized to a shorter side of {resize} would be {w}x{h} "
             f"({w * h / 1e6:.0f} Mpx, more than the {MAX_RESIZED_PIXELS / 1e6:.0f} Mpx vggnorm allows)"
         )
 

@@ -149,5 +149,11 @@ DEFAULT_REL_EPS = 1e-3
 DEFAULT_RTOL = 1e-4  # activations and logits (run in float64), fold: float32 weight rounding is ~1e-7
 DEFAULT_MEANS_TOL = 1e-3  # |mean - 1| for every live filter on the calibration images
 
+# The largest image the resize may make (pixels; 48 MB as 8-bit RGB): a 143-byte 20000x1 PNG resized
+# to a shorter side of 256 would be 5,120,000 x 256 (3.9 GB), and --resize 100000 would resize every
+# image to at least 100000x100000. An image that would exceed it is skipped; a larger --resize refused.
+MAX_RESIZED_PIXELS = 2**24
+MAX_RESIZE = 4096  # the square root
+
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_CHECKPOINT_SECONDS = 60.0

@@ -17,7 +17,7 @@ from vggnorm.defaults import DEFAULT_EPS, DEFAULT_REL_EPS
 from vggnorm.errors import VggnormError
 from vggnorm.normalize import DeadRule
 from vggnorm.report import report_paths
-from vggnorm.stats import Stats
+from vggnorm.stats import RECORDED_POLICY_SCHEMA, Stats, check_fields
 
 
 def report_base(output: Path) -> Path:
@@ -38,17 +38,30 @@ def recorded_policy(checkpoint: Path) -> tuple[dict[str, object], str] | None:
         except Exception:  # an unreadable file is reported by the loader, with its reason
             return None
         if "policy" in meta:
-            return json.loads(meta["policy"]), f"{checkpoint} (safetensors metadata)"
+            where = f"{checkpoint} (safetensors metadata)"
+            try:
+                policy = json.loads(meta["policy"])
+            except ValueError as e:
+                raise VggnormError(f"{where}: policy is not JSON ({e}): {_REDO}") from e
+            return _checked(policy, where), where
         return None
     report = report_paths(report_base(checkpoint))[0]
     if report.is_file():
         try:
             policy = json.loads(report.read_text()).get("inputs", {}).get("policy")
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             return None
         if isinstance(policy, dict):
-            return policy, str(report)
+            return _checked(policy, str(report)), str(report)
     return None
+
+
+_REDO = "write it again with `vggnorm apply`, or give verify the statistics (--stats), whose policy is used then"
+
+
+def _checked(policy: object, where: str) -> dict[str, object]:
+    """The recorded policy through the schema apply writes it with (``stats.RECORDED_POLICY_SCHEMA``)."""
+    return check_fields(policy, RECORDED_POLICY_SCHEMA, f"{where}: policy", _REDO)
 
 
 @dataclass(frozen=True)
