@@ -491,3 +491,30 @@ def test_a_resize_no_image_can_be_measured_at_is_a_usage_error(made, tmp_path):
 
     with pytest.raises(DataError, match="resize 100000: expected a whole number of pixels from 1 to 4096"):
         Preprocess(resize=100000)
+
+
+# --- checkpoints: integer weights, BatchNorm without its counter ----------------------------------------------
+
+
+def test_integer_weights_are_refused_by_inspect_and_compute_stats_naming_the_tensors(data, checkpoints, tmp_path):
+    """Before: inspect said int32 weights fit; compute-stats then failed with torch's multi-line error."""
+    sd = torch.load(checkpoints["tiny"], weights_only=True)
+    torch.save({k: (v * 100).to(torch.int32) for k, v in sd.items()}, tmp_path / "int.pth")
+    r = invoke("inspect", TINY["tiny"], "--weights", tmp_path / "int.pth")
+    one_line_error(r, "not floating-point", "features.0.weight (int32)", code=2)
+    r = invoke("compute-stats", data, *MODEL, "--weights", tmp_path / "int.pth", "-o", tmp_path / "s.h5", *SMALL)
+    one_line_error(r, "not floating-point", "features.0.weight (int32)")
+
+
+def test_a_batchnorm_checkpoint_without_num_batches_tracked_is_accepted_as_torch_loads_it(data, checkpoints, tmp_path):
+    """Before: refused as "missing keys: ...num_batches_tracked", though load_state_dict(strict=True) takes it."""
+    model = ["--model", TINY["tiny_bn"]]
+    sd = torch.load(checkpoints["tiny_bn"], weights_only=True)
+    ckpt, stats, out = tmp_path / "bn.pth", tmp_path / "s.h5", tmp_path / "n.pth"
+    torch.save({k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}, ckpt)
+    r = invoke("compute-stats", data, *model, "--weights", ckpt, "-o", stats, *SMALL)
+    assert r.exit_code == 0, r.output
+    r = invoke("apply", ckpt, "--stats", stats, "-o", out, *model)
+    assert r.exit_code == 0, r.output
+    r = invoke("verify", out, "--original", ckpt, "--stats", stats, "--data", data, *QUICK, *model)
+    assert r.exit_code == 0 and "4 passed" in r.stdout, r.output

@@ -218,7 +218,7 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor], *, prefer: str | None = N
     all_shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     features_only = is_features_only(state_dict)
     for arch in dict.fromkeys([*([prefer] if prefer in known_archs() else []), *known_archs()]):
-        expected = _shapes(arch)
+        expected = _without_missing_counters(_shapes(arch), state_dict)
         if features_only:
             expected = {k: v for k, v in expected.items() if k.startswith("features.")}
         if all_shapes == expected:
@@ -237,6 +237,17 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor], *, prefer: str | None = N
     )
 
 
+# BatchNorm's counter of training batches: torch's load_state_dict fills it in when a checkpoint lacks it
+COUNTER = "num_batches_tracked"
+
+
+def _without_missing_counters(
+    expected: dict[str, tuple[int, ...]], state_dict: Mapping[str, torch.Tensor]
+) -> dict[str, tuple[int, ...]]:
+    """``expected`` without the BatchNorm counters ``state_dict`` lacks (``torch`` loads such a checkpoint)."""
+    return {k: v for k, v in expected.items() if k in state_dict or not k.endswith(COUNTER)}
+
+
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], arch: str, *, features_only: bool = False) -> None:
     """Raise ``CheckpointError`` listing missing, unexpected and mis-shaped keys (sorted)."""
     expected = _shapes(arch)
@@ -244,13 +255,16 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], arch: str, *, featu
     optional = (
         {k: v for k, v in affine_keys(arch).items() if k in state_dict} if set(state_dict) - set(expected) else {}
     )
-    expected = {**expected, **optional}
+    expected = _without_missing_counters({**expected, **optional}, state_dict)
     if features_only:
         expected = {k: v for k, v in expected.items() if k.startswith("features.")}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     shapes = sorted(k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != expected[k])
-    if missing or unexpected or shapes:
+    dtypes = [  # in the state_dict's (forward) order
+        k for k in state_dict if k in expected and not state_dict[k].is_floating_point() and not k.endswith(COUNTER)
+    ]
+    if missing or unexpected or shapes or dtypes:
         parts = []
         if missing:
             parts.append(f"missing keys: {', '.join(missing)}")
@@ -259,6 +273,14 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], arch: str, *, featu
         if shapes:
             parts.append(
                 "wrong shapes: " + ", ".join(f"{k} {tuple(state_dict[k].shape)} != {expected[k]}" for k in shapes)
+            )
+        if dtypes:
+            parts.append(
+                "not floating-point: "
+                + ", ".join(f"{k} ({str(state_dict[k].dtype).removeprefix('torch.')})" for k in dtypes[:5])
+                + (f" and {len(dtypes) - 5} more" if len(dtypes) > 5 else "")
+                + " (weights are float32, float64, float16 or bfloat16; a quantized or integer checkpoint is not "
+                "a network vggnorm can measure)"
             )
         raise CheckpointError(f"the state_dict does not fit {arch}: " + "; ".join(parts))
 

@@ -128,7 +128,7 @@ def resolve_weights(
                 check_state_dict(sd, arch, features_only=is_features_only(sd))
             except CheckpointError:
                 actual = _arch_of(sd)
-                if actual is None:
+                if actual is None or actual == arch:  # it fits, but something else is wrong: say what
                     raise
                 flag = f"--model {actual}" if is_user_model(actual) else f"--arch {actual}"
                 raise WeightsError(
