@@ -518,3 +518,36 @@ def test_a_batchnorm_checkpoint_without_num_batches_tracked_is_accepted_as_torch
     assert r.exit_code == 0, r.output
     r = invoke("verify", out, "--original", ckpt, "--stats", stats, "--data", data, *QUICK, *model)
     assert r.exit_code == 0 and "4 passed" in r.stdout, r.output
+
+
+# --- a full disk under centers -o ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_centers_on_a_full_disk_is_one_line_and_leaves_nothing(classes, checkpoints, tmp_path, suffix):
+    """Before: torch.save's "unexpected pos" RuntimeError, a traceback (the file-size limit stands in for a
+    full disk: the write fails with EFBIG, as with ENOSPC)."""
+    import resource
+    import subprocess
+    import sys
+
+    stats, out = tmp_path / "s.h5", tmp_path / f"c{suffix}"
+    r = invoke("compute-stats", classes, *MODEL, "--weights", checkpoints["tiny"], "-o", stats, *SMALL, "--per-class")
+    assert r.exit_code == 0, r.output
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200, 200))
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    p = subprocess.run(
+        [sys.executable, "-m", "vggnorm", "centers", str(stats), "--layer", "features.3", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        preexec_fn=small_files,
+        env=env,
+        timeout=300,
+    )
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "File too large" in p.stderr and "nothing was written" in p.stderr, p.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["classes", "s.h5"]

@@ -8,6 +8,7 @@ nearest-class-mean classifier.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -59,5 +60,7 @@ def write_centers(stats_path: Path, layer: str, output: Path, *, force: bool = F
             meta = {"classes": json.dumps(classes), "layer": path, "stats": str(stats_path)}
             tmp.write_bytes(save({"centers": centers.contiguous()}, metadata=meta))
         else:
-            torch.save({"centers": centers, "classes": classes, "layer": path}, tmp)
+            buffer = io.BytesIO()  # bytes written by Python: a full disk is an OSError (torch.save's is not)
+            torch.save({"centers": centers, "classes": classes, "layer": path}, buffer)
+            tmp.write_bytes(buffer.getbuffer())
     return centers, classes
