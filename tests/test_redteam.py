@@ -551,3 +551,88 @@ def test_centers_on_a_full_disk_is_one_line_and_leaves_nothing(classes, checkpoi
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
     assert "File too large" in p.stderr and "nothing was written" in p.stderr, p.stderr
     assert sorted(x.name for x in tmp_path.iterdir()) == ["classes", "s.h5"]
+
+
+# --- C: messages name only what the command has; exit statuses agree -----------------------------------------
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """torchvision's weights cannot be downloaded (and are not cached)."""
+    import torchvision
+
+    def fail(self, progress, check_hash):
+        raise OSError("offline")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", fail)
+
+
+def test_offline_torchvision_weights_name_the_option_of_each_command_and_exit_1(offline, made, tmp_path):
+    """Before: apply and verify --original said to pass `--weights PATH.pth`, an option they lack; verify
+    exited 2 where compute-stats and apply exit 1."""
+    features = tmp_path / "v11.pth"
+    from conftest import features_state_dict
+
+    torch.save(features_state_dict("vgg11"), features)
+    stats = tmp_path / "s.h5"
+    r = invoke("compute-stats", made["data"], "--arch", "vgg11", "-o", stats, *SMALL)
+    one_line_error(r, "--weights PATH.pth")
+    r = invoke("compute-stats", made["data"], "--arch", "vgg11", "--weights", features, "-o", stats, *SMALL)
+    assert r.exit_code == 0, r.output
+    r = invoke("apply", "IMAGENET1K_V1", "--stats", stats, "-o", tmp_path / "n.pth")
+    one_line_error(r, "`vggnorm apply PATH.pth --stats ...`")
+    assert "--weights" not in r.stderr
+    r = invoke("apply", features, "--stats", stats, "-o", tmp_path / "n.pth")
+    assert r.exit_code == 0, r.output
+    r = invoke("verify", tmp_path / "n.pth", "--original", "IMAGENET1K_V1", "--stats", stats, *QUICK)
+    one_line_error(r, "--original PATH.pth")
+    assert "--weights" not in r.stderr
+
+
+def test_inspect_names_the_other_arch_as_inspect_takes_it(tmp_path):
+    """Before: `inspect vgg13 --weights vgg11.pth` said "pass --arch vgg11"; inspect has no --arch."""
+    from conftest import features_state_dict
+
+    torch.save(features_state_dict("vgg11"), tmp_path / "v11.pth")
+    r = invoke("inspect", "vgg13", "--weights", tmp_path / "v11.pth")
+    one_line_error(r, f"run `vggnorm inspect vgg11 --weights {tmp_path / 'v11.pth'}`", code=2)
+    assert "--arch" not in r.stderr
+
+
+@pytest.mark.parametrize("key", ["model_state_dict", "net"])
+def test_a_training_checkpoint_names_the_key_that_holds_the_weights_and_how_to_extract_them(made, tmp_path, key):
+    """Before: "does not hold a state_dict", without saying where the weights were."""
+    sd = torch.load(made["ckpt"], weights_only=True)
+    torch.save({key: sd, "optimizer_state_dict": {"param_groups": [{"lr": 0.1}]}, "epoch": 3}, tmp_path / "t.pth")
+    r = invoke("inspect", TINY["tiny"], "--weights", tmp_path / "t.pth")
+    one_line_error(r, f"under {key!r}", f"torch.load('{tmp_path / 't.pth'}', weights_only=True)[{key!r}]", code=2)
+
+
+def test_a_failed_write_in_verify_exits_1_as_everywhere(made, tmp_path, monkeypatch):
+    """Before: a full disk under verify --report exited 2 (usage), while the README promises 1."""
+    import errno
+
+    from vggnorm.report import Report
+
+    def full(self, json_path, md_path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Report, "write", full)
+    r = invoke("verify", made["out"], "--data", made["data"], *QUICK, *MODEL, "--report", tmp_path / "r")
+    one_line_error(r, "No space left on device", "nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_centers_takes_the_layer_names_verify_prints_and_an_unknown_layer_is_a_usage_error(classes, tmp_path):
+    """Before: `--layer relu5_4` (as verify prints the layers) and the activation's path were refused, and an
+    unknown --layer exited 1 (a bad option value: 2 everywhere else)."""
+    stats = tmp_path / "s.h5"
+    arch = ["--arch", "vgg11", "--weights", "random:0", "--resize", 36, "--crop", 32, *QUICK, "--per-class"]
+    r = invoke("compute-stats", classes, *arch, "-o", stats)
+    assert r.exit_code == 0, r.output
+    for name in ("features.3", "conv2_1", "relu2_1", "features.4"):
+        r = invoke("centers", stats, "--layer", name, "-o", tmp_path / f"{name}.pt")
+        assert r.exit_code == 0, r.output
+        assert torch.load(tmp_path / f"{name}.pt", weights_only=True)["layer"] == "features.3"
+    r = invoke("centers", stats, "--layer", "relu9_9", "-o", tmp_path / "c.pt")
+    one_line_error(r, "--layer relu9_9", "features.3 (conv2_1)", code=2)

@@ -43,7 +43,7 @@ from vggnorm.normalize import DeadRule, LayerScales, float32_bounds, fold_state_
 from vggnorm.policy import report_base
 from vggnorm.report import Report, layer_summary, report_paths
 from vggnorm.stats import Stats, now, read_stats
-from vggnorm.weights import Weights, resolve_weights
+from vggnorm.weights import APPLY, Weights, resolve_weights
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def default_output(spec: str, arch: str) -> Path:
 def weights_for(spec: str, stats: Stats) -> Weights:
     """Resolve the checkpoint that ``stats`` belongs to; refuse one with another arch or other weights."""
     arch = str(stats.attrs["arch"])
-    weights = resolve_weights(spec, arch=None if os.path.isfile(spec) else arch, prefer=arch)
+    weights = resolve_weights(spec, arch=None if os.path.isfile(spec) else arch, prefer=arch, given=APPLY)
     if weights.arch != arch:
         raise StatsMismatchError(f"the statistics are for {arch}, but {spec} is a {weights.arch} checkpoint")
     if weights.sha256 != stats.attrs.get("weights_sha256"):

@@ -17,7 +17,7 @@ import torch
 
 from vggnorm.checkpoint import atomic_write
 from vggnorm.defaults import NAMED_ARCHS
-from vggnorm.errors import VggnormError
+from vggnorm.errors import UsageError, VggnormError
 from vggnorm.models import conv_names
 from vggnorm.stats import read_stats
 
@@ -32,13 +32,21 @@ def write_centers(stats_path: Path, layer: str, output: Path, *, force: bool = F
     if not stats.classes:
         raise VggnormError(f"{stats_path} has no per-class sums; measure with `vggnorm compute-stats ... --per-class`")
     arch = str(stats.attrs.get("arch", ""))
-    by_name = {v: k for k, v in conv_names(arch).items()} if arch in NAMED_ARCHS else {}
-    path = by_name.get(layer, layer)
+    names = conv_names(arch) if arch in NAMED_ARCHS else {}
+    # a site by its producing layer's path or its activation's (features.34, features.35), or by Gatys'
+    # name of either (conv5_4, relu5_4: verify prints the measured layers so)
+    by_name = {
+        **{n: p for p, n in names.items()},
+        **{n.replace("conv", "relu", 1): p for p, n in names.items()},
+        **{site.relu: p for p, site in stats.layers.items()},
+    }
+    path = layer if layer in stats.layers else by_name.get(layer, layer)
     if path not in stats.layers:
-        known = ", ".join(
-            f"{p} ({n})" if (n := conv_names(arch).get(p) if by_name else None) else p for p in stats.layers
+        known = ", ".join(f"{p} ({names[p]})" if p in names else p for p in stats.layers)
+        raise UsageError(
+            f"--layer {layer}: {stats_path} has no such site; its sites are {known} (or their activations' paths, "
+            "or relu names)"
         )
-        raise VggnormError(f"{stats_path} has no layer {layer!r}; its layers are {known}")
     site = stats.layers[path]
     assert site.class_count is not None
     present = site.class_count > 0

@@ -242,6 +242,23 @@ def load_state_dict(path: str | os.PathLike[str]) -> StateDict:
                 raw = raw[key]
                 break
     if not isinstance(raw, Mapping) or not raw or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        nested = (
+            [
+                k
+                for k, v in raw.items()
+                if isinstance(v, Mapping) and v and all(isinstance(t, torch.Tensor) for t in v.values())
+            ]
+            if isinstance(raw, Mapping)
+            else []
+        )
+        if nested and isinstance(raw, Mapping):  # a training checkpoint: {"model_state_dict": ..., "epoch": ...}
+            others = [str(k) for k in raw if k not in nested][:4]
+            raise CheckpointError(
+                f"{path} is a dict holding state_dict(s) under {', '.join(repr(k) for k in nested)}"
+                + (f" beside {', '.join(others)}" if others else "")
+                + f", not a state_dict itself; extract the model's: `python -c \"import torch; torch.save(torch.load("
+                f"'{path}', weights_only=True)[{nested[0]!r}], 'weights.pth')\"` and pass weights.pth"
+            )
         raise CheckpointError(f"{path} does not hold a state_dict (a mapping from names to tensors)")
     return strip_prefixes(raw)
 

@@ -39,7 +39,7 @@ from vggnorm.defaults import (
     WEIGHTINGS,
     torchvision_classifiers,
 )
-from vggnorm.errors import VggnormError
+from vggnorm.errors import UsageError, VggnormError
 
 SHOWN_SKIPPED = 20
 F = TypeVar("F", bound=Callable[..., Any])
@@ -53,8 +53,11 @@ class UsageFailure(click.ClickException):
 
 @contextmanager
 def user_errors(exc: type[click.ClickException] = click.ClickException) -> Iterator[None]:
+    """Library errors as one line: exit 2 for ``UsageError`` (an option naming nothing), else ``exc``'s status."""
     try:
         yield
+    except UsageError as e:
+        raise UsageFailure(str(e)) from e
     except VggnormError as e:
         raise exc(str(e)) from e
     except OSError as e:  # the file system said no (permissions, disk full, ...): not a vggnorm bug
@@ -543,7 +546,7 @@ def verify_cmd(normalized: Path, model: str | None, output_format: str, **option
     Example: vggnorm verify vgg19-normalized.pth --original vgg19.pth --stats vgg19-stats.h5 --data val/
     """
     from vggnorm.checks import NOT_RUN, PASS
-    from vggnorm.errors import InvalidValuesError
+    from vggnorm.errors import InvalidValuesError, WeightsUnavailableError, WriteError
     from vggnorm.report import report_paths
     from vggnorm.verify import verify_checkpoint
 
@@ -553,7 +556,9 @@ def verify_cmd(normalized: Path, model: str | None, output_format: str, **option
                 _import_model(model)
             result = verify_checkpoint(normalized, **options)
     except UsageFailure as e:
-        if isinstance(e.__cause__, InvalidValuesError):  # a bad file, not bad usage: it fails verification
+        # a bad file, a refused write, weights that cannot be had here: not bad usage; status 1, as in the
+        # other commands (a failed verification)
+        if isinstance(e.__cause__, InvalidValuesError | WriteError | WeightsUnavailableError):
             raise click.ClickException(e.message) from e
         raise
     if output_format == "json":

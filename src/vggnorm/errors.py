@@ -15,6 +15,16 @@ class WeightsError(VggnormError):
     """A weight SPEC that cannot be resolved (bad path, unknown name, offline, bad file)."""
 
 
+class UsageError(VggnormError):
+    """An option's value that names nothing there is (an unknown ``--layer``): exit status 2 in every command,
+    as for Click's own usage errors."""
+
+
+class WeightsUnavailableError(WeightsError):
+    """Weights that cannot be had here (offline, not in torchvision's cache): the environment, not the
+    command line, so exit status 1 in every command (verify too)."""
+
+
 class CheckpointError(VggnormError):
     """A checkpoint file that cannot be read, or a state_dict that does not fit the architecture."""
 

@@ -117,10 +117,10 @@ def _offset(c: Any, site: str) -> str:
 def inspect_model(arch: str, *, weights: str | None = None, add_affine: bool = False) -> Inspection:
     """The analysis of ``arch`` (a torchvision name, or a user model imported with ``--model``);
     with ``weights`` (a SPEC), also whether they fit it (keys, shapes, finite values)."""
-    from vggnorm.weights import resolve_weights
+    from vggnorm.weights import INSPECT, resolve_weights
 
     result = Inspection(arch, topology(arch, add_affine))
     if weights is not None:
-        w = resolve_weights(weights, arch=arch)
+        w = resolve_weights(weights, arch=arch, given=INSPECT)
         result.weights = f"{weights} fits {arch} ({len(w.state_dict)} tensors, sha256 {w.sha256[:12]})"
     return result

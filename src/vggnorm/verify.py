@@ -52,7 +52,7 @@ from vggnorm.normalize import LayerScales, float32_bounds, fold_state_dict, scal
 from vggnorm.policy import Policy, report_base, resolve_policy
 from vggnorm.report import Report, layer_summary, measured_summary, report_paths
 from vggnorm.stats import LayerStats, Stats, read_stats
-from vggnorm.weights import Weights, resolve_weights
+from vggnorm.weights import VERIFY, Weights, resolve_weights
 from vggnorm.witness import activation_means
 
 FOLD_DESC = "the checkpoint equals fold(original, stats) recomputed"
@@ -134,10 +134,10 @@ def verify_checkpoint(
     weights = None
     if original is not None and (os.path.isfile(original) or prefer is not None):
         arch_hint = None if os.path.isfile(original) else prefer
-        weights = resolve_weights(original, arch=arch_hint, prefer=prefer, background_hash=True)
+        weights = resolve_weights(original, arch=arch_hint, prefer=prefer, background_hash=True, given=VERIFY)
     target = Normalized.load(normalized_path, prefer=prefer)
     if original is not None and weights is None:
-        weights = resolve_weights(original, arch=target.arch, prefer=target.arch, background_hash=True)
+        weights = resolve_weights(original, arch=target.arch, prefer=target.arch, background_hash=True, given=VERIFY)
     arch = _arch(target, stats, weights, original)
     options: dict[str, Any] = {
         "resize": resize,

@@ -22,7 +22,7 @@ import torch
 
 from vggnorm.checkpoint import StateDict, check_finite, load_state_dict, state_dict_sha256
 from vggnorm.defaults import DEFAULT_ARCH, RANDOM_PREFIX
-from vggnorm.errors import CheckpointError, WeightsError
+from vggnorm.errors import CheckpointError, WeightsError, WeightsUnavailableError
 from vggnorm.layouts import to_torchvision_layout
 from vggnorm.models import build_model, check_arch, check_state_dict, infer_arch, is_features_only, is_user_model
 
@@ -46,7 +46,22 @@ class Weights:
         return is_features_only(self.state_dict)
 
 
-def _torchvision_weights(arch: str, name: str) -> StateDict:
+@dataclass(frozen=True)
+class Given:
+    """Where the command took the weight SPEC from, for hints that name only options it has."""
+
+    as_file: str = "--weights PATH.pth"  # how to give the weights as a file instead
+    other_arch: str = "pass --arch {arch}"  # how to name another arch ({arch}), "" where the command cannot
+
+
+# compute-stats (the default), inspect, apply, verify
+COMPUTE = Given()
+INSPECT = Given(other_arch="run `vggnorm inspect {arch} --weights {spec}`")
+APPLY = Given(as_file="`vggnorm apply PATH.pth --stats ...` (CKPT as a file)", other_arch="")
+VERIFY = Given(as_file="--original PATH.pth", other_arch="")
+
+
+def _torchvision_weights(arch: str, name: str, given: Given = COMPUTE) -> StateDict:
     import torchvision
 
     enum = torchvision.models.get_model_weights(arch)
@@ -62,10 +77,10 @@ def _torchvision_weights(arch: str, name: str) -> StateDict:
         with contextlib.redirect_stdout(sys.stderr):  # torchvision prints "Downloading ..." to stdout
             return entry.get_state_dict(progress=False, check_hash=True)
     except (urllib.error.URLError, OSError, RuntimeError) as e:
-        raise WeightsError(
+        raise WeightsUnavailableError(
             f"could not load the {arch} {name} weights: they are not in torchvision's cache ({cached}) "
             f"and downloading {entry.url} failed ({e}). Either download that file on a machine with "
-            f"internet and copy it to {cached}, or pass the weights as a file: --weights PATH.pth"
+            f"internet and copy it to {cached}, or pass the weights as a file: {given.as_file}"
         ) from e
 
 
@@ -103,7 +118,7 @@ def _hash_in_background(state_dict: StateDict) -> Future[str]:
 
 
 def resolve_weights(
-    spec: str, *, arch: str | None, prefer: str | None = None, background_hash: bool = False
+    spec: str, *, arch: str | None, prefer: str | None = None, background_hash: bool = False, given: Given = COMPUTE
 ) -> Weights:
     """Resolve a weight SPEC (path, torchvision name or ``random:SEED``) to a checked state_dict.
 
@@ -130,9 +145,12 @@ def resolve_weights(
                 actual = _arch_of(sd)
                 if actual is None or actual == arch:  # it fits, but something else is wrong: say what
                     raise
-                flag = f"--model {actual}" if is_user_model(actual) else f"--arch {actual}"
+                hint = given.other_arch.format(arch=actual, spec=spec)
+                if hint.startswith("pass --arch") and is_user_model(actual):
+                    hint = f"pass --model {actual}"
                 raise WeightsError(
-                    f"{spec} holds {actual} weights (its keys and shapes fit {actual}), not {arch}; pass {flag}"
+                    f"{spec} holds {actual} weights (its keys and shapes fit {actual}), not {arch}"
+                    + (f"; {hint}" if hint else "")
                 ) from None
         except CheckpointError as e:
             raise WeightsError(f"{spec}: {e}") from e
@@ -141,6 +159,6 @@ def resolve_weights(
         check_arch(arch)
         if is_user_model(arch):
             raise WeightsError(f"{spec!r} is not a file: a --model needs its weights as a file or random:SEED")
-        sd = _torchvision_weights(arch, spec)
+        sd = _torchvision_weights(arch, spec, given)
     check_finite(sd, spec)
     return Weights(spec, arch, sd, _hash_in_background(sd) if background_hash else state_dict_sha256(sd))
