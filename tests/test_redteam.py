@@ -636,3 +636,12 @@ def test_centers_takes_the_layer_names_verify_prints_and_an_unknown_layer_is_a_u
         assert torch.load(tmp_path / f"{name}.pt", weights_only=True)["layer"] == "features.3"
     r = invoke("centers", stats, "--layer", "relu9_9", "-o", tmp_path / "c.pt")
     one_line_error(r, "--layer relu9_9", "features.3 (conv2_1)", code=2)
+
+
+def test_the_progress_bar_prints_its_last_line_once(data, checkpoints, tmp_path):
+    """Before: "100%| 8/8 ..." twice in a log (once when the last batch arrived, once when the bar closed)."""
+    for batch in (32, 3):
+        args = ["--resize", 40, "--crop", 32, "--workers", 0, "--batch-size", batch, "--force"]
+        r = invoke("compute-stats", data, *MODEL, "--weights", checkpoints["tiny"], "-o", tmp_path / "s.h5", *args)
+        assert r.exit_code == 0, r.output
+        assert r.stderr.count("8/8") == 1, r.stderr

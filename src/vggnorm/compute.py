@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torchvision
-from tqdm import tqdm
 
 import vggnorm
 from vggnorm import data as data_mod
@@ -32,6 +31,7 @@ from vggnorm.errors import DataError, OutputExistsError, ResumeMismatchError, St
 from vggnorm.labels import Labels, from_file, from_folders
 from vggnorm.layers import Site
 from vggnorm.models import check_arch, check_input_size, checked_topology
+from vggnorm.progress import Progress
 from vggnorm.stats import MEASUREMENT_KEYS, Stats, attr_differences, now, read_stats, write_stats
 from vggnorm.weights import resolve_weights
 
@@ -410,7 +410,7 @@ def _stream(run: StatsRun, model: torch.nn.Module, preprocess: data_mod.Preproce
         device=run.device,
         dtype=torch.float64 if config.precision == "fp64" else torch.float32,
     )
-    bar = tqdm(
+    bar = Progress(
         total=run.plan.total,
         initial=run.position * world.size,
         unit="img",
