@@ -9,7 +9,7 @@ from __future__ import annotations
 from tqdm import tqdm
 
 
-class Progress(tqdm):  # type: ignore[type-arg]
+class Progress(tqdm):
     """``tqdm`` whose update reaching the total leaves the last line to ``close`` (printed once)."""
 
     def update(self, n: float | None = 1) -> bool | None:
