@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,18 @@ from vggnorm.weights import random_state_dict  # noqa: E402
 
 # the look-alikes as --model archs, in this process (CliRunner) as in subprocesses (they pass --model)
 TINY = {"tiny": import_user_model(MODEL), "tiny_bn": import_user_model(MODEL_BN)}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporaries_under_basetemp(tmp_path_factory):
+    """Every temporary file of the run (torchrun's torchelastic_* folders, torch's caches, subprocesses')
+    goes under pytest's basetemp, which a passing run removes (``tmp_path_retention_policy = "failed"``):
+    a passing ``make test`` leaves nothing in the temp folder."""
+    folder = tmp_path_factory.mktemp("tmpdir")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TMPDIR", str(folder))
+        mp.setattr(tempfile, "tempdir", str(folder))
+        yield folder
 
 
 def invoke(*args):

@@ -645,3 +645,14 @@ def test_the_progress_bar_prints_its_last_line_once(data, checkpoints, tmp_path)
         r = invoke("compute-stats", data, *MODEL, "--weights", checkpoints["tiny"], "-o", tmp_path / "s.h5", *args)
         assert r.exit_code == 0, r.output
         assert r.stderr.count("8/8") == 1, r.stderr
+
+
+def test_the_suite_keeps_its_temporaries_where_a_passing_run_removes_them(tmp_path_factory):
+    """Before: a passing `make test` left torchrun's torchelastic_* folders (and torch's caches) in /tmp."""
+    import tempfile
+    from pathlib import Path
+
+    base = tmp_path_factory.getbasetemp()
+    assert Path(tempfile.gettempdir()).is_relative_to(base)
+    assert Path(os.environ["TMPDIR"]).is_relative_to(base)
+    assert tmp_path_factory._retention_policy == "failed"  # pyproject.toml: removed when every test passes
