@@ -77,6 +77,12 @@ def test_verify_never_writes_into_its_data_folder_even_with_force(run, tmp_path)
     r = invoke(*verify, "--report", tmp_path / "alias" / "r", "--force")
     one_line_error(r, "--data", code=2)
     assert snapshot(data) == before
+    # a symlinked subfolder of the data: its files are images of the next run
+    (tmp_path / "elsewhere").mkdir()
+    (data / "more").symlink_to(tmp_path / "elsewhere")
+    r = invoke(*verify, "--report", tmp_path / "elsewhere" / "r")
+    one_line_error(r, "--data", code=2)
+    assert list((tmp_path / "elsewhere").iterdir()) == []
     r = invoke(*verify, "--report", tmp_path / "r", "--junit-xml", tmp_path / "j.xml")
     assert r.exit_code == 0, r.output
 
@@ -656,3 +662,17 @@ def test_the_suite_keeps_its_temporaries_where_a_passing_run_removes_them(tmp_pa
     assert Path(tempfile.gettempdir()).is_relative_to(base)
     assert Path(os.environ["TMPDIR"]).is_relative_to(base)
     assert tmp_path_factory._retention_policy == "failed"  # pyproject.toml: removed when every test passes
+
+
+def test_per_class_statistics_whose_classes_outnumber_class_sum_are_one_line(classes, checkpoints, tmp_path):
+    """Before: `classes` longer than `class_sum` was read as is: centers wrote 2 rows under 3 class names,
+    exit 0."""
+    stats = tmp_path / "s.h5"
+    r = invoke("compute-stats", classes, *MODEL, "--weights", checkpoints["tiny"], "-o", stats, *SMALL, "--per-class")
+    assert r.exit_code == 0, r.output
+    with h5py.File(stats, "r+") as f:
+        f.attrs["classes"] = json.dumps(["cat", "dog", "ghost"])
+    r = invoke("centers", stats, "--layer", "features.3", "-o", tmp_path / "c.pt")
+    one_line_error(r, "class_sum (2, 4) and class_count (2,) do not match the 3 classes")
+    r = invoke("apply", checkpoints["tiny"], "--stats", stats, "--weighting", "class", "-o", tmp_path / "n.pth", *MODEL)
+    one_line_error(r, "do not match the 3 classes")

@@ -247,13 +247,29 @@ def refuse_outputs_in(outputs: Iterable[Path], root: Path, option: str) -> None:
     symlinks too) or that is one of its images (a hard link, a symlinked subfolder): it would overwrite
     an image, or become one at the next run."""
     top = Path(root).resolve()
+    folders = _folders(root)
     for out in outputs:
         where = Path(out).parent.resolve() / Path(out).name
-        if where == top or where.is_relative_to(top) or _is_one_of(out, root):
+        if where == top or where.is_relative_to(top) or where.parent in folders or _is_one_of(out, root):
             raise OutputExistsError(
                 f"{out} is inside the image folder {option} {root}: vggnorm never writes into its data, even with "
                 "--force; choose a path outside it"
             )
+
+
+def _folders(root: Path) -> set[Path]:
+    """Every folder ``find_images`` reads under ``root``, resolved (symlinked subfolders lead elsewhere)."""
+    out: set[Path] = set()
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, _ in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out.add(Path(dirpath).resolve())
+    return out
 
 
 def _is_one_of(path: Path, root: Path) -> bool:
