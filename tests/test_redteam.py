@@ -126,6 +126,12 @@ def test_a_fifo_named_like_an_image_is_skipped_and_recorded_not_waited_on(run, t
         st = read_stats(stats)
         assert st.num_images == 8 and [p for p, _ in st.skipped] == [str(fifo)]
         assert "not a regular file" in st.skipped[0][1]
+        with h5py.File(stats, "r+") as f:  # as if interrupted after 4 of the 9 files: --resume reaches the FIFO
+            f.attrs["complete"], f.attrs["position"] = False, 4
+        args = ["-o", stats, *SMALL, "--resume"]
+        r = _with_timeout(30, lambda: invoke("compute-stats", data, *MODEL, "--weights", run["ckpt"], *args))
+        assert r is not None, "compute-stats --resume hung on a FIFO"
+        assert r.exit_code == 0, r.output
         r = _with_timeout(30, lambda: invoke("verify", run["out"], "--data", data, *QUICK, *MODEL))
         assert r is not None, "verify --data hung on a FIFO"
         assert r.exit_code == 0 and "1 skipped" in r.stdout, r.output
