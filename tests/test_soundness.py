@@ -25,8 +25,8 @@ SIZE = ["--resize", "40", "--crop", "32", "--workers", 0, "--no-progress"]
 
 
 def _images(photos) -> torch.Tensor:
-    transform = Preprocess(resize=40, crop=32).transform()
-    return torch.stack([transform(load_rgb(f)) for f in find_images(photos)]).double()
+    transform = Preprocess(resize=40, crop=32).transform(torch.float64)  # as compute-stats --precision fp64
+    return torch.stack([transform(load_rgb(f)) for f in find_images(photos)])
 
 
 def _own_means(model: nn.Module, x: torch.Tensor, paths: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
