@@ -682,3 +682,24 @@ def test_per_class_statistics_whose_classes_outnumber_class_sum_are_one_line(cla
     one_line_error(r, "class_sum (2, 4) and class_count (2,) do not match the 3 classes")
     r = invoke("apply", checkpoints["tiny"], "--stats", stats, "--weighting", "class", "-o", tmp_path / "n.pth", *MODEL)
     one_line_error(r, "do not match the 3 classes")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision 0.29's decoders (see decode_jpegs)
+def test_device_decoding_skips_the_same_elongated_images_as_the_cpu_decoder(data):
+    """Before: --decode gpu read a 20000x1 PNG (PIL) or JPEG (the device) and resized it on the GPU unbounded."""
+    import dataclasses
+
+    from PIL import Image
+
+    from vggnorm.data import default_preprocess, find_images, make_loader
+
+    Image.new("RGB", (20000, 1), (200, 10, 10)).save(data / "strip.png")
+    Image.new("RGB", (1, 20000), (10, 200, 10)).save(data / "strip.jpg", "JPEG")
+    files = find_images(data)
+    cpu = default_preprocess(TINY["tiny"], resize=40, crop=32)
+    for p in (cpu, dataclasses.replace(cpu, decode="gpu")):
+        batches = list(make_loader(files, p, batch_size=4, workers=0, device=torch.device("cpu")))
+        failures = {files[i].name: reason for b in batches for i, reason in b.failures}
+        assert sorted(failures) == ["strip.jpg", "strip.png"], (p.decode, failures)
+        assert all(r.startswith("too large once resized") for r in failures.values()), failures
+        assert sum(len(b.indices) for b in batches) == 8

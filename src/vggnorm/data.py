@@ -509,7 +509,9 @@ def make_loader(
     device = device if device is not None else torch.device("cpu")
     gpu = preprocess.decode == "gpu"
     loader: DataLoader[Any] = DataLoader(
-        RawFiles(files, start=start) if gpu else ImageFiles(files, preprocess, start=start, dtype=dtype),
+        RawFiles(files, start=start, resize=preprocess.resize)
+        if gpu
+        else ImageFiles(files, preprocess, start=start, dtype=dtype),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

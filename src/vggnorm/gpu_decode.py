@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from vggnorm.data import Batch, FileRange, Preprocess, check_regular, failure, load_rgb
+from vggnorm.data import Batch, FileRange, Preprocess, check_regular, check_resized_size, failure, load_rgb
 
 # SOF markers nvJPEG decodes: baseline, extended sequential and progressive Huffman JPEG.
 _NVJPEG_SOF = frozenset({0xC0, 0xC1, 0xC2})
@@ -46,6 +47,24 @@ def plain_jpeg(data: bytes) -> bool:
     return False
 
 
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """A JPEG's (width, height) from its frame header, without decoding it (None if there is none)."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > len(data):
+                return None
+            return int.from_bytes(data[i + 7 : i + 9], "big"), int.from_bytes(data[i + 5 : i + 7], "big")
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
 class Raw(NamedTuple):
     """A file as the workers hand it over for ``--decode gpu``: one of jpeg, pixels and error is set."""
 
@@ -57,7 +76,12 @@ class Raw(NamedTuple):
 
 
 class RawFiles(FileRange):
-    """The files' bytes (plain JPEGs) or PIL-decoded pixels (the rest), neither resized."""
+    """The files' bytes (plain JPEGs) or PIL-decoded pixels (the rest), neither resized. With ``resize``, an
+    image the resize would make larger than ``MAX_RESIZED_PIXELS`` is refused before it is decoded."""
+
+    def __init__(self, files: list[Path], *, start: int = 0, resize: int | None = None) -> None:
+        super().__init__(files, start=start)
+        self.resize = resize
 
     def __getitem__(self, i: int) -> Raw:
         from torchvision.transforms.functional import pil_to_tensor
@@ -68,8 +92,11 @@ class RawFiles(FileRange):
             check_regular(path)
             data = path.read_bytes()
             if plain_jpeg(data):
+                size = jpeg_size(data)
+                if size is not None and self.resize is not None:
+                    check_resized_size(*size, self.resize)
                 return Raw(index, str(path), torch.frombuffer(bytearray(data), dtype=torch.uint8), None, None)
-            return Raw(index, str(path), None, pil_to_tensor(load_rgb(path)), None)
+            return Raw(index, str(path), None, pil_to_tensor(load_rgb(path, resize=self.resize)), None)
         except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
             return Raw(index, str(path), None, None, failure(e))
 
