@@ -703,3 +703,16 @@ def test_device_decoding_skips_the_same_elongated_images_as_the_cpu_decoder(data
         assert sorted(failures) == ["strip.jpg", "strip.png"], (p.decode, failures)
         assert all(r.startswith("too large once resized") for r in failures.values()), failures
         assert sum(len(b.indices) for b in batches) == 8
+
+
+def test_the_readme_table_names_only_tests_that_exist():
+    """Each row of README's "What vggnorm guarantees against bad input" names a test of this file."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### What vggnorm guarantees against bad input", 1)[1].split("\n#", 1)[0]
+    named = set(re.findall(r"`(test_\w+)`", section))
+    here = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text(), flags=re.M))
+    assert named and named <= here, sorted(named - here)
+    assert here - named == {"test_the_readme_table_names_only_tests_that_exist"}, sorted(here - named)
