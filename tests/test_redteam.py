@@ -410,6 +410,13 @@ CRAFTED = {
         replace_dataset("layers/features.3/sum", shape=(10**12,), dtype="f8", chunks=(1024,)),
         "declares shape (1000000000000,)",
     ),
+    "a billion skipped files": (
+        lambda f: (
+            attr(num_files=2**31 - 1, position=2**31 - 1)(f),
+            replace_dataset("skipped/reason", shape=(10**9,), dtype=h5py.string_dtype(), chunks=(1024,))(f),
+        ),
+        "'reason' declares shape (1000000000,)",
+    ),
     "soft-link loop": (soft_link_loop, "SoftLink"),
     "external link": (external_link, "ExternalLink"),
     "shard='abc'": (attr(shard="abc"), "shard is 'abc'"),

@@ -425,6 +425,9 @@ def _dataset(group: h5py.Group, name: str, kinds: str, ndim: int, limit: int) ->
         raise _Bad(f"{name!r} has shape {ds.shape}; expected {ndim} dimension(s)")
     if any(n > limit for n in ds.shape):
         raise _Bad(f"{name!r} declares shape {ds.shape}, more than {limit} entries per dimension")
+    declared, size = ds.size * ds.dtype.itemsize, ds.file.id.get_filesize()
+    if declared > max(64 * size, 1 << 20):  # unwritten chunks read as fill values: allocated, never stored
+        raise _Bad(f"{name!r} declares shape {ds.shape} ({declared / 2**20:.0f} MB) in a file of {size / 2**20:.1f} MB")
     kind = ds.dtype.kind if h5py.check_vlen_dtype(ds.dtype) is None else "vlen"
     if h5py.check_string_dtype(ds.dtype) is not None:
         kind = "str"
