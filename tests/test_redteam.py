@@ -516,13 +516,16 @@ def test_a_resize_no_image_can_be_measured_at_is_a_usage_error(made, tmp_path):
 
 
 def test_integer_weights_are_refused_by_inspect_and_compute_stats_naming_the_tensors(data, checkpoints, tmp_path):
-    """Before: inspect said int32 weights fit; compute-stats then failed with torch's multi-line error."""
+    """Before: inspect said int32 weights fit; compute-stats then failed with torch's multi-line error, and
+    verify --data with a traceback."""
     sd = torch.load(checkpoints["tiny"], weights_only=True)
     torch.save({k: (v * 100).to(torch.int32) for k, v in sd.items()}, tmp_path / "int.pth")
     r = invoke("inspect", TINY["tiny"], "--weights", tmp_path / "int.pth")
     one_line_error(r, "not floating-point", "features.0.weight (int32)", code=2)
     r = invoke("compute-stats", data, *MODEL, "--weights", tmp_path / "int.pth", "-o", tmp_path / "s.h5", *SMALL)
     one_line_error(r, "not floating-point", "features.0.weight (int32)")
+    r = invoke("verify", tmp_path / "int.pth", "--data", data, *QUICK, *MODEL)  # an integer checkpoint under test
+    one_line_error(r, "not floating-point", "features.0.weight (int32)", code=2)
 
 
 def test_a_batchnorm_checkpoint_without_num_batches_tracked_is_accepted_as_torch_loads_it(data, checkpoints, tmp_path):

@@ -296,6 +296,28 @@ def check_representable(
             )
 
 
+def not_floating(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The tensors that should hold real numbers and do not (BatchNorm's integer counter aside), in order."""
+    return [k for k, t in state_dict.items() if not t.is_floating_point() and not k.endswith("num_batches_tracked")]
+
+
+def describe_not_floating(state_dict: Mapping[str, torch.Tensor], keys: list[str]) -> str:
+    return (
+        "not floating-point: "
+        + ", ".join(f"{k} ({str(state_dict[k].dtype).removeprefix('torch.')})" for k in keys[:5])
+        + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        + " (weights are float32, float64, float16 or bfloat16; a quantized or integer checkpoint is not a network "
+        "vggnorm can measure)"
+    )
+
+
+def check_floating(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse integer (or other non-floating) weights, naming them."""
+    keys = not_floating(state_dict)
+    if keys:
+        raise CheckpointError(f"{source}: {describe_not_floating(state_dict, keys)}")
+
+
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 

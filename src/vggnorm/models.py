@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vggnorm.checkpoint import upcast_half
+from vggnorm.checkpoint import describe_not_floating, not_floating, upcast_half
 from vggnorm.defaults import NAMED_ARCHS, PADDINGS, POOLINGS, VGG_ARCHS, torchvision_classifiers
 from vggnorm.errors import CheckpointError, VggnormError, WeightsError
 from vggnorm.layers import Topology, find_topology, with_affine
@@ -261,9 +261,7 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], arch: str, *, featu
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     shapes = sorted(k for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != expected[k])
-    dtypes = [  # in the state_dict's (forward) order
-        k for k in state_dict if k in expected and not state_dict[k].is_floating_point() and not k.endswith(COUNTER)
-    ]
+    dtypes = [k for k in not_floating(state_dict) if k in expected]  # in the state_dict's (forward) order
     if missing or unexpected or shapes or dtypes:
         parts = []
         if missing:
@@ -275,13 +273,7 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], arch: str, *, featu
                 "wrong shapes: " + ", ".join(f"{k} {tuple(state_dict[k].shape)} != {expected[k]}" for k in shapes)
             )
         if dtypes:
-            parts.append(
-                "not floating-point: "
-                + ", ".join(f"{k} ({str(state_dict[k].dtype).removeprefix('torch.')})" for k in dtypes[:5])
-                + (f" and {len(dtypes) - 5} more" if len(dtypes) > 5 else "")
-                + " (weights are float32, float64, float16 or bfloat16; a quantized or integer checkpoint is not "
-                "a network vggnorm can measure)"
-            )
+            parts.append(describe_not_floating(state_dict, dtypes))
         raise CheckpointError(f"the state_dict does not fit {arch}: " + "; ".join(parts))
 
 

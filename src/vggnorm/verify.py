@@ -26,6 +26,7 @@ from vggnorm.checkpoint import (
     atomic_write,
     atomic_writes,
     check_finite,
+    check_floating,
     check_writable,
     load_state_dict,
     upcast_half,
@@ -74,6 +75,7 @@ class Normalized:
     @classmethod
     def load(cls, path: Path, *, prefer: str | None = None) -> Normalized:
         raw = load_state_dict(path)
+        check_floating(raw, str(path))
         check_finite(raw, str(path))
         sd = to_torchvision_layout(raw)
         return cls(Path(path), raw, detect_layout(raw), sd, infer_arch(sd, prefer=prefer))
