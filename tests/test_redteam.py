@@ -667,6 +667,8 @@ def test_the_progress_bar_prints_its_last_line_once(data, checkpoints, tmp_path)
         r = invoke("compute-stats", data, *MODEL, "--weights", checkpoints["tiny"], "-o", tmp_path / "s.h5", *args)
         assert r.exit_code == 0, r.output
         assert r.stderr.count("8/8") == 1, r.stderr
+    r = invoke("verify", checkpoints["tiny"], "--data", data, *MODEL, "--workers", 0)  # an audit: its own bar
+    assert "verifying" in r.stderr and r.stderr.count("8/8") == 1, r.stderr
 
 
 def test_the_suite_keeps_its_temporaries_where_a_passing_run_removes_them(tmp_path_factory):

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from vggnorm import data as data_mod
 from vggnorm import labels as label_mod
@@ -51,6 +50,7 @@ from vggnorm.models import (
 )
 from vggnorm.normalize import LayerScales, float32_bounds, fold_state_dict, scales_from_stats
 from vggnorm.policy import Policy, report_base, resolve_policy
+from vggnorm.progress import Progress
 from vggnorm.report import Report, layer_summary, measured_summary, report_paths
 from vggnorm.stats import LayerStats, Stats, read_stats
 from vggnorm.weights import VERIFY, Weights, resolve_weights
@@ -359,18 +359,19 @@ def _witness_means(
 ) -> tuple[Stats, list[tuple[str, str]]]:
     """The means the witness reads (``witness.activation_means``: the model's whole forward, hooks of its
     own) over ``files``, as ``Stats`` for the report; and the files that could not be decoded."""
+    dtype = next(model.parameters()).dtype
     loader = data_mod.make_loader(
         files,
         preprocess,
         batch_size=batch_size,
         workers=data_mod.default_workers() if workers is None else workers,
         device=device,
+        dtype=torch.float64 if dtype == torch.float64 else torch.float32,  # fp64: the whole pipeline
     )
-    dtype = next(model.parameters()).dtype
     convs = [p for p in model.parameters() if p.ndim == 4]
     fmt = torch.channels_last if convs and not convs[0].is_contiguous() else torch.contiguous_format
     skipped: list[tuple[str, str]] = []
-    with tqdm(total=len(files), unit="img", file=sys.stderr, disable=not progress, desc="verifying") as bar:
+    with Progress(total=len(files), unit="img", file=sys.stderr, disable=not progress, desc="verifying") as bar:
 
         def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
             for batch in loader:
