@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := demo
 
-.PHONY: install test test-all demo lint bench fuzz clean
+.PHONY: install test test-all demo lint bench bench-stats fuzz clean
 
 # torch and torchvision are pinned so a fresh machine takes the local wheels, not a multi-GB download.
 $(STAMP): pyproject.toml
@@ -31,7 +31,12 @@ lint: install
 fuzz: install
 	VGGNORM_FUZZ_EXAMPLES=3000 $(BIN)/python -m pytest -q -s tests/test_generator.py
 
+# every command against its floor (a table, bench/results/COMMIT.json, docs/benchmarks.md); compute-stats' own
+# floors (decode, forward, statistics) in detail: make bench-stats
 bench: install
+	$(BIN)/python scripts/bench_commands.py
+
+bench-stats: install
 	$(BIN)/python scripts/bench.py
 
 clean:
