@@ -208,10 +208,16 @@ def _torch_load(path: Path) -> object:
 
 
 def load_state_dict(path: str | os.PathLike[str]) -> StateDict:
-    """Load a state_dict from ``.pth``/``.pt`` (never unpickling code) or ``.safetensors``."""
+    """Load a state_dict from ``.pth``/``.pt`` (never unpickling code) or ``.safetensors``; a Keras
+    (HDF5) or MatConvNet (``.mat``) VGG, recognized by its content, in torchvision's layout."""
+    from vggnorm.formats import read_foreign
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a file)")
+    foreign = read_foreign(path)
+    if foreign is not None:
+        return dict(foreign.state_dict)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

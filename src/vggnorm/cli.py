@@ -150,7 +150,11 @@ RESIZE_HELP = "Resize the shorter side to this. [default: the weights' transform
 CROP_HELP = "Center crop size. [default: the weights' transform, 224]"
 PREPROCESS_HELP = (
     "torchvision: RGB, 0-1, ImageNet mean/std. caffe: BGR, 0-255, mean-subtracted, as the original "
-    "Caffe VGG (and Gatys' code) expects."
+    "Caffe VGG (and Gatys' code) and Keras' VGG16/VGG19 (preprocess_input) expect. matconvnet: RGB, 0-255, "
+    "minus the mean pixel, as MatConvNet's imagenet-vgg-verydeep .mat files (neural-style's vgg.py) expect."
+)
+WEIGHTS_PREPROCESS = (
+    " [default: the weights' own: caffe for a Keras .h5, matconvnet (the file's mean) for a .mat, else torchvision]"
 )
 POOLING_HELP = "Measure with max pooling, or with average pooling as Gatys et al. synthesized."
 PADDING_HELP = (
@@ -188,20 +192,21 @@ def _policy_options(verify: bool) -> Callable[[F], F]:
     without --stats re-measures (with --stats, the recorded policy is used)."""
     prefix = "With --data and no --stats: " if verify else ""
 
-    def choice(flag: str, choices: tuple[str, ...], help_text: str) -> Callable[[F], F]:
-        # compute-stats defaults to the first choice; verify to what the statistics or report recorded
+    def choice(flag: str, choices: tuple[str, ...], help_text: str, by_weights: bool = False) -> Callable[[F], F]:
+        # compute-stats defaults to the first choice (--preprocess: the weights' own); verify to what
+        # the statistics or report recorded
         return click.option(
             flag,
             type=click.Choice(choices),
-            default=None if verify else choices[0],
-            show_default=not verify,
-            help=prefix + help_text,
+            default=None if verify or by_weights else choices[0],
+            show_default=not (verify or by_weights),
+            help=prefix + help_text + (WEIGHTS_PREPROCESS if by_weights and not verify else ""),
         )
 
     return options(
         click.option("--resize", type=click.IntRange(1, MAX_RESIZE), default=None, help=prefix + RESIZE_HELP),
         click.option("--crop", type=click.IntRange(1, MAX_RESIZE), default=None, help=prefix + CROP_HELP),
-        choice("--preprocess", PREPROCESSINGS, PREPROCESS_HELP),
+        choice("--preprocess", PREPROCESSINGS, PREPROCESS_HELP, by_weights=True),
         choice("--pooling", POOLINGS, POOLING_HELP),
         choice("--padding", PADDINGS, PADDING_HELP),
     )
@@ -353,6 +358,15 @@ def compute_stats_cmd(
     rule = DeadRule()
     dead = {n: int((~rule.live(layer.mean)).sum()) for n, layer in stats.layers.items()}
     click.echo(f"images: {stats.num_images} used, {len(stats.skipped)} skipped")
+    if stats.attrs.get("weights_format"):
+        p = stats.attrs
+        how = (
+            "as given by --preprocess"
+            if config.get("preprocess")
+            else "the file's own, recorded; --preprocess overrides"
+        )
+        mean = ", ".join(f"{float(x):g}" for x in p["mean"])
+        click.echo(f"weights: {p['weights_format']}; preprocessing: {p['preprocess']}, mean ({mean}) ({how})")
     click.echo(f"layers: {len(stats.layers)} ({', '.join(stats.layers)})")
     first = next(iter(stats.layers.values()))
     if stats.classes and first.class_count is not None and stats.num_images:

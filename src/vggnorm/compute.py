@@ -63,7 +63,9 @@ class RunConfig:
     limit: int | None = None
     resize: int | None = None
     crop: int | None = None
-    preprocess: str = "torchvision"  # or "caffe": BGR, 0-255, mean-subtracted
+    # torchvision, caffe (BGR, 0-255, mean-subtracted) or matconvnet (RGB, 0-255, mean-subtracted);
+    # None: the weights' own (caffe for a Keras file, matconvnet with its mean for a .mat, else torchvision)
+    preprocess: str | None = None
     pooling: str = "max"  # or "avg": measure with average pooling, as Gatys synthesized
     padding: str = "model"  # as the convs are written; "zeros" / "reflect" (AdaIN's encoder) make them pad so
     include_classifier: bool = False  # also measure the ReLUs after fc6 and fc7
@@ -233,6 +235,7 @@ def _attrs(
         "arch": weights.arch,
         "weights": weights.spec,
         "weights_sha256": weights.sha256,
+        "weights_format": weights.foreign.describe() if weights.foreign is not None else "",
         **preprocess.as_attrs(),
         "dataset": str(root),
         "dataset_fingerprint": plan.fingerprint,
@@ -333,11 +336,13 @@ def compute_stats(
             " and ".join(half),
             config.precision,
         )
+    kind = config.preprocess or weights.preprocess  # a Keras or MatConvNet file is fed as its users feed it
     preprocess = data_mod.default_preprocess(
         weights.arch,
         resize=config.resize,
         crop=config.crop,
-        preprocess=config.preprocess,
+        preprocess=kind,
+        mean_pixel=weights.mean_pixel if kind == weights.preprocess else None,
         pooling=config.pooling,
         padding=config.padding,
         decode=config.decode,

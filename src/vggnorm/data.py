@@ -82,8 +82,14 @@ class Preprocess:
         fp64``: the mean and std are then applied exactly, not in float32)."""
         if dtype == torch.float64:
             return Float64Preset(self)
-        if self.preprocess == "caffe":
-            return CaffePreset(resize=self.resize, crop=self.crop, mean=self.mean, interpolation=self.interpolation)
+        if self.preprocess in ("caffe", "matconvnet"):
+            return CaffePreset(
+                resize=self.resize,
+                crop=self.crop,
+                mean=self.mean,
+                interpolation=self.interpolation,
+                bgr=self.preprocess == "caffe",
+            )
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms._presets import ImageClassification
 
@@ -125,16 +131,24 @@ class Preprocess:
 
 
 # The original Caffe VGG's input: BGR, 0-255, minus the per-channel ImageNet mean (in BGR order).
+# Keras' VGG16/VGG19 (keras.applications' preprocess_input, mode "caffe") take the same.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+# MatConvNet's VGGs (imagenet-vgg-verydeep-*.mat): RGB, 0-255, minus the file's mean pixel; this one
+# (the ImageNet mean in RGB order) when the weights do not say, as fast-style-transfer hard-codes it.
+MATCONVNET_MEAN_RGB = (123.68, 116.779, 103.939)
 
 
 class CaffePreset(torch.nn.Module):
-    """Resize and center crop as torchvision's preset, then BGR, 0-255, mean-subtracted (no std)."""
+    """Resize and center crop as torchvision's preset, then 0-255, mean-subtracted (no std), in BGR
+    order (Caffe, Keras) or RGB (``bgr=False``: MatConvNet)."""
 
-    def __init__(self, *, resize: int, crop: int, mean: tuple[float, ...], interpolation: str) -> None:
+    def __init__(
+        self, *, resize: int, crop: int, mean: tuple[float, ...], interpolation: str, bgr: bool = True
+    ) -> None:
         super().__init__()
         from torchvision.transforms import InterpolationMode
 
+        self.bgr = bgr
         self.resize, self.crop, self.interpolation = resize, crop, InterpolationMode(interpolation)
         self.mean: torch.Tensor
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(3, 1, 1))
@@ -144,19 +158,20 @@ class CaffePreset(torch.nn.Module):
 
         img = F.center_crop(F.resize(img, [self.resize], interpolation=self.interpolation, antialias=True), [self.crop])
         x = (img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)).float()  # (3, H, W), RGB, 0..255
-        return x.flip(0) - self.mean  # BGR, mean-subtracted
+        return (x.flip(0) if self.bgr else x) - self.mean  # BGR (or RGB), mean-subtracted
 
 
 class Float64Preset(torch.nn.Module):
     """``Preprocess.transform`` in float64: resize and center crop the 8-bit image as the float32
-    presets do, then convert, normalize (torchvision) or flip to BGR and subtract the mean (caffe) in float64."""
+    presets do, then convert, normalize (torchvision) or flip to BGR and subtract the mean (caffe; matconvnet
+    without the flip) in float64."""
 
     def __init__(self, p: Preprocess) -> None:
         super().__init__()
         from torchvision.transforms import InterpolationMode
 
         self.resize, self.crop, self.interpolation = p.resize, p.crop, InterpolationMode(p.interpolation)
-        self.caffe = p.preprocess == "caffe"
+        self.pixels, self.bgr = p.preprocess in ("caffe", "matconvnet"), p.preprocess == "caffe"
         self.mean = torch.tensor(p.mean, dtype=torch.float64).view(3, 1, 1)
         self.std = torch.tensor(p.std, dtype=torch.float64).view(3, 1, 1)
 
@@ -165,8 +180,8 @@ class Float64Preset(torch.nn.Module):
 
         img = F.center_crop(F.resize(img, [self.resize], interpolation=self.interpolation, antialias=True), [self.crop])
         x = (img if isinstance(img, torch.Tensor) else F.pil_to_tensor(img)).double()  # (3, H, W), RGB, 0..255
-        if self.caffe:
-            return x.flip(0) - self.mean
+        if self.pixels:
+            return (x.flip(0) if self.bgr else x) - self.mean
         return (x / 255 - self.mean) / self.std
 
 
@@ -179,11 +194,13 @@ def default_preprocess(
     pooling: str = "max",
     decode: str = "cpu",
     padding: str = "model",
+    mean_pixel: tuple[float, ...] | None = None,
 ) -> Preprocess:
     """The preprocessing of the arch's torchvision weights, read from ``Weights.transforms()``.
 
     ``preprocess="caffe"`` keeps its resize, crop and interpolation but feeds the network as the
-    original Caffe VGG was fed (``CaffePreset``).
+    original Caffe VGG was fed (``CaffePreset``); ``"matconvnet"`` likewise, in RGB order. ``mean_pixel``
+    (on 0-255, in the network's channel order) replaces their default mean: a MatConvNet file's own.
     """
     if preprocess not in PREPROCESSINGS:
         raise DataError(f"unknown preprocessing {preprocess!r}; expected one of {', '.join(PREPROCESSINGS)}")
@@ -199,13 +216,13 @@ def default_preprocess(
         tv = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
         size, crop_size, interpolation = int(tv.resize_size[0]), int(tv.crop_size[0]), tv.interpolation.value
         mean, std = tuple(float(x) for x in tv.mean), tuple(float(x) for x in tv.std)
-    caffe = preprocess == "caffe"
+    pixels = {"caffe": CAFFE_MEAN_BGR, "matconvnet": MATCONVNET_MEAN_RGB}.get(preprocess)
     return Preprocess(
         resize=resize if resize is not None else size,
         crop=crop if crop is not None else crop_size,
         interpolation=interpolation,
-        mean=CAFFE_MEAN_BGR if caffe else mean,
-        std=(1.0, 1.0, 1.0) if caffe else std,
+        mean=(mean_pixel or pixels) if pixels else mean,
+        std=(1.0, 1.0, 1.0) if pixels else std,
         preprocess=preprocess,
         pooling=pooling,
         decode=decode,

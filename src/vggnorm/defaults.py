@@ -123,7 +123,9 @@ POOLINGS = ("max", "avg")
 # model: every conv pads as the model is written (torchvision's VGGs: zeros); zeros / reflect: every padded
 # conv is made to pad by zeros / by reflection (AdaIN's VGG encoder), a measurement policy asked for by name
 PADDINGS = ("model", "zeros", "reflect")
-PREPROCESSINGS = ("torchvision", "caffe")
+# torchvision: RGB, 0-1, mean/std; caffe: BGR, 0-255, mean pixel subtracted (Caffe's and Keras' VGGs);
+# matconvnet: RGB, 0-255, mean pixel subtracted (MatConvNet's imagenet-vgg-verydeep-*.mat)
+PREPROCESSINGS = ("torchvision", "caffe", "matconvnet")
 # cpu: DataLoader workers decode and resize with PIL, as torchvision's own pipeline does.
 # gpu: workers only read the files; plain JPEGs are decoded in batches by nvJPEG and resized as
 # tensors on the device. Tensor resizing rounds differently from PIL's (up to 1 level of 255 in a
@@ -135,7 +137,8 @@ WEIGHTINGS = ("image", "class")
 PRECISIONS = ("fp32", "fp64", "tf32", "bf16", "fp16")  # fp32 and fp64 run on CPU too
 
 # On-disk layouts of a normalized checkpoint (see layouts.py).
-LAYOUTS = ("torchvision", "gatys", "adain")
+# keras and matconvnet: the input file's own format (formats.py), written like the input.
+LAYOUTS = ("torchvision", "gatys", "adain", "keras", "matconvnet")
 
 # The dead-filter rule (normalize.DeadRule): a filter is dead, and left unscaled, when its mean is
 # <= max(eps, rel_eps * the median of its layer's positive means). rel_eps = 1e-3 is measured, not

@@ -102,11 +102,11 @@ def preprocessing_conv(
     preprocess: str, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The 1x1 conv that turns RGB in [0, 1] into the network's input, as measured: torchvision's
-    ``(x - mean) / std``, or Caffe's BGR, 0-255, minus the (BGR) mean."""
+    ``(x - mean) / std``, Caffe's BGR, 0-255, minus the (BGR) mean, or MatConvNet's RGB, 0-255, minus the mean."""
     w = torch.zeros(3, 3, 1, 1, dtype=torch.float64)
-    if preprocess == "caffe":
-        for k in range(3):
-            w[k, 2 - k] = 255.0  # output channel k (B, G, R) reads input channel 2 - k (R, G, B)
+    if preprocess in ("caffe", "matconvnet"):
+        for k in range(3):  # caffe: output channel k (B, G, R) reads input channel 2 - k (R, G, B)
+            w[k, 2 - k if preprocess == "caffe" else k] = 255.0
         b = -torch.tensor(mean, dtype=torch.float64)
     else:
         std_t = torch.tensor(std, dtype=torch.float64)
@@ -180,7 +180,7 @@ def export_layout(
 ) -> StateDict:
     """``state_dict`` (torchvision layout) in the requested ``layout``; ``adain`` needs the measurement
     ``policy`` (``preprocess``, ``mean``, ``std``) its preprocessing conv encodes."""
-    if layout == "torchvision":
+    if layout in ("torchvision", "keras", "matconvnet"):  # the latter two written by formats.write_foreign
         return dict(state_dict)
     if layout == "gatys":
         return to_gatys_layout(state_dict, conv_names(arch), bn_eps(arch))

@@ -86,6 +86,15 @@ _VGG_CFGS: dict[str, tuple[int | str, ...]] = {
 }
 
 
+def feature_kinds(arch: str) -> list[str]:
+    """What each of a plain VGG's ``features`` modules is, by index: ``conv``, ``relu`` or ``pool``
+    (MatConvNet's and Caffe's VGGs list their layers in this same order)."""
+    kinds: list[str] = []
+    for v in _VGG_CFGS[arch]:
+        kinds += ["pool"] if v == "M" else ["conv", "relu"]
+    return kinds
+
+
 class VGG(nn.Module):
     """torchvision's VGG, module for module (the same paths, modules and forward), built without
     importing torchvision, which costs 1.7 s of every process (verify in CI pays it for nothing).

@@ -25,6 +25,19 @@ def report_base(output: Path) -> Path:
     return output.with_name(output.name.removesuffix(output.suffix) + ".report")
 
 
+def _native_preprocess(checkpoint: Path, asked: str | None) -> dict[str, Any]:
+    """A Keras or MatConvNet file's own preprocessing (caffe; matconvnet with the file's mean), as
+    ``default_preprocess`` arguments; {} for other files, or when ``asked`` is another preprocessing."""
+    from vggnorm.formats import read_foreign, sniff
+
+    if sniff(checkpoint) is None:
+        return {}
+    foreign = read_foreign(checkpoint)
+    if foreign is None or asked not in (None, foreign.preprocess):
+        return {}
+    return {"preprocess": foreign.preprocess, "mean_pixel": foreign.mean}
+
+
 def recorded_policy(checkpoint: Path) -> tuple[dict[str, object], str] | None:
     """The measurement policy and dead rule ``apply`` recorded with ``checkpoint``, and where from:
     the ``.safetensors`` metadata, or the report written beside a ``.pth`` (``OUT.report.json``)."""
@@ -115,8 +128,11 @@ def resolve_policy(
         preprocess = replace(data_mod.Preprocess.from_attrs(rec), **{k: v for k, v in given.items() if v is not None})
         source = recorded[1] + (", overridden by options" if any(v is not None for v in given.values()) else "")
     else:
-        preprocess = data_mod.default_preprocess(arch, **{k: v for k, v in given.items() if v is not None})
-        source = "defaults" + (" and options" if any(v is not None for v in given.values()) else "")
+        options = {k: v for k, v in given.items() if v is not None}
+        native = _native_preprocess(normalized_path, options.get("preprocess"))
+        preprocess = data_mod.default_preprocess(arch, **{**native, **options})
+        source = ("the file's own preprocessing, " if native else "") + "defaults"
+        source += " and options" if options else ""
     rule = DeadRule(
         rel_eps=rel_eps if rel_eps is not None else float(rec.get("rel_eps", DEFAULT_REL_EPS)),  # type: ignore[arg-type]
         eps=eps if eps is not None else float(rec.get("eps", DEFAULT_EPS)),  # type: ignore[arg-type]

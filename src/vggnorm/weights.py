@@ -2,7 +2,8 @@
 
 A weight SPEC is one of:
 
-* a path to a state_dict (``.pth``/``.pt`` or ``.safetensors``, torchvision or Gatys layout);
+* a path to a state_dict (``.pth``/``.pt`` or ``.safetensors``, torchvision or Gatys layout), or to
+  a Keras VGG16/VGG19 ``.h5`` or a MatConvNet ``.mat`` (``formats.py``, read into torchvision's layout);
 * a torchvision weights name such as ``IMAGENET1K_V1`` (loaded through torchvision's own cache);
 * ``random:SEED`` -- torchvision's own seeded random initialization, for demos and tests.
 """
@@ -23,6 +24,7 @@ import torch
 from vggnorm.checkpoint import StateDict, check_finite, load_state_dict, state_dict_sha256
 from vggnorm.defaults import DEFAULT_ARCH, RANDOM_PREFIX
 from vggnorm.errors import CheckpointError, WeightsError, WeightsUnavailableError
+from vggnorm.formats import Foreign, read_foreign
 from vggnorm.layouts import to_torchvision_layout
 from vggnorm.models import build_model, check_arch, check_state_dict, infer_arch, is_features_only, is_user_model
 
@@ -36,6 +38,7 @@ class Weights:
     arch: str
     state_dict: StateDict
     digest: str | Future[str]
+    foreign: Foreign | None = None  # a Keras or MatConvNet file: its format and its users' preprocessing
 
     @property
     def sha256(self) -> str:
@@ -44,6 +47,16 @@ class Weights:
     @property
     def features_only(self) -> bool:
         return is_features_only(self.state_dict)
+
+    @property
+    def preprocess(self) -> str:
+        """How the weights' own users feed them: ``caffe`` for Keras files, ``matconvnet`` for .mat files."""
+        return self.foreign.preprocess if self.foreign is not None else "torchvision"
+
+    @property
+    def mean_pixel(self) -> tuple[float, ...] | None:
+        """The mean a Keras or MatConvNet file's input is centred on (0-255, the network's channel order)."""
+        return self.foreign.mean if self.foreign is not None else None
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,9 @@ def _arch_of(state_dict: StateDict) -> str | None:
 
 
 def is_file_spec(spec: str) -> bool:
-    return os.path.exists(spec) or os.sep in spec or spec.endswith((".pth", ".pt", ".safetensors"))
+    return (
+        os.path.exists(spec) or os.sep in spec or spec.endswith((".pth", ".pt", ".safetensors", ".h5", ".hdf5", ".mat"))
+    )
 
 
 def _hash_in_background(state_dict: StateDict) -> Future[str]:
@@ -126,6 +141,7 @@ def resolve_weights(
     (``prefer``: the arch to take when it fits, as another may too). ``background_hash``: the
     content hash is computed in a thread (``Weights.sha256`` waits for it).
     """
+    foreign = None
     if spec.startswith(RANDOM_PREFIX):
         seed_text = spec[len(RANDOM_PREFIX) :]
         if not seed_text.isdigit():
@@ -136,7 +152,8 @@ def resolve_weights(
         sd = random_state_dict(arch, int(seed_text))
     elif is_file_spec(spec):
         try:
-            sd = to_torchvision_layout(load_state_dict(spec))
+            foreign = read_foreign(spec) if os.path.isfile(spec) else None
+            sd = dict(foreign.state_dict) if foreign else to_torchvision_layout(load_state_dict(spec))
             arch = arch or infer_arch(sd, prefer=prefer)
             check_arch(arch)
             try:
@@ -153,7 +170,7 @@ def resolve_weights(
                     + (f"; {hint}" if hint else "")
                 ) from None
         except CheckpointError as e:
-            raise WeightsError(f"{spec}: {e}") from e
+            raise WeightsError(str(e) if str(e).startswith(spec) else f"{spec}: {e}") from e
     else:
         arch = arch or DEFAULT_ARCH
         check_arch(arch)
@@ -161,4 +178,5 @@ def resolve_weights(
             raise WeightsError(f"{spec!r} is not a file: a --model needs its weights as a file or random:SEED")
         sd = _torchvision_weights(arch, spec, given)
     check_finite(sd, spec)
-    return Weights(spec, arch, sd, _hash_in_background(sd) if background_hash else state_dict_sha256(sd))
+    digest = _hash_in_background(sd) if background_hash else state_dict_sha256(sd)
+    return Weights(spec, arch, sd, digest, foreign)
