@@ -27,6 +27,7 @@ from vggnorm.data import Preprocess
 from vggnorm.defaults import DEFAULT_MEANS_TOL
 from vggnorm.errors import InvalidValuesError, StatsMismatchError, VggnormError
 from vggnorm.figures import have_matplotlib, plot_means
+from vggnorm.formats import FOREIGN_LAYOUTS, Foreign, check_output_name, read_foreign, template_for, write_foreign
 from vggnorm.layers import Topology, with_affine
 from vggnorm.layouts import ADAIN_ARCHS, export_layout, to_torchvision_layout
 from vggnorm.models import (
@@ -56,8 +57,14 @@ class ApplyResult:
     notes: list[str]
 
 
-def default_output(spec: str, arch: str) -> Path:
-    """``X.normalized.pth`` beside a checkpoint file, else ``ARCH-SPEC.normalized.pth`` here."""
+def default_output(spec: str, arch: str, template: Foreign | None = None) -> Path:
+    """``X.normalized.pth`` beside a checkpoint file, else ``ARCH-SPEC.normalized.pth`` here; in a
+    Keras or MatConvNet layout, the input's own kind of name (``X.normalized.weights.h5``, ``.h5``, ``.mat``)."""
+    if template is not None:
+        p = template.path
+        stem = p.name.removesuffix(".weights.h5") if template.flavor == "keras3" else p.stem
+        suffix = {"keras3": ".weights.h5", "legacy": ".h5"}.get(template.flavor, ".mat")
+        return p.with_name(f"{stem}.normalized{suffix}")
     if os.path.isfile(spec):
         p = Path(spec)
         return p.with_name(f"{p.stem}.normalized{p.suffix if p.suffix == '.safetensors' else '.pth'}")
@@ -136,7 +143,9 @@ def apply_stats(
     arch = str(stats.attrs["arch"])
     add_affine = bool(stats.attrs.get("add_affine", False))
     topo = checked_topology(arch, add_affine)  # a model that cannot be normalized is refused first
-    output = Path(output) if output is not None else default_output(checkpoint, arch)
+    template = template_for(checkpoint, layout) if layout in FOREIGN_LAYOUTS else None
+    output = Path(output) if output is not None else default_output(checkpoint, arch, template)
+    check_output_name(output, layout, template)
     json_path, md_path = report_paths(report_base(output))
     png_path = md_path.with_suffix(".png") if have_matplotlib() else None
     outputs = (output, json_path, md_path, *([png_path] if png_path else []))
@@ -216,6 +225,8 @@ def apply_stats(
         notes.append(
             f"adain layout: feed RGB in [0, 1]; its first (1x1) conv does the {measured_as.preprocess} preprocessing"
         )
+    if template is not None:
+        notes.append(_foreign_note(template, measured_as, features_only))
     policy = {
         **measured_as.as_attrs(),
         "rel_eps": rule.rel_eps,
@@ -265,7 +276,11 @@ def apply_stats(
     }
     # the checkpoint and its report appear together or not at all
     with atomic_writes(outputs, force=force, inputs=inputs) as temps:
-        write_state_dict(exported, temps[0], safetensors=output.suffix == ".safetensors", metadata=meta)
+        if template is not None:
+            write_foreign(template, exported, temps[0], features_only=features_only)
+            _check_written(temps[0], output, exported, features_only=features_only)
+        else:
+            write_state_dict(exported, temps[0], safetensors=output.suffix == ".safetensors", metadata=meta)
         report.write(temps[1], temps[2])
         if png_path is not None:
             before = {n: stats.layers[n].mean for n in scales}
@@ -360,3 +375,36 @@ def check_adain(arch: str, stats: Stats) -> None:
         )
     if stats.attrs.get("pooling", "max") != "max":
         raise VggnormError("--layout adain: AdaIN's encoder max-pools; measure without --pooling avg")
+
+
+def _foreign_note(template: Foreign, measured_as: Preprocess, features_only: bool) -> str:
+    """How the user's own code loads a Keras or MatConvNet output, and what it must feed it."""
+    top = "include_top=False" if features_only or not template.top else "include_top=True"
+    loads = (
+        f"keras.applications.{template.arch.upper()}(weights=OUT, {top}) loads it"
+        if template.format == "keras"
+        else "the loaders of imagenet-vgg-verydeep .mat files (scipy.io.loadmat, the same indexing) read it"
+    )
+    own = {
+        "caffe": "keras.applications' preprocess_input (caffe)",
+        "matconvnet": "RGB 0-255 minus the file's mean pixel",
+    }
+    if measured_as.preprocess == template.preprocess and tuple(measured_as.mean) == tuple(template.mean):
+        feed = f"keep feeding it as before: {own[template.preprocess]}, as measured"
+    else:
+        feed = (
+            f"the means are 1 under the {measured_as.preprocess} preprocessing it was measured with (mean "
+            f"{tuple(measured_as.mean)}), not the file's own ({own[template.preprocess]}): feed it that"
+        )
+    return f"{template.format} layout, the input's structure ({template.describe()}): {loads}; {feed}"
+
+
+def _check_written(tmp: Path, output: Path, exported: dict[str, torch.Tensor], *, features_only: bool) -> None:
+    """Read the written Keras or MatConvNet file back: it must hold exactly the folded tensors."""
+    back = read_foreign(tmp)
+    expected = {k: v for k, v in exported.items() if not (features_only and k.startswith("classifier."))}
+    if back is None or set(back.state_dict) != set(expected):
+        raise VggnormError(f"{output}: the written file does not read back as the folded weights; nothing was written")
+    for key, value in expected.items():
+        if not torch.equal(back.state_dict[key], value.to(back.state_dict[key].dtype)):
+            raise VggnormError(f"{output}: {key} does not read back as written; nothing was written")
