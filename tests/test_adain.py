@@ -136,7 +136,7 @@ def test_the_adain_layout_refuses_what_it_cannot_be(runs, checkpoints, photos, t
     assert r.exit_code == 1 and "padding: 'reflect' in the file, 'model' now" in r.stderr
 
 
-@pytest.mark.parametrize("preprocess", ["torchvision", "caffe"])
+@pytest.mark.parametrize("preprocess", ["torchvision", "caffe", "matconvnet"])
 def test_the_preprocessing_conv_is_the_measured_preprocessing(preprocess):
     from vggnorm.data import default_preprocess
     from vggnorm.layouts import preprocessing_conv

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import features_state_dict, invoke, vgg_features
+from conftest import features_state_dict, invoke
 from vggnorm.data import find_images, load_rgb
 from vggnorm.models import feature_kinds
 
@@ -143,6 +143,15 @@ def test_keras_outputs_verify_compare_and_inspect_like_a_pth(keras_runs, photos)
     assert r.exit_code == 0, r.output
 
 
+def torch_features(arch: str, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """``arch``'s features (vggnorm's copy of torchvision's module tree) holding ``state_dict``."""
+    from vggnorm.models import build_model
+
+    features = build_model(arch, device="meta").features
+    features.load_state_dict({k.removeprefix("features."): v for k, v in state_dict.items()}, assign=True)
+    return features.eval()
+
+
 def test_keras_files_read_exactly_as_keras_computes(keras_vgg16):
     """vggnorm's reading of both layouts, run in torch, equals Keras' own forward pass."""
     from vggnorm.formats import read_foreign
@@ -155,8 +164,7 @@ def test_keras_files_read_exactly_as_keras_computes(keras_vgg16):
     for name in ("vgg16_notop.h5", "vgg16_notop.weights.h5"):
         foreign = read_foreign(keras_vgg16 / name)
         assert foreign is not None and foreign.arch == "vgg16" and not foreign.top
-        features = vgg_features("vgg16").eval()
-        features.load_state_dict({k.removeprefix("features."): v for k, v in foreign.state_dict.items()})
+        features = torch_features("vgg16", foreign.state_dict)
         with torch.no_grad():
             got = features(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
@@ -178,6 +186,19 @@ def test_fc1_rows_follow_keras_flatten_order():
 
 
 # ---------------------------------------------------------------- MatConvNet
+
+
+def test_matconvnet_preprocessing_is_rgb_0_255_minus_the_mean_pixel():
+    from PIL import Image
+
+    from vggnorm.data import default_preprocess
+
+    img = Image.new("RGB", (8, 8), (10, 20, 30))
+    x = default_preprocess("vgg19", resize=8, crop=8, preprocess="matconvnet").transform()(img)
+    torch.testing.assert_close(x[:, 4, 4], torch.tensor([10 - MEAN_RGB[0], 20 - MEAN_RGB[1], 30 - MEAN_RGB[2]]))
+    own = default_preprocess("vgg19", resize=8, crop=8, preprocess="matconvnet", mean_pixel=(1.0, 2.0, 3.0))
+    torch.testing.assert_close(own.transform()(img)[:, 4, 4], torch.tensor([9.0, 18.0, 27.0]))
+    assert own.std == (1.0, 1.0, 1.0)
 
 
 def mat_struct(**fields) -> np.ndarray:
@@ -328,13 +349,12 @@ def test_mat_read_matches_the_loaders_network(mat_runs):
     from vggnorm.formats import read_foreign
 
     d, sd = mat_runs
-    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3))
+    images = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3))
     for name in ("old", "new"):
         foreign = read_foreign(d / f"{name}.mat")
         assert foreign is not None and foreign.arch == "vgg19" and foreign.flavor == name
         assert foreign.preprocess == "matconvnet" and np.allclose(foreign.mean, MEAN_RGB)
-        features = vgg_features("vgg19")[:-1].double().eval()  # up to relu5_4, as the loaders
-        features.load_state_dict({k.removeprefix("features."): v for k, v in foreign.state_dict.items()})
+        features = torch_features("vgg19", foreign.state_dict)[:-1].double()  # up to relu5_4, as the loaders
         x = torch.from_numpy(images - np.array(foreign.mean)).permute(0, 3, 1, 2)
         with torch.no_grad():
             got = features(x).permute(0, 2, 3, 1).numpy()

@@ -27,7 +27,7 @@ from vggnorm.data import Preprocess
 from vggnorm.defaults import DEFAULT_MEANS_TOL
 from vggnorm.errors import InvalidValuesError, StatsMismatchError, VggnormError
 from vggnorm.figures import have_matplotlib, plot_means
-from vggnorm.formats import FOREIGN_LAYOUTS, Foreign, check_output_name, read_foreign, template_for, write_foreign
+from vggnorm.formats import FOREIGN_LAYOUTS, Foreign, check_output_name, read_foreign, template_flavor, write_foreign
 from vggnorm.layers import Topology, with_affine
 from vggnorm.layouts import ADAIN_ARCHS, export_layout, to_torchvision_layout
 from vggnorm.models import (
@@ -57,13 +57,14 @@ class ApplyResult:
     notes: list[str]
 
 
-def default_output(spec: str, arch: str, template: Foreign | None = None) -> Path:
+def default_output(spec: str, arch: str, flavor: str | None = None) -> Path:
     """``X.normalized.pth`` beside a checkpoint file, else ``ARCH-SPEC.normalized.pth`` here; in a
-    Keras or MatConvNet layout, the input's own kind of name (``X.normalized.weights.h5``, ``.h5``, ``.mat``)."""
-    if template is not None:
-        p = template.path
-        stem = p.name.removesuffix(".weights.h5") if template.flavor == "keras3" else p.stem
-        suffix = {"keras3": ".weights.h5", "legacy": ".h5"}.get(template.flavor, ".mat")
+    Keras or MatConvNet layout (``flavor``: the input's), the input's own kind of name
+    (``X.normalized.weights.h5``, ``.h5``, ``.mat``)."""
+    if flavor is not None:
+        p = Path(spec)
+        stem = p.name.removesuffix(".weights.h5") if flavor == "keras3" else p.stem
+        suffix = {"keras3": ".weights.h5", "legacy": ".h5"}.get(flavor, ".mat")
         return p.with_name(f"{stem}.normalized{suffix}")
     if os.path.isfile(spec):
         p = Path(spec)
@@ -143,9 +144,9 @@ def apply_stats(
     arch = str(stats.attrs["arch"])
     add_affine = bool(stats.attrs.get("add_affine", False))
     topo = checked_topology(arch, add_affine)  # a model that cannot be normalized is refused first
-    template = template_for(checkpoint, layout) if layout in FOREIGN_LAYOUTS else None
-    output = Path(output) if output is not None else default_output(checkpoint, arch, template)
-    check_output_name(output, layout, template)
+    flavor = template_flavor(checkpoint, layout) if layout in FOREIGN_LAYOUTS else None  # no weights read yet
+    output = Path(output) if output is not None else default_output(checkpoint, arch, flavor)
+    check_output_name(output, layout, flavor)
     json_path, md_path = report_paths(report_base(output))
     png_path = md_path.with_suffix(".png") if have_matplotlib() else None
     outputs = (output, json_path, md_path, *([png_path] if png_path else []))
@@ -161,6 +162,9 @@ def apply_stats(
             "(which normalize per input, not by fixed statistics): use the torchvision layout"
         )
     weights = weights_for(checkpoint, stats)
+    template = weights.foreign if flavor is not None else None  # the input file, written over with the fold
+    if flavor is not None and (template is None or template.flavor != flavor):
+        raise VggnormError(f"{checkpoint} changed while it was read; run apply again")
     check_writable(output, force=force, inputs=inputs, size=state_dict_bytes(weights.state_dict))
     features_only = features_only or layout in ("gatys", "adain") or weights.features_only
     if include_classifier and features_only:

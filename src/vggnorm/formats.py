@@ -92,30 +92,60 @@ def read_foreign(path: str | os.PathLike[str]) -> Foreign | None:
     return None
 
 
-def template_for(checkpoint: str, layout: str) -> Foreign:
-    """The input file that ``--layout keras`` / ``--layout matconvnet`` writes the output like."""
+def peek(path: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """(format, flavor) of a Keras or MatConvNet file, from its structure alone (no weights read);
+    None for other files. A file in neither layout is refused as ``read_foreign`` refuses it."""
+    kind = sniff(path)
+    if kind == KERAS:
+        from vggnorm.keras_h5 import keras_flavor
+
+        return KERAS, keras_flavor(Path(path))
+    if kind == MATCONVNET:
+        from vggnorm.matconvnet import mat_flavor
+
+        return MATCONVNET, mat_flavor(Path(path))
+    return None
+
+
+def native_preprocess(path: str | os.PathLike[str]) -> tuple[str, tuple[float, ...]] | None:
+    """How a Keras or MatConvNet file's users feed it (preprocessing, mean pixel), read without its weights."""
+    found = peek(path)
+    if found is None:
+        return None
+    if found[0] == KERAS:
+        from vggnorm.data import CAFFE_MEAN_BGR
+
+        return "caffe", CAFFE_MEAN_BGR
+    from vggnorm.matconvnet import mean_pixel
+
+    return "matconvnet", mean_pixel(Path(path))
+
+
+def template_flavor(checkpoint: str, layout: str) -> str:
+    """Refuse, before any work, a CKPT that ``--layout keras`` / ``--layout matconvnet`` cannot write
+    the output like; its flavor (``legacy``/``keras3``, ``old``/``new``)."""
     what = {KERAS: "a Keras VGG16/VGG19 .h5 file", MATCONVNET: "a MatConvNet imagenet-vgg-verydeep-16/19 .mat file"}
-    foreign = read_foreign(checkpoint) if os.path.isfile(checkpoint) else None
-    if foreign is None or foreign.format != layout:
+    found = peek(checkpoint) if os.path.isfile(checkpoint) else None
+    if found is None or found[0] != layout:
         raise VggnormError(
             f"--layout {layout} writes the output in the structure of its input, so CKPT must be {what[layout]}; "
-            f"{checkpoint} is {foreign.describe() if foreign else 'not'}. Use --layout torchvision (or gatys) for it"
+            f"{checkpoint} is {f'a {found[0]} file' if found else 'not'}. Use --layout torchvision (or gatys) for it"
         )
-    return foreign
+    return found[1]
 
 
-def check_output_name(output: Path, layout: str, template: Foreign | None) -> None:
+def check_output_name(output: Path, layout: str, flavor: str | None) -> None:
     """An output whose name tells its loader another format is refused: Keras picks its loader by the
     name (``.weights.h5``: Keras 3; ``.h5``: legacy), torch.save and savemat files are not HDF5."""
     name = output.name.lower()
     h5 = name.endswith((".h5", ".hdf5"))
-    if layout == KERAS and template is not None:
-        if template.flavor == "keras3" and not name.endswith(".weights.h5"):
+    if layout == KERAS:
+        if flavor == "keras3" and not name.endswith(".weights.h5"):
             raise VggnormError(
                 f"-o {output}: the input is a Keras 3 .weights.h5 file, and Keras reads that layout only from a "
                 "name ending in .weights.h5; name the output so"
             )
-        if template.flavor == "legacy" and (not h5 or name.endswith(".weights.h5")):
+        if flavor == "legacy" and (not h5 or name.endswith(".weights.h5")):
             raise VggnormError(
                 f"-o {output}: the input is a legacy Keras .h5 file, and Keras reads that layout from a name ending "
                 "in .h5 (not .weights.h5, which it reads as Keras 3's layout); name the output so"

@@ -114,29 +114,45 @@ def _int_or_text(key: str) -> tuple[int, str]:
     return (int(key), "") if key.isdigit() else (1 << 30, key)
 
 
-def read_keras(path: Path) -> Foreign:
-    """The Keras VGG16/VGG19 in ``path`` in torchvision's layout (exactly: transposes and fc1's row order)."""
+def _open(path: Path) -> Any:
     import h5py
 
     try:
-        f = h5py.File(path, "r")
+        return h5py.File(path, "r")
     except OSError as e:
         raise CheckpointError(f"{path} is not a readable HDF5 file: {e}") from e
-    with f:
-        if f.attrs.get("format") == "vggnorm.stats":
-            raise CheckpointError(f"{path} is a vggnorm statistics file, not weights; pass it as --stats")
-        root: Any = f
-        if not ({"layer_names", "layer_names0"} & set(f.attrs)) and isinstance(f.get("model_weights"), h5py.Group):
-            root = f["model_weights"]  # a whole model saved by model.save("x.h5")
-        if {"layer_names", "layer_names0"} & set(root.attrs):
-            flavor, layers = "legacy", _legacy_layers(path, root)
-        elif isinstance(f.get("layers"), h5py.Group):
-            flavor, layers = "keras3", _keras3_layers(path, f["layers"])
-        else:
-            raise CheckpointError(
-                f"{path} is an HDF5 file but not Keras weights: it has neither the root attribute layer_names (the "
-                "legacy .h5 layout keras.applications downloads) nor a layers/ group (Keras 3's .weights.h5)"
-            )
+
+
+def _flavor(path: Path, f: Any) -> tuple[str, Any]:
+    """``legacy`` or ``keras3``, and the group that holds the layers; other HDF5 files are refused."""
+    import h5py
+
+    if f.attrs.get("format") == "vggnorm.stats":
+        raise CheckpointError(f"{path} is a vggnorm statistics file, not weights; pass it as --stats")
+    root: Any = f
+    if not ({"layer_names", "layer_names0"} & set(f.attrs)) and isinstance(f.get("model_weights"), h5py.Group):
+        root = f["model_weights"]  # a whole model saved by model.save("x.h5")
+    if {"layer_names", "layer_names0"} & set(root.attrs):
+        return "legacy", root
+    if isinstance(f.get("layers"), h5py.Group):
+        return "keras3", f["layers"]
+    raise CheckpointError(
+        f"{path} is an HDF5 file but not Keras weights: it has neither the root attribute layer_names (the "
+        "legacy .h5 layout keras.applications downloads) nor a layers/ group (Keras 3's .weights.h5)"
+    )
+
+
+def keras_flavor(path: Path) -> str:
+    """The layout of the Keras file ``path`` (its weights are not read)."""
+    with _open(path) as f:
+        return _flavor(path, f)[0]
+
+
+def read_keras(path: Path) -> Foreign:
+    """The Keras VGG16/VGG19 in ``path`` in torchvision's layout (exactly: transposes and fc1's row order)."""
+    with _open(path) as f:
+        flavor, root = _flavor(path, f)
+        layers = _legacy_layers(path, root) if flavor == "legacy" else _keras3_layers(path, root)
         return _to_torchvision(path, f, flavor, layers)
 
 

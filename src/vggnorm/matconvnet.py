@@ -45,9 +45,9 @@ def _scipy_io() -> ModuleType:
     return scipy.io
 
 
-def _load(path: Path) -> dict[str, Any]:
+def _load(path: Path, names: list[str] | None = None) -> dict[str, Any]:
     try:
-        return dict(_scipy_io().loadmat(str(path)))  # as the loaders call it: structs as records
+        return dict(_scipy_io().loadmat(str(path), variable_names=names))  # as the loaders call it: records
     except VggnormError:
         raise
     except Exception as e:  # scipy raises ValueError, TypeError, MatReadError, ... on damaged files
@@ -97,17 +97,46 @@ def _conv_weights(path: Path, index: int, record: Any) -> tuple[np.ndarray, np.n
     return kernel, bias
 
 
+def _flavor(path: Path, names: set[str]) -> str:
+    """``old`` (top-level normalization) or ``new`` (meta), from the file's variable names."""
+    if "layers" not in names:
+        raise CheckpointError(
+            f"{path} is a MATLAB file without a 1xN cell array `layers`: not a MatConvNet network (the "
+            "imagenet-vgg-verydeep-16/19.mat layout)"
+        )
+    if "normalization" in names:
+        return "old"
+    if "meta" in names:
+        return "new"
+    raise CheckpointError(
+        f"{path} has MatConvNet layers but neither `normalization` nor `meta.normalization`: the input's mean is unknown"
+    )
+
+
+def mat_flavor(path: Path) -> str:
+    """The layout of the MatConvNet file ``path``, from its variables' names (nothing is loaded)."""
+    try:
+        names = {entry[0] for entry in _scipy_io().whosmat(str(path))}
+    except VggnormError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path} is a MATLAB file that scipy.io cannot read: {e}") from e
+    return _flavor(path, names)
+
+
+def mean_pixel(path: Path) -> tuple[float, ...]:
+    """The mean pixel (RGB, 0-255) the file's input is centred on; only the normalization is loaded."""
+    flavor = mat_flavor(path)
+    return _mean_pixel(path, _load(path, ["normalization" if flavor == "old" else "meta"]))[1]
+
+
 def _mean_pixel(path: Path, data: dict[str, Any]) -> tuple[str, tuple[float, ...]]:
     """The layout (``old``: top-level normalization; ``new``: meta) and the mean pixel (RGB)."""
-    if "normalization" in data:
-        flavor, norm = "old", _struct(data["normalization"])
-    elif "meta" in data:
-        flavor, norm = "new", _struct(_field(_struct(data["meta"]), "normalization"))
+    flavor = _flavor(path, {*data, "layers"})
+    if flavor == "old":
+        norm = _struct(data["normalization"])
     else:
-        raise CheckpointError(
-            f"{path} has MatConvNet layers but neither `normalization` nor `meta.normalization`: the input's mean "
-            "is unknown"
-        )
+        norm = _struct(_field(_struct(data["meta"]), "normalization"))
     average = _field(norm, "averageImage")
     if not (isinstance(average, np.ndarray) and average.dtype.kind == "f" and average.shape[-1:] == (3,)):
         found = "missing" if average is None else f"of shape {getattr(average, 'shape', '?')}"

@@ -28,14 +28,12 @@ def report_base(output: Path) -> Path:
 def _native_preprocess(checkpoint: Path, asked: str | None) -> dict[str, Any]:
     """A Keras or MatConvNet file's own preprocessing (caffe; matconvnet with the file's mean), as
     ``default_preprocess`` arguments; {} for other files, or when ``asked`` is another preprocessing."""
-    from vggnorm.formats import read_foreign, sniff
+    from vggnorm.formats import native_preprocess
 
-    if sniff(checkpoint) is None:
+    native = native_preprocess(checkpoint)
+    if native is None or asked not in (None, native[0]):
         return {}
-    foreign = read_foreign(checkpoint)
-    if foreign is None or asked not in (None, foreign.preprocess):
-        return {}
-    return {"preprocess": foreign.preprocess, "mean_pixel": foreign.mean}
+    return {"preprocess": native[0], "mean_pixel": native[1]}
 
 
 def recorded_policy(checkpoint: Path) -> tuple[dict[str, object], str] | None:
