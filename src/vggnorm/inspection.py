@@ -122,5 +122,6 @@ def inspect_model(arch: str, *, weights: str | None = None, add_affine: bool = F
     result = Inspection(arch, topology(arch, add_affine))
     if weights is not None:
         w = resolve_weights(weights, arch=arch, given=INSPECT)
-        result.weights = f"{weights} fits {arch} ({len(w.state_dict)} tensors, sha256 {w.sha256[:12]})"
+        kind = f"; {w.foreign.describe()}" if w.foreign is not None else ""
+        result.weights = f"{weights} fits {arch} ({len(w.state_dict)} tensors, sha256 {w.sha256[:12]}{kind})"
     return result
