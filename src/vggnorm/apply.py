@@ -146,13 +146,13 @@ def apply_stats(
     topo = checked_topology(arch, add_affine)  # a model that cannot be normalized is refused first
     flavor = template_flavor(checkpoint, layout) if layout in FOREIGN_LAYOUTS else None  # no weights read yet
     output = Path(output) if output is not None else default_output(checkpoint, arch, flavor)
-    check_output_name(output, layout, flavor)
     json_path, md_path = report_paths(report_base(output))
     png_path = md_path.with_suffix(".png") if have_matplotlib() else None
     outputs = (output, json_path, md_path, *([png_path] if png_path else []))
     inputs: list[str | os.PathLike[str]] = [stats_path, *([checkpoint] if os.path.exists(checkpoint) else [])]
     for p in outputs:
         check_writable(p, force=force, inputs=inputs)
+    check_output_name(output, layout, flavor)  # after: an input given as -o is named as such first
     if layout == "adain":
         check_adain(arch, stats)
     other_norms = sorted({s.norm for s in topo.all_sites if s.bn is not None and s.norm != "BatchNorm2d"})

@@ -76,8 +76,8 @@ def _layers(path: Path, data: dict[str, Any]) -> list[Any]:
     cells = data.get("layers")
     if not (isinstance(cells, np.ndarray) and cells.dtype == object and cells.ndim == 2 and cells.shape[0] == 1):
         raise CheckpointError(
-            f"{path} is a MATLAB file without a 1xN cell array `layers`: not a MatConvNet network (the "
-            "imagenet-vgg-verydeep-16/19.mat layout)"
+            f"{path} is a MATLAB file without a 1xN cell array `layers`: not a MatConvNet SimpleNN network (the "
+            "imagenet-vgg-verydeep-16/19.mat layout; DagNN files, whose layers are a struct array, are not read)"
         )
     records = [_struct(c) for c in cells[0]]
     bad = [i for i, r in enumerate(records) if r is None or "type" not in r.dtype.names]
