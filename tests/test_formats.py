@@ -303,6 +303,20 @@ def loaders_relus(path, images: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+def test_matconvnet_fc6_reads_as_torchvision_flatten_order():
+    """fc6 is a 7x7 conv over the 7x7x512 map, its kernel [w, h, in, out] as the convs' (the loaders'
+    convention: transposed to TensorFlow's [h, w, in, out]); as a Linear it reads torchvision's (c, h, w)."""
+    from vggnorm.matconvnet import linear_from_matconvnet, linear_to_matconvnet
+
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(7, 7, 512, 8))
+    feature_map = rng.normal(size=(7, 7, 512))  # (h, w, c): NHWC, as the loaders run
+    conv_out = np.einsum("hwc,hwco->o", feature_map, kernel.transpose(1, 0, 2, 3))  # one 'VALID' position
+    weight = linear_from_matconvnet(kernel)
+    np.testing.assert_allclose(weight @ feature_map.transpose(2, 0, 1).reshape(-1), conv_out, rtol=1e-10)
+    np.testing.assert_array_equal(linear_to_matconvnet(weight, kernel.shape), kernel)
+
+
 @pytest.fixture(scope="module")
 def mat_runs(photos, tmp_path_factory, no_figures):
     """A VGG19 .mat in each layout -> compute-stats -> apply --layout matconvnet (CLI); the older one verified."""

@@ -162,7 +162,8 @@ def read_matconvnet(path: Path) -> Foreign:
             f"{path} is a MatConvNet network with {convs3} 3x3 convs; VGG16 has 13 and VGG19 16: not a VGG16/VGG19"
         )
     kinds = feature_kinds(arch)
-    valid = [kinds, [*kinds, *TOP], [*kinds, *TOP, "softmax"]]  # features only; with the top (and its softmax)
+    last = types[-1] if types and types[-1] in ("softmax", "softmaxloss") else "softmax"
+    valid = [kinds, [*kinds, *TOP], [*kinds, *TOP, last]]  # features only; with the top (and its softmax)
     if types not in valid:
         ref = max(valid, key=lambda v: _agree(types, v))
         first = _agree(types, ref)
@@ -187,7 +188,7 @@ def read_matconvnet(path: Path) -> Foreign:
         sizes = ((7, 7, 512), (1, 1, 4096), (1, 1, 4096))
         for index, linear, (c_out, _), size in zip(fc_indices, CLASSIFIER, FC_SHAPES, sizes, strict=True):
             kernel, bias = _checked(path, index, records[index], (*size, c_out))
-            sd[f"{linear}.weight"] = _tensor(kernel.transpose(3, 2, 1, 0).reshape(c_out, -1))
+            sd[f"{linear}.weight"] = _tensor(linear_from_matconvnet(kernel))
             sd[f"{linear}.bias"] = _tensor(bias.reshape(-1))
             places[linear] = str(index)
     return Foreign(path, MATCONVNET, flavor, arch, sd, top=top, preprocess="matconvnet", mean=mean, places=places)
@@ -216,6 +217,17 @@ def _checked(path: Path, index: int, record: Any, shape: tuple[int, ...]) -> tup
     return kernel, bias
 
 
+def linear_from_matconvnet(kernel: np.ndarray) -> np.ndarray:
+    """fc6-fc8, convs ``[w, h, in, out]`` over the whole map (7x7, then 1x1), as torchvision's Linear
+    ``[out, in * h * w]`` reading the map flattened in (c, h, w) order."""
+    return kernel.transpose(3, 2, 1, 0).reshape(kernel.shape[3], -1)
+
+
+def linear_to_matconvnet(weight: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of ``linear_from_matconvnet`` into a kernel of ``shape`` (``[w, h, in, out]``)."""
+    return weight.reshape(shape[::-1]).transpose(3, 2, 1, 0)
+
+
 def _tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
@@ -233,8 +245,9 @@ def write_matconvnet(template: Foreign, state_dict: StateDict, out: Path, *, fea
         kernel, bias = np.asarray(w.flat[0]), np.asarray(w.flat[1])
         weight = state_dict[f"{key}.weight"].detach().cpu().numpy()
         if weight.ndim == 2:  # a classifier Linear: back to the conv kernel it was
-            weight = weight.reshape(kernel.shape[::-1])
-        w.flat[0] = weight.transpose(3, 2, 1, 0).astype(kernel.dtype)
+            w.flat[0] = linear_to_matconvnet(weight, kernel.shape).astype(kernel.dtype)
+        else:
+            w.flat[0] = weight.transpose(3, 2, 1, 0).astype(kernel.dtype)
         w.flat[1] = state_dict[f"{key}.bias"].detach().cpu().numpy().astype(bias.dtype).reshape(bias.shape)
     if features_only and template.top:
         data["layers"] = data["layers"][:, : len(feature_kinds(template.arch))]
