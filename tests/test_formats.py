@@ -133,6 +133,8 @@ def test_keras_outputs_verify_compare_and_inspect_like_a_pth(keras_runs, photos)
         "verify", d / "n.h5", "--original", d / "vgg16_notop.h5", "--stats", d / "s.h5", "--data", photos, *SIZE[4:]
     )
     assert r.exit_code == 0 and "3 passed" in r.stdout and "caffe preprocessing" in r.stdout, r.output
+    r = invoke("verify", d / "n.h5", "--original", d / "vgg16_notop.h5", "--stats", d / "s.h5", "--format", "json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["inputs"]["layout"] == "keras", r.output
     # an audit with --data alone measures as apply recorded beside the file (caffe); without the
     # statistics' dead filters, the rule applies to the measured means (a near-dead one stays live at 1e-3)
     r = invoke("verify", d / "n.weights.h5", "--data", photos, "--workers", 0, "--no-progress", "--rel-eps", "0.01")

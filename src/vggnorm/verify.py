@@ -35,6 +35,7 @@ from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
 from vggnorm.device import check_precision, memory_format, resolve_device
 from vggnorm.errors import CheckpointError, DataError, VggnormError
 from vggnorm.figures import have_matplotlib, plot_means
+from vggnorm.formats import peek
 from vggnorm.layers import Topology
 from vggnorm.layouts import detect_layout, export_layout, to_torchvision_layout
 from vggnorm.models import (
@@ -78,7 +79,9 @@ class Normalized:
         check_floating(raw, str(path))
         check_finite(raw, str(path))
         sd = to_torchvision_layout(raw)
-        return cls(Path(path), raw, detect_layout(raw), sd, infer_arch(sd, prefer=prefer))
+        foreign = peek(path)  # a Keras or MatConvNet file, read in torchvision's layout: its layout is its format
+        layout = foreign[0] if foreign else detect_layout(raw)
+        return cls(Path(path), raw, layout, sd, infer_arch(sd, prefer=prefer))
 
     @property
     def features_only(self) -> bool:
