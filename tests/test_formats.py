@@ -24,6 +24,9 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras")
 scipy_io = pytest.importorskip("scipy.io")
 
+# Keras' torch backend converts tensors with np.array(x), which numpy 2 warns about on every call
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
 SIZE = ["--resize", "32", "--crop", "32", "--workers", 0, "--no-progress"]  # VGG's smallest input: fast
 MEAN_RGB = (123.68, 116.779, 103.939)
 
