@@ -19,6 +19,10 @@ install: $(STAMP)
 test: install
 	$(BIN)/python -m pytest -q
 
+# everything, the tests marked heavy too (a full VGG16 with its top in Keras, torchrun's several processes)
+test-all: install
+	$(BIN)/python -m pytest -q -m ""
+
 demo: install
 	bash scripts/demo.sh $(DEMO)
 

@@ -72,6 +72,7 @@ def folder(photos, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_torchrun_two_processes_equal_one(folder, tmp_path):
     single = vggnorm("compute-stats", folder, *ARGS, "-o", tmp_path / "one.h5")  # alongside: mostly start-up
     proc = vggnorm("compute-stats", folder, *ARGS, "-o", tmp_path / "two.h5", nproc=2)
@@ -85,6 +86,7 @@ def test_torchrun_two_processes_equal_one(folder, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_torchrun_resumes_after_kill(folder, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(folder, data)

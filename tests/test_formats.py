@@ -488,6 +488,7 @@ def write_keras_download_like(path, rng: np.random.Generator) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_keras_vgg16_with_the_top_keeps_its_predictions(photos, tmp_path):
     """fc1 reads Keras' channels-last flatten: after normalization Keras' own VGG16 (with the top) gives
     the same logits as before; and --features-only writes a file include_top=False loads."""
