@@ -728,3 +728,71 @@ def test_the_readme_table_names_only_tests_that_exist():
     here = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text(), flags=re.M))
     assert named and named <= here, sorted(named - here)
     assert here - named == {"test_the_readme_table_names_only_tests_that_exist"}, sorted(here - named)
+
+
+# --- C, continued: reports, figures, inspect -----------------------------------------------------------------
+
+
+def test_apply_never_writes_over_another_checkpoints_report_even_with_force(made, tmp_path):
+    """Before: `apply -o x.safetensors --force` replaced x.pth's report, which verify reads as x.pth's policy."""
+    out = tmp_path / "x.pth"
+    r = invoke("apply", made["ckpt"], "--stats", made["stats"], "-o", out, *MODEL)
+    assert r.exit_code == 0, r.output
+    report = tmp_path / "x.report.json"
+    before = report.read_text()
+    r = invoke("apply", made["ckpt"], "--stats", made["stats"], "-o", tmp_path / "x.safetensors", "--force", *MODEL)
+    assert r.exit_code == 1 and "is the report of" in r.stderr and "Traceback" not in r.output, r.output
+    assert report.read_text() == before and not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_fold_failure_names_the_element_and_both_values():
+    """Before: a bias zeroed where the fold gives 0 read `fold 8.51e+35`, a figure nobody can use."""
+    from vggnorm.checks import check_fold
+
+    expected = {"b": torch.tensor([0.0, 0.25, -0.5])}
+    check = check_fold({"b": torch.tensor([0.125, 0.25, -0.5])}, expected)
+    assert check.status == "fail" and "element [0] is 0.125 where the fold gives 0" in check.detail
+
+
+def test_inspect_names_gatys_layers_only_for_chains_and_says_a_repeated_refusal_once():
+    """Before: resnet18's convs were called conv2_18 and the like; mobilenet_v2's one refusal was printed 35 times."""
+    r = invoke("inspect", "resnet18")
+    assert r.exit_code == 1 and "conv2_" not in r.output and "conv1_1" not in r.output
+    r = invoke("inspect", "mobilenet_v2")
+    assert r.exit_code == 1 and r.output.count("REFUSED") == 1 and "the same at 34 other node(s)" in r.output
+    assert "output: unchanged" not in r.output
+    r = invoke("inspect", "vgg11")
+    assert r.exit_code == 0 and "conv1_1" in r.output
+
+
+def test_verify_names_its_figure_and_the_reports_read_as_text(made, tmp_path):
+    """Before: verify wrote its .png without a word, and the Markdown report printed the policy as a Python dict."""
+    report = tmp_path / "r"
+    r = invoke("verify", made["out"], "--data", made["data"], "--report", report, "--workers", 0, *MODEL)
+    assert r.exit_code == 0, r.output
+    assert "r.png" in r.stdout and (tmp_path / "r.png").exists()
+    md = (tmp_path / "r.md").read_text()
+    assert "{'" not in md and "  - preprocess: `torchvision`" in md
+    applied = made["out"].with_name("n.report.md").read_text()  # apply's: the policy it recorded
+    assert "{'" not in applied and "- policy:\n" in applied and "  - weighting: `image`" in applied
+
+
+def test_the_figure_shows_each_live_filters_distance_from_one_and_draws_no_dead_filter(monkeypatch, tmp_path):
+    """Before: the 'after' panel was a flat line at 1 on a ten-decade axis, and dead filters were red crosses at
+    a fixed floor that looked measured."""
+    import matplotlib.pyplot as plt
+
+    from vggnorm.figures import plot_means
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    before = {"a": torch.tensor([0.5, 2.0, 0.0]), "b": torch.tensor([1.5, 0.25])}
+    after = {"a": torch.tensor([1.0 + 2e-4, 1.0 - 5e-5, 0.0]), "b": torch.tensor([1.0, 1.0 + 1e-5])}
+    plot_means(before, after, {"a": [2], "b": []}, tmp_path / "f.png", title="t", after_label="after")
+    fig = figures[0]
+    top, bottom = fig.axes[0], fig.axes[1]
+    assert bottom.get_ylabel() == "|mean - 1|"
+    plotted = [float(y) for c in bottom.collections for _, y in c.get_offsets()]
+    assert sorted(plotted) == pytest.approx(sorted([2e-4, 5e-5, 1e-18, 1e-5]), rel=1e-2)  # no dead filter
+    assert all(float(y) > 0.1 for c in top.collections for _, y in c.get_offsets())  # the dead 0 is not drawn
+    assert any("1 dead" in t.get_text() for t in top.texts)

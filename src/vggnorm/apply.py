@@ -152,6 +152,7 @@ def apply_stats(
     inputs: list[str | os.PathLike[str]] = [stats_path, *([checkpoint] if os.path.exists(checkpoint) else [])]
     for p in outputs:
         check_writable(p, force=force, inputs=inputs)
+    check_report_owner(json_path, output)
     check_output_name(output, layout, flavor)  # after: an input given as -o is named as such first
     if layout == "adain":
         check_adain(arch, stats)
@@ -298,6 +299,22 @@ def apply_stats(
                 after_label="after (by construction: mean / scale)",
             )
     return ApplyResult(output, json_path, md_path, png_path, report, notes)
+
+
+def check_report_owner(report: Path, output: Path) -> None:
+    """Refuse, even with ``--force``, to write over the report of another checkpoint that still exists
+    (``x.report.json`` is both ``x.pth``'s and ``x.safetensors``'s): verify reads it as that one's policy."""
+    if not report.is_file():
+        return
+    try:
+        owner = json.loads(report.read_text()).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return  # not a report of ours: --force decides, as for any file
+    if isinstance(owner, str) and Path(owner).name != output.name and (output.parent / Path(owner).name).exists():
+        raise VggnormError(
+            f"{report} is the report of {output.parent / Path(owner).name}, which verify reads as that checkpoint's "
+            f"policy: writing {output.name} there would replace it, even with --force; choose another name for -o"
+        )
 
 
 def failure_cause(checks: list[Check], rule: DeadRule) -> str:

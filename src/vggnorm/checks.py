@@ -323,4 +323,13 @@ def check_fold(
         else:
             errs[k] = _elementwise_err(actual[k], v)
     worst = max(errs, key=lambda k: errs[k])
-    return Check("fold", desc, _status(errs[worst], rtol), errs[worst], rtol, f"worst tensor {worst}", errs)
+    status = _status(errs[worst], rtol)
+    detail = f"worst tensor {worst}"
+    a, e = actual[worst], expected[worst]
+    if status == FAIL and a.is_floating_point() and a.shape == e.shape and e.numel():
+        # the element itself: a relative error against an expected 0 is no figure a reader can use
+        diff = (a.double() - e.double()).abs().reshape(-1)
+        i = int(diff.nan_to_num(nan=float("inf")).argmax())
+        where = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), tuple(e.shape))) if e.ndim else ()
+        detail += f": element {list(where)} is {float(a.reshape(-1)[i]):.6g} where the fold gives {float(e.reshape(-1)[i]):.6g}"
+    return Check("fold", desc, status, errs[worst], rtol, detail, errs)

@@ -580,7 +580,8 @@ def verify_cmd(normalized: Path, model: str | None, output_format: str, **option
         sys.exit(0 if result.passed else 1)
     if options["report"] is not None:
         json_path, md_path = report_paths(options["report"])
-        click.echo(f"report: {md_path} ({json_path.name})")
+        figure = f", {result.figure}" if result.figure else ""  # the re-measured means' picture
+        click.echo(f"report: {md_path} ({json_path.name}{figure})")
     if result.measured:
         click.echo("measured means of live filters, per layer:")
         for m in result.measured:

@@ -85,8 +85,18 @@ class Inspection:
                 f"not normalized: {len(topo.not_sites)} activation(s) whose input is no conv's output (a residual "
                 f"sum, the image): {shown}"
             )
+        # one line per kind of refusal: the same reason at 35 nodes is said once, naming the others
+        kinds: dict[tuple[str, str], list[str]] = {}
         for r in topo.refusals:
-            out.append(f"REFUSED {r.node}: {r.reason}" + (f"\n    fix: {r.fix}" if r.fix else ""))
+            kinds.setdefault((r.reason.split(":")[0], r.fix), []).append(r.node)
+        first = {r.node: r.reason for r in reversed(topo.refusals)}
+        for (_, fix), nodes in kinds.items():
+            reason = first[nodes[0]]
+            more = ""
+            if len(nodes) > 1:
+                shown = ", ".join(nodes[1:5]) + (f" and {len(nodes) - 5} more" if len(nodes) > 5 else "")
+                more = f"\n    the same at {len(nodes) - 1} other node(s): {shown}"
+            out.append(f"REFUSED {nodes[0]}: {reason}" + more + (f"\n    fix: {fix}" if fix else ""))
         if not topo.sites and not topo.refusals:
             out.append("REFUSED: no Conv2d -> (norm) -> ReLU/LeakyReLU/PReLU site found")
         return out

@@ -369,6 +369,17 @@ class _Analysis:
                         "give each use its own module",
                     )
                 )
+        # Gatys' names (conv1_1, ...) mean something only for a chain of convs (VGG's, AlexNet's): each
+        # site compensated by one layer reading it alone; a branching model's would be made up (conv2_18)
+        readers: dict[str, int] = {}
+        for c in self.compensations:
+            for p in c.sites:
+                readers[p] = readers.get(p, 0) + 1
+        chain = all(len(c.pieces) == 1 and c.groups == 1 for c in self.compensations) and all(
+            n == 1 for n in readers.values()
+        )
+        if not chain or self.refusals:  # (a refused model's compensations are not all known)
+            self.names = {}
         conv_sites = tuple(s for s in self.sites if s.kind == "conv")
         fc_sites = tuple(s for s in self.sites if s.kind == "linear")
         classifier = next((c for c in self.compensations if c.positions > 1), None)

@@ -92,7 +92,12 @@ class Report:
             f"Architecture: `{self.arch}`. Result: **{'PASS' if self.passed else 'FAIL'}**.",
             "",
         ]
-        lines += [f"- {k}: `{v}`" for k, v in self.inputs.items()]
+        for k, v in self.inputs.items():
+            if isinstance(v, dict):  # the policy, the float32 filters: one line each, not a Python dict
+                lines.append(f"- {k}:")
+                lines += [f"  - {kk}: `{_plain(vv)}`" for kk, vv in v.items()]
+            else:
+                lines.append(f"- {k}: `{_plain(v)}`")
         lines += [
             "",
             "## Checks",
@@ -139,6 +144,15 @@ class Report:
 
 # a live filter is listed as near-dead when its mean is below this many times its layer's dead threshold
 NEAR_DEAD_FACTOR = 10.0
+
+
+def _plain(value: Any) -> str:
+    """A value as a reader writes it: lists and tuples comma-separated, no Python quotes or brackets."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_plain(v)}" for k, v in value.items())
+    return str(value)
 
 
 def layer_summary(scales: Mapping[str, Any]) -> list[dict[str, Any]]:
