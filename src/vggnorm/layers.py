@@ -15,8 +15,13 @@ torchvision's VGGs included, goes through this one analysis.
   a Linear after a flatten, channel-major).
 * Anything else a scale would reach is **refused**, by node and with the reason: a residual
   add/sub/mul, an activation that is not homogeneous, a norm that receives a scaled input, a norm
-  without affine parameters that would have to absorb one, a module called more than once, code the
-  tracer cannot see through.
+  without affine parameters that would have to absorb one, a BatchNorm using batch statistics, a
+  module called more than once, weights computed at call time, code the tracer cannot see through.
+* **Every reader is accounted for.** The walk runs twice: pass 1 finds the sites; pass 2 walks again
+  with each site's value scaled from the node the fold divides (its norm's output, or its conv's), so
+  every reader of that value -- a second activation, a side conv, an alias, an in-place ReLU's
+  overwritten input, the output -- meets the scale and compensates, passes it on, or is refused. A
+  site whose scale reaches the model's output uncompensated is left unscaled (``left_unscaled``).
 """
 
 from __future__ import annotations
