@@ -12,7 +12,7 @@ import math
 import os
 import stat
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -242,14 +242,7 @@ def find_images(root: str | os.PathLike[str]) -> list[Path]:
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; give the folder that holds the images")
     found: list[Path] = []
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    for dirpath, filenames in _walk(root):
         for name in filenames:
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 found.append(Path(dirpath, name))
@@ -276,17 +269,21 @@ def refuse_outputs_in(outputs: Iterable[Path], root: Path, option: str) -> None:
 
 def _folders(root: Path) -> set[Path]:
     """Every folder ``find_images`` reads under ``root``, resolved (symlinked subfolders lead elsewhere)."""
-    out: set[Path] = set()
+    return {Path(dirpath).resolve() for dirpath, _ in _walk(root)}
+
+
+def _walk(root: Path) -> Iterator[tuple[str, list[str]]]:
+    """The folders under ``root`` that hold images, with their file names: symlinks followed, each folder
+    once (a link back up is no loop), hidden folders skipped."""
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, _ in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:
             dirnames[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out.add(Path(dirpath).resolve())
-    return out
+        yield dirpath, filenames
 
 
 def _is_one_of(path: Path, root: Path) -> bool:
