@@ -796,3 +796,48 @@ def test_the_figure_shows_each_live_filters_distance_from_one_and_draws_no_dead_
     assert sorted(plotted) == pytest.approx(sorted([2e-4, 5e-5, 1e-18, 1e-5]), rel=1e-2)  # no dead filter
     assert all(float(y) > 0.1 for c in top.collections for _, y in c.get_offsets())  # the dead 0 is not drawn
     assert any("1 dead" in t.get_text() for t in top.texts)
+
+
+# --- F: a user model is its file, whatever the spelling; the weights' path is recorded resolved too ----------
+
+
+def test_a_user_model_is_its_resolved_file_under_any_spelling_and_the_weights_path_is_recorded_resolved(
+    data, tmp_path, monkeypatch
+):
+    from vggnorm import models
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "m.py").write_text("from lookalikes import TinyVGG\n\n\ndef Net():\n    return TinyVGG()\n")
+    key = f"{(a / 'm.py').resolve()}:Net"
+
+    def new_process():  # each command imports --model afresh, as a new process does
+        for k in [k for k in models._USER_MODELS if k.endswith(":Net")]:
+            del models._USER_MODELS[k]
+
+    monkeypatch.chdir(a)
+    r = invoke("compute-stats", data, "--model", "m.py:Net", "--weights", "random:0", "-o", "s.h5", *SMALL)
+    assert r.exit_code == 0, r.output
+    assert read_stats(a / "s.h5").attrs["arch"] == key
+    new_process()
+    r = invoke("apply", "random:0", "--stats", "s.h5", "-o", "w.pth", "--model", "m.py:Net")
+    assert r.exit_code == 0, r.output
+    new_process()
+    r = invoke("compute-stats", data, "--model", "./m.py:Net", "--weights", "w.pth", "-o", "t.h5", *SMALL)
+    assert r.exit_code == 0, r.output
+    attrs = read_stats(a / "t.h5").attrs
+    assert (attrs["arch"], attrs["weights"], attrs["weights_path"]) == (key, "w.pth", str((a / "w.pth").resolve()))
+
+    monkeypatch.chdir(b)  # elsewhere, the same file spelled three other ways
+    for spelling in ("../a/m.py:Net", str(a / "m.py") + ":Net", "./../a/./m.py:Net"):
+        new_process()
+        r = invoke("apply", "../a/w.pth", "--stats", "../a/t.h5", "-o", "n.pth", "--model", spelling, "--force")
+        assert r.exit_code == 0, (spelling, r.output)
+        new_process()
+        r = invoke("verify", "n.pth", "--original", "../a/w.pth", "--stats", "../a/t.h5", "--model", spelling)
+        assert r.exit_code == 0, (spelling, r.output)
+    # other weights: the refusal says which file the statistics were measured on, wherever it runs
+    new_process()
+    r = invoke("apply", "random:0", "--stats", "../a/t.h5", "-o", "x.pth", "--model", "../a/m.py:Net")
+    one_line_error(r, f"w.pth, i.e. {(a / 'w.pth').resolve()}")

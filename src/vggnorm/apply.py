@@ -32,6 +32,7 @@ from vggnorm.layers import Topology, with_affine
 from vggnorm.layouts import ADAIN_ARCHS, export_layout, to_torchvision_layout
 from vggnorm.models import (
     build_model,
+    canonical_arch,
     checked_topology,
     conv_names,
     infer_arch,
@@ -69,18 +70,23 @@ def default_output(spec: str, arch: str, flavor: str | None = None) -> Path:
     if os.path.isfile(spec):
         p = Path(spec)
         return p.with_name(f"{p.stem}.normalized{p.suffix if p.suffix == '.safetensors' else '.pth'}")
+    if is_user_model(arch):  # its identity is a resolved path: name it FILE_NAME
+        where, _, name = arch.rpartition(":")
+        arch = f"{Path(where).stem if where.endswith('.py') else where}_{name}"
     return Path(f"{arch}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', spec)}.normalized.pth")
 
 
 def weights_for(spec: str, stats: Stats) -> Weights:
     """Resolve the checkpoint that ``stats`` belongs to; refuse one with another arch or other weights."""
-    arch = str(stats.attrs["arch"])
+    arch = canonical_arch(str(stats.attrs["arch"]))
     weights = resolve_weights(spec, arch=None if os.path.isfile(spec) else arch, prefer=arch, given=APPLY)
     if weights.arch != arch:
         raise StatsMismatchError(f"the statistics are for {arch}, but {spec} is a {weights.arch} checkpoint")
     if weights.sha256 != stats.attrs.get("weights_sha256"):
+        given, resolved = stats.attrs.get("weights"), stats.attrs.get("weights_path")
+        measured = f"{given}, i.e. {resolved}" if resolved and resolved != given else given
         raise StatsMismatchError(
-            f"the statistics were measured with other weights ({stats.attrs.get('weights')}, sha256 "
+            f"the statistics were measured with other weights ({measured}, sha256 "
             f"{str(stats.attrs.get('weights_sha256'))[:12]}...) than {spec} (sha256 {weights.sha256[:12]}...); "
             f"measure this checkpoint with `vggnorm compute-stats DIR --weights {spec}`"
         )
@@ -141,7 +147,7 @@ def apply_stats(
             f"{stats_path} is shard {stats.attrs['shard']} of a measurement ({stats.num_images} images, not the whole "
             "folder): merge all the shards first with `vggnorm merge-stats s0.h5 s1.h5 ... -o all.h5` and apply that"
         )
-    arch = str(stats.attrs["arch"])
+    arch = canonical_arch(str(stats.attrs["arch"]))
     add_affine = bool(stats.attrs.get("add_affine", False))
     topo = checked_topology(arch, add_affine)  # a model that cannot be normalized is refused first
     flavor = template_flavor(checkpoint, layout) if layout in FOREIGN_LAYOUTS else None  # no weights read yet
