@@ -841,3 +841,29 @@ def test_a_user_model_is_its_resolved_file_under_any_spelling_and_the_weights_pa
     new_process()
     r = invoke("apply", "random:0", "--stats", "../a/t.h5", "-o", "x.pth", "--model", "../a/m.py:Net")
     one_line_error(r, f"w.pth, i.e. {(a / 'w.pth').resolve()}")
+
+
+# --- D: compare takes weight SPECs and summarizes the live filters, as apply's report ----------------------------
+
+
+def test_compare_takes_any_weight_spec_and_its_medians_are_apply_reports_over_live_filters(run, tmp_path):
+    from vggnorm.compare import compare_checkpoints
+    from vggnorm.normalize import DeadRule
+
+    out, rule = tmp_path / "d.pth", ["--rel-eps", "0.5"]  # half of each layer's filters or so dead
+    r = invoke("apply", run["ckpt"], "--stats", run["stats"], "-o", out, *rule, *MODEL)
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "d.report.json").read_text())["layers"]
+    assert any(layer["dead"] for layer in report)
+    result = compare_checkpoints(run["ckpt"], out, stats_path=run["stats"], rule=DeadRule(rel_eps=0.5))
+    assert result.rescaling, result.broken
+    for ours, theirs in zip(result.layers, report, strict=True):
+        assert ours.conv == theirs["conv"] and ours.dead == len(theirs["dead"])
+        for key, value in (("median", ours.median), ("min", ours.low), ("max", ours.high)):
+            assert value == pytest.approx(theirs[key], rel=1e-6), (ours.conv, key)
+    # the look-alike's random:0 is the checkpoint's weights: compare takes it as apply does
+    r = invoke("compare", "random:0", out, "--stats", run["stats"], *rule, *MODEL)
+    assert r.exit_code == 0 and "is a positive per-filter rescaling of random:0" in r.stdout, r.output
+    assert "dead)" in r.stdout and "live filters" in r.stdout, r.stdout
+    r = invoke("compare", out, "random:1", *MODEL)
+    assert r.exit_code == 1 and "NOT a rescaling" in r.stdout, r.output
