@@ -45,7 +45,7 @@ from vggnorm.normalize import DeadRule, LayerScales, float32_bounds, fold_state_
 from vggnorm.policy import report_base
 from vggnorm.report import Report, layer_summary, report_paths
 from vggnorm.stats import Stats, now, read_stats
-from vggnorm.weights import APPLY, Weights, resolve_weights
+from vggnorm.weights import APPLY, Weights, prefetch_random, resolve_weights
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,8 @@ def apply_stats(
             f"--layout {layout} folds each conv's BatchNorm into it, and {arch} has {', '.join(other_norms)} "
             "(which normalize per input, not by fixed statistics): use the torchvision layout"
         )
+    if prefetch_random(checkpoint, arch):  # drawn in a thread while torchvision (check_loads') is imported here
+        import torchvision  # noqa: F401
     weights = weights_for(checkpoint, stats)
     template = weights.foreign if flavor is not None else None  # the input file, written over with the fold
     if flavor is not None and (template is None or template.flavor != flavor):

@@ -134,8 +134,8 @@ def feature_kinds(arch: str) -> list[str]:
 class VGG(nn.Module):
     """torchvision's VGG, module for module (the same paths, modules and forward), built without
     importing torchvision, which costs 1.7 s of every process (verify in CI pays it for nothing).
-    Used for structure and for carrying loaded weights; random initializations (``random:SEED``)
-    and apply's ``loads`` check use torchvision's own class. ``tests/test_models.py`` holds the two
+    Used for structure, for carrying loaded weights and for ``random:SEED`` (``weights._vgg_init``
+    draws torchvision's initialization over it); apply's ``loads`` check uses torchvision's own class. ``tests/test_models.py`` holds the two
     equal."""
 
     def __init__(self, arch: str) -> None:
