@@ -148,6 +148,7 @@ def apply_stats(
             "folder): merge all the shards first with `vggnorm merge-stats s0.h5 s1.h5 ... -o all.h5` and apply that"
         )
     arch = canonical_arch(str(stats.attrs["arch"]))
+    drawing = prefetch_random(checkpoint, arch)  # a VGG's random:SEED: drawn in a thread from here on
     add_affine = bool(stats.attrs.get("add_affine", False))
     topo = checked_topology(arch, add_affine)  # a model that cannot be normalized is refused first
     flavor = template_flavor(checkpoint, layout) if layout in FOREIGN_LAYOUTS else None  # no weights read yet
@@ -168,7 +169,7 @@ def apply_stats(
             f"--layout {layout} folds each conv's BatchNorm into it, and {arch} has {', '.join(other_norms)} "
             "(which normalize per input, not by fixed statistics): use the torchvision layout"
         )
-    if prefetch_random(checkpoint, arch):  # drawn in a thread while torchvision (check_loads') is imported here
+    if drawing:  # random:SEED is drawn in a thread while torchvision (check_loads needs it) is imported here
         import torchvision  # noqa: F401
     weights = weights_for(checkpoint, stats)
     template = weights.foreign if flavor is not None else None  # the input file, written over with the fold
