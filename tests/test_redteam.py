@@ -796,3 +796,93 @@ def test_the_figure_shows_each_live_filters_distance_from_one_and_draws_no_dead_
     assert sorted(plotted) == pytest.approx(sorted([2e-4, 5e-5, 1e-18, 1e-5]), rel=1e-2)  # no dead filter
     assert all(float(y) > 0.1 for c in top.collections for _, y in c.get_offsets())  # the dead 0 is not drawn
     assert any("1 dead" in t.get_text() for t in top.texts)
+
+
+# --- F: a user model is its file, whatever the spelling; the weights' path is recorded resolved too ----------
+
+
+def test_a_user_model_is_its_resolved_file_under_any_spelling_and_the_weights_path_is_recorded_resolved(
+    data, checkpoints, tmp_path, monkeypatch
+):
+    from vggnorm import models
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "m.py").write_text("from lookalikes import TinyVGG\n\n\ndef Net():\n    return TinyVGG()\n")
+    (a / "w.pth").write_bytes(checkpoints["tiny"].read_bytes())  # the look-alike's weights fit Net
+    key = f"{(a / 'm.py').resolve()}:Net"
+
+    def new_process():  # each command imports --model afresh, as a new process does
+        for k in [k for k in models._USER_MODELS if k.endswith(":Net")]:
+            del models._USER_MODELS[k]
+
+    monkeypatch.chdir(a)
+    r = invoke("compute-stats", data, "--model", "m.py:Net", "--weights", "w.pth", "-o", "t.h5", *SMALL)
+    assert r.exit_code == 0, r.output
+    attrs = read_stats(a / "t.h5").attrs
+    assert (attrs["arch"], attrs["weights"], attrs["weights_path"]) == (key, "w.pth", str((a / "w.pth").resolve()))
+
+    monkeypatch.chdir(b)  # elsewhere, the same file spelled otherwise
+    for spelling in ("./../a/m.py:Net", str(a / "m.py") + ":Net"):
+        new_process()
+        r = invoke("apply", "../a/w.pth", "--stats", "../a/t.h5", "-o", "n.pth", "--model", spelling, "--force")
+        assert r.exit_code == 0, (spelling, r.output)
+        new_process()
+        r = invoke("verify", "n.pth", "--original", "../a/w.pth", "--stats", "../a/t.h5", "--model", spelling)
+        assert r.exit_code == 0, (spelling, r.output)
+    # other weights: the refusal says which file the statistics were measured on, wherever it runs
+    new_process()
+    r = invoke("apply", "random:1", "--stats", "../a/t.h5", "-o", "x.pth", "--model", "../a/m.py:Net")
+    one_line_error(r, f"w.pth, i.e. {(a / 'w.pth').resolve()}")
+
+
+# --- G: compare takes weight SPECs and summarizes the live filters, as apply's report ----------------------------
+
+
+def test_compare_takes_any_weight_spec_and_its_medians_are_apply_reports_over_live_filters(run, tmp_path):
+    from vggnorm.compare import compare_checkpoints
+    from vggnorm.normalize import DeadRule
+
+    out, rule = tmp_path / "d.pth", ["--rel-eps", "0.5"]  # half of each layer's filters or so dead
+    r = invoke("apply", run["ckpt"], "--stats", run["stats"], "-o", out, *rule, *MODEL)
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "d.report.json").read_text())["layers"]
+    assert any(layer["dead"] for layer in report)
+    result = compare_checkpoints(run["ckpt"], out, stats_path=run["stats"], rule=DeadRule(rel_eps=0.5))
+    assert result.rescaling, result.broken
+    for ours, theirs in zip(result.layers, report, strict=True):
+        assert ours.conv == theirs["conv"] and ours.dead == len(theirs["dead"])
+        for key, value in (("median", ours.median), ("min", ours.low), ("max", ours.high)):
+            assert value == pytest.approx(theirs[key], rel=1e-6), (ours.conv, key)
+    # the look-alike's random:0 is the checkpoint's weights: compare takes it as apply does
+    r = invoke("compare", "random:0", out, "--stats", run["stats"], *rule, *MODEL)
+    assert r.exit_code == 0 and "is a positive per-filter rescaling of random:0" in r.stdout, r.output
+    assert "dead)" in r.stdout and "live filters" in r.stdout, r.stdout
+    r = invoke("compare", out, "random:1", *MODEL)
+    assert r.exit_code == 1 and "NOT a rescaling" in r.stdout, r.output
+
+
+# --- H: random:SEED is built once, without torchvision's import or its discarded default initialization -----
+
+
+def test_random_weights_are_torchvisions_seeded_init_built_without_importing_torchvision(monkeypatch):
+    import sys
+
+    import torchvision
+
+    from vggnorm.checkpoint import state_dict_sha256
+    from vggnorm.weights import random_state_dict
+
+    state = torch.random.get_rng_state()
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "torchvision", None)  # importing it raises: random:SEED must not need it (1.7 s)
+        ours = random_state_dict("vgg11_bn", 0)
+    assert torch.equal(torch.random.get_rng_state(), state), "the global generator moved"
+    torch.manual_seed(0)
+    theirs = torchvision.models.vgg11_bn(weights=None).state_dict()
+    torch.random.set_rng_state(state)
+    assert list(ours) == list(theirs)
+    for k, v in theirs.items():
+        assert ours[k].dtype == v.dtype and torch.equal(ours[k], v), k
+    assert state_dict_sha256(ours) == state_dict_sha256(theirs)  # random:0's recorded hash is unchanged

@@ -32,6 +32,7 @@ from vggnorm.layers import Topology, with_affine
 from vggnorm.layouts import ADAIN_ARCHS, export_layout, to_torchvision_layout
 from vggnorm.models import (
     build_model,
+    canonical_arch,
     checked_topology,
     conv_names,
     infer_arch,
@@ -44,7 +45,7 @@ from vggnorm.normalize import DeadRule, LayerScales, float32_bounds, fold_state_
 from vggnorm.policy import report_base
 from vggnorm.report import Report, layer_summary, report_paths
 from vggnorm.stats import Stats, now, read_stats
-from vggnorm.weights import APPLY, Weights, resolve_weights
+from vggnorm.weights import APPLY, Weights, prefetch_random, resolve_weights
 
 
 @dataclass(frozen=True)
@@ -69,18 +70,23 @@ def default_output(spec: str, arch: str, flavor: str | None = None) -> Path:
     if os.path.isfile(spec):
         p = Path(spec)
         return p.with_name(f"{p.stem}.normalized{p.suffix if p.suffix == '.safetensors' else '.pth'}")
+    if is_user_model(arch):  # its identity is a resolved path: name it FILE_NAME
+        where, _, name = arch.rpartition(":")
+        arch = f"{Path(where).stem if where.endswith('.py') else where}_{name}"
     return Path(f"{arch}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', spec)}.normalized.pth")
 
 
 def weights_for(spec: str, stats: Stats) -> Weights:
     """Resolve the checkpoint that ``stats`` belongs to; refuse one with another arch or other weights."""
-    arch = str(stats.attrs["arch"])
+    arch = canonical_arch(str(stats.attrs["arch"]))
     weights = resolve_weights(spec, arch=None if os.path.isfile(spec) else arch, prefer=arch, given=APPLY)
     if weights.arch != arch:
         raise StatsMismatchError(f"the statistics are for {arch}, but {spec} is a {weights.arch} checkpoint")
     if weights.sha256 != stats.attrs.get("weights_sha256"):
+        given, resolved = stats.attrs.get("weights"), stats.attrs.get("weights_path")
+        measured = f"{given}, i.e. {resolved}" if resolved and resolved != given else given
         raise StatsMismatchError(
-            f"the statistics were measured with other weights ({stats.attrs.get('weights')}, sha256 "
+            f"the statistics were measured with other weights ({measured}, sha256 "
             f"{str(stats.attrs.get('weights_sha256'))[:12]}...) than {spec} (sha256 {weights.sha256[:12]}...); "
             f"measure this checkpoint with `vggnorm compute-stats DIR --weights {spec}`"
         )
@@ -141,7 +147,8 @@ def apply_stats(
             f"{stats_path} is shard {stats.attrs['shard']} of a measurement ({stats.num_images} images, not the whole "
             "folder): merge all the shards first with `vggnorm merge-stats s0.h5 s1.h5 ... -o all.h5` and apply that"
         )
-    arch = str(stats.attrs["arch"])
+    arch = canonical_arch(str(stats.attrs["arch"]))
+    drawing = prefetch_random(checkpoint, arch)  # a VGG's random:SEED: drawn in a thread from here on
     add_affine = bool(stats.attrs.get("add_affine", False))
     topo = checked_topology(arch, add_affine)  # a model that cannot be normalized is refused first
     flavor = template_flavor(checkpoint, layout) if layout in FOREIGN_LAYOUTS else None  # no weights read yet
@@ -162,6 +169,8 @@ def apply_stats(
             f"--layout {layout} folds each conv's BatchNorm into it, and {arch} has {', '.join(other_norms)} "
             "(which normalize per input, not by fixed statistics): use the torchvision layout"
         )
+    if drawing:  # random:SEED is drawn in a thread while torchvision (check_loads needs it) is imported here
+        import torchvision  # noqa: F401
     weights = weights_for(checkpoint, stats)
     template = weights.foreign if flavor is not None else None  # the input file, written over with the fold
     if flavor is not None and (template is None or template.flavor != flavor):

@@ -601,8 +601,8 @@ def verify_cmd(normalized: Path, model: str | None, output_format: str, **option
 
 
 @cli.command("compare")
-@click.argument("a", metavar="A", type=click.Path(exists=True, dir_okay=False))
-@click.argument("b", metavar="B", type=click.Path(exists=True, dir_okay=False))
+@click.argument("a", metavar="A")
+@click.argument("b", metavar="B")
 @click.option(
     "--stats",
     "stats_path",
@@ -617,13 +617,18 @@ def verify_cmd(normalized: Path, model: str | None, output_format: str, **option
     show_default=True,
     help="Largest relative residual of a filter's weights and bias for it to count as rescaled.",
 )
+@_dead_rule_options(verify=False)
 @model_option
 @verbose_option
-def compare_cmd(a: str, b: str, stats_path: Path | None, tol: float, model: str | None) -> None:
+def compare_cmd(
+    a: str, b: str, stats_path: Path | None, tol: float, model: str | None, rel_eps: float, eps: float
+) -> None:
     """Is B a positive per-filter rescaling of A (the function-preserving kind vggnorm makes)?
 
-    Recovers, layer by layer, the scale of every filter from the weights alone and prints, per layer,
-    their median and range (and, with --stats, how far they are from the measured means). Any layout
+    A and B are weight SPECs (a file, a torchvision weights name, random:SEED; a name or random:SEED
+    takes the arch of --model, --stats or the other, a file). Recovers, layer by layer, the scale of every
+    filter from the weights alone and prints, per layer, their median and range (with --stats: over the
+    live filters, as apply's report, and how far they are from the measured means). Any layout
     (torchvision, gatys, adain); BatchNorm is folded in first, so a _bn model compares with its Gatys
     or AdaIN export. Exit 0: B is such a rescaling of A; 1: it is not (the first layer and filter that
     break it are named); 2: bad usage.
@@ -631,16 +636,19 @@ def compare_cmd(a: str, b: str, stats_path: Path | None, tol: float, model: str 
     Example: vggnorm compare vgg19.pth vgg19-normalized.pth --stats vgg19-stats.h5
     """
     from vggnorm.compare import compare_checkpoints
+    from vggnorm.normalize import DeadRule
 
     with user_errors(UsageFailure):
-        if model is not None:
-            _import_model(model)
-        result = compare_checkpoints(a, b, stats_path=stats_path, tol=tol)
-    click.echo(f"{result.arch}: scales recovered from the weights, per layer (B = A rescaled)")
+        arch = _import_model(model) if model is not None else None
+        rule = DeadRule(rel_eps=rel_eps, eps=eps)
+        result = compare_checkpoints(a, b, stats_path=stats_path, tol=tol, rule=rule, arch=arch)
+    over = "live filters, as apply's report" if stats_path is not None else "all filters (--stats tells the dead)"
+    click.echo(f"{result.arch}: scales recovered from the weights, per layer (B = A rescaled; median, range: {over})")
     for layer in result.layers:
+        dead = f" ({layer.dead} dead)" if layer.dead else ""
         line = (
             f"  {layer.conv} ({layer.name})".ljust(26)
-            + f"{layer.filters:4} filters  median {layer.median:<10.4g} range {layer.low:.4g} .. {layer.high:.4g}"
+            + f"{layer.filters:4} filters{dead}  median {layer.median:<10.4g} range {layer.low:.4g} .. {layer.high:.4g}"
             + f"  residual {layer.residual:.2g}"
         )
         if layer.vs_means is not None:

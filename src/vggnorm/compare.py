@@ -5,7 +5,9 @@ model compares with its Gatys or AdaIN export) are matched: ``W_B[i, k] = W_A[i,
 and ``b_B[i] = b_A[i] / s[i]``. Each ``s[i]`` is recovered from the weights alone (least squares over
 the filter's weights, after undoing the previous layer's recovered scales), and the residual says
 whether B is such a rescaling at all. With the statistics, the recovered scales are compared with the
-measured means (the scales ``apply`` would use).
+measured means (the scales ``apply`` would use), and each layer's median and range are taken over its
+live filters as ``apply``'s report takes them (``report.layer_summary``, dead by ``normalize.DeadRule``).
+A and B are weight SPECs, as everywhere (a file, a torchvision weights name, ``random:SEED``).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import Any
 
 import torch
 
-from vggnorm.checkpoint import StateDict, load_state_dict
-from vggnorm.errors import VggnormError
-from vggnorm.layouts import conv_without_bn, detect_layout, to_torchvision_layout
-from vggnorm.models import bn_eps, checked_topology, conv_names, infer_arch, is_features_only, topology
-from vggnorm.normalize import DeadRule
+from vggnorm.checkpoint import StateDict
+from vggnorm.errors import VggnormError, WeightsError
+from vggnorm.layouts import conv_without_bn
+from vggnorm.models import bn_eps, canonical_arch, checked_topology, conv_names, is_features_only, topology
+from vggnorm.normalize import DeadRule, LayerScales
+from vggnorm.report import layer_summary
 from vggnorm.stats import read_stats
+from vggnorm.weights import is_file_spec, resolve_weights
 
 DEFAULT_TOL = 1e-4  # relative residual of a filter's weights: float32 rounding of a fold is ~1e-7
 
@@ -32,11 +36,12 @@ class LayerComparison:
     conv: str
     name: str  # Gatys' name, conv1_1
     filters: int
-    median: float  # of the recovered scales
+    median: float  # of the recovered scales of the live filters (all, without --stats), as apply's report
     low: float
     high: float
     residual: float  # worst relative residual of a filter's weights and bias after rescaling
     vs_means: float | None = None  # with --stats: worst relative difference of s and the mean, live filters
+    dead: int | None = None  # with --stats: the filters apply left unscaled (not in median, low, high)
 
 
 @dataclass
@@ -60,10 +65,23 @@ class Comparison:
         }
 
 
-def _effective(path: str) -> tuple[StateDict, str, str]:
-    raw = load_state_dict(path)
-    sd = to_torchvision_layout(raw)
-    return sd, infer_arch(sd), detect_layout(raw)
+def _resolve(specs: tuple[str, str], arch: str | None) -> list[tuple[StateDict, str]]:
+    """Each SPEC's state_dict (torchvision's layout) and arch: files first, their arch inferred (``arch``
+    preferred); a torchvision weights name or ``random:SEED`` takes ``arch``, else the file's."""
+    out: dict[int, tuple[StateDict, str]] = {}
+    for i in sorted(range(2), key=lambda i: not is_file_spec(specs[i])):
+        spec = specs[i]
+        if is_file_spec(spec):
+            w = resolve_weights(spec, arch=None, prefer=arch, background_hash=True)
+        else:
+            known = arch or next((a for _, a in out.values()), None)
+            if known is None:
+                raise WeightsError(
+                    f"{spec} needs an architecture: give the other checkpoint as a file, --stats, or --model"
+                )
+            w = resolve_weights(spec, arch=known, background_hash=True)
+        out[i] = (w.state_dict, w.arch)
+    return [out[0], out[1]]
 
 
 def compare_checkpoints(
@@ -73,17 +91,20 @@ def compare_checkpoints(
     stats_path: str | os.PathLike[str] | None = None,
     tol: float = DEFAULT_TOL,
     rule: DeadRule = DeadRule(),
+    arch: str | None = None,
 ) -> Comparison:
-    """Recover the per-filter scales that turn A into B, layer by layer; say where B stops being one."""
-    sd_a, arch_a, _ = _effective(str(a))
-    sd_b, arch_b, _ = _effective(str(b))
+    """Recover the per-filter scales that turn A into B, layer by layer; say where B stops being one.
+    A and B are weight SPECs; ``arch`` (else the statistics' arch) is the arch of a SPEC that is no file."""
+    stats = read_stats(Path(stats_path)) if stats_path is not None else None
+    if arch is None and stats is not None:
+        arch = canonical_arch(str(stats.attrs["arch"]))
+    (sd_a, arch_a), (sd_b, arch_b) = _resolve((str(a), str(b)), arch)
     if arch_a.removesuffix("_bn") != arch_b.removesuffix("_bn"):
         raise VggnormError(f"{a} is a {arch_a} and {b} a {arch_b}: compare needs two checkpoints of one architecture")
     _check_chain(arch_a)
     _check_chain(arch_b)
     sites_a, sites_b = topology(arch_a).sites, topology(arch_b).sites
     names = conv_names(arch_a)
-    stats = read_stats(Path(stats_path)) if stats_path is not None else None
     result = Comparison(str(a), str(b), arch_a, True)
     prev: torch.Tensor | None = None
     for sa, sb in zip(sites_a, sites_b, strict=True):
@@ -106,17 +127,25 @@ def compare_checkpoints(
             result.rescaling = False
             why = "a negative or zero factor" if not float(s[i]) > 0 else f"residual {float(residual[i]):.3g} > {tol:g}"
             result.broken = f"{label} filter {i}: B's weights are not a positive multiple of A's ({why})"
+        dead: list[int] = []
+        threshold = 0.0
+        mean = None
+        if stats is not None and sa.conv in stats.layers:
+            mean = stats.layers[sa.conv].mean.double()
+            dead, threshold = torch.nonzero(~rule.live(mean)).flatten().tolist(), rule.threshold(mean)
+        # the median and range over the live filters, as apply's report (dead ones keep a scale of 1)
+        (summary,) = layer_summary({sa.conv: LayerScales(sa.conv, s, dead, threshold)})
         layer = LayerComparison(
             sa.conv,
             names.get(sa.conv, ""),
             s.numel(),
-            float(s.median()),
-            float(s.min()),
-            float(s.max()),
+            summary["median"],
+            summary["min"],
+            summary["max"],
             float(residual.max()),
+            dead=len(dead) if mean is not None else None,
         )
-        if stats is not None and sa.conv in stats.layers:
-            mean = stats.layers[sa.conv].mean.double()
+        if mean is not None:
             live = rule.live(mean)
             if live.any():
                 layer.vs_means = float(((s - mean).abs() / mean)[live].max())

@@ -233,7 +233,8 @@ def _attrs(
     """The provenance and measurement policy recorded with the statistics (SPEC "Files")."""
     return {
         "arch": weights.arch,
-        "weights": weights.spec,
+        "weights": weights.spec,  # as given; a file's absolute path too, for a command run from elsewhere
+        "weights_path": str(Path(weights.spec).resolve()) if os.path.isfile(weights.spec) else "",
         "weights_sha256": weights.sha256,
         "weights_format": weights.foreign.describe() if weights.foreign is not None else "",
         **preprocess.as_attrs(),

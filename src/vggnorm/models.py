@@ -25,7 +25,7 @@ from vggnorm.errors import CheckpointError, VggnormError, WeightsError
 from vggnorm.layers import Topology, find_topology, with_affine
 from vggnorm.shapes import input_fits
 
-# user models imported on request: spec as given -> class or zero-argument factory
+# user models imported on request: identity (``user_model_key``) -> class or zero-argument factory
 _USER_MODELS: dict[str, Callable[[], nn.Module]] = {}
 
 
@@ -33,11 +33,47 @@ def is_user_model(arch: str) -> bool:
     return ":" in arch
 
 
+def user_model_key(spec: str) -> str:
+    """A user model's identity, the arch it is recorded and looked up as: ``FILE.py:NAME`` with FILE
+    resolved (absolute, links followed), so ``m.py:Net``, ``./m.py:Net``, an absolute path or the same
+    file from another working directory are one model; ``package.module:NAME`` as given."""
+    where, sep, name = spec.rpartition(":")
+    if sep and where.endswith(".py"):
+        return f"{Path(where).resolve()}:{name}"
+    return spec
+
+
+def canonical_arch(arch: str) -> str:
+    """``arch`` as recorded and looked up: a user model's ``user_model_key``, where it names an imported
+    model. A relative ``FILE.py:NAME`` recorded elsewhere (before identities were resolved) is the
+    imported model whose resolved path ends with FILE, when exactly one does."""
+    if not is_user_model(arch):
+        return arch
+    key = user_model_key(arch)
+    if key in _USER_MODELS:
+        return key
+    where, _, name = arch.rpartition(":")
+    rel = Path(where)
+    if where.endswith(".py") and not rel.is_absolute():
+        parts = tuple(p for p in rel.parts if p != ".")
+        if ".." not in parts:
+            same = [
+                k
+                for k in _USER_MODELS
+                if k.endswith(f":{name}") and Path(k.rpartition(":")[0]).parts[-len(parts) :] == parts
+            ]
+            if len(same) == 1:
+                return same[0]
+    return key
+
+
 def import_user_model(spec: str) -> str:
-    """Import ``path/to/file.py:NAME`` or ``package.module:NAME`` (this runs that code) and make
-    ``spec`` an arch that ``build_model`` builds by calling ``NAME()``. Returns ``spec``."""
-    if spec in _USER_MODELS:
-        return spec
+    """Import ``path/to/file.py:NAME`` or ``package.module:NAME`` (this runs that code) and make it an
+    arch that ``build_model`` builds by calling ``NAME()``. Returns its identity (``user_model_key``):
+    every spelling of one file gives the same arch."""
+    key = user_model_key(spec)
+    if key in _USER_MODELS:
+        return key
     where, sep, name = spec.rpartition(":")
     if not (sep and where and name.isidentifier()):
         raise VggnormError(f"--model {spec!r}: expected path/to/file.py:NAME or package.module:NAME")
@@ -47,7 +83,7 @@ def import_user_model(spec: str) -> str:
             if not path.is_file():
                 raise VggnormError(f"--model {spec}: {path} does not exist")
             module_name = f"vggnorm_user_{path.stem}_{abs(hash(str(path.resolve())))}"
-            module_spec = importlib.util.spec_from_file_location(module_name, path)
+            module_spec = importlib.util.spec_from_file_location(module_name, path.resolve())
             assert module_spec is not None and module_spec.loader is not None
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[module_name] = module
@@ -61,8 +97,8 @@ def import_user_model(spec: str) -> str:
     factory = getattr(module, name, None)
     if not callable(factory):
         raise VggnormError(f"--model {spec}: {where} has no class or function {name}")
-    _USER_MODELS[spec] = factory
-    return spec
+    _USER_MODELS[key] = factory
+    return key
 
 
 def known_archs() -> tuple[str, ...]:
@@ -98,8 +134,8 @@ def feature_kinds(arch: str) -> list[str]:
 class VGG(nn.Module):
     """torchvision's VGG, module for module (the same paths, modules and forward), built without
     importing torchvision, which costs 1.7 s of every process (verify in CI pays it for nothing).
-    Used for structure and for carrying loaded weights; random initializations (``random:SEED``)
-    and apply's ``loads`` check use torchvision's own class. ``tests/test_models.py`` holds the two
+    Used for structure, for carrying loaded weights and for ``random:SEED`` (``weights._vgg_init``
+    draws torchvision's initialization over it); apply's ``loads`` check uses torchvision's own class. ``tests/test_models.py`` holds the two
     equal."""
 
     def __init__(self, arch: str) -> None:
@@ -134,7 +170,7 @@ class VGG(nn.Module):
 
 
 def check_arch(arch: str) -> None:
-    if arch in known_archs() or arch in _torchvision_classifiers():
+    if canonical_arch(arch) in known_archs() or arch in _torchvision_classifiers():
         return
     if is_user_model(arch):
         raise WeightsError(
@@ -167,8 +203,8 @@ def build_model(arch: str, *, device: str | torch.device | None = None, torchvis
 
 def _build(arch: str, device: str | torch.device, torchvision_class: bool) -> nn.Module:
     with torch.device(device):
-        if arch in _USER_MODELS:
-            model = _USER_MODELS[arch]()
+        if (key := canonical_arch(arch)) in _USER_MODELS:
+            model = _USER_MODELS[key]()
             if not isinstance(model, nn.Module):
                 raise VggnormError(f"--model {arch}: calling it gave a {type(model).__name__}, not an nn.Module")
             return model

@@ -344,6 +344,7 @@ ROOT_SCHEMA: dict[str, Any] = {
     "format_version": _int,
     "arch": _str,
     "weights": _str,
+    "weights_path": _str,
     "weights_sha256": _str,
     "num_images": _at_least(0),
     "num_skipped": _at_least(0),

@@ -40,6 +40,7 @@ from vggnorm.layers import Topology
 from vggnorm.layouts import detect_layout, export_layout, to_torchvision_layout
 from vggnorm.models import (
     affine_keys,
+    canonical_arch,
     checked_topology,
     conv_names,
     infer_arch,
@@ -132,7 +133,8 @@ def verify_checkpoint(
     given = _inputs_of(normalized_path, stats_path, original)
     _check_outputs(report, junit_xml, given, figure=data is not None, force=force, data=data)
     stats = read_stats(stats_path) if stats_path is not None else None
-    prefer = str(stats.attrs["arch"]) if stats is not None else None  # two models may share their shapes
+    # two models may share their shapes
+    prefer = canonical_arch(str(stats.attrs["arch"])) if stats is not None else None
     dev = resolve_device(device)
     check_precision(precision, dev)
     # the original first when its arch is known: its hash is computed while the other file loads
@@ -403,7 +405,10 @@ def measured_means(measured: Stats, weighting: str) -> dict[str, torch.Tensor]:
 
 def _arch(target: Normalized, stats: Stats | None, weights: Weights | None, original: str | None) -> str:
     """The arch the inputs agree on (a Gatys export of a ``_bn`` arch loads into its plain arch)."""
-    arch = str(stats.attrs["arch"]) if stats is not None else weights.arch if weights is not None else target.arch
+    if stats is not None:
+        arch = canonical_arch(str(stats.attrs["arch"]))
+    else:
+        arch = weights.arch if weights is not None else target.arch
     if arch != target.arch and not (target.layout == "gatys" and arch.removesuffix("_bn") == target.arch):
         raise CheckpointError(f"{target.path} is a {target.arch}, but the statistics or --original are for {arch}")
     if weights is not None and weights.arch != arch:

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from vggnorm.checkpoint import StateDict, check_finite, load_state_dict, state_dict_sha256
-from vggnorm.defaults import DEFAULT_ARCH, RANDOM_PREFIX
+from vggnorm.defaults import DEFAULT_ARCH, RANDOM_PREFIX, VGG_ARCHS
 from vggnorm.errors import CheckpointError, WeightsError, WeightsUnavailableError
 from vggnorm.formats import Foreign, read_foreign
 from vggnorm.layouts import to_torchvision_layout
-from vggnorm.models import build_model, check_arch, check_state_dict, infer_arch, is_features_only, is_user_model
+from vggnorm.models import VGG, build_model, check_arch, check_state_dict, infer_arch, is_features_only, is_user_model
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,77 @@ def _torchvision_weights(arch: str, name: str, given: Given = COMPUTE) -> StateD
 
 
 def random_state_dict(arch: str, seed: int) -> StateDict:
-    """torchvision's own initialization of ``arch`` under ``torch.manual_seed(seed)``."""
+    """torchvision's own initialization of ``arch`` under ``torch.manual_seed(seed)``: for its VGGs the
+    same values drawn without torchvision (``_vgg_init``, on a generator of their own; or taken from
+    ``prefetch_random``'s thread), else by building the model."""
+    if arch in VGG_ARCHS:
+        future = _PREFETCHED.pop((arch, seed), None)
+        return future.result() if future is not None else _vgg_init(arch, torch.Generator().manual_seed(seed))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(arch).state_dict()
+
+
+# random:SEED of a VGG being drawn in a thread: (arch, seed) -> its state_dict, taken once
+_PREFETCHED: dict[tuple[str, int], Future[StateDict]] = {}
+
+
+def prefetch_random(spec: str, arch: str) -> bool:
+    """For ``random:SEED`` of a VGG, start drawing it in a thread (torch's kernels release the GIL), for a
+    command with other work to do meanwhile; ``random_state_dict`` then takes it. Says whether it did."""
+    seed_text = spec.removeprefix(RANDOM_PREFIX)
+    if not (spec.startswith(RANDOM_PREFIX) and seed_text.isdigit() and arch in VGG_ARCHS):
+        return False
+    key = (arch, int(seed_text))
+    if key not in _PREFETCHED:
+        future: Future[StateDict] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(_vgg_init(arch, torch.Generator().manual_seed(key[1])))
+            except BaseException as e:  # handed to whoever takes the weights
+                future.set_exception(e)
+
+        _PREFETCHED[key] = future
+        threading.Thread(target=run, name="vggnorm-random", daemon=True).start()
+    return True
+
+
+_SCRATCH = 1 << 20  # floats: the default initialization's draws go here, a chunk at a time
+
+
+def _vgg_init(arch: str, generator: torch.Generator) -> StateDict:
+    """torchvision's ``vgg*(weights=None)`` state_dict, value for value, without importing torchvision
+    (1.7 s) or writing the default initialization that its ``__init__`` overwrites (``models.VGG`` has
+    the same modules in the same order). Each Conv2d and Linear first draws its ``reset_parameters``
+    (``kaiming_uniform_`` weight, ``uniform_`` bias: one 32-bit draw per float32 element, in order, so
+    drawing them into a scratch buffer leaves the generator where they leave it); then VGG's own loop
+    draws the values kept: ``kaiming_normal_`` (fan_out, relu) conv weights, ``normal_(0, 0.01)``
+    Linear weights, zero biases, BatchNorm as the identity. ``tests/test_redteam.py`` holds
+    them equal to torchvision's."""
+    with torch.device("meta"):
+        model = VGG(arch)
+    scratch = torch.empty(_SCRATCH)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            for n in (m.weight.numel(), m.weight.shape[0]):  # weight, bias (every VGG conv and Linear has one)
+                for start in range(0, n, _SCRATCH):
+                    scratch[: min(_SCRATCH, n - start)].uniform_(generator=generator)
+    sd: StateDict = {}
+    for name, m in model.named_modules():  # VGG.__init__'s loop, in the same order
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            w = torch.empty(m.weight.shape)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu", generator=generator)
+            else:
+                nn.init.normal_(w, 0, 0.01, generator=generator)
+            sd[f"{name}.weight"], sd[f"{name}.bias"] = w, torch.zeros(w.shape[0])
+        elif isinstance(m, nn.BatchNorm2d):  # the identity: no draws
+            c = m.num_features
+            sd |= {f"{name}.weight": torch.ones(c), f"{name}.bias": torch.zeros(c)}
+            sd |= {f"{name}.running_mean": torch.zeros(c), f"{name}.running_var": torch.ones(c)}
+            sd[f"{name}.num_batches_tracked"] = torch.tensor(0)
+    return {k: sd[k] for k in model.state_dict()}  # in the model's order
 
 
 def _arch_of(state_dict: StateDict) -> str | None:
