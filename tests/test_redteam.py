@@ -886,3 +886,33 @@ def test_random_weights_are_torchvisions_seeded_init_built_without_importing_tor
     for k, v in theirs.items():
         assert ours[k].dtype == v.dtype and torch.equal(ours[k], v), k
     assert state_dict_sha256(ours) == state_dict_sha256(theirs)  # random:0's recorded hash is unchanged
+
+
+def test_verify_preprocesses_in_float64_when_asked_for_fp64(made, monkeypatch):
+    """Before: verify's --precision fp64 re-measurement preprocessed its images in float32."""
+    from vggnorm import data as data_mod
+
+    dtypes = []
+    real = data_mod.make_loader
+
+    def recording(*args, **kwargs):
+        dtypes.append(kwargs.get("dtype", torch.float32))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data_mod, "make_loader", recording)
+    r = invoke("verify", made["out"], "--data", made["data"], "--precision", "fp64", "--workers", 0, *MODEL)
+    assert r.exit_code == 0, r.output
+    assert dtypes == [torch.float64]
+
+
+def test_an_interrupt_while_apply_writes_leaves_nothing_and_is_one_line(made, tmp_path, monkeypatch):
+    """Ctrl-C while the checkpoint is being written: no output, no temporary, no traceback."""
+    import vggnorm.apply
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vggnorm.apply, "write_state_dict", interrupted)
+    r = invoke("apply", made["ckpt"], "--stats", made["stats"], "-o", tmp_path / "n.pth", *MODEL)
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
