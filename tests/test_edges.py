@@ -53,7 +53,7 @@ def test_the_default_pipeline_passes_its_own_verify_on_look_alikes(key, photos16
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["vgg11", "vgg11_bn", "vgg16"])
+@pytest.mark.parametrize("arch", ["vgg11", "vgg11_bn", pytest.param("vgg16", marks=pytest.mark.heavy)])
 def test_the_default_pipeline_passes_its_own_verify_on_torchvision_vggs(arch, photos16, tmp_path):
     """Random weights have many near-dead filters; with the absolute eps of old, vgg11_bn failed here."""
     sd = features_state_dict(arch)
