@@ -179,8 +179,8 @@ def functional_net() -> FunctionalNet:
 
 class ProjectedResidualNet(nn.Module):
     """A residual block whose identity path is a projection conv (RegNet's and ResNet's downsampling
-    blocks): both convs read the stem's scaled channels and compensate them, the add sums two
-    unscaled values, and the ReLU after it is no site (its input is a sum)."""
+    blocks): both convs read the stem's scaled channels and compensate them, the add sums the outputs of
+    two BatchNorms, and the ReLU after it is a site whose scale both BatchNorms carry."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -207,7 +207,9 @@ def projected_residual_net() -> ProjectedResidualNet:
 
 
 class ResidualNet(nn.Module):
-    """A conv -> ReLU stem and torchvision's ResNet basic block: refused (a residual add)."""
+    """A conv -> ReLU stem and torchvision's ResNet basic block, whose last ReLU is the output: the stream
+    (the stem's ReLU and the block's ReLU after its add) reaches the output uncompensated, so it is left
+    unscaled; the block's first ReLU is normalized."""
 
     def __init__(self) -> None:
         super().__init__()

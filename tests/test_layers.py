@@ -43,6 +43,15 @@ def test_unknown_module_between_conv_and_its_activation_is_refused():
     )
 
 
+def test_each_call_of_an_activation_is_a_site_of_its_own_module_or_function():
+    """Before: a ReLU module called twice, and a functional ReLU, were refused (one module hook, one site)."""
+    shared = find_topology(_Shared())
+    assert [(s.conv, s.relu, s.call) for s in shared.sites] == [("a", "relu:1", 0), ("b", "relu:2", 1)]
+    functional = find_topology(_Functional())
+    assert [(s.conv, s.relu, s.call) for s in functional.sites] == [("conv", "relu", 0)]
+    assert not shared.refusals and not functional.refusals and functional.activation_calls == 1
+
+
 def test_a_conv_without_activation_is_no_site_and_the_next_compensates():
     topo = find_topology(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)))
     assert [s.conv for s in topo.sites] == ["0"] and [c.module for c in topo.compensations] == ["2"]
@@ -52,19 +61,19 @@ def test_a_conv_without_activation_is_no_site_and_the_next_compensates():
 class _Functional(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
+        self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)
 
     def forward(self, x):
-        return torch.relu(self.conv(x))
+        return self.head(torch.relu(self.conv(x)))
 
 
 class _Shared(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b, self.relu = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.ReLU()
+        self.a, self.b, self.relu, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)
 
     def forward(self, x):
-        return self.relu(self.b(self.relu(self.a(x))))
+        return self.head(self.relu(self.b(self.relu(self.a(x)))))
 
 
 class _Untraceable(nn.Module):
@@ -107,8 +116,6 @@ class _Scaled(nn.Module):
 @pytest.mark.parametrize(
     "model, words",
     [
-        (_Functional(), "conv by a function call"),
-        (_Shared(), "relu (ReLU): is called 2 times"),
         (_Untraceable(), "torch.fx cannot trace"),
         (nn.Sequential(_StandardizedConv(3, 4, 3), nn.ReLU()), "overrides Conv2d.forward"),
         (nn.Sequential(nn.Conv2d(3, 4, 3), _SwishNamedReLU()), "overrides the forward of the activation"),
@@ -122,8 +129,6 @@ class _Scaled(nn.Module):
         (_Scaled(lambda x: x[:, :2].repeat(1, 2, 1, 1)), "does not know whether it commutes"),
     ],
     ids=[
-        "function",
-        "shared",
         "untraceable",
         "weight_standardized",
         "activation_subclass",

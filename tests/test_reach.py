@@ -56,7 +56,7 @@ ACCEPTED = {
     "instance_norm_leaky": (L.instance_norm_net, 16, 3, False),
     "cat_grouped_depthwise": (L.cat_net, 16, 4, False),
     "functional_ops_view_and_mean": (L.functional_net, 20, 3, False),
-    "residual_with_projection": (L.projected_residual_net, 16, 2, False),
+    "residual_with_projection": (L.projected_residual_net, 16, 3, False),
 }
 
 
@@ -107,7 +107,6 @@ def test_cat_and_groups_compensate_the_right_columns():
 # (factory, the node named, words of the reason)
 REFUSED = {
     "instance_norm_without_affine": (L.instance_norm_no_affine_net, "body.2 (InstanceNorm2d)", "no affine parameters"),
-    "resnet_basic_block": (L.ResidualNet, "add", "residual"),
     "relu6": (L.relu6_net, "3 (ReLU6)", "not positively homogeneous"),
     "gelu": (L.gelu_net, "3 (GELU)", "not positively homogeneous"),
 }
@@ -227,7 +226,21 @@ def test_inspect_lists_sites_flows_and_the_verdict():
     sites = {s["conv"]: s for s in json.loads(r.output)["sites"]}
     assert sites["b.0"]["compensated_by"] == "mix via cat (4 groups, channels 4..8 of its 12 inputs)"
     r = invoke("inspect", L.spec("projected_residual_net"))
-    assert r.exit_code == 0 and "not normalized: 1 activation(s) whose input is no conv's output" in r.output
-    assert "after_add" in r.output
+    assert r.exit_code == 0 and "3 conv site(s)" in r.output
+    assert "after_add" in r.output and "not normalized" not in r.output
     r = invoke("inspect", L.spec("instance_norm_no_affine_net"), "--add-affine")
     assert r.exit_code == 0 and "body.2 (InstanceNorm2d, --add-affine)" in r.output
+
+
+def test_a_stream_that_reaches_the_output_is_left_unscaled_and_the_rest_normalized():
+    """ResNet's basic block as the model's last layer: its ReLU after the add *is* the output, so the stream
+    (the stem's ReLU and that one) keeps scale 1; the block's first ReLU (a module called twice) is normalized."""
+    model = L.ResidualNet().eval().double()
+    topo = vggnorm.analyze(model)
+    assert [(s.conv, s.relu, s.call) for s in topo.all_sites] == [("block.conv1", "block.relu:1", 1)]
+    assert topo.left_unscaled == ("stem.1", "block.relu:2") and not topo.refusals and not topo.streams
+    x = _images(16)
+    normalized = vggnorm.normalize_model(model, vggnorm.measure_means(model, [x]))
+    with torch.no_grad():
+        y, y2 = model(x), normalized(x)
+    assert float((y2 - y).abs().max() / y.abs().max()) < 1e-12

@@ -27,7 +27,7 @@ from torch import nn
 from vggnorm import data as data_mod
 from vggnorm.checks import check_fold, check_function, check_means, not_run
 from vggnorm.collect import ReluSums, measure, measure_files
-from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
+from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL, DEFAULT_STREAM_SCALE
 from vggnorm.layers import Site, Topology, find_topology, with_affine
 from vggnorm.normalize import DeadRule, LayerScales, float32_bounds, fold_state_dict, scales_from_stats
 from vggnorm.report import Report, layer_summary, measured_summary
@@ -119,10 +119,26 @@ def measure_folder(
 
 
 def scales(
-    model: nn.Module, stats: Stats, *, rule: DeadRule = DeadRule(), include_classifier: bool = False
+    model: nn.Module,
+    stats: Stats,
+    *,
+    rule: DeadRule = DeadRule(),
+    include_classifier: bool = False,
+    stream_scale: str = DEFAULT_STREAM_SCALE,
 ) -> dict[str, LayerScales]:
-    """The per-filter scales of every site of ``model`` (1 for dead filters), checked against ``stats``."""
-    return scales_from_stats(stats, _topology(model, add_affine=True), rule=rule, include_classifier=include_classifier)
+    """The per-filter scales of every site of ``model`` (1 for dead filters), checked against ``stats``.
+
+    A residual stream's sites share one scale per channel, chosen by ``stream_scale`` (``geometric``: the
+    geometric mean of their means; ``last``: the last site's); their ``LayerScales.expected`` are the
+    means they have once normalized. Every other live filter's mean becomes 1.
+    """
+    return scales_from_stats(
+        stats,
+        _topology(model, add_affine=True),
+        rule=rule,
+        include_classifier=include_classifier,
+        stream_scale=stream_scale,
+    )
 
 
 def normalize_model(
@@ -132,8 +148,10 @@ def normalize_model(
     rule: DeadRule = DeadRule(),
     include_classifier: bool = False,
     add_affine: bool = False,
+    stream_scale: str = DEFAULT_STREAM_SCALE,
 ) -> nn.Module:
-    """A copy of ``model`` whose every live filter's mean activation on the measured data is 1.
+    """A copy of ``model`` whose every live filter's mean activation on the measured data is 1 (on a
+    residual stream: its share of the stream's scale, chosen by ``stream_scale``; see ``scales``).
 
     Invariants: at every site ``F'_l == F_l / s_l`` and the output is unchanged
     (unless the output is the last activation itself). ``model`` itself is not modified.
@@ -141,7 +159,9 @@ def normalize_model(
     and bias 0 in the copy (the same function), which then carry the scales.
     """
     topo = _topology(model, add_affine)
-    layer_scales = scales_from_stats(stats, topo, rule=rule, include_classifier=include_classifier)
+    layer_scales = scales_from_stats(
+        stats, topo, rule=rule, include_classifier=include_classifier, stream_scale=stream_scale
+    )
     original = model.state_dict()
     folded = fold_state_dict(original, {n: s.scale for n, s in layer_scales.items()}, topo)
     # the copy's tensors: the folded ones, and clones of those the fold left alone; the structure is
@@ -165,11 +185,12 @@ def verify_models(
     include_classifier: bool = False,
     rtol: float = DEFAULT_RTOL,
     means_tol: float = DEFAULT_MEANS_TOL,
+    stream_scale: str = DEFAULT_STREAM_SCALE,
 ) -> Report:
     """The four checks of `verify` on a pair of models: (a) activations, (b) outputs and
     (d) fold on ``probe`` (default: two seeded random 64x64 images), (c) the means re-measured on
     ``batches`` (not run without them)."""
-    layer_scales = scales(original, stats, rule=rule, include_classifier=include_classifier)
+    layer_scales = scales(original, stats, rule=rule, include_classifier=include_classifier, stream_scale=stream_scale)
     scale_t = {n: s.scale for n, s in layer_scales.items()}
     device = _device_of(normalized)
     x = probe if probe is not None else torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -182,18 +203,22 @@ def verify_models(
     if batches is None:
         checks.append(not_run("means", desc, "needs batches"))
     else:
-        # the witness: the normalized model's whole forward with hooks of its own on the activations the
-        # statistics name, nothing of the measuring path
-        activations = {n: stats.layers[n].relu for n in layer_scales}
+        # the witness: the normalized model's whole forward, its activation calls read by the witness's own
+        # interception, nothing of the measuring path
+        activations = {s.conv: s.call for s in topo.all_sites if s.conv in layer_scales}
         dtype = next(normalized.parameters()).dtype
         images = (data_mod.images_of(b) for b in batches)
         witnessed = activation_means(
-            normalized, activations, ((x.to(device, dtype=dtype), None) for x in images if x is not None)
+            normalized,
+            activations,
+            ((x.to(device, dtype=dtype), None) for x in images if x is not None),
+            total=topo.activation_calls,
         )
         means = {n: witnessed.mean(n) for n in activations}
         dead = {n: s.dead for n, s in layer_scales.items()}
         bounds = float32_bounds(normalized.state_dict(), topo, means)
-        checks.append(check_means(means, dead, tol=means_tol, rule=rule, bounds=bounds))
+        expected = {n: s.expected for n, s in layer_scales.items()}
+        checks.append(check_means(means, dead, tol=means_tol, rule=rule, bounds=bounds, expected=expected))
         measured = measured_summary(means, dead, rule=rule)
     return Report(
         type(normalized).__name__,

@@ -24,7 +24,7 @@ from vggnorm.checkpoint import (
 )
 from vggnorm.checks import Check, check_function, not_run, probe_input
 from vggnorm.data import Preprocess
-from vggnorm.defaults import DEFAULT_MEANS_TOL
+from vggnorm.defaults import DEFAULT_MEANS_TOL, DEFAULT_STREAM_SCALE
 from vggnorm.errors import InvalidValuesError, StatsMismatchError, VggnormError
 from vggnorm.figures import have_matplotlib, plot_means
 from vggnorm.formats import FOREIGN_LAYOUTS, Foreign, check_output_name, read_foreign, template_flavor, write_foreign
@@ -127,6 +127,7 @@ def apply_stats(
     include_classifier: bool = False,
     rule: DeadRule = DeadRule(),
     weighting: str = "image",
+    stream_scale: str = DEFAULT_STREAM_SCALE,
     force: bool = False,
 ) -> ApplyResult:
     """Fold ``stats`` into ``checkpoint`` (a weight SPEC), self-check it, write it and its report.
@@ -138,7 +139,8 @@ def apply_stats(
     ``include_classifier`` also normalizes the ReLUs after fc6 and fc7 (measured with
     ``RunConfig.include_classifier``), compensating fc7 and fc8. ``weighting="class"`` normalizes the
     class-balanced means (statistics measured with ``--per-class``). ``rule`` decides which filters
-    are dead (left unscaled). The measurement policy and the rule are recorded with the output
+    are dead (left unscaled). ``stream_scale`` chooses the scale a residual stream's sites share
+    (``geometric`` or ``last``: ``normalize._stream_scales``). The measurement policy and the rule are recorded with the output
     (``policy.recorded_policy``), so ``verify --data`` re-measures the same way without being told.
     """
     stats = read_stats(stats_path)
@@ -182,7 +184,9 @@ def apply_stats(
             "--include-classifier needs the classifier: it cannot go with --features-only, "
             "--layout gatys, or features-only weights"
         )
-    scales = scales_from_stats(stats, topo, rule=rule, include_classifier=include_classifier, weighting=weighting)
+    scales = scales_from_stats(
+        stats, topo, rule=rule, include_classifier=include_classifier, weighting=weighting, stream_scale=stream_scale
+    )
     # half-precision weights are folded and written in float32: float16 would round the fold by ~1e-3
     half = half_dtypes(weights.state_dict)
     base = upcast_half(weights.state_dict)
@@ -248,6 +252,7 @@ def apply_stats(
         "include_classifier": include_classifier,
         "weighting": weighting,
         "label_source": str(stats.attrs.get("label_source", "")),
+        **({"stream_scale": stream_scale} if topo.streams else {}),
     }
     report = Report(
         checkpoint=str(output),

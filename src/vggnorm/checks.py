@@ -105,10 +105,12 @@ def _linear64(module: nn.Linear, x: torch.Tensor, rows: int = 32) -> torch.Tenso
     return out
 
 
-def _relu_outputs(model: nn.Module, sites: list[Site], x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def _relu_outputs(
+    model: nn.Module, sites: list[Site], x: torch.Tensor, total: int | None = None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Every site's activation output and the model output for a small batch ``x``, as the witness reads
     them: the model's whole forward, unmodified (``witness.activation_outputs``)."""
-    return activation_outputs(model, {s.conv: s.relu for s in sites}, x)
+    return activation_outputs(model, {s.conv: s.call for s in sites}, x, total=total)
 
 
 def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -177,9 +179,10 @@ def check_function(
     sites = [*ta.sites, *(ta.fc_sites if fc else ())]
     normalized_sites = [*tb.sites, *(tb.fc_sites if fc else ())]
     with float64_forward(original):
-        f, y = _relu_outputs(original, sites, x)
+        # (features-only weights run without the classifier and its activations: their count is not checked)
+        f, y = _relu_outputs(original, sites, x, ta.activation_calls if logits else None)
     with float64_forward(normalized):
-        g, y2 = _relu_outputs(normalized, normalized_sites, x)
+        g, y2 = _relu_outputs(normalized, normalized_sites, x, tb.activation_calls if logits else None)
     g = {a.conv: g[b.conv] for a, b in zip(sites, normalized_sites, strict=True)}
     checks = []
     desc_a = "every conv's ReLU output equals the original's divided by its scales"
@@ -220,8 +223,12 @@ def check_means(
     scales: Mapping[str, torch.Tensor] | None = None,
     names: Mapping[str, str] | None = None,
     bounds: Mapping[str, torch.Tensor] | None = None,
+    expected: Mapping[str, torch.Tensor | None] | None = None,
 ) -> Check:
     """(c) every live filter's re-measured mean ReLU activation is 1 within ``tol``.
+
+    ``expected``: a residual stream's sites share one scale per channel, so their means are promised
+    values, not 1 (``LayerScales.expected``); each is checked as its ratio to the promise, within ``tol``.
 
     ``bounds`` (``normalize.float32_bounds``): a nearly silent filter whose bound exceeds ``tol`` is held to
     its bound instead, the deviation float32 arithmetic can produce there, and the detail says how many.
@@ -239,6 +246,9 @@ def check_means(
     for name, mean in means.items():
         m = mean.double()
         mask = rule.live_given(m, dead[name] if dead is not None else None)
+        promised = expected.get(name) if expected is not None else None
+        if promised is not None:  # a stream's site: its ratio to the promised mean is checked against 1
+            m = torch.where(mask, m / promised.double().to(m.device).clamp_min(torch.finfo(torch.float64).tiny), m)
         n_dead += int((~mask).sum())
         if bounds is not None and name in bounds:
             b = bounds[name].double().to(m.device)

@@ -36,6 +36,7 @@ from vggnorm.defaults import (
     POOLINGS,
     PRECISIONS,
     PREPROCESSINGS,
+    STREAM_SCALES,
     WEIGHTINGS,
     torchvision_classifiers,
 )
@@ -423,6 +424,16 @@ def compute_stats_cmd(
     show_default=True,
     help="image: normalize the means over all images and positions. class: the class-balanced means (the mean "
     "of the per-class means), for calibration sets whose classes differ in size; needs compute-stats --per-class.",
+)
+@click.option(
+    "--stream-scale",
+    type=click.Choice(STREAM_SCALES),
+    default=STREAM_SCALES[0],
+    show_default=True,
+    help="Residual streams (a ResNet stage: the ReLUs joined by its adds) share one scale per channel, so their "
+    "means cannot all be 1. geometric: the geometric mean of the stream's means (the smallest log-deviation "
+    "from 1); last: the stream's last ReLU's means become 1. Every ReLU outside a stream is normalized to 1 "
+    "either way; the report gives each stream's spread.",
 )
 @model_option
 @click.option("--force", is_flag=True, help="Overwrite an existing output or report.")

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from tqdm import tqdm
 
 from vggnorm import data as data_mod
@@ -29,18 +31,62 @@ from vggnorm.stats import LayerStats, Stats
 HookFn = Callable[[Site, torch.Tensor], None]
 
 
-@contextlib.contextmanager
-def relu_hooks(model: nn.Module, sites: Sequence[Site], fn: HookFn) -> Iterator[None]:
-    """Call ``fn(site, output)`` with each site's ReLU output during forward passes of ``model``.
+# the activation functions a site's call is one of: nn.ReLU, LeakyReLU and PReLU call the first, fifth and
+# sixth; a model's own forward may call any of them
+ACTIVATION_FUNCTIONS = frozenset(
+    {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.leaky_relu, F.prelu, torch.prelu}
+)
 
-    The one place vggnorm hooks ReLUs: measuring (``ReluSums``) and checking (``checks``) both use it.
+
+class _ActivationCalls(TorchFunctionMode):
+    """Numbers the activation calls of each forward pass of ``model`` (``Site.call``) and passes the
+    sites' outputs to ``fn`` as they are returned (before any later in-place op can change them)."""
+
+    def __init__(self, model: nn.Module, sites: Sequence[Site], fn: HookFn, total: int | None) -> None:
+        super().__init__()
+        self.by_call = {s.call: s for s in sites}
+        self.fn, self.total, self.count = fn, total, 0
+        self.handles = [
+            model.register_forward_pre_hook(lambda m, args: self._reset()),
+            model.register_forward_hook(lambda m, args, out: self._done()),
+        ]
+
+    def _reset(self) -> None:
+        self.count = 0
+
+    def _done(self) -> None:
+        if self.total is not None and self.count != self.total:
+            raise CheckpointError(
+                f"the model called ReLU, LeakyReLU or PReLU {self.count} times in one forward pass where its traced "
+                f"graph has {self.total} calls: it does not run as traced (a module whose forward calls them "
+                "internally?), so its activations cannot be told apart"
+            )
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in ACTIVATION_FUNCTIONS:
+            site = self.by_call.get(self.count)
+            self.count += 1
+            if site is not None:
+                self.fn(site, out)
+        return out
+
+
+@contextlib.contextmanager
+def relu_hooks(model: nn.Module, sites: Sequence[Site], fn: HookFn, total: int | None = None) -> Iterator[None]:
+    """Call ``fn(site, output)`` with each site's activation output during forward passes of ``model``.
+
+    A site is an activation *call*, found by its index among the forward's calls of ReLU, LeakyReLU and
+    PReLU (modules or functions): a module called at several sites, or a function, is measured per call.
+    ``total``: the calls one forward pass must make (the analysis' count); another count is an error.
+    The one place vggnorm's measuring path finds activations (``ReluSums``, ``checks``).
     """
-    modules = dict(model.named_modules())
-    handles = [modules[s.relu].register_forward_hook(lambda m, args, out, site=s: fn(site, out)) for s in sites]
+    mode = _ActivationCalls(model, sites, fn, total)
     try:
-        yield
+        with mode:
+            yield
     finally:
-        for h in handles:
+        for h in mode.handles:
             h.remove()
 
 
@@ -96,7 +142,7 @@ class ReluSums:
 
     def _add(self, site: Site, output: torch.Tensor) -> None:
         if site.conv in self._pending:  # the analysis refuses an activation module called twice: a bug if seen
-            raise CheckpointError(f"the activation {site.relu} ran twice in one forward pass: one module, one scale")
+            raise CheckpointError(f"the activation {site.relu} ran twice in one forward pass: one call, one scale")
         if output.ndim == 2:  # an fc site: (N, C) -> (C,)
             per_image, positions = output, 1
         else:

@@ -134,6 +134,11 @@ PREPROCESSINGS = ("torchvision", "caffe", "matconvnet")
 DECODERS = ("cpu", "gpu")
 # image: every image and position counts alike; class: the mean of the per-class means (--per-class)
 WEIGHTINGS = ("image", "class")
+# residual streams: sites joined by adds share one scale per channel, chosen from their means.
+# geometric: the geometric mean of the members' means (the smallest log-deviation from 1); last: the
+# stream's last site's (its means become 1, the earlier members' do not)
+STREAM_SCALES = ("geometric", "last")
+DEFAULT_STREAM_SCALE = "geometric"
 PRECISIONS = ("fp32", "fp64", "tf32", "bf16", "fp16")  # fp32 and fp64 run on CPU too
 
 # On-disk layouts of a normalized checkpoint (see layouts.py).

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 
 from vggnorm.checkpoint import StateDict
-from vggnorm.defaults import DEFAULT_EPS, DEFAULT_REL_EPS, WEIGHTINGS
+from vggnorm.defaults import DEFAULT_EPS, DEFAULT_REL_EPS, STREAM_SCALES, WEIGHTINGS
 from vggnorm.errors import StatsMismatchError
-from vggnorm.layers import Compensation, Topology
+from vggnorm.layers import Compensation, Stream, Topology
 from vggnorm.stats import Stats, check_values
 
 
@@ -73,21 +73,27 @@ def fold_state_dict(
 ) -> StateDict:
     """Rescale weights so that the activation at every site becomes ``F_l / s_l``.
 
-    ``scales`` maps site paths (the producing Conv2d/Linear's) to positive ``(C_l,)`` tensors; a site
-    without an entry keeps scale 1 (the classifier's fc sites unless asked for). Each tensor is
-    computed once from the original, in float64, and cast back:
+    ``scales`` maps site keys to positive ``(C_l,)`` tensors; a site without an entry keeps scale 1 (the
+    classifier's fc sites unless asked for). Each tensor is computed once from the original, in float64,
+    and cast back:
 
-    * a site without a norm: its weight rows and bias are divided by ``s_l``;
-    * a site with a norm (BatchNorm, GroupNorm, InstanceNorm, LayerNorm2d): the norm's weight and bias
-      are divided by ``s_l``; conv weights, conv bias and running statistics stay as they are;
-    * a compensation (the next Conv2d or Linear): input column ``k`` is multiplied by the scale its
-      channel carries -- per group for a grouped conv, ``P`` columns per channel for a Linear after a
-      channel-major flatten (``s_L.repeat_interleave(P)``), concatenated pieces after a ``cat``.
+    * an origin (``Topology.origins``): a Conv2d/Linear's weight rows and bias are divided by the scales
+      its output channels carry, or a norm's weight and bias (BatchNorm, GroupNorm, InstanceNorm,
+      LayerNorm2d); running statistics stay as they are;
+    * an eval BatchNorm that reads scaled channels (``Topology.absorbs``): its running mean is divided by
+      their scales and its weight multiplied, so it computes what it did;
+    * a compensation (a Conv2d or Linear reading scaled channels): input column ``k`` is multiplied by the
+      scale its channel carries -- per group for a grouped conv, ``P`` columns per channel for a Linear
+      after a channel-major flatten (``s_L.repeat_interleave(P)``), in the order of ``Compensation.runs``.
 
     The output (logits) is then unchanged. With ``features_only`` only ``features.*`` entries are kept.
     """
     out: StateDict = dict(state_dict)
-    rows = {s.conv: scales[s.conv].double() for s in topology.all_sites if s.conv in scales and s.bn is None}
+    rows = {o.module: v for o in topology.origins if o.kind == "rows" and (v := run_scales(o.runs, scales)) is not None}
+    affine = {
+        o.module: v for o in topology.origins if o.kind == "affine" and (v := run_scales(o.runs, scales)) is not None
+    }
+    absorbed = {a.module: v for a in topology.absorbs if (v := run_scales(a.runs, scales)) is not None}
     columns = {c.module: c for c in topology.compensations}
     for module in dict.fromkeys([*rows, *columns]):
         w_key, b_key = f"{module}.weight", f"{module}.bias"
@@ -101,30 +107,52 @@ def fold_state_dict(
         out[w_key] = _rescale_chunked(w, col, row)
         if row is not None and b_key in state_dict:
             out[b_key] = (state_dict[b_key].double() / row).to(state_dict[b_key].dtype)
-    for site in topology.all_sites:
-        if site.bn is None or site.conv not in scales:
-            continue
-        s = scales[site.conv].double()
-        # the norm's affine output is divided by s; an --add-affine norm starts from weight 1, bias 0
-        for key, start in ((f"{site.bn}.weight", 1.0), (f"{site.bn}.bias", 0.0)):
+    for module in dict.fromkeys([*affine, *absorbed]):
+        s_out, s_in = affine.get(module), absorbed.get(module)
+        # the norm's affine output is divided by s_out; an --add-affine norm starts from weight 1, bias 0
+        for key, start, divide in ((f"{module}.weight", 1.0, True), (f"{module}.bias", 0.0, False)):
             t = state_dict.get(key)
-            base = t.double() if t is not None else torch.full_like(s, start)
-            like = t if t is not None else state_dict.get(f"{site.conv}.weight", base.float())
-            out[key] = (base / s).to(like.dtype)
+            ref = s_out if s_out is not None else s_in
+            assert ref is not None
+            base = t.double() if t is not None else torch.full_like(ref, start)
+            if divide and s_in is not None:
+                base = base * s_in
+            if s_out is not None:
+                base = base / s_out
+            # an --add-affine norm's new parameters: in the dtype of the model's weights
+            like = t if t is not None else next((v for v in state_dict.values() if v.is_floating_point()), None)
+            out[key] = base.to(like.dtype if like is not None else torch.float32)
+        if s_in is not None and f"{module}.running_mean" in state_dict:
+            mean = state_dict[f"{module}.running_mean"]
+            out[f"{module}.running_mean"] = (mean.double() / s_in).to(mean.dtype)
     if features_only:
         return {k: v for k, v in out.items() if k.startswith("features.")}
     return out
 
 
+def run_scales(
+    runs: tuple[tuple[str | None, int, int], ...], scales: Mapping[str, torch.Tensor]
+) -> torch.Tensor | None:
+    """The scales of channels listed as runs ``(site key, first channel, count)``, float64; None when no
+    run's site has scales (all 1)."""
+    if not any(k is not None and k in scales for k, _, _ in runs):
+        return None
+    return torch.cat(
+        [
+            scales[k].double().flatten()[s : s + n]
+            if k is not None and k in scales
+            else torch.ones(n, dtype=torch.float64)
+            for k, s, n in runs
+        ]
+    )
+
+
 def _input_scale(comp: Compensation, scales: Mapping[str, torch.Tensor], shape: torch.Size) -> torch.Tensor | None:
     """The factor of ``comp``'s weight columns, broadcastable to ``shape``; None when all are 1."""
-    if not any(site in scales for site in comp.sites):
+    s = run_scales(comp.runs, scales)
+    if s is None:
         return None
-    parts = [
-        scales[p].double() if p is not None and p in scales else torch.ones(n, dtype=torch.float64)
-        for p, n in comp.pieces
-    ]
-    s = torch.cat(parts).repeat_interleave(comp.positions) if comp.positions > 1 else torch.cat(parts)
+    s = s.repeat_interleave(comp.positions) if comp.positions > 1 else s
     if len(shape) == 2:  # Linear (out, in)
         return s.view(1, -1)
     c_out, c_in_group = shape[0], shape[1]
@@ -163,6 +191,9 @@ class LayerScales:
     scale: torch.Tensor  # (C,) float64
     dead: list[int]
     threshold: float = 0.0  # the dead rule's threshold for this layer (a mean at or below it is dead)
+    # a stream's site: each filter's mean once normalized (its mean over the stream's shared scale);
+    # None: 1 for every live filter
+    expected: torch.Tensor | None = None
 
 
 def scales_from_stats(
@@ -172,6 +203,7 @@ def scales_from_stats(
     rule: DeadRule = DeadRule(),
     include_classifier: bool = False,
     weighting: str = "image",
+    stream_scale: str = "geometric",
 ) -> dict[str, LayerScales]:
     """Per-site scales from ``stats``, after checking the layers and channel counts match ``topology``.
 
@@ -210,7 +242,36 @@ def scales_from_stats(
             )
         dead = torch.nonzero(~rule.live(mean)).flatten().tolist()
         out[site.conv] = LayerScales(site.conv, scales_from_means(mean, rule), dead, rule.threshold(mean))
+    means = {k: (stats.layers[k].balanced_mean if weighting == "class" else stats.layers[k].mean).double() for k in out}
+    for stream in topology.streams:
+        _stream_scales(stream, out, means, rule, stream_scale)
     return out
+
+
+def _stream_scales(
+    stream: Stream, out: dict[str, LayerScales], means: Mapping[str, torch.Tensor], rule: DeadRule, policy: str
+) -> None:
+    """One scale per class of a stream's channels, by ``policy``, for every member site (in ``out``):
+    ``geometric``, the geometric mean of the members' live means (the smallest log-deviation from 1), or
+    ``last``, the last member's (forward order) where live; 1 where no member is live."""
+    if policy not in STREAM_SCALES:
+        raise StatsMismatchError(f"unknown stream scale {policy!r}; expected one of {', '.join(STREAM_SCALES)}")
+    members: dict[int, list[tuple[str, int]]] = {}
+    for key, classes in zip(stream.sites, stream.classes, strict=True):
+        if key in out:
+            for c, number in enumerate(classes):
+                members.setdefault(number, []).append((key, c))
+    live = {k: rule.live(means[k]) for k in {key for m in members.values() for key, _ in m}}
+    scale = {k: torch.ones_like(means[k]) for k in live}
+    for m in members.values():
+        values = [means[k][c] for k, c in m if bool(live[k][c])]
+        if not values:
+            continue
+        value = values[-1] if policy == "last" else torch.stack(values).log().mean().exp()
+        for k, c in m:
+            scale[k][c] = value
+    for k in scale:
+        out[k] = LayerScales(k, scale[k], out[k].dead, out[k].threshold, means[k] / scale[k])
 
 
 FLOAT32_ROUNDOFF = 2.0**-24  # float32's unit roundoff u
@@ -243,12 +304,12 @@ def float32_bounds(
             site.conv not in means
             or comp is None
             or w is None
-            or any(p is None or p not in means for p, _ in comp.pieces)
+            or any(p is None or p not in means for p, _, _ in comp.runs)
         ):
             continue
         if site.bn is not None and f"{site.bn}.running_var" not in state_dict:
             continue  # GroupNorm, InstanceNorm: normalized by each image's own statistics
-        mu_in = torch.cat([means[str(p)].double().clamp_min(0) for p, _ in comp.pieces]) * comp.max_factor
+        mu_in = torch.cat([means[str(p)].double().clamp_min(0)[a : a + n] for p, a, n in comp.runs]) * comp.max_factor
         if comp.positions > 1:
             mu_in = mu_in.repeat_interleave(comp.positions)
         a = w.double().abs()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vggnorm import data as data_mod
-from vggnorm.defaults import DEFAULT_EPS, DEFAULT_REL_EPS
+from vggnorm.defaults import DEFAULT_EPS, DEFAULT_REL_EPS, DEFAULT_STREAM_SCALE
 from vggnorm.errors import VggnormError
 from vggnorm.normalize import DeadRule
 from vggnorm.report import report_paths
@@ -85,6 +85,7 @@ class Policy:
     source: str
     weighting: str = "image"  # or "class": the class-balanced means are checked
     label_source: str = ""  # with class weighting: "folders" or the labels file
+    stream_scale: str = DEFAULT_STREAM_SCALE  # how apply chose a residual stream's shared scales
 
     def describe(self) -> str:
         p = self.preprocess
@@ -138,4 +139,5 @@ def resolve_policy(
     fc = include_classifier if include_classifier is not None else bool(rec.get("include_classifier", False))
     weighting = weighting or str(rec.get("weighting", "image"))
     label_source = labels or str(rec.get("label_source", "") or (stats.attrs.get("label_source", "") if stats else ""))
-    return Policy(preprocess, rule, fc, source, weighting, label_source or "folders")
+    stream_scale = str(rec.get("stream_scale", DEFAULT_STREAM_SCALE))
+    return Policy(preprocess, rule, fc, source, weighting, label_source or "folders", stream_scale)

@@ -23,7 +23,16 @@ import torch
 
 from vggnorm.checkpoint import atomic_write, check_writable
 from vggnorm.data import INTERPOLATIONS, Preprocess, printable
-from vggnorm.defaults import DECODERS, MAX_RESIZE, PADDINGS, POOLINGS, PRECISIONS, PREPROCESSINGS, WEIGHTINGS
+from vggnorm.defaults import (
+    DECODERS,
+    MAX_RESIZE,
+    PADDINGS,
+    POOLINGS,
+    PRECISIONS,
+    PREPROCESSINGS,
+    STREAM_SCALES,
+    WEIGHTINGS,
+)
 from vggnorm.errors import InvalidValuesError, StatsFileError, VggnormError
 
 FORMAT = "vggnorm.stats"
@@ -382,6 +391,7 @@ RECORDED_POLICY_SCHEMA: dict[str, Any] = {
     "include_classifier": _bool,
     "weighting": _one_of(WEIGHTINGS),
     "label_source": _str,
+    "stream_scale": _one_of(STREAM_SCALES),
 }
 LAYER_SCHEMA: dict[str, Any] = {"relu": _str, "bn": _str, "norm": _str, "activation": _str}
 

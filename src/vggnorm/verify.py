@@ -178,6 +178,7 @@ def verify_checkpoint(
             rule=policy.rule,
             include_classifier=policy.include_classifier,
             weighting=policy.weighting,
+            stream_scale=policy.stream_scale,
         )
     p = policy.preprocess
     model = as_run(target.arch, target.state_dict, p, dev, precision=precision)
@@ -323,7 +324,8 @@ def _means(
         )
     measured, skipped = _witness_means(
         model,
-        {s.conv: s.relu for s in _sites(target.arch, fc)},
+        _sites(target.arch, fc),
+        None if target.features_only else topology(target.arch).activation_calls,
         files,
         policy.preprocess,
         device=device,
@@ -346,13 +348,15 @@ def _means(
         names=conv_names(target.arch),
         # from the checkpoint's own weights and the witnessed means: what float32 can hold in each filter
         bounds=float32_bounds(target.state_dict, topology(target.arch), measured.means()),
+        expected=_by_normalized_path(arch, target.arch, scales, fc, "expected"),
     )
     return check, measured
 
 
 def _witness_means(
     model: nn.Module,
-    activations: dict[str, str],
+    sites: list[Any],
+    total: int | None,
     files: list[Path],
     preprocess: data_mod.Preprocess,
     *,
@@ -376,6 +380,7 @@ def _witness_means(
     convs = [p for p in model.parameters() if p.ndim == 4]
     fmt = torch.channels_last if convs and not convs[0].is_contiguous() else torch.contiguous_format
     skipped: list[tuple[str, str]] = []
+    activations = {s.conv: s.call for s in sites}
     with Progress(total=len(files), unit="img", file=sys.stderr, disable=not progress, desc="verifying") as bar:
 
         def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -386,12 +391,22 @@ def _witness_means(
                     classes = torch.tensor([labels.of_file[i] for i in batch.indices]) if labels else None
                     yield batch.images.to(device, dtype=dtype, memory_format=fmt), classes
 
-        seen = activation_means(model, activations, batches(), num_classes=len(labels.classes) if labels else 0)
+        seen = activation_means(
+            model, activations, batches(), num_classes=len(labels.classes) if labels else 0, total=total
+        )
     if seen.num_images == 0:
         raise DataError("none of the images could be decoded")
     layers = {
-        k: LayerStats(k, path, None, seen.sums[k], seen.counts[k], seen.class_sums.get(k), seen.class_counts.get(k))
-        for k, path in activations.items()
+        s.conv: LayerStats(
+            s.conv,
+            s.relu,
+            None,
+            seen.sums[s.conv],
+            seen.counts[s.conv],
+            seen.class_sums.get(s.conv),
+            seen.class_counts.get(s.conv),
+        )
+        for s in sites
     }
     return Stats(layers, seen.num_images, skipped=skipped, classes=labels.classes if labels else []), skipped
 
