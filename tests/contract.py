@@ -206,6 +206,7 @@ class Outcome:
     sites: tuple = ()
     streams: tuple = ()
     calls: dict = field(default_factory=dict)  # site key -> its call index (as resolved)
+    n_calls: int = 0  # activation calls in one forward (accepted models)
 
     def categories(self) -> list[str]:
         return sorted({p[1 : p.index("]")] for p in self.problems if p.startswith("[")})
@@ -306,7 +307,7 @@ def check_contract(
     ``unscaled``: calls whose site's output reaches the model's output uncompensated (they must keep
     divisor 1; with a stream, all its members). ``unscaled_of(sites)`` computes that set from the
     analysis' sites instead; ``may_unscale_of(sites)``: calls that may be left at 1 or normalized (the
-    outputs check decides). ``required_sites``: calls that must be sites when accepted, or ``"all"``:
+    outputs check decides; not required as sites). ``required_sites``: calls that must be sites when accepted, or ``"all"``:
     every activation call but the unscaled ones. ``streams``: when given, the streams of two or more
     sites the analysis must report, as groups of calls (exactly these). ``stream_bounds_of(sites)``: groups
     of calls, each reported stream must lie within one (a stream joins only what adds join).
@@ -347,6 +348,8 @@ def check_contract(
         ref_out, ref_calls, of_module = recorded_forward(model, x)
     except Exception as e:  # the model itself (not vggnorm) failed: a gallery/generator bug
         raise AssertionError(f"the model does not run on the input: {e}") from e
+
+    out.n_calls = len(ref_calls)
 
     # ---- every site is one activation call, with its channels
     call_of: dict[str, int] = {}
@@ -393,7 +396,7 @@ def check_contract(
     may_unscale = _as_calls(may_unscale_of(sites) if may_unscale_of is not None else (), of_module)
     if isinstance(required_sites, str):
         assert required_sites == "all", required_sites
-        required = set(range(len(ref_calls))) - unscaled_calls
+        required = set(range(len(ref_calls))) - unscaled_calls - may_unscale
     else:
         required = _as_calls(required_sites, of_module)
     for c in sorted(required - set(by_call)):
