@@ -298,6 +298,7 @@ def check_contract(
     streams: Iterable[Iterable[int]] | None = None,
     stream_bounds_of=None,
     stream_scale: str = "geometric",
+    check_scales: bool = False,
 ) -> Outcome:
     """Check ``model`` against the contract on the batch ``x``.
 
@@ -312,6 +313,7 @@ def check_contract(
     sites the analysis must report, as groups of calls (exactly these). ``stream_bounds_of(sites)``: groups
     of calls, each reported stream must lie within one (a stream joins only what adds join).
     ``stream_scale``: the policy passed to ``normalize_model`` ("geometric", the default, or "last").
+    ``vggnorm.scales`` is compared with the contract's divisors where there are streams, or with ``check_scales``.
     """
     try:
         topo = vggnorm.analyze(model, add_affine=add_affine)
@@ -553,8 +555,9 @@ def check_contract(
                 problems.append(f"[stream] stream {g}: channel {i} is divided by different values at its sites: {ds}")
                 break
 
-    # ---- the scales vggnorm reports are those it applied (the default stream policy only)
-    if stream_scale == "geometric":
+    # ---- the scales vggnorm reports are those it applied (the default stream policy; where there are streams:
+    # elsewhere the means check says it, and each call of the analysis costs)
+    if stream_scale == "geometric" and (reported or check_scales):
         try:
             reported_scales = vggnorm.scales(model, stats, include_classifier=fc)
         except Exception as e:
