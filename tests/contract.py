@@ -12,7 +12,9 @@ exception out of vggnorm is itself a violation.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import math
 import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import vggnorm
 from vggnorm.errors import CheckpointError, VggnormError
@@ -30,6 +33,8 @@ logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
 OUTPUT_RTOL = 1e-10
 MEANS_TOL = 1e-9
 STATS_RTOL = 1e-9
+# an activation after normalization vs before / divisor, elementwise, relative to the channel's largest value
+ACT_RTOL = 1e-9
 DEAD_ABS = 1e-6
 DEAD_REL = 1e-3
 # a channel whose mean is within this factor of the dead threshold may be called either way
@@ -89,35 +94,6 @@ def _outputs(out: object) -> list[torch.Tensor]:
     return []
 
 
-def channel_means(t: torch.Tensor) -> torch.Tensor:
-    """Mean over every dimension but 1 (images and positions), float64."""
-    t = t.detach().to(torch.float64)
-    if t.dim() == 1:
-        raise AssertionError(f"activation output without a batch dimension: {tuple(t.shape)}")
-    dims = [d for d in range(t.dim()) if d != 1]
-    return t.mean(dim=dims)
-
-
-def hooked_forward(model: nn.Module, x: torch.Tensor, paths: Iterable[str]) -> tuple[object, dict]:
-    """Run ``model(x)`` once with forward hooks on ``paths``: (output, path -> [channel means per call])."""
-    means: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
-    handles = []
-    for p in means:
-        module = model.get_submodule(p)
-
-        def hook(_m, _inp, out, p=p):
-            means[p].append(channel_means(out))
-
-        handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return out, means
-
-
 def dead_mask(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dead, ambiguous): dead when mean <= max(1e-6, 1e-3 * median of the positive means)."""
     pos = means[means > 0]
@@ -128,6 +104,99 @@ def dead_mask(means: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return dead, ambiguous
 
 
+# ---------------------------------------------------------------- every activation call, recorded by us
+
+# the calls the contract counts (``Site.call`` indexes them): these functions called directly in forward code,
+# and the modules (nn.ReLU calls F.relu, nn.LeakyReLU F.leaky_relu, nn.PReLU F.prelu). Inside our
+# ``__torch_function__`` the mode is off, so what these functions call in turn is not counted again.
+ACT_FUNCS: dict = {
+    F.relu: "ReLU",
+    F.relu_: "ReLU",
+    torch.relu: "ReLU",
+    torch.relu_: "ReLU",
+    torch.Tensor.relu: "ReLU",
+    torch.Tensor.relu_: "ReLU",
+    F.leaky_relu: "LeakyReLU",
+    F.prelu: "PReLU",
+    torch.prelu: "PReLU",
+}
+ACT_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
+
+
+@dataclass
+class Call:
+    """One call of a positively homogeneous activation: its kind and (a clone of) its output."""
+
+    activation: str  # "ReLU" | "LeakyReLU" | "PReLU"
+    out: torch.Tensor
+
+
+class ActivationCalls(TorchFunctionMode):
+    """Records every call of the activation functions above, in execution order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[Call] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        try:
+            kind = ACT_FUNCS.get(func)
+        except TypeError:  # an unhashable callable
+            kind = None
+        if kind is not None and isinstance(out, torch.Tensor):
+            self.calls.append(Call(kind, out.detach().clone()))
+        return out
+
+
+def recorded_forward(model: nn.Module, x: torch.Tensor) -> tuple[object, list[Call], dict[str, list[int]]]:
+    """``model(x)`` once, as written: (output, every activation call in order, module path -> the call
+    indices each of its calls made (one per call of the module), for the activation modules)."""
+    mode = ActivationCalls()
+    of_module: dict[str, list[int]] = {}
+    handles = []
+    for path, m in model.named_modules():
+        if not isinstance(m, ACT_MODULES):
+            continue
+        starts: list[int] = []
+
+        def pre(_m, _inp, starts=starts):
+            starts.append(len(mode.calls))
+
+        def post(_m, _inp, _out, path=path, starts=starts):
+            start = starts.pop()
+            of_module.setdefault(path, []).extend(range(start, len(mode.calls)))
+
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        with torch.no_grad(), mode:
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, mode.calls, of_module
+
+
+def channel_dim(kind: str) -> int:
+    """A conv site's channels are dimension 1; a Linear site's the last (a Linear on (N, ..., C))."""
+    return -1 if kind == "linear" else 1
+
+
+def per_channel(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` as (channels, everything else)."""
+    return t.detach().to(torch.float64).movedim(dim, 0).reshape(t.shape[dim], -1)
+
+
+def channel_means(t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Mean over every dimension but ``dim`` (images and positions), float64."""
+    if t.dim() < 2:
+        raise AssertionError(f"activation output without a batch dimension: {tuple(t.shape)}")
+    return per_channel(t, dim).mean(dim=1)
+
+
+# ---------------------------------------------------------------- the contract
+
+
 @dataclass
 class Outcome:
     accepted: bool
@@ -135,6 +204,9 @@ class Outcome:
     reason: str = ""  # the first refusal's reason (for counting)
     problems: list[str] = field(default_factory=list)
     sites: tuple = ()
+    streams: tuple = ()
+    calls: dict = field(default_factory=dict)  # site key -> its call index (as resolved)
+    n_calls: int = 0  # activation calls in one forward (accepted models)
 
     def categories(self) -> list[str]:
         return sorted({p[1 : p.index("]")] for p in self.problems if p.startswith("[")})
@@ -150,20 +222,98 @@ def _bug(stage: str, exc: BaseException) -> str:
     return f"[crash] {stage} raised {type(exc).__name__} (not a VggnormError): {exc}\n    " + "\n    ".join(tb[-6:])
 
 
+def _as_calls(items: Iterable, of_module: dict[str, list[int]]) -> set[int]:
+    """Activation call indices, from call indices and activation module paths (all their calls)."""
+    out: set[int] = set()
+    for it in items:
+        if isinstance(it, int):
+            out.add(it)
+        else:
+            out |= set(of_module.get(it, ()))
+    return out
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else 1.0
+
+
+def expected_divisors(members: list[torch.Tensor], policy: str) -> list[list[set[float]]]:
+    """For the sites of one group (one site alone, or a stream's members in forward order) and their
+    measured means: per member, per channel, the divisors the contract allows (several only where a
+    channel's mean lies in the dead rule's ambiguity band).
+
+    Alone: the mean where live, 1 where dead. A stream: one divisor per channel for all members, the
+    geometric mean of the members' means over the members where the channel is live (1 where it is live
+    at none); ``policy="last"``: the last member's mean where live there, else 1."""
+    masks = [dead_mask(m) for m in members]
+    channels = members[0].numel()
+    per_channel_sets: list[set[float]] = []
+    for c in range(channels):
+        live, amb = [], []
+        for k, (dead, ambiguous) in enumerate(masks):
+            if bool(ambiguous[c]):
+                amb.append(k)
+            elif not bool(dead[c]):
+                live.append(k)
+        if len(members) == 1 or policy == "last":
+            k = len(members) - 1
+            m = float(members[k][c])
+            if k in amb:
+                per_channel_sets.append({m, 1.0})
+            else:
+                per_channel_sets.append({m} if k in live else {1.0})
+            continue
+        options: set[float] = set()
+        for chosen in itertools.product((False, True), repeat=min(len(amb), 6)):
+            ks = live + [k for k, on in zip(amb, chosen, strict=False) if on]
+            options.add(_geomean([float(members[k][c]) for k in ks]))
+        per_channel_sets.append(options)
+    return [per_channel_sets for _ in members]
+
+
+def _divisor_ok(before: torch.Tensor, after: torch.Tensor, d: float) -> bool:
+    """after == before / d elementwise (one channel's values), relative to the channel's largest value."""
+    scale = float(before.abs().max()) if before.numel() else 0.0
+    if scale == 0.0:
+        return float(after.abs().max()) == 0.0 if after.numel() else True
+    return float((after * d - before).abs().max()) <= ACT_RTOL * scale
+
+
+def _fitted_divisor(before: torch.Tensor, after: torch.Tensor) -> float:
+    """The least-squares d with after ~ before / d (nan where ``after`` is 0)."""
+    den = float((before * after).sum())
+    num = float((before * before).sum())
+    return num / den if den != 0.0 and num != 0.0 else float("nan")
+
+
 def check_contract(
     model: nn.Module,
     x: torch.Tensor,
     *,
     add_affine: bool = False,
-    unscaled: Iterable[str] | None = None,
+    unscaled: Iterable | None = None,
     unscaled_of=None,
-    required_sites: Iterable[str] = (),
+    may_unscale_of=None,
+    required_sites: Iterable | str = (),
+    streams: Iterable[Iterable[int]] | None = None,
+    stream_bounds_of=None,
+    stream_scale: str = "geometric",
+    check_scales: bool = False,
 ) -> Outcome:
     """Check ``model`` against the contract on the batch ``x``.
 
-    ``unscaled``: activation paths whose site's output reaches the model's output uncompensated
-    (vggnorm must leave them at scale 1). ``unscaled_of(sites)`` computes that set from the
-    analysis' sites instead. ``required_sites``: activation paths that must be sites when accepted.
+    Activation calls are named by their index among all calls of positively homogeneous activations in
+    one ``model(x)`` (``Site.call``), or by an activation module's path (meaning all its calls).
+
+    ``unscaled``: calls whose site's output reaches the model's output uncompensated (they must keep
+    divisor 1; with a stream, all its members). ``unscaled_of(sites)`` computes that set from the
+    analysis' sites instead; ``may_unscale_of(sites)``: calls that may be left at 1 or normalized (the
+    outputs check decides; not required as sites). ``required_sites``: calls that must be sites when accepted, or ``"all"``:
+    every activation call but the unscaled ones. ``streams``: when given, the streams of two or more
+    sites the analysis must report, as groups of calls (exactly these). ``stream_bounds_of(sites)``: groups
+    of calls, each reported stream must lie within one (a stream joins only what adds join).
+    ``stream_scale``: the policy passed to ``normalize_model`` ("geometric", the default, or "last").
+    ``vggnorm.scales`` is compared with the contract's divisors where there are streams, or with ``check_scales``.
     """
     try:
         topo = vggnorm.analyze(model, add_affine=add_affine)
@@ -172,6 +322,7 @@ def check_contract(
     except Exception as e:
         return Outcome(False, refusal="analyze crashed", problems=[_bug("analyze", e)])
     sites = tuple(topo.all_sites)
+    topo_streams = tuple(getattr(topo, "streams", ()) or ())
 
     if topo.refusals or not sites:
         first = topo.refusals[0] if topo.refusals else None
@@ -192,32 +343,114 @@ def check_contract(
             out.problems.append("[message] measure_means did not raise on a refused model")
         return out
 
-    out = Outcome(True, sites=sites)
+    out = Outcome(True, sites=sites, streams=topo_streams)
     problems = out.problems
-    relus = [s.relu for s in sites]
-    for path in required_sites:
-        if path not in relus:
-            problems.append(
-                f"[missing-site] {path} is a conv/linear -> [norm] -> activation site but the analysis did not list it"
-            )
-    if len(set(relus)) != len(relus):
-        problems.append(f"[twice] an activation module is listed for two sites: {relus}")
-    paths = sorted(set(relus))
-
     x = x.to(torch.float64)
     try:
-        ref_out, ref_means = hooked_forward(model, x, paths)
+        ref_out, ref_calls, of_module = recorded_forward(model, x)
     except Exception as e:  # the model itself (not vggnorm) failed: a gallery/generator bug
         raise AssertionError(f"the model does not run on the input: {e}") from e
-    for p in paths:
-        if len(ref_means[p]) != 1:
-            problems.append(f"[twice] site activation {p} fires {len(ref_means[p])} times per forward (expected once)")
-    if unscaled is None:
-        unscaled = unscaled_of(sites) if unscaled_of is not None else ()
-    unscaled = set(unscaled)
 
-    # include_classifier only where there are Linear sites: with none, normalize_model(include_classifier=True)
-    # rejects the statistics measure_means(include_classifier=True) gave (test_gallery checks that apart)
+    out.n_calls = len(ref_calls)
+
+    # ---- every site is one activation call, with its channels
+    call_of: dict[str, int] = {}
+    by_call: dict[int, object] = {}
+    for s in sites:
+        label = f"site {s.conv} -> {s.relu}"
+        c = getattr(s, "call", None)
+        if c is None:  # an analysis from before per-call sites: its activation module, called once
+            made = of_module.get(s.relu, [])
+            if len(made) != 1:
+                problems.append(f"[twice] site activation {s.relu} makes {len(made)} activation calls per forward")
+                continue
+            c = made[0]
+        if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < len(ref_calls):
+            problems.append(f"[call] {label}: call {c!r} is not one of the {len(ref_calls)} activation calls")
+            continue
+        if c in by_call:
+            problems.append(f"[twice] {label}: call {c} is also the call of site {by_call[c].conv}")
+            continue
+        if s.conv in call_of:
+            problems.append(f"[twice] two sites have the key {s.conv!r}")
+            continue
+        call_of[s.conv], by_call[c] = c, s
+        t = ref_calls[c].out
+        if t.dim() < 2:
+            problems.append(f"[call] {label}: call {c}'s output has no batch dimension: {tuple(t.shape)}")
+            del call_of[s.conv], by_call[c]
+            continue
+        n = t.shape[channel_dim(s.kind)]
+        if s.out_channels != n:
+            problems.append(f"[call] {label}: out_channels {s.out_channels} but call {c} has {n} channels")
+            del call_of[s.conv], by_call[c]
+            continue
+        act = getattr(s, "activation", None)
+        # (a subclass of nn.ReLU may be reported by its class name: only the three names are compared)
+        if act in ("ReLU", "LeakyReLU", "PReLU") and act != ref_calls[c].activation:
+            problems.append(f"[call] {label}: activation {act!r} but call {c} is a {ref_calls[c].activation}")
+    out.calls = dict(call_of)
+    site_of = {s.conv: s for s in sites if s.conv in call_of}
+
+    unscaled_calls = _as_calls(
+        unscaled if unscaled is not None else (unscaled_of(sites) if unscaled_of is not None else ()), of_module
+    )
+    may_unscale = _as_calls(may_unscale_of(sites) if may_unscale_of is not None else (), of_module)
+    if isinstance(required_sites, str):
+        assert required_sites == "all", required_sites
+        required = set(range(len(ref_calls))) - unscaled_calls - may_unscale
+    else:
+        required = _as_calls(required_sites, of_module)
+    for c in sorted(required - set(by_call)):
+        problems.append(
+            f"[missing-site] activation call {c} (a {ref_calls[c].activation}, {tuple(ref_calls[c].out.shape)}) "
+            f"is a site but the analysis did not list it"
+        )
+
+    # ---- streams: groups of sites sharing one divisor
+    groups: list[list[str]] = []  # site keys, forward order; singletons for the sites in no stream
+    in_stream: set[str] = set()
+    for st in topo_streams:
+        keys = list(getattr(st, "sites", ()))
+        missing = [k for k in keys if k not in site_of]
+        if missing:
+            problems.append(f"[stream] stream {keys}: {missing} are not sites (with a call)")
+        keys = [k for k in keys if k in site_of]
+        again = [k for k in keys if k in in_stream]
+        if again:
+            problems.append(f"[stream] sites {again} are in two streams")
+        keys = [k for k in dict.fromkeys(keys) if k not in in_stream]
+        if len({site_of[k].out_channels for k in keys}) > 1:
+            problems.append(f"[stream] stream {keys}: its sites have different channel counts")
+            continue
+        for path in (*getattr(st, "writers", ()), *getattr(st, "readers", ())):
+            try:
+                model.get_submodule(path)
+            except AttributeError:
+                problems.append(f"[stream] stream {keys}: writer/reader {path!r} is not a module of the model")
+        if keys:
+            in_stream |= set(keys)
+            groups.append(sorted(keys, key=lambda k: call_of[k]))
+    groups += [[k] for k in site_of if k not in in_stream]
+    reported = {frozenset(call_of[k] for k in g) for g in groups if len(g) > 1}
+    if streams is not None:
+        wanted = {frozenset(g) for g in streams if len(tuple(g)) > 1}
+        if reported != wanted:
+            problems.append(
+                f"[stream] streams (as activation calls): expected {sorted(sorted(g) for g in wanted)}, "
+                f"the analysis reports {sorted(sorted(g) for g in reported)}"
+            )
+    if stream_bounds_of is not None:
+        bounds = [set(b) for b in stream_bounds_of(sites)]
+        for g in reported:
+            if not any(g <= b for b in bounds):
+                problems.append(
+                    f"[stream] stream of calls {sorted(g)} joins sites that no residual add joins "
+                    f"(adds join {[sorted(b) for b in bounds]})"
+                )
+
+    # ---- statistics: measure_means must give the means of the model run as written
+    before_means = {k: channel_means(ref_calls[c].out, channel_dim(site_of[k].kind)) for k, c in call_of.items()}
     fc = any(s.kind == "linear" for s in sites)
     try:
         stats = vggnorm.measure_means(model, [x], include_classifier=fc, add_affine=add_affine)
@@ -228,8 +461,27 @@ def check_contract(
     except Exception as e:
         problems.append(_bug("measure_means", e))
         return out
+    for k, before in before_means.items():
+        label = f"site {k} (call {call_of[k]})"
+        if k not in measured:
+            problems.append(f"[stats] {label}: no statistics under key {k!r} (keys: {sorted(measured)})")
+            continue
+        m = torch.as_tensor(measured[k], dtype=torch.float64).reshape(-1)
+        if m.shape != before.shape:
+            problems.append(
+                f"[stats] {label}: statistics have shape {tuple(m.shape)}, the activation {tuple(before.shape)}"
+            )
+            continue
+        rel = float((m - before).abs().max()) / max(float(before.abs().max()), 1e-12)
+        if not rel <= STATS_RTOL:
+            problems.append(
+                f"[stats] {label}: measure_means differs from the model run as written (rel {rel:.3g}): "
+                f"stats {m.tolist()} vs ours {before.tolist()}"
+            )
+
+    extra = {} if stream_scale == "geometric" else {"stream_scale": stream_scale}
     try:
-        normalized = vggnorm.normalize_model(model, stats, include_classifier=fc, add_affine=add_affine)
+        normalized = vggnorm.normalize_model(model, stats, include_classifier=fc, add_affine=add_affine, **extra)
     except VggnormError as e:
         problems.append(f"[late-error] accepted, but normalize_model raised {type(e).__name__}: {e}")
         return out
@@ -237,14 +489,14 @@ def check_contract(
         problems.append(_bug("normalize_model", e))
         return out
 
-    # 1. outputs unchanged
+    # ---- (a) outputs unchanged
     with torch.no_grad():
         again = model(x)
-    new_out, new_means = hooked_forward(normalized, x, paths)
-    a, b, c = _outputs(ref_out), _outputs(new_out), _outputs(again)
+    new_out, new_calls, _ = recorded_forward(normalized, x)
+    a, b, c2 = _outputs(ref_out), _outputs(new_out), _outputs(again)
     if len(a) != len(b):
         problems.append(f"[output] the normalized model returns {len(b)} tensors, the original {len(a)}")
-    for i, (t0, t1, t2) in enumerate(zip(a, b, c, strict=False)):
+    for i, (t0, t1, t2) in enumerate(zip(a, b, c2, strict=False)):
         if t0.shape != t1.shape:
             problems.append(f"[output] output {i}: shape {tuple(t1.shape)} != {tuple(t0.shape)}")
             continue
@@ -254,47 +506,78 @@ def check_contract(
         rel = float((t1 - t0).abs().max()) / scale if t0.numel() else 0.0
         if not rel <= OUTPUT_RTOL:
             problems.append(f"[output] output {i} changed: max abs diff / max abs = {rel:.3g}")
+    if len(new_calls) != len(ref_calls):
+        problems.append(
+            f"[call] the normalized model makes {len(new_calls)} activation calls, the original {len(ref_calls)}"
+        )
+        return out
 
-    # 2./3. means, measured by our hooks
-    for s in sites:
-        p = s.relu
-        if len(ref_means.get(p, ())) != 1 or len(new_means.get(p, ())) != 1:
-            continue  # reported above
-        before, after = ref_means[p][0], new_means[p][0]
-        label = f"site {s.conv} -> {p}"
-        if s.conv not in measured:
-            problems.append(f"[stats] {label}: no statistics under key {s.conv!r} (keys: {sorted(measured)})")
+    # ---- (b)-(d): each site's activation, after = before / divisor, with the divisor the contract says
+    allowed: dict[str, list[set[float]]] = {}
+    for g in groups:
+        calls = {call_of[k] for k in g}
+        if calls & unscaled_calls:
+            sets = [[{1.0} for _ in range(site_of[g[0]].out_channels)] for _ in g]
         else:
-            m = torch.as_tensor(measured[s.conv], dtype=torch.float64).reshape(-1)
-            if m.shape != before.shape:
-                problems.append(
-                    f"[stats] {label}: statistics have shape {tuple(m.shape)}, the activation {tuple(before.shape)}"
-                )
-            else:
-                rel = float((m - before).abs().max()) / max(float(before.abs().max()), 1e-12)
-                if not rel <= STATS_RTOL:
-                    problems.append(
-                        f"[stats] {label}: measure_means differs from the model run as written (rel {rel:.3g}): "
-                        f"stats {m.tolist()} vs hooks {before.tolist()}"
-                    )
-        if s.out_channels != before.numel():
-            problems.append(f"[stats] {label}: out_channels {s.out_channels} but the activation has {before.numel()}")
-        if after.shape != before.shape:
-            problems.append(f"[output] {label}: activation shape changed")
+            sets = expected_divisors([before_means[k] for k in g], stream_scale)
+            if calls & may_unscale:
+                sets = [[opts | {1.0} for opts in member] for member in sets]
+        allowed.update(zip(g, sets, strict=True))
+    fitted: dict[str, list[float]] = {}
+    for k, c in call_of.items():
+        s = site_of[k]
+        label = f"site {k} -> {s.relu} (call {c})"
+        t0, t1 = ref_calls[c].out, new_calls[c].out
+        if t0.shape != t1.shape:
+            problems.append(f"[output] {label}: activation shape {tuple(t1.shape)} != {tuple(t0.shape)}")
             continue
-        dead, ambiguous = dead_mask(before)
-        unchanged = (after - before).abs() <= MEANS_TOL * torch.clamp(before.abs(), min=1.0)
-        one = (after - 1).abs() <= MEANS_TOL
-        if p in unscaled:
-            bad = ~unchanged
-            want = "unchanged (its output reaches the model output)"
-        else:
-            bad = torch.where(ambiguous, ~(one | unchanged), torch.where(dead, ~unchanged, ~one))
-            want = "1 for live channels, unchanged for dead ones"
-        if bool(bad.any()):
-            idx = bad.nonzero().flatten().tolist()[:6]
+        dim = channel_dim(s.kind)
+        p0, p1 = per_channel(t0, dim), per_channel(t1, dim)
+        before, after = p0.mean(1), p1.mean(1)
+        fitted[k] = [_fitted_divisor(p0[i], p1[i]) for i in range(p0.shape[0])]
+        bad = [i for i in range(p0.shape[0]) if not any(_divisor_ok(p0[i], p1[i], d) for d in allowed[k][i])]
+        if bad:
+            idx = bad[:6]
             problems.append(
-                f"[means] {label}: means after normalization should be {want}; channels {idx}: "
-                f"before {[round(float(before[i]), 12) for i in idx]}, after {[round(float(after[i]), 12) for i in idx]}"
+                f"[means] {label}: after normalization the activation should be before / "
+                f"{'1 (its output reaches the model output)' if c in unscaled_calls else 'the divisor the contract says'}"
+                f"; channels {idx}: mean before {[round(float(before[i]), 12) for i in idx]}, "
+                f"after {[round(float(after[i]), 12) for i in idx]}, divisor allowed "
+                f"{[sorted(round(d, 12) for d in allowed[k][i]) for i in idx]}, found {[fitted[k][i] for i in idx]}"
             )
+    # (d) one divisor per channel along a stream (what the fitted divisors say, whatever the allowed ones)
+    for g in groups:
+        if len(g) < 2 or any(k not in fitted for k in g):
+            continue
+        for i in range(site_of[g[0]].out_channels):
+            ds = [fitted[k][i] for k in g if not math.isnan(fitted[k][i])]
+            if ds and max(ds) - min(ds) > ACT_RTOL * max(abs(d) for d in ds):
+                problems.append(f"[stream] stream {g}: channel {i} is divided by different values at its sites: {ds}")
+                break
+
+    # ---- the scales vggnorm reports are those it applied (the default stream policy; where there are streams:
+    # elsewhere the means check says it, and each call of the analysis costs)
+    if stream_scale == "geometric" and (reported or check_scales):
+        try:
+            reported_scales = vggnorm.scales(model, stats, include_classifier=fc)
+        except Exception as e:
+            problems.append(f"[scales] vggnorm.scales raised {type(e).__name__}: {e}")
+            reported_scales = {}
+        for k, ls in reported_scales.items():
+            if k not in allowed or call_of[k] in unscaled_calls | may_unscale:
+                continue
+            sc = torch.as_tensor(ls.scale, dtype=torch.float64).reshape(-1)
+            if sc.numel() != len(allowed[k]):
+                problems.append(f"[scales] site {k}: {sc.numel()} scales for {len(allowed[k])} channels")
+                continue
+            bad = [
+                i
+                for i in range(sc.numel())
+                if not any(abs(float(sc[i]) - d) <= STATS_RTOL * abs(d) for d in allowed[k][i])
+            ]
+            if bad:
+                problems.append(
+                    f"[scales] site {k}: vggnorm.scales gives {[float(sc[i]) for i in bad[:6]]} at channels "
+                    f"{bad[:6]}, the contract {[sorted(allowed[k][i]) for i in bad[:6]]}"
+                )
     return out

@@ -6,9 +6,15 @@ Each entry is a factory returning an fx-traceable ``nn.Module`` and the expected
 * ``"refused"``: ``measure_means`` raises a ``VggnormError`` naming the refused node;
 * ``"either"``: both are sound; if accepted, it must be exact.
 
-``unscaled``: activation paths whose output reaches the model's output uncompensated (their site
-must keep scale 1). ``sites``: activation paths that must be listed as sites when accepted (default
-for "exact": every ReLU/LeakyReLU/PReLU module of the model).
+Activations are named by module path (all the calls of that module) or by call index: the index of
+the call among all calls of positively homogeneous activations (ReLU/LeakyReLU/PReLU modules, F.relu,
+torch.relu, x.relu(), relu_, F.leaky_relu, F.prelu) in one ``model(x)``, what ``Site.call`` says.
+
+``unscaled``: activations whose output reaches the model's output uncompensated (their site must keep
+scale 1; a stream with one such member keeps 1 at all its members). ``sites``: activations that must
+be listed as sites when accepted (default for "exact": every activation call but the unscaled ones).
+``streams``: the streams of two or more sites the analysis must report, as groups of calls (default for
+"exact": none; for "either": not checked). ``stream_scale``: the policy passed to ``normalize_model``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.convnext import LayerNorm2d
+from torchvision.models.densenet import DenseNet
+from torchvision.models.googlenet import BasicConv2d, Inception
+from torchvision.models.regnet import ResBottleneckBlock
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.shufflenetv2 import InvertedResidual
+from torchvision.ops.misc import SqueezeExcitation
 
 ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
 
@@ -51,17 +63,22 @@ class Entry:
     verdict: str  # "exact" | "refused" | "either"
     size: int = 16
     add_affine: bool = False
-    unscaled: tuple[str, ...] = ()
-    sites: tuple[str, ...] | None = None
+    unscaled: tuple[str | int, ...] = ()
+    sites: tuple[str | int, ...] | None = None
+    streams: tuple[tuple[int, ...], ...] | None = None
+    stream_scale: str = "geometric"
     note: str = ""
 
-    def required_sites(self, model: nn.Module) -> tuple[str, ...]:
+    def required_sites(self, model: nn.Module) -> tuple[str | int, ...] | str:
         if self.sites is not None:
             return self.sites
-        if self.verdict != "exact":
-            return ()
-        # a site left unscaled may be reported apart from the sites: not required
-        return tuple(n for n, m in model.named_modules() if isinstance(m, ACTIVATIONS) and n not in self.unscaled)
+        # every activation call; a site left unscaled may be reported apart from the sites: not required
+        return "all" if self.verdict == "exact" else ()
+
+    def expected_streams(self) -> tuple[tuple[int, ...], ...] | None:
+        if self.streams is not None:
+            return self.streams
+        return () if self.verdict == "exact" else None
 
 
 # ---------------------------------------------------------------- exact
@@ -761,6 +778,286 @@ def tied_conv_weights() -> nn.Module:
     return m
 
 
+# ---------------------------------------------------------------- per-call sites, streams, norms receiving a scale
+
+
+def resnet_basic() -> nn.Module:
+    """torchvision's BasicBlock (one ReLU module called twice per block): stem, maxpool, a block without and
+    one with a downsample, one more, avgpool + flatten + Linear. Calls: stem 0; blocks (1, 2), (3, 4), (5, 6),
+    the second of each after the add. Streams: the stem and the post-add ReLU up to the downsample {0, 2};
+    after it {4, 6}."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = conv(3, 4, bias=False)
+            self.bn1 = nn.BatchNorm2d(4)
+            self.relu = nn.ReLU(inplace=True)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+            ds = nn.Sequential(nn.Conv2d(4, 6, 1, stride=2, bias=False), nn.BatchNorm2d(6))
+            self.layer1 = nn.Sequential(BasicBlock(4, 4))
+            self.layer2 = nn.Sequential(BasicBlock(4, 6, stride=2, downsample=ds), BasicBlock(6, 6))
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x):
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.layer2(self.layer1(x))
+            return self.fc(torch.flatten(self.avgpool(x), 1))
+
+    return Net()
+
+
+def resnet_bottleneck() -> nn.Module:
+    """torchvision's Bottleneck (one ReLU called three times), ResNeXt-style groups in the second block.
+    Calls: stem 0; blocks (1, 2, 3) with a downsample, (4, 5, 6). Stream: {3, 6} (block 1's output through
+    block 2's identity)."""
+
+    def ds(cin: int, cout: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def fwd(m, x):
+        x = m.pool(m.relu(m.bn(m.stem(x))))
+        return m.fc(torch.flatten(m.avg(m.blocks(x)), 1))
+
+    return Fwd(
+        fwd,
+        stem=conv(3, 4, bias=False),
+        bn=nn.BatchNorm2d(4),
+        relu=nn.ReLU(inplace=True),
+        pool=nn.MaxPool2d(2),
+        blocks=nn.Sequential(
+            Bottleneck(4, 2, downsample=ds(4, 8, 1)),
+            Bottleneck(8, 2, groups=2, base_width=64),
+        ),
+        avg=nn.AdaptiveAvgPool2d(1),
+        fc=nn.Linear(8, 3),
+    )
+
+
+def residual_two_branches_post_relu() -> nn.Module:
+    def fwd(m, x):
+        y = m.r(m.ra(m.ca(x)) + m.rb(m.cb(x)))
+        return m.head(m.c(y))
+
+    return Fwd(
+        fwd, ca=conv(3, 4), ra=nn.ReLU(), cb=conv(3, 4, k=1), rb=nn.ReLU(), r=nn.ReLU(), c=conv(4, 4), head=_head(4)
+    )
+
+
+def residual_to_output() -> nn.Module:
+    """A stream {0, 2} whose post-add ReLU is the model's output (spatially averaged): nothing compensates it."""
+
+    def fwd(m, x):
+        h = m.r0(m.c0(x))
+        out = m.r2(m.bn2(m.c2(m.r1(m.c1(h)))) + h)
+        return out.mean([2, 3])
+
+    return Fwd(
+        fwd,
+        c0=conv(3, 4),
+        r0=nn.ReLU(),
+        c1=conv(4, 4),
+        r1=nn.ReLU(),
+        c2=conv(4, 4),
+        bn2=nn.BatchNorm2d(4),
+        r2=nn.ReLU(),
+    )
+
+
+def add_raw_image() -> nn.Module:
+    def fwd(m, x):
+        y = m.r1(m.c1(x)) + x
+        return m.head(m.r2(m.c2(y)))
+
+    return Fwd(fwd, c1=conv(3, 3), r1=nn.ReLU(), c2=conv(3, 4), r2=nn.ReLU(), head=_head(4))
+
+
+def mul_two_sites_plus_one() -> nn.Module:
+    """a * b + a: the product carries s_a * s_b, the other term s_a; no divisor but s_b = 1 joins them, and
+    neither site is in a stream (no add joins two scaled values of the same scale)."""
+
+    def fwd(m, x):
+        a, b = m.ra(m.ca(x)), m.rb(m.cb(x))
+        return m.head(m.c(a * b + a))
+
+    return Fwd(fwd, ca=conv(3, 4), ra=nn.ReLU(), cb=conv(3, 4), rb=nn.ReLU(), c=conv(4, 4), head=_head(4))
+
+
+def relu_module_three_sites() -> nn.Module:
+    def fwd(m, x):
+        y = m.r(m.c1(x))
+        y = m.r(m.bn(m.c2(y)))
+        y = m.r(m.fc(m.pool(y).flatten(1)))
+        return m.out(y)
+
+    return Fwd(
+        fwd,
+        c1=conv(3, 4),
+        c2=conv(4, 4),
+        bn=nn.BatchNorm2d(4),
+        pool=nn.AdaptiveAvgPool2d(2),
+        fc=nn.Linear(16, 5),
+        r=nn.ReLU(),
+        out=nn.Linear(5, 3),
+    )
+
+
+def functional_relu_family() -> nn.Module:
+    """Every spelling of a functional ReLU at a site, in place or not."""
+
+    def fwd(m, x):
+        y = F.relu(m.c0(x))
+        y = torch.relu(m.c1(y))
+        y = m.c2(y).relu()
+        y = F.relu_(m.c3(y))
+        y = torch.relu_(m.c4(y))
+        y = m.c5(y).relu_()
+        y = F.relu(m.bn(m.c6(y)), inplace=True)
+        return m.head(y)
+
+    return Fwd(
+        fwd,
+        c0=conv(3, 4),
+        c1=conv(4, 4),
+        c2=conv(4, 5, k=1),
+        c3=conv(5, 4),
+        c4=conv(4, 4),
+        c5=conv(4, 4),
+        c6=conv(4, 4),
+        bn=nn.BatchNorm2d(4),
+        head=_head(4),
+    )
+
+
+def functional_leaky_prelu() -> nn.Module:
+    def fwd(m, x):
+        y = F.leaky_relu(m.c0(x), 0.1)
+        y = F.leaky_relu(m.c1(y), negative_slope=0.2, inplace=True)
+        y = F.prelu(m.c2(y), m.slopes)
+        y = torch.prelu(m.c3(y), m.slope)
+        return m.head(y)
+
+    m = Fwd(fwd, c0=conv(3, 4), c1=conv(4, 4), c2=conv(4, 4), c3=conv(4, 4), head=_head(4))
+    m.slopes = nn.Parameter(torch.tensor([0.1, 0.25, 0.05, 0.3]))
+    m.slope = nn.Parameter(torch.tensor([0.15]))
+    return m
+
+
+def functional_relu6_site() -> nn.Module:
+    def fwd(m, x):
+        y = F.relu(m.c1(x))
+        y = F.relu6(m.c2(y))
+        return m.head(m.c3(y))
+
+    return Fwd(fwd, c1=conv(3, 4), c2=conv(4, 4), c3=conv(4, 3), head=_head(3))
+
+
+def tiny_densenet() -> nn.Module:
+    """torchvision's DenseNet: BN -> ReLU -> conv on the cat of the previous (scaled) features, transitions
+    BN -> ReLU -> conv -> avgpool, and norm5 -> F.relu -> pool -> Linear. 9 calls, every one a site."""
+    return DenseNet(growth_rate=4, block_config=(2, 1), num_init_features=8, bn_size=2, num_classes=3)
+
+
+def googlenet_inception() -> nn.Module:
+    """torchvision's Inception block (BasicConv2d: conv -> BN -> F.relu(inplace=True)), four branches cat."""
+
+    def fwd(m, x):
+        return m.fc(torch.flatten(m.pool(m.block(m.stem(x))), 1))
+
+    return Fwd(
+        fwd,
+        stem=BasicConv2d(3, 4, kernel_size=3, padding=1),
+        block=Inception(4, 2, 2, 2, 2, 2, 2),
+        pool=nn.AdaptiveAvgPool2d(1),
+        fc=nn.Linear(8, 3),
+    )
+
+
+def shufflenet_blocks() -> nn.Module:
+    """torchvision's ShuffleNetV2 units: a strided one (two branches, cat, channel shuffle by
+    view/transpose/contiguous/view) and a plain one (x.chunk(2, dim=1), half passed through, cat, shuffle)."""
+
+    def fwd(m, x):
+        x = m.stage(m.stem(x))
+        return m.fc(m.conv5(x).mean([2, 3]))
+
+    def cbr(cin: int, cout: int, k: int) -> nn.Sequential:
+        return nn.Sequential(conv(cin, cout, k=k, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    return Fwd(
+        fwd,
+        stem=cbr(3, 4, 3),
+        stage=nn.Sequential(InvertedResidual(4, 8, 2), InvertedResidual(8, 8, 1)),
+        conv5=cbr(8, 8, 1),
+        fc=nn.Linear(8, 3),
+    )
+
+
+def chunk_then_cat() -> nn.Module:
+    def fwd(m, x):
+        a, b = m.r1(m.c1(x)).chunk(2, dim=1)
+        return m.head(m.r3(m.c3(torch.cat([b, m.r2(m.c2(a))], 1))))
+
+    return Fwd(
+        fwd, c1=conv(3, 4), r1=nn.ReLU(), c2=conv(2, 3), r2=nn.ReLU(), c3=conv(5, 4), r3=nn.ReLU(), head=_head(4)
+    )
+
+
+def split_then_cat() -> nn.Module:
+    def fwd(m, x):
+        a, b = torch.split(m.r1(m.c1(x)), [1, 3], dim=1)
+        return m.head(m.r3(m.c3(torch.cat([m.r2(m.c2(b)), a], 1))))
+
+    return Fwd(
+        fwd, c1=conv(3, 4), r1=nn.ReLU(), c2=conv(3, 2), r2=nn.ReLU(), c3=conv(3, 4), r3=nn.ReLU(), head=_head(4)
+    )
+
+
+def slice_then_cat() -> nn.Module:
+    def fwd(m, x):
+        y = m.r1(m.c1(x))
+        z = torch.cat([y[:, 2:], F.relu(m.c2(y[:, :2])), y[:, 1:2]], 1)
+        return m.head(m.r3(m.c3(z)))
+
+    return Fwd(fwd, c1=conv(3, 4), r1=nn.ReLU(), c2=conv(2, 3), r3=nn.ReLU(), c3=conv(6, 4), head=_head(4))
+
+
+def se_block(gate: type[nn.Module]) -> Callable[[], nn.Module]:
+    """torchvision's SqueezeExcitation (RegNet-Y, MobileNetV3's shape): x * gate(conv(relu(conv(avgpool(x)))))."""
+
+    def make() -> nn.Module:
+        return nn.Sequential(
+            conv(3, 4),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            SqueezeExcitation(4, 2, scale_activation=gate),
+            conv(4, 4, k=1),
+            nn.ReLU(),
+            _head(4),
+        )
+
+    return make
+
+
+def regnet_y_blocks() -> nn.Module:
+    """torchvision's RegNet-Y unit (ResBottleneckBlock with SE): calls stem 0; block 1 (1, 2, SE 3, post-add 4)
+    with a projection; block 2 (5, 6, SE 7, post-add 8) with the identity. Stream {4, 8}."""
+
+    def fwd(m, x):
+        return m.head(m.blocks(m.stem(x)))
+
+    return Fwd(
+        fwd,
+        stem=nn.Sequential(conv(3, 4, stride=2, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True)),
+        blocks=nn.Sequential(
+            ResBottleneckBlock(4, 8, 2, nn.BatchNorm2d, nn.ReLU, group_width=2, se_ratio=0.5),
+            ResBottleneckBlock(8, 8, 1, nn.BatchNorm2d, nn.ReLU, group_width=2, se_ratio=0.25),
+        ),
+        head=_head(8),
+    )
+
+
 # ---------------------------------------------------------------- refused
 
 
@@ -1061,6 +1358,34 @@ GALLERY: list[Entry] = [
     Entry("classifier_ends_in_relu", classifier_ends_in_relu, "exact", unscaled=("7",)),
     Entry("dict_output", dict_output, "exact", unscaled=("r2",)),
     Entry("modules_registered_out_of_order", registered_out_of_order, "exact"),
+    # exact since per-call sites, functional activations, streams, norms receiving a scale (issue 21)
+    Entry("residual_identity", residual_identity, "exact", streams=((0, 2),)),
+    Entry("sum_of_two_sites", sum_of_sites, "exact", streams=((0, 1),)),
+    Entry("residual_two_branches_post_relu", residual_two_branches_post_relu, "exact", streams=((0, 1, 2),)),
+    Entry(
+        "residual_two_branches_last_policy",
+        residual_two_branches_post_relu,
+        "exact",
+        streams=((0, 1, 2),),
+        stream_scale="last",
+    ),
+    Entry("residual_stream_to_output", residual_to_output, "exact", unscaled=(0, 2), sites=(1,), streams=None),
+    Entry("resnet_basic_blocks", resnet_basic, "exact", streams=((0, 2), (4, 6))),
+    Entry("resnet_bottleneck_blocks", resnet_bottleneck, "exact", streams=((3, 6),)),
+    Entry("act_module_called_twice", act_called_twice, "exact"),
+    Entry("relu_module_three_sites", relu_module_three_sites, "exact"),
+    Entry("functional_relu_site", functional_relu, "exact"),
+    Entry("functional_relu_family", functional_relu_family, "exact"),
+    Entry("functional_leaky_prelu", functional_leaky_prelu, "exact"),
+    Entry("batchnorm_after_act", norm_after_act(lambda: nn.BatchNorm2d(4)), "exact"),
+    Entry("densenet_tiny", tiny_densenet, "exact"),
+    Entry("googlenet_inception_block", googlenet_inception, "exact"),
+    Entry("shufflenet_v2_units", shufflenet_blocks, "exact"),
+    Entry("chunk_then_cat", chunk_then_cat, "exact"),
+    Entry("split_then_cat", split_then_cat, "exact"),
+    Entry("slice_then_cat", slice_then_cat, "exact"),
+    Entry("squeeze_excitation_sigmoid", se_block(nn.Sigmoid), "exact"),
+    Entry("regnet_y_blocks", regnet_y_blocks, "exact", streams=((4, 8),)),
     # either
     Entry("two_acts_one_conv", two_acts_one_conv, "either"),
     Entry("preact_side_conv_added", preact_side_conv, "either"),
@@ -1080,35 +1405,38 @@ GALLERY: list[Entry] = [
     Entry("relu_subclass_no_forward", relu_subclass, "either"),
     Entry("weight_norm_parametrized_conv", weight_norm_conv, "either"),
     Entry("tied_conv_weights", tied_conv_weights, "either"),
+    Entry("residual_scaled_input", residual_scaled_input, "either"),
+    Entry("sliced_activation", sliced_activation, "either"),
+    Entry("chunked_activation", chunked_activation, "either"),
+    Entry("transpose_flatten_linear", transpose_flatten, "either"),
+    Entry("batchnorm_noaffine_after_act", norm_after_act(lambda: nn.BatchNorm2d(4, affine=False)), "either"),
+    Entry("squeeze_excitation_relu6_gate", se_block(nn.ReLU6), "either"),
     # refused
-    Entry("residual_identity", residual_identity, "refused"),
-    Entry("residual_scaled_input", residual_scaled_input, "refused"),
     Entry("add_const_then_conv", add_const_then_conv, "refused"),
     Entry("gelu_after_conv", _valid_then(nn.GELU()), "refused"),
     Entry("silu_after_conv", _valid_then(nn.SiLU()), "refused"),
     Entry("relu6_after_conv", _valid_then(nn.ReLU6()), "refused"),
     Entry("tanh_after_conv", _valid_then(nn.Tanh()), "refused"),
     Entry("sigmoid_after_conv", _valid_then(nn.Sigmoid()), "refused"),
-    Entry("batchnorm_after_act", norm_after_act(lambda: nn.BatchNorm2d(4)), "refused"),
     Entry("groupnorm_after_act", norm_after_act(lambda: nn.GroupNorm(2, 4)), "refused"),
+    Entry("instancenorm_after_act", norm_after_act(lambda: nn.InstanceNorm2d(4, affine=True)), "refused"),
+    Entry("layernorm2d_after_act", norm_after_act(lambda: LayerNorm2d(4)), "refused"),
+    Entry("layernorm_chw_after_act", norm_after_act(lambda: nn.LayerNorm([4, 16, 16])), "refused"),
+    Entry("add_raw_image_to_site", add_raw_image, "refused"),
+    Entry("mul_two_sites_plus_one", mul_two_sites_plus_one, "refused"),
+    Entry("functional_relu6_site", functional_relu6_site, "refused"),
     Entry("instancenorm_noaffine_site", in_noaffine_site, "refused"),
     Entry("batchnorm_untracked_site", bn_untracked_site, "refused"),
     Entry("batchnorm_untracked_input", bn_untracked_input, "refused"),
     Entry("batchnorm1d_untracked_head", bn_untracked_head, "refused"),
     Entry("layernorm_last_dim_eq_channels", layernorm_last_dim, "refused"),
-    Entry("act_module_called_twice", act_called_twice, "refused"),
     Entry("compensating_conv_called_twice", conv_called_twice, "refused"),
-    Entry("functional_relu_site", functional_relu, "refused"),
-    Entry("sliced_activation", sliced_activation, "refused"),
-    Entry("chunked_activation", chunked_activation, "refused"),
     Entry("preact_sigmoid_gate", preact_sigmoid_gate, "refused"),
     Entry("weight_standardized_conv", weight_standardized, "refused"),
-    Entry("transpose_flatten_linear", transpose_flatten, "refused"),
     Entry("no_site", no_site, "refused"),
     Entry("parameterless_no_site", parameterless, "refused"),
     Entry("softmax_over_channels", softmax_channels, "refused"),
     Entry("squared_activation", squared_activation, "refused"),
-    Entry("sum_of_two_sites", sum_of_sites, "refused"),
     Entry("channel_sum_into_linear", channel_sum_into_linear, "refused"),
     Entry("channel_mean_into_conv", channel_mean_into_conv, "refused"),
     Entry("cat_two_sites_along_height", cat_along_height, "refused"),
