@@ -528,7 +528,7 @@ class _Analysis:
             return x  # a pre-activation value stays one: max(s x) = s max(x)
         if isinstance(m, nn.Flatten):
             return self._flatten(node, x, path, m.start_dim)
-        if isinstance(m, _GATE_MODULES) and isinstance(x, _Val) and x.pre and not x.scaled:
+        if isinstance(m, _GATE_MODULES) and _gate(node, x):
             return None  # a gate on a value whose scale was compensated (squeeze-and-excitation)
         if isinstance(m, NOT_HOMOGENEOUS):
             return self._not_homogeneous(node, x)
@@ -783,7 +783,7 @@ class _Analysis:
         if isinstance(x, _Tuple) or any(isinstance(s, _Tuple) for s in states):
             self.problem(node, states, "uses the pieces of a split of scaled channels")
             return None
-        if target in _GATES and isinstance(x, _Val) and x.pre and not x.scaled:
+        if target in _GATES and _gate(node, x):
             return None  # a gate on a value whose scale was compensated (squeeze-and-excitation)
         if target in _NOT_HOMOGENEOUS_FNS:
             return self._not_homogeneous(node, x)
@@ -1124,6 +1124,19 @@ class _Analysis:
             readers = tuple(c.module for c in compensations if any(k in inside for k in c.sites))
             out.append(Stream(tuple(keys), classes, writers, readers))
         return tuple(out)
+
+
+def _gate(node: torch.fx.Node, x: _State) -> bool:
+    """A sigmoid that gates: it reads a conv's output whose input scales were compensated (nothing scaled),
+    and only multiplies other values (squeeze-and-excitation), so no activation of the model is skipped."""
+    products = (operator.mul, torch.mul, "mul")
+    return (
+        isinstance(x, _Val)
+        and bool(x.pre)
+        and not x.scaled
+        and bool(node.users)
+        and all(u.op in ("call_function", "call_method") and u.target in products for u in node.users)
+    )
 
 
 def _channels_of(analysis: _Analysis, var: str) -> int:
