@@ -222,6 +222,27 @@ class ResidualNet(nn.Module):
         return self.block(self.stem(x))
 
 
+class StreamNet(nn.Module):
+    """A conv -> BN -> ReLU stem and two of torchvision's ResNet basic blocks, then a 1x1 conv head: one
+    residual stream of three sites (the stem's ReLU and each block's ReLU after its add)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models.resnet import BasicBlock
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.blocks = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8))
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+        _randomize_affine(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
+def stream_net() -> StreamNet:
+    return StreamNet()
+
+
 def activation_net(activation: type[nn.Module]) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), activation(), nn.Conv2d(4, 2, 1))
 

@@ -244,3 +244,55 @@ def test_a_stream_that_reaches_the_output_is_left_unscaled_and_the_rest_normaliz
     with torch.no_grad():
         y, y2 = model(x), normalized(x)
     assert float((y2 - y).abs().max() / y.abs().max()) < 1e-12
+
+
+def test_verify_holds_each_stream_site_to_the_mean_its_policy_promised():
+    """A stream's sites are not normalized to 1: verify checks each against the mean the recorded policy
+    promised, so a checkpoint made with one policy fails when checked against the other."""
+    model = L.stream_net().eval().double()
+    x = _images(16)
+    topo = vggnorm.analyze(model)
+    assert [len(s.sites) for s in topo.streams] == [3] and not topo.refusals
+    stats = vggnorm.measure_means(model, [x])
+    normalized = vggnorm.normalize_model(model, stats, stream_scale="last")
+    scales = vggnorm.scales(model, stats, stream_scale="last")
+    last = topo.streams[0].sites[-1]
+    live = torch.ones_like(scales[last].scale, dtype=torch.bool)
+    live[scales[last].dead] = False
+    torch.testing.assert_close(scales[last].expected[live], torch.ones(int(live.sum()), dtype=torch.float64))
+    assert vggnorm.verify_models(model, normalized, stats, batches=[x], stream_scale="last").passed
+    wrong = vggnorm.verify_models(model, normalized, stats, batches=[x])  # checked as if geometric
+    assert {c.name for c in wrong.checks if c.status == "fail"} >= {"activations", "means"}
+
+
+def test_a_residual_stream_end_to_end_through_the_cli(photos, tmp_path):
+    """compute-stats -> apply --stream-scale last -> verify --data on a look-alike with a stream: the
+    policy is recorded with the checkpoint, the report lists the stream, verify passes without being told."""
+    spec, stats, out = L.spec("stream_net"), tmp_path / "s.h5", tmp_path / "n.pth"
+    size = ["--resize", "24", "--crop", "16", "--workers", "0", "--no-progress"]
+    r = invoke("compute-stats", photos, "--model", spec, "--weights", "random:0", "-o", stats, *size)
+    assert r.exit_code == 0, r.output
+    r = invoke("apply", "random:0", "--model", spec, "--stats", stats, "-o", out, "--stream-scale", "last")
+    assert r.exit_code == 0 and "1 residual stream(s)" in r.stderr, r.output
+    report = json.loads((tmp_path / "n.report.json").read_text())
+    assert report["inputs"]["policy"]["stream_scale"] == "last" and len(report["streams"][0]["sites"]) == 3
+    assert "## Residual streams" in (tmp_path / "n.report.md").read_text()
+    r = invoke("verify", out, "--model", spec, "--stats", stats, "--original", "random:0", "--data", photos)
+    assert r.exit_code == 0 and "verify: PASS (4 passed" in r.output, r.output
+
+
+# the whole models take a minute and more on a 2-core machine: make test-all
+@pytest.mark.heavy
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121"])
+def test_residual_and_dense_torchvision_models_end_to_end(arch, photos, tmp_path):
+    """compute-stats -> apply -> verify --data on torchvision's own ResNet and DenseNet, by name."""
+    stats, out = tmp_path / "s.h5", tmp_path / "n.pth"
+    size = ["--resize", "40", "--crop", "32", "--workers", "0", "--no-progress"]
+    r = invoke("compute-stats", photos, "--arch", arch, "--weights", "random:0", "-o", stats, *size)
+    assert r.exit_code == 0, r.output
+    r = invoke("apply", "random:0", "--stats", stats, "-o", out)
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "n.report.json").read_text())
+    assert len(report["streams"]) == (4 if arch == "resnet18" else 0)
+    r = invoke("verify", out, "--stats", stats, "--original", "random:0", "--data", photos)
+    assert r.exit_code == 0 and "verify: PASS (4 passed" in r.output, r.output

@@ -43,7 +43,7 @@ from vggnorm.models import (
 )
 from vggnorm.normalize import DeadRule, LayerScales, float32_bounds, fold_state_dict, scales_from_stats
 from vggnorm.policy import report_base
-from vggnorm.report import Report, layer_summary, report_paths
+from vggnorm.report import Report, layer_summary, report_paths, stream_summary
 from vggnorm.stats import Stats, now, read_stats
 from vggnorm.weights import APPLY, Weights, prefetch_random, resolve_weights
 
@@ -225,6 +225,13 @@ def apply_stats(
             f"arithmetic may move by more than verify's tolerance {DEFAULT_MEANS_TOL:g}: verify holds them to that "
             f"bound instead ({shown})"
         )
+    if topo.streams:
+        spreads = [st["spread"] for st in stream_summary(topo, scales, stream_scale)]
+        notes.append(
+            f"{len(topo.streams)} residual stream(s): their ReLUs share one scale per channel ({stream_scale}), so "
+            f"their means are not all 1 (largest over smallest live mean in a stream: up to {max(spreads, default=1):.3g}; "
+            "the report lists them); every other ReLU's live means are 1"
+        )
     if topo.left_unscaled:
         notes.append(
             f"left unscaled: {', '.join(topo.left_unscaled)} (its output reaches the model's output with no layer "
@@ -276,6 +283,7 @@ def apply_stats(
         layers=layer_summary(scales),
         figure=png_path.name if png_path else None,
         names=conv_names(arch),
+        streams=stream_summary(topo, scales, stream_scale),
     )
     if not report.passed:
         raise VggnormError(

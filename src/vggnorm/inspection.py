@@ -26,6 +26,9 @@ class Inspection:
 
     def flows(self, site: Site) -> str:
         """Where ``site``'s scale goes: the layers that compensate it, and through what."""
+        stream = self.topology.stream_of(site.conv)
+        if stream is not None:
+            return f"stream {self.topology.streams.index(stream) + 1} (below)"
         readers = [c for c in self.topology.compensations if site.conv in c.sites]
         parts = []
         for c in readers:
@@ -38,6 +41,9 @@ class Inspection:
             if len(c.pieces) > 1:
                 how.append(f"channels {_offset(c, site.conv)} of its {sum(n for _, n in c.pieces)} inputs")
             parts.append(f"{c.module}{via}" + (f" ({', '.join(how)})" if how else ""))
+        parts += [
+            f"{a.module} (absorbed by the BatchNorm)" for a in self.topology.absorbs if site.conv in _keys(a.runs)
+        ]
         if not parts:
             return "-"
         return "; ".join(parts)
@@ -68,6 +74,13 @@ class Inspection:
                 )
             widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
             out += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows]
+        labels = {site.conv: site.relu for site in topo.all_sites}
+        for i, stream in enumerate(topo.streams, 1):
+            out.append(
+                f"stream {i}: {len(stream.sites)} sites share one scale per channel (joined by residual adds; "
+                f"apply --stream-scale chooses it): {', '.join(labels[k] for k in stream.sites)}"
+            )
+            out.append(f"    divided at {', '.join(stream.writers)}; read by {', '.join(stream.readers) or '-'}")
         if topo.fc_sites:
             out.append("fc sites are normalized only with --include-classifier (compute-stats and apply)")
         if topo.left_unscaled:
@@ -109,6 +122,10 @@ class Inspection:
             "sites": [
                 {**vars(s), "name": topo.names.get(s.conv, ""), "compensated_by": self.flows(s)} for s in topo.all_sites
             ],
+            "streams": [
+                {"sites": list(st.sites), "writers": list(st.writers), "readers": list(st.readers)}
+                for st in topo.streams
+            ],
             "left_unscaled": list(topo.left_unscaled),
             "not_sites": list(topo.not_sites),
             "refusals": [vars(r) for r in topo.refusals],
@@ -135,3 +152,7 @@ def inspect_model(arch: str, *, weights: str | None = None, add_affine: bool = F
         kind = f"; {w.foreign.describe()}" if w.foreign is not None else ""
         result.weights = f"{weights} fits {arch} ({len(w.state_dict)} tensors, sha256 {w.sha256[:12]}{kind})"
     return result
+
+
+def _keys(runs: Any) -> set[str]:
+    return {k for k, _, _ in runs if k is not None}

@@ -259,10 +259,11 @@ def bn_eps(arch: str) -> dict[str, tuple[str, float]]:
 
 def infer_arch(state_dict: Mapping[str, torch.Tensor], *, prefer: str | None = None) -> str:
     """The arch whose keys and shapes ``state_dict`` has (features-only state_dicts too): ``prefer``
-    if it fits (two models may share their shapes), else the first of ``known_archs()`` that does."""
+    (any arch: a torchvision model named with --arch) if it fits (two models may share their shapes),
+    else the first of ``known_archs()`` that does."""
     all_shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     features_only = is_features_only(state_dict)
-    for arch in dict.fromkeys([*([prefer] if prefer in known_archs() else []), *known_archs()]):
+    for arch in dict.fromkeys([*([prefer] if prefer is not None else []), *known_archs()]):
         expected = _without_missing_counters(_shapes(arch), state_dict)
         if features_only:
             expected = {k: v for k, v in expected.items() if k.startswith("features.")}

@@ -30,6 +30,7 @@ class Report:
     figure: str | None = None  # file name of the PNG beside the report
     measured: list[dict[str, Any]] = field(default_factory=list)  # per layer, the re-measured means
     names: dict[str, str] = field(default_factory=dict)  # conv path -> Gatys name (conv1_1), where known
+    streams: list[dict[str, Any]] = field(default_factory=list)  # per residual stream, its sites' promised means
 
     def label(self, path: str, *, relu: bool = False) -> str:
         """``features.0 (conv1_1)``, or ``(relu1_1)`` for a ReLU output: the names users know."""
@@ -122,6 +123,23 @@ class Report:
                 f"{m['median']:.4g} | {m['max']:.4g} |"
                 for m in self.measured
             ]
+        if self.streams:
+            lines += [
+                "",
+                "## Residual streams",
+                "",
+                "The sites of a stream share one scale per channel (chosen by `--stream-scale`), so their means "
+                "after normalization are these, not 1; every other site's live means are 1.",
+                "",
+                "| stream | policy | site | live filters | min mean | median | max mean |",
+                "| --- | --- | --- | --- | --- | --- | --- |",
+            ]
+            for i, stream in enumerate(self.streams, 1):
+                for site in stream["sites"]:
+                    lines.append(
+                        f"| {i} | {stream['policy']} | {site['site']} | {site['live']} | {site['min']:.4g} | "
+                        f"{site['median']:.4g} | {site['max']:.4g} |"
+                    )
         if self.figure:
             lines += ["", "## Filter means per layer", "", f"![filter means before and after]({self.figure})"]
         if self.layers:
@@ -177,6 +195,40 @@ def layer_summary(scales: Mapping[str, Any]) -> list[dict[str, Any]]:
                 "near_dead": [{"filter": i, "mean": float(s[i]), "amplification": 1 / float(s[i])} for i in near],
             }
         )
+    return out
+
+
+def stream_summary(topology: Any, scales: Mapping[str, Any], policy: str) -> list[dict[str, Any]]:
+    """Per residual stream: its sites (activation labels) with the min/median/max of the means their live
+    filters have once normalized (``LayerScales.expected``), and the spread (largest over smallest)."""
+    labels = {s.conv: s.relu for s in topology.all_sites}
+    out = []
+    for stream in topology.streams:
+        sites, values = [], []
+        for key in stream.sites:
+            ls = scales.get(key)
+            if ls is None or ls.expected is None:
+                continue
+            live = torch.ones_like(ls.expected, dtype=torch.bool)
+            live[ls.dead] = False
+            v = ls.expected[live].double()
+            if not v.numel():
+                continue
+            values.append(v)
+            sites.append(
+                {
+                    "site": labels.get(key, key),
+                    "key": key,
+                    "live": int(v.numel()),
+                    "min": float(v.min()),
+                    "median": float(v.median()),
+                    "max": float(v.max()),
+                }
+            )
+        if sites:
+            every = torch.cat(values)
+            spread = float(every.max() / every.min()) if float(every.min()) > 0 else float("inf")
+            out.append({"policy": policy, "sites": sites, "spread": spread, "writers": list(stream.writers)})
     return out
 
 
