@@ -543,7 +543,7 @@ class _Analysis:
             self.refuse(
                 node,
                 f"follows {x.producer}: vggnorm does not know whether {type(m).__name__} is positively homogeneous, "
-                "so that conv's filters cannot be normalized",
+                f"so the filters of {x.producer} cannot be normalized",
             )
         return None
 
@@ -577,7 +577,9 @@ class _Analysis:
         in_c = m.in_channels if isinstance(m, nn.Conv2d) else m.in_features
         out_c = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
         if isinstance(m, nn.Linear) and len(shape_of(node) or (0, 0)) != 2:
-            return None  # features on the last dim of an (N, ..., F) output: not channels vggnorm can scale
+            # features on the last dim of an (N, ..., F) output: not channels vggnorm can scale (no site), but
+            # an activation after it that is not homogeneous is refused by name, as after a conv
+            return _Val((None,) * out_c, pre=node.name, producer=path, in_channels=in_c)
         return _Val(self._fresh(path, "rows", out_c), pre=node.name, producer=path, in_channels=in_c)
 
     def _norm(self, node: torch.fx.Node, path: str, m: nn.Module, x: _State) -> _State:
