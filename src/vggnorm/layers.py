@@ -263,6 +263,8 @@ class Topology:
     absorbs: tuple[Absorb, ...] = ()
     streams: tuple[Stream, ...] = ()
     activation_calls: int = 0  # calls of ReLU, LeakyReLU and PReLU in one forward pass
+    # --add-affine: the norms without affine parameters that carry or absorb a scale, and their channels
+    added_affine: tuple[tuple[str, int], ...] = ()
 
     @property
     def positions_per_channel(self) -> int:
@@ -424,6 +426,7 @@ class _Analysis:
         self.names: dict[str, str] = {}
         self._block, self._index = 1, 0
         self.not_sites: list[str] = []
+        self.affine_added: dict[str, int] = {}
         self.ordinal = 0
         self.labels = _activation_labels(graph, self.modules)
 
@@ -624,6 +627,8 @@ class _Analysis:
         channels = (
             int(getattr(m, "num_features", 0) or getattr(m, "num_channels", 0) or 0) or ((shape_of(node) or (0, 0))[1])
         )
+        if not affine and self.add_affine:
+            self.affine_added[path] = channels
         producer = x.producer if isinstance(x, _Val) and x.pre and x.producer and not x.norm else path
         in_c = x.in_channels if isinstance(x, _Val) and producer != path else channels
         value = _Val(
@@ -1054,6 +1059,8 @@ class _Analysis:
             for path, labels, positions, groups, via, factor in self.compensations
         )
         absorbs = tuple(Absorb(path, runs(labels)) for path, labels in self.absorbs)
+        carrying = {o.module for o in origins} | {a.module for a in absorbs}
+        added_affine = tuple((path, n) for path, n in self.affine_added.items() if path in carrying)
         streams = self._streams(members, origins, compensations)
         # Gatys' names (conv1_1, ...) mean something only for a chain of convs (VGG's, AlexNet's): each
         # site compensated by one layer reading it alone; a branching model's would be made up (conv2_18)
@@ -1085,6 +1092,7 @@ class _Analysis:
             absorbs=absorbs,
             streams=streams,
             activation_calls=self.ordinal,
+            added_affine=added_affine,
         )
 
     def _streams(
@@ -1249,14 +1257,13 @@ def _zero_or_copy_pad(node: torch.fx.Node) -> bool:
 
 
 def with_affine(model: nn.Module, topology: Topology) -> nn.Module:
-    """``model`` with the norms of ``--add-affine`` sites given affine parameters, weight 1 and bias 0
-    (the same function); in place."""
+    """``model`` with the norms ``--add-affine`` gave affine parameters (those that carry or absorb a scale
+    and have none) given weight 1 and bias 0 (the same function); in place."""
     modules = dict(model.named_modules())
     like = next((t for t in model.parameters() if t.is_floating_point()), torch.empty(0))
-    for site in topology.all_sites:
-        norm = modules.get(site.bn) if site.bn else None
-        if site.added_affine and norm is not None and getattr(norm, "weight", None) is None:
-            channels = site.out_channels
+    for path, channels in topology.added_affine:
+        norm = modules.get(path)
+        if norm is not None and getattr(norm, "weight", None) is None:
             norm.weight = nn.Parameter(torch.ones(channels, device=like.device, dtype=like.dtype))
             norm.bias = nn.Parameter(torch.zeros(channels, device=like.device, dtype=like.dtype))
             if hasattr(norm, "affine"):

@@ -239,7 +239,7 @@ def affine_keys(arch: str) -> dict[str, tuple[int, ...]]:
     """The weight and bias ``--add-affine`` gives the norms of ``arch`` that have none: a state_dict
     may hold them (a normalized one does) or not (the original)."""
     topo = topology(arch, True)
-    return {f"{s.bn}.{p}": (s.out_channels,) for s in topo.all_sites if s.added_affine for p in ("weight", "bias")}
+    return {f"{path}.{p}": (channels,) for path, channels in topo.added_affine for p in ("weight", "bias")}
 
 
 def is_features_only(state_dict: Mapping[str, torch.Tensor]) -> bool:
