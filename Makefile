@@ -35,10 +35,10 @@ lint: install
 # the docs site (mkdocs.yml, docs/) into site/; --strict: a broken link, anchor or reference is an error.
 # PYTHONPATH: the CLI and API reference are generated from this checkout's code.
 docs: install
-	PYTHONPATH=src $(BIN)/mkdocs build --strict --quiet
+	PYTHONPATH=src NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 docs-serve: install
-	PYTHONPATH=src $(BIN)/mkdocs serve
+	PYTHONPATH=src NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 # random ReLU-CNN graphs checked against the tests' own oracle; prints "N exact, M refused (by reason: ...)"
 fuzz: install
