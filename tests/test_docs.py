@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
 LANGUAGES = {"sh", "console", "python", "yaml", "text"}
-MAX_SKIPPED = 14  # blocks that cannot run here (downloads, CUDA, torchrun, full-size networks): keep them few
+MAX_SKIPPED = 10  # blocks that cannot run here (downloads, CUDA, torchrun, full-size networks): keep them few
 
 # the shell commands' rewriting (docs/contributing-docs.md, "Every code block runs in the tests")
 TAKES_MODEL = {"compute-stats", "apply", "verify", "compare"}
