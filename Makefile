@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := demo
 
-.PHONY: install test test-all demo lint bench bench-stats fuzz clean
+.PHONY: install test test-all demo lint docs docs-serve bench bench-stats fuzz clean
 
 # torch and torchvision are pinned so a fresh machine takes the local wheels, not a multi-GB download.
 $(STAMP): pyproject.toml
@@ -30,6 +30,15 @@ lint: install
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 	$(BIN)/mypy
+	$(MAKE) docs
+
+# the docs site (mkdocs.yml, docs/) into site/; --strict: a broken link, anchor or reference is an error.
+# PYTHONPATH: the CLI and API reference are generated from this checkout's code.
+docs: install
+	PYTHONPATH=src NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+docs-serve: install
+	PYTHONPATH=src NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 # random ReLU-CNN graphs checked against the tests' own oracle; prints "N exact, M refused (by reason: ...)"
 fuzz: install
@@ -44,4 +53,4 @@ bench-stats: install
 	$(BIN)/python scripts/bench.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) bench
+	rm -rf $(VENV) $(DEMO) bench site

@@ -1,23 +1,14 @@
-"""The Python API on models and batches: the README's example runs, and each function keeps its promise."""
+"""The Python API on models and batches: each function keeps its promise.
 
-import re
-from pathlib import Path
+The documented example (docs/how-to/own-model.md, "From Python, no files") runs, with its own assert on the
+report, in tests/test_docs.py with every other code block of the docs.
+"""
 
 import pytest
 import torch
 
 import vggnorm
 from vggnorm.errors import StatsMismatchError
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def test_the_readme_example_runs():
-    section = README.read_text().split("## Python API", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    namespace: dict = {}
-    exec(compile(code, "README.md (Python API)", "exec"), namespace)
-    assert namespace["report"].passed
 
 
 @pytest.mark.parametrize("bn", [False, True])

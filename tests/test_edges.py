@@ -121,7 +121,7 @@ def test_fp64_means_equal_a_float64_computation(bn, photos16, checkpoints, tmp_p
         live = mean > 0
         torch.testing.assert_close(s64.layers[name].mean[live], mean[live], rtol=1e-9, atol=0)
         worst32 = max(worst32, float(((s32.layers[name].mean - mean).abs() / mean)[live].max()))
-    assert 0 < worst32 < 1e-3  # fp32 is close, not equal: the README's figure
+    assert 0 < worst32 < 1e-3  # fp32 is close, not equal: the docs' figure (explanation/precision.md)
 
 
 def nan_state_dict(path):

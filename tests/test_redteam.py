@@ -1,6 +1,6 @@
 """Never lose data, never crash, round two (issue 25): each row of the red-team pass as a test.
 
-Each test is named after what it guarantees; the README's "What vggnorm guarantees against bad input"
+Each test is named after what it guarantees; the docs' "What vggnorm guarantees against bad input"
 lists them.
 """
 
@@ -631,7 +631,7 @@ def test_a_training_checkpoint_names_the_key_that_holds_the_weights_and_how_to_e
 
 
 def test_a_failed_write_in_verify_exits_1_as_everywhere(made, tmp_path, monkeypatch):
-    """Before: a full disk under verify --report exited 2 (usage), while the README promises 1."""
+    """Before: a full disk under verify --report exited 2 (usage), while the docs promise 1."""
     import errno
 
     from vggnorm.report import Report
@@ -717,17 +717,18 @@ def test_device_decoding_skips_the_same_elongated_images_as_the_cpu_decoder(data
         assert sum(len(b.indices) for b in batches) == 8
 
 
-def test_the_readme_table_names_only_tests_that_exist():
-    """Each row of README's "What vggnorm guarantees against bad input" names a test of this file."""
+def test_the_docs_table_names_exactly_the_tests_of_this_file():
+    """Each row of "What vggnorm guarantees against bad input" (docs/reference/guarantees.md) names a test of
+    this file, and each test of this file is named there."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("### What vggnorm guarantees against bad input", 1)[1].split("\n#", 1)[0]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "reference" / "guarantees.md").read_text()
+    section = page.split("## What vggnorm guarantees against bad input", 1)[1].split("\n#", 1)[0]
     named = set(re.findall(r"`(test_\w+)`", section))
     here = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text(), flags=re.M))
     assert named and named <= here, sorted(named - here)
-    assert here - named == {"test_the_readme_table_names_only_tests_that_exist"}, sorted(here - named)
+    assert here - named == {"test_the_docs_table_names_exactly_the_tests_of_this_file"}, sorted(here - named)
 
 
 # --- C, continued: reports, figures, inspect -----------------------------------------------------------------

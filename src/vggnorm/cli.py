@@ -104,7 +104,8 @@ loader_options = options(
         type=click.IntRange(min=1),
         default=DEFAULT_BATCH_SIZE,
         show_default=True,
-        help="Images per forward pass. Changes the float32 means only by rounding (see the README).",
+        help="Images per forward pass. Changes the float32 means only by rounding (docs: Dead filters, precision and "
+        "tolerances).",
     ),
     click.option(
         "--workers",
@@ -289,8 +290,8 @@ def cli() -> None:
     type=click.Choice(PRECISIONS),
     default="fp32",
     show_default=True,
-    help="Arithmetic of the forward pass. fp32 (TF32 off): means within ~1e-5 relative of a float64 "
-    "computation, more for nearly silent filters (see the README). fp64: a float64 forward pass, means equal "
+    help="Arithmetic of the forward pass. fp32 (TF32 off): means within ~4e-5 relative of a float64 "
+    "computation on random-weight VGGs (docs: Dead filters, precision and tolerances). fp64: a float64 forward pass, means equal "
     "to float64 arithmetic (CPU: about 5x slower, 2x memory). CUDA only: tf32, bf16 or fp16 autocast (faster, less exact).",
 )
 @click.option(
@@ -313,7 +314,7 @@ def cli() -> None:
     show_default=True,
     help="cpu: DataLoader workers decode and resize with PIL (torchvision's own pipeline). gpu "
     "(experimental, CUDA only): nvJPEG decodes the JPEGs and they are resized on the GPU; pixels "
-    "differ slightly, so the means do too (see the README). Recorded in the output.",
+    "differ slightly, so the means do too (docs: ImageNet on a GPU box). Recorded in the output.",
 )
 @add_affine_option
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
@@ -511,7 +512,7 @@ def apply_cmd(
     default=DEFAULT_MEANS_TOL,
     show_default=True,
     help="Tolerance of |mean - 1| for every live filter, re-measured in float32: filters kept live by the "
-    "dead rule re-measure within ~4e-4 of 1 on random weights (README, 'Tolerances').",
+    "dead rule re-measure within ~4e-4 of 1 on random weights (docs: Dead filters, precision and tolerances).",
 )
 @_dead_rule_options(verify=True)
 @_policy_options(verify=True)

@@ -149,7 +149,7 @@ LAYOUTS = ("torchvision", "gatys", "adain", "keras", "matconvnet")
 # <= max(eps, rel_eps * the median of its layer's positive means). rel_eps = 1e-3 is measured, not
 # guessed: on random-weight VGGs (many near-dead filters) with 16 photos, filters kept live at
 # rel_eps = 1e-3 re-measure in float32 within 2.5e-5 of 1 (conv) and 3.6e-4 (fc); at 1e-4, fc
-# units came back 1.9e-3 off, beyond verify's 1e-3 (README, "Dead filters").
+# units came back 1.9e-3 off, beyond verify's 1e-3 (docs/explanation/precision.md, "Dead filters").
 DEFAULT_EPS = 1e-6
 DEFAULT_REL_EPS = 1e-3
 

@@ -1,8 +1,8 @@
 """Per-filter ReLU statistics: float64 sums and integer counts per layer, merge, HDF5 read/write.
 
 Sums and counts are kept (not only means) so that partial results merge exactly. The HDF5 schema
-(``format = "vggnorm.stats"``, ``format_version = 1``) is documented in the README and readable
-with plain ``h5py`` or ``h5dump``.
+(``format = "vggnorm.stats"``, ``format_version = 1``) is published as a JSON Schema,
+docs/reference/stats-schema-v1.json, and readable with plain ``h5py`` or ``h5dump``.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def write_stats(stats: Stats, path: Path, *, force: bool) -> None:
 
 
 def _fill(f: h5py.File, stats: Stats) -> None:
-    """Write the schema of the README ("The statistics file") into an open HDF5 file."""
+    """Write the schema (docs/reference/stats-schema-v1.json) into an open HDF5 file."""
     f.attrs["format"] = FORMAT
     f.attrs["format_version"] = FORMAT_VERSION
     for key, value in stats.attrs.items():
