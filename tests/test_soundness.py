@@ -12,11 +12,14 @@ import shutil
 import h5py
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lookalikes as L
+import vggnorm
 from conftest import invoke
 from vggnorm.data import Preprocess, find_images, load_rgb
+from vggnorm.errors import CheckpointError
 from vggnorm.models import import_user_model
 from vggnorm.stats import read_stats
 from vggnorm.weights import random_state_dict
@@ -213,3 +216,19 @@ def test_a_model_of_one_input_size_is_analysed_without_logged_tracebacks(capfd):
     assert not vggnorm.analyze(model).refusals
     err = capfd.readouterr().err
     assert "Traceback" not in err and "failed while attempting" not in err, err[:300]
+
+
+class _HiddenReLUs(nn.Hardtanh):
+    """A leaf module (an activation subclass, so the tracer does not look inside) whose forward calls ReLU
+    itself: the run's activation calls are not the traced graph's."""
+
+    def forward(self, x):
+        return F.relu(x) - F.relu(x - 1)
+
+
+def test_a_forward_whose_activation_calls_are_not_the_graphs_is_refused_when_measured():
+    """Before: measure_means numbered the calls as they came and measured the clamp's ReLU as the conv's."""
+    model = nn.Sequential(_HiddenReLUs(), nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    assert [s.call for s in vggnorm.analyze(model).sites] == [0]
+    with pytest.raises(CheckpointError, match="3 times in one forward pass where its traced graph has 1"):
+        vggnorm.measure_means(model, [torch.rand(2, 3, 8, 8)])

@@ -74,7 +74,9 @@ def measure_means(
     accepts norms without affine parameters (see ``normalize_model``).
     """
     device = _device_of(model)
-    sums = ReluSums(_sites(model, include_classifier, add_affine), device)
+    topo = _topology(model, add_affine)
+    sites = [*topo.sites, *(topo.fc_sites if include_classifier else ())]
+    sums = ReluSums(sites, device, total=topo.activation_calls)
     num_images = 0
 
     def count(batch: Any) -> None:

@@ -105,8 +105,10 @@ class ReluSums:
         *,
         file_labels: Sequence[int] | None = None,
         num_classes: int = 0,
+        total: int | None = None,
     ) -> None:
         self.sites = list(sites)
+        self.total = total  # the activation calls one forward pass makes (the analysis' count), when known
         self.sums = {s.conv: torch.zeros(s.out_channels, dtype=torch.float64, device=device) for s in self.sites}
         self.counts = dict.fromkeys(self.sums, 0)
         # per class (--per-class): each file's class, and (K, C) sums and (K,) counts per site
@@ -160,7 +162,7 @@ class ReluSums:
             self._pending_classes[site.conv] = (sums, counts)
 
     def attached(self, model: nn.Module) -> contextlib.AbstractContextManager[None]:
-        return relu_hooks(model, self.sites, self._add)
+        return relu_hooks(model, self.sites, self._add, self.total)
 
     def commit(self) -> None:
         if len(self._pending) != len(self.sites):
