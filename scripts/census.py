@@ -139,9 +139,10 @@ def table(rows: list[dict], command: str) -> str:
         "BatchNorm statistics, float64, eval mode, 2 images of the size given; checked by `tests/contract.py` "
         "(outputs unchanged to 1e-10 relative, every site divided by its contract divisor, statistics as the "
         "model runs). *sites*: sites found (activation calls in one forward, when checked); *streams*: "
-        "streams of two or more sites; *issue*: the verdict issue 21 expects.",
+        "streams of two or more sites; *expected*: the verdict its family should get (ReLU networks exact, "
+        "the others refused).",
         "",
-        "| model | verdict | issue | size | sites | streams | seconds | reason |",
+        "| model | verdict | expected | size | sites | streams | seconds | reason |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
@@ -157,7 +158,7 @@ def table(rows: list[dict], command: str) -> str:
         counts[r["verdict"]] = counts.get(r["verdict"], 0) + 1
     off = [r["model"] for r in rows if expectation(r["model"]) not in ("?", r["verdict"])]
     lines += ["", "Totals: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + "."]
-    lines.append("Not as issue 21 expects: " + (", ".join(off) if off else "none") + ".")
+    lines.append("Not as expected: " + (", ".join(off) if off else "none") + ".")
     return "\n".join(lines) + "\n"
 
 
