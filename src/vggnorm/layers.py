@@ -1,27 +1,33 @@
-"""The structural analysis: which units of a model can be normalized, and how the fold compensates.
+"""The structural analysis: which activations of a model can be normalized, and how the fold compensates.
 
 ``find_topology`` traces the model with ``torch.fx`` (its shapes from ``shapes.py``: no memory, no
-arithmetic) and follows a per-channel scale through the graph. Every model vggnorm handles,
-torchvision's VGGs included, goes through this one analysis.
+arithmetic) and follows per-channel scales through the graph. Every model vggnorm handles, torchvision's
+VGGs included, goes through this one analysis.
 
-* A **site** is a Conv2d or Linear whose output reaches a positively homogeneous activation (ReLU,
-  LeakyReLU, PReLU: ``f(s x) = s f(x)`` for ``s > 0``) through at most one per-channel affine
-  normalization (BatchNorm, GroupNorm, InstanceNorm, a channel-wise LayerNorm) **with** affine
-  parameters, and through ops that commute with a positive per-channel scale. Dividing the activation
-  by ``s`` is exact by dividing the norm's weight and bias (or the conv's, when there is no norm) by ``s``.
-* The scale then **flows** forward through ops that commute with it (pooling, dropout, padding,
-  identity, flatten, ``cat`` along channels, the activations themselves) to the next Conv2d or Linear,
-  which **compensates** its input columns (per group for a grouped conv; ``P`` columns per channel for
-  a Linear after a flatten, channel-major).
-* Anything else a scale would reach is **refused**, by node and with the reason: a residual
-  add/sub/mul, an activation that is not homogeneous, a norm that receives a scaled input, a norm
-  without affine parameters that would have to absorb one, a BatchNorm using batch statistics, a
-  module called more than once, weights computed at call time, code the tracer cannot see through.
-* **Every reader is accounted for.** The walk runs twice: pass 1 finds the sites; pass 2 walks again
-  with each site's value scaled from the node the fold divides (its norm's output, or its conv's), so
-  every reader of that value -- a second activation, a side conv, an alias, an in-place ReLU's
-  overwritten input, the output -- meets the scale and compensates, passes it on, or is refused. A
-  site whose scale reaches the model's output uncompensated is left unscaled (``left_unscaled``).
+* A **site** is a *call* of a positively homogeneous activation (ReLU, LeakyReLU, PReLU: ``f(s x) = s f(x)``
+  for ``s > 0``; a module, each call apart, or a function such as ``F.relu``) whose input every channel of
+  which the fold can divide: a Conv2d/Linear output (divide its weight rows and bias), a per-channel
+  affine norm's output (BatchNorm, GroupNorm, InstanceNorm, a channel-wise LayerNorm: divide its weight
+  and bias), perhaps through ops that commute with the scale, or a sum or ``cat`` of such values.
+* Each such output is a **scale variable** (its module: an ``Origin``), one unit per channel. A residual
+  ``add`` of two scaled values joins their units: they must carry the same scale. The units a site reads
+  are its scales; units joined to several sites' channels make a **stream** (ResNet's stages), whose
+  shared scale a policy chooses (``normalize._stream_scales``).
+* The scale **flows** through ops that commute with it (pooling, dropout, padding, identity, flatten,
+  ``cat``/``chunk``/``split``/slices along the channels, channel shuffles, constants, the activations
+  themselves, a product with an unscaled gate) to the next Conv2d or Linear, which **compensates** its
+  input columns (per group for a grouped conv; ``P`` columns per channel for a Linear after a flatten),
+  or to an eval-mode BatchNorm, which **absorbs** it (``Absorb``: running mean / s, weight * s).
+* Anything else a kept scale would reach is **refused**, by node and with the reason: an add of scaled
+  and unscaled channels, a product of two scaled values, an activation that is not homogeneous, a
+  GroupNorm/LayerNorm/InstanceNorm that receives a scale, a BatchNorm using batch statistics, a conv or
+  norm called more than once, weights computed at call time, code the tracer cannot see through.
+* **Every reader is accounted for.** Pass 1 gives every Conv2d, Linear and norm output a variable and
+  walks the graph: the sites, the joins, and what each variable meets. The variables joined to a site are
+  kept, less those whose scale reaches the model's output uncompensated (``left_unscaled``: the outputs
+  stay unchanged). Pass 2 walks again with only the kept ones, so that every reader of a kept value -- a
+  second activation, a side conv, an alias, an in-place ReLU's overwritten input, an add -- compensates
+  it, passes it on, or is refused.
 """
 
 from __future__ import annotations
