@@ -15,7 +15,10 @@ The table is printed, and written with the commit, machine and date to bench/res
 file per commit, so a regression shows as a jump) and docs/benchmarks.md (the docs' page). Timings on a
 shared machine are noisy: this is no pass/fail test.
 
-Usage: python scripts/bench_commands.py [--arch vgg16] [--photos 8] [--repeats 3]
+Usage: python scripts/bench_commands.py [--arch vgg16] [--photos 8] [--repeats 3] [--rows apply,verify]
+
+``--rows`` measures only the named rows (a quick look while working); the results JSON and the docs'
+page are written only by a run of every row.
 """
 
 from __future__ import annotations
@@ -62,6 +65,17 @@ LOAD_SAVE = r"""
 import sys, torch
 torch.save(torch.load(sys.argv[1], map_location="cpu", weights_only=True), sys.argv[2])
 """
+
+
+# each row and its floor, in the table's order
+FLOORS = {
+    "compute-stats": "a naive decode + forward loop",
+    "verify": "loading both checkpoints",
+    "verify --data": "compute-stats on the same photos",
+    "apply": "torch.load + torch.save",
+    "unknown --arch": "--help",
+    "apply random:0": "apply from a file",
+}
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
@@ -113,7 +127,12 @@ def main() -> None:
     parser.add_argument("--arch", default="vgg16")
     parser.add_argument("--photos", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", help=f"comma-separated rows to measure, of: {', '.join(FLOORS)} [default: all]")
     args = parser.parse_args()
+    only = [r.strip() for r in args.rows.split(",")] if args.rows else list(FLOORS)
+    unknown = [r for r in only if r not in FLOORS]
+    if unknown:
+        parser.error(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(FLOORS)}")
 
     import torch
 
@@ -145,56 +164,39 @@ def main() -> None:
         )
         outputs = [d / "a.pth", d / "a.report.json", d / "a.report.md", d / "a.report.png", d / "copy.pth", d / "c.h5"]
         print(f"{'row':22s} {'command':>9s}    {'floor':>9s}  {'ratio':>5s}   {'memory':>9s}    {'floor':>9s}  ratio")
-        rows = [
-            pair(
+        specs = [
+            (
                 "compute-stats",
                 vggnorm("compute-stats", photos, "--arch", args.arch, "--weights", ckpt, "-o", d / "c.h5", *SIZE),
                 python(NAIVE, args.arch, ckpt, photos),
-                d,
-                args.repeats,
-                outputs,
             ),
-            pair(
+            (
                 "verify",
                 vggnorm("verify", out, "--original", ckpt, "--stats", stats),
                 python(LOAD, ckpt, out),
-                d,
-                args.repeats,
-                outputs,
             ),
-            pair(
+            (
                 "verify --data",
                 vggnorm("verify", out, "--data", photos, "--workers", 0, "--no-progress"),
                 vggnorm("compute-stats", photos, "--arch", args.arch, "--weights", ckpt, "-o", d / "c.h5", *SIZE),
-                d,
-                args.repeats,
-                outputs,
             ),
-            pair(
+            (
                 "apply",
                 vggnorm("apply", ckpt, "--stats", stats, "-o", d / "a.pth"),
                 python(LOAD_SAVE, ckpt, d / "copy.pth"),
-                d,
-                args.repeats,
-                outputs,
             ),
-            pair(
+            (
                 "unknown --arch",
                 vggnorm("compute-stats", photos, "--arch", "vgg99", "-o", d / "c.h5"),
                 vggnorm("--help"),
-                d,
-                args.repeats,
-                outputs,
             ),
-            pair(
+            (
                 "apply random:0",
                 vggnorm("apply", "random:0", "--stats", r0, "-o", d / "a.pth"),
                 vggnorm("apply", ckpt, "--stats", stats, "-o", d / "a.pth"),
-                d,
-                args.repeats,
-                outputs,
             ),
         ]
+        rows = [pair(name, command, floor, d, args.repeats, outputs) for name, command, floor in specs if name in only]
     record = {
         "commit": commit.stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -204,6 +206,9 @@ def main() -> None:
         "repeats": args.repeats,
         "rows": rows,
     }
+    if len(rows) < len(FLOORS):
+        print("(some rows only: nothing written)")
+        return
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{record['commit']}.json").write_text(json.dumps(record, indent=2))
@@ -218,17 +223,9 @@ def main() -> None:
         "| command | its floor | time | floor | ratio | peak RSS | floor | ratio |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    floors = {
-        "compute-stats": "a naive decode + forward loop",
-        "verify": "loading both checkpoints",
-        "verify --data": "compute-stats on the same photos",
-        "apply": "torch.load + torch.save",
-        "unknown --arch": "--help",
-        "apply random:0": "apply from a file",
-    }
     for r in rows:
         lines.append(
-            f"| `{r['row']}` | {floors[r['row']]} | {r['seconds']} s | {r['floor_seconds']} s | {r['time_ratio']}x | "
+            f"| `{r['row']}` | {FLOORS[r['row']]} | {r['seconds']} s | {r['floor_seconds']} s | {r['time_ratio']}x | "
             f"{r['rss_mb']} MB | {r['floor_rss_mb']} MB | {r['rss_ratio']}x |"
         )
     (ROOT / "docs").mkdir(exist_ok=True)
