@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vggnorm.api import normalize_model
-from vggnorm.checks import FAIL, NOT_RUN, PASS, check_fold, check_function, check_means
+from vggnorm.checks import FAIL, NOT_RUN, PASS, check_fold, check_function, check_means, reference_outputs
 from vggnorm.layers import find_topology
 from vggnorm.normalize import fold_state_dict
 from vggnorm.report import Report
@@ -32,6 +32,21 @@ def statuses(checks):
 def test_function_checks_pass_the_fold(pair):
     model, normalized, scales = pair
     assert statuses(check_function(model, normalized, scales, X)) == {"activations": PASS, "logits": PASS}
+
+
+def test_function_checks_from_reference_outputs_as_from_the_model(pair):
+    """apply runs the original before its fold overwrites the weights: the same checks, the same figures."""
+    model, normalized, scales = pair
+    direct = check_function(model, normalized, scales, X)
+    reference = reference_outputs(model, scales, X)
+    for p in model.parameters():  # what apply's in-place fold does to the original after its reference
+        p.data.zero_()
+    assert check_function(reference, normalized, scales, X) == direct
+    with pytest.raises(ValueError, match="another input"):
+        check_function(reference, normalized, scales, X + 1)
+    fc = find_topology(model).fc_sites[0]
+    with pytest.raises(ValueError, match="other scales"):  # taken without the fc site's scales
+        check_function(reference, normalized, {**scales, fc.conv: torch.ones(fc.out_channels)}, X)
 
 
 def test_activations_fail_with_other_scales(pair):

@@ -152,8 +152,38 @@ def _elementwise_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return worst
 
 
-def check_function(
+@dataclass(frozen=True)
+class Reference:
+    """The original's side of ``check_function``, taken on its own: its float64 activations at ``sites``
+    and its output on ``x``. apply takes it before its fold overwrites the weights the original runs on."""
+
+    x: torch.Tensor  # float64
+    topology: Topology
+    sites: list[Site]
+    activations: dict[str, torch.Tensor]
+    output: torch.Tensor
+
+
+def reference_outputs(
     original: nn.Module,
+    scales: Mapping[str, torch.Tensor] | None,
+    x: torch.Tensor,
+    *,
+    topology: Topology | None = None,
+) -> Reference:
+    """The original's activations and output on ``x`` in float64, as ``check_function`` compares them
+    (the fc sites too when ``scales`` has them); ``topology``: the original's, where the caller has it."""
+    x = x.double()
+    ta = topology or find_topology(original, add_affine=True)
+    fc = scales is not None and any(s.conv in scales for s in ta.fc_sites)
+    sites = [*ta.sites, *(ta.fc_sites if fc else ())]
+    with float64_forward(original):
+        f, y = _relu_outputs(original, sites, x)
+    return Reference(x, ta, sites, f, y)
+
+
+def check_function(
+    original: nn.Module | Reference,
     normalized: nn.Module,
     scales: Mapping[str, torch.Tensor] | None,
     x: torch.Tensor,
@@ -168,16 +198,23 @@ def check_function(
     Sites are matched in forward order, so ``normalized`` may be laid out differently (a ``_bn``
     original against its BN-folded Gatys export); ``scales`` is keyed by the original's conv paths.
     Both networks run in float64 (``float64_forward``), so float32 rounding cannot hide or fake a difference:
-    what remains is the rounding of the stored weights, far below ``rtol``.
+    what remains is the rounding of the stored weights, far below ``rtol``. ``original`` may be its
+    ``reference_outputs``, taken on the same ``x`` with the same ``scales``.
     """
     x = x.double()
     # the structures of the two models (the CLI passes its archs' cached ones: no analysis of real weights)
-    ta, tb = topologies or (find_topology(original, add_affine=True), find_topology(normalized, add_affine=True))
-    fc = scales is not None and any(s.conv in scales for s in ta.fc_sites)
-    sites = [*ta.sites, *(ta.fc_sites if fc else ())]
+    if isinstance(original, Reference):
+        if not torch.equal(original.x, x):
+            raise ValueError("check_function: the reference outputs were taken on another input")
+        ref = original
+    else:
+        ref = reference_outputs(original, scales, x, topology=topologies[0] if topologies else None)
+    tb = topologies[1] if topologies else find_topology(normalized, add_affine=True)
+    sites, f, y = ref.sites, ref.activations, ref.output
+    fc = len(sites) > len(ref.topology.sites)
+    if fc != (scales is not None and any(s.conv in scales for s in ref.topology.fc_sites)):
+        raise ValueError("check_function: the reference outputs were taken with other scales")
     normalized_sites = [*tb.sites, *(tb.fc_sites if fc else ())]
-    with float64_forward(original):
-        f, y = _relu_outputs(original, sites, x)
     with float64_forward(normalized):
         g, y2 = _relu_outputs(normalized, normalized_sites, x)
     g = {a.conv: g[b.conv] for a, b in zip(sites, normalized_sites, strict=True)}

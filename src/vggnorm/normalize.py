@@ -1,7 +1,8 @@
 """The fold: a state_dict and per-filter scales -> a state_dict whose ReLU outputs are divided by them.
 
-Pure functions: tensors in, tensors out, no I/O, inputs never mutated. Arithmetic is done in
-float64 and cast back to each tensor's dtype (as ``torch.nn.utils.fusion`` does).
+Pure functions: tensors in, tensors out, no I/O, inputs never mutated (``fold_in_place`` aside, which
+says so). Arithmetic is done in float64 and cast back to each tensor's dtype (as ``torch.nn.utils.fusion``
+does).
 """
 
 from __future__ import annotations
@@ -86,19 +87,62 @@ def fold_state_dict(
 
     The output (logits) is then unchanged. With ``features_only`` only ``features.*`` entries are kept.
     """
+    return _fold(state_dict, scales, topology, features_only=features_only, lost=None)
+
+
+def fold_in_place(
+    state_dict: StateDict,
+    scales: Mapping[str, torch.Tensor],
+    topology: Topology,
+    *,
+    features_only: bool = False,
+) -> tuple[StateDict, dict[str, int]]:
+    """``fold_state_dict``, the same numbers, with each weight matrix rescaled into its own tensor instead
+    of a new one, so that the checkpoint is not held twice (apply: VGG16's 500 MB). ``state_dict``'s weights
+    are overwritten: its caller must be done with them as the original (apply runs the original's side of
+    its self-check first). A weight whose storage another entry shares is rescaled into a new tensor.
+
+    Also returns, per weight rescaled in place, how many of its values were normal numbers and became 0 or
+    subnormal: what ``checkpoint.check_representable`` finds by comparing with the original, which is gone.
+    """
+    lost: dict[str, int] = {}
+    return _fold(state_dict, scales, topology, features_only=features_only, lost=lost), lost
+
+
+def _fold(
+    state_dict: Mapping[str, torch.Tensor],
+    scales: Mapping[str, torch.Tensor],
+    topology: Topology,
+    *,
+    features_only: bool,
+    lost: dict[str, int] | None,
+) -> StateDict:
+    """``fold_state_dict``; with ``lost``, weights rescaled in place (``fold_in_place``), their losses counted."""
     out: StateDict = dict(state_dict)
+    storages: dict[int, int] = {}  # in place: how many entries each storage holds
+    for tensor in state_dict.values() if lost is not None else ():
+        if tensor.numel():
+            ptr = tensor.untyped_storage().data_ptr()
+            storages[ptr] = storages.get(ptr, 0) + 1
     rows = {s.conv: scales[s.conv].double() for s in topology.all_sites if s.conv in scales and s.bn is None}
     columns = {c.module: c for c in topology.compensations}
     for module in dict.fromkeys([*rows, *columns]):
         w_key, b_key = f"{module}.weight", f"{module}.bias"
         if w_key not in state_dict:  # a features-only state_dict has no classifier
             continue
+        if features_only and not w_key.startswith("features."):  # not in the output
+            continue
         w = state_dict[w_key]
         col = _input_scale(columns[module], scales, w.shape) if module in columns else None
         row = rows.get(module)
         if col is None and row is None:
             continue
-        out[w_key] = _rescale_chunked(w, col, row)
+        alone = w.numel() > 0 and storages.get(w.untyped_storage().data_ptr()) == 1
+        if lost is not None and alone:  # in place: count the values that underflow as they are overwritten
+            lost[w_key] = 0
+            out[w_key] = _rescale_chunked(w, col, row, into=w, lost=lost, key=w_key)
+        else:
+            out[w_key] = _rescale_chunked(w, col, row)
         if row is not None and b_key in state_dict:
             out[b_key] = (state_dict[b_key].double() / row).to(state_dict[b_key].dtype)
     for site in topology.all_sites:
@@ -136,14 +180,26 @@ def _input_scale(comp: Compensation, scales: Mapping[str, torch.Tensor], shape: 
 
 
 def _rescale_chunked(
-    w: torch.Tensor, col: torch.Tensor | None, row: torch.Tensor | None, rows: int = 32
+    w: torch.Tensor,
+    col: torch.Tensor | None,
+    row: torch.Tensor | None,
+    rows: int = 32,
+    *,
+    into: torch.Tensor | None = None,
+    lost: dict[str, int] | None = None,
+    key: str = "",
 ) -> torch.Tensor:
     """``(w.double() * col / row[:, None...]).to(w.dtype)``, a block of rows at a time in one reused
     float64 buffer: the same numbers (the same operations in the same order), without a float64 copy
-    of the whole matrix (VGG's first Linear is 100M+ weights) and 4x faster than fresh blocks."""
-    out = torch.empty_like(w)
+    of the whole matrix (VGG's first Linear is 100M+ weights) and 4x faster than fresh blocks.
+
+    ``into``: the tensor written (``w`` itself: each block is read before it is overwritten); with ``lost``,
+    ``lost[key]`` counts the values that were normal numbers in ``w`` and are 0 or subnormal in the result."""
+    out = torch.empty_like(w) if into is None else into
     tail = [1] * (w.ndim - 1)
     buf = torch.empty((min(rows, w.shape[0]), *w.shape[1:]), dtype=torch.float64, device=w.device)
+    cast = torch.empty(buf.shape, dtype=w.dtype, device=w.device) if lost is not None else None
+    tiny = torch.finfo(w.dtype).tiny if w.is_floating_point() else 0.0
     for i in range(0, w.shape[0], rows):
         block = buf[: min(rows, w.shape[0] - i)]
         block.copy_(w[i : i + rows])
@@ -151,7 +207,13 @@ def _rescale_chunked(
             block.mul_(col[i : i + rows] if col.shape[0] > 1 else col)
         if row is not None:
             block.div_(row[i : i + rows].view(-1, *tail))
-        out[i : i + rows].copy_(block)
+        if cast is None or lost is None:
+            out[i : i + rows].copy_(block)
+            continue
+        new = cast[: block.shape[0]]
+        new.copy_(block)
+        lost[key] += int(((w[i : i + rows].abs() >= tiny) & (new.abs() < tiny)).sum())
+        out[i : i + rows].copy_(new)
     return out
 
 
