@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import json
 import os
 import re
-import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,13 +183,14 @@ def apply_stats(
             f"--layout {layout} folds each conv's BatchNorm into it, and {arch} has {', '.join(other_norms)} "
             "(which normalize per input, not by fixed statistics): use the torchvision layout"
         )
-    # torchvision (check_loads needs it) and matplotlib are imported in a thread meanwhile: their Python-bound
-    # imports overlap the load, fold and self-check, whose torch kernels release the GIL (random:SEED of a VGG
-    # is being drawn in a thread already: torchvision is imported here then)
+    # torchvision (check_loads needs it) and matplotlib are imported, and the figure drawn, in a thread meanwhile:
+    # that Python-bound work overlaps the load, fold and self-check, whose torch kernels release the GIL
+    # (random:SEED of a VGG is being drawn in a thread already: torchvision is imported here then)
     if drawing:
         import torchvision  # noqa: F401
-    modules = [*([] if drawing else ["torchvision"]), *(["matplotlib.pyplot"] if png_path else [])]
-    with imports_meanwhile(*modules) as imports:
+    with meanwhile() as worker:
+        for module in [*([] if drawing else ["torchvision"]), *(["matplotlib.pyplot"] if png_path else [])]:
+            worker.submit(_import, module)
         # read into memory of its own (not memory-mapped) unless the input's structure is written back: the fold
         # overwrites the tensors in place, and a copy-on-write fault per page would cost more than the read
         weights = weights_for(checkpoint, stats, mmap=flavor is not None)
@@ -209,6 +211,9 @@ def apply_stats(
         # nearly silent filters whose means float32 may hold only to its own bound: named (verify allows that bound)
         unsafe = float32_unsafe(base, topo, stats, scales, weighting=weighting)
         scale_tensors = {n: s.scale for n, s in scales.items()}
+        figure = (
+            worker.submit(_figure, stats, scales, arch, output.name, conv_names(arch)) if png_path is not None else None
+        )
 
         # the self-check's original side first, on the probe: the fold then overwrites the weights it ran on
         pooling = str(stats.attrs.get("pooling", "max"))
@@ -242,7 +247,6 @@ def apply_stats(
             topologies=(topology(arch, True), topology(normalized_arch, True)),
         )
         added = any(s.added_affine for s in topo.all_sites)
-        imports.join()  # the main thread alone from here (matplotlib.use reads a half-imported pyplot)
         checks.append(check_loads(exported, arch, features_only=features_only, add_affine=added))
         notes = []
         if unsafe:
@@ -329,38 +333,45 @@ def apply_stats(
             else:
                 write_state_dict(exported, temps[0], safetensors=output.suffix == ".safetensors", metadata=meta)
             report.write(temps[1], temps[2])
-            if png_path is not None:
-                before = {n: stats.layers[n].mean for n in scales}
-                plot_means(
-                    before,
-                    {n: before[n] / sc.scale for n, sc in scales.items()},
-                    {n: sc.dead for n, sc in scales.items()},
-                    temps[3],
-                    title=f"{arch}: {output.name}, {stats.num_images} images",
-                    names=conv_names(arch),
-                    after_label="after (by construction: mean / scale)",
-                )
+            if figure is not None:
+                temps[3].write_bytes(figure.result())
         return ApplyResult(output, json_path, md_path, png_path, report, notes)
 
 
 @contextlib.contextmanager
-def imports_meanwhile(*modules: str) -> Iterator[threading.Thread]:
-    """Import ``modules`` in a thread, in order, while the block runs; the block may ``join`` it early, and
-    leaving the block (by an exception too) waits for it, so no import is left running. An import of one
-    of them elsewhere meanwhile waits for it (Python's import lock). A failure is left to the import that
-    needs the module."""
-
-    def run() -> None:
-        for name in modules:
-            with contextlib.suppress(Exception):
-                importlib.import_module(name)
-
-    thread = threading.Thread(target=run, name="vggnorm-imports", daemon=True)
-    thread.start()
+def meanwhile() -> Iterator[ThreadPoolExecutor]:
+    """One worker thread, for the work the block hands it and takes the results of later. Leaving the block
+    waits for the work under way (an exception cancels what has not started), so nothing is left running:
+    matplotlib in particular, whose ``use`` reads a half-imported pyplot."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vggnorm-apply")
     try:
-        yield thread
+        yield pool
     finally:
-        thread.join()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _import(module: str) -> None:
+    """Import ``module`` ahead of its use (an import of it elsewhere meanwhile waits for it: Python's import
+    lock); a failure is left to the import that needs it."""
+    with contextlib.suppress(Exception):
+        importlib.import_module(module)
+
+
+def _figure(stats: Stats, scales: dict[str, LayerScales], arch: str, name: str, names: dict[str, str]) -> bytes:
+    """The report's figure (PNG): each filter's measured mean, and its normalized one by construction
+    (``names``: the convs' Gatys names, found in the main thread: models are built there)."""
+    before = {n: stats.layers[n].mean for n in scales}
+    png = io.BytesIO()
+    plot_means(
+        before,
+        {n: before[n] / sc.scale for n, sc in scales.items()},
+        {n: sc.dead for n, sc in scales.items()},
+        png,
+        title=f"{arch}: {name}, {stats.num_images} images",
+        names=names,
+        after_label="after (by construction: mean / scale)",
+    )
+    return png.getvalue()
 
 
 def check_report_owner(report: Path, output: Path) -> None:
