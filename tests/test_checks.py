@@ -6,7 +6,7 @@ import torch
 from vggnorm.api import normalize_model
 from vggnorm.checks import FAIL, NOT_RUN, PASS, check_fold, check_function, check_means, reference_outputs
 from vggnorm.layers import find_topology
-from vggnorm.normalize import fold_state_dict
+from vggnorm.normalize import LazyFold, fold_state_dict
 from vggnorm.report import Report
 
 
@@ -67,6 +67,22 @@ def test_function_checks_not_run_without_scales_or_classifier(pair):
     model, normalized, _ = pair
     checks = check_function(model, normalized, None, X, logits=False)
     assert statuses(checks) == {"activations": NOT_RUN, "logits": NOT_RUN}
+
+
+def test_fold_check_on_a_lazy_fold_is_the_fold_checks(pair):
+    """verify compares with normalize.LazyFold (each tensor computed as compared, a big weight by blocks of
+    rows): the same keys, order and numbers as fold_state_dict, the same figures, passing or failing."""
+    model, normalized, scales = pair
+    topo = find_topology(model)
+    lazy = LazyFold(model.state_dict(), scales, topo, block_rows=4)
+    expected = fold_state_dict(model.state_dict(), scales, topo)
+    assert list(lazy) == list(expected) and all(torch.equal(lazy[k], v) for k, v in expected.items())
+    sd = normalized.state_dict()
+    tampered = {**sd, "classifier.0.weight": sd["classifier.0.weight"].clone()}
+    tampered["classifier.0.weight"][9, 3] *= 1.5  # in the third block of 4 rows
+    for actual in (sd, tampered):
+        assert check_fold(actual, lazy) == check_fold(actual, expected)
+    assert check_fold(tampered, lazy).status == FAIL and "element [9, 3]" in check_fold(tampered, lazy).detail
 
 
 def test_fold_check(pair):

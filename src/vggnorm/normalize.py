@@ -7,7 +7,8 @@ does).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -118,12 +119,48 @@ def _fold(
     lost: dict[str, int] | None,
 ) -> StateDict:
     """``fold_state_dict``; with ``lost``, weights rescaled in place (``fold_in_place``), their losses counted."""
-    out: StateDict = dict(state_dict)
+    plan = _plan(state_dict, scales, topology, features_only=features_only)
     storages: dict[int, int] = {}  # in place: how many entries each storage holds
     for tensor in state_dict.values() if lost is not None else ():
         if tensor.numel():
             ptr = tensor.untyped_storage().data_ptr()
             storages[ptr] = storages.get(ptr, 0) + 1
+    out: StateDict = {}
+    for key, entry in plan.items():
+        if isinstance(entry, _Rescale):
+            w = entry.w
+            alone = w.numel() > 0 and storages.get(w.untyped_storage().data_ptr()) == 1
+            if lost is not None and alone:  # in place: count the values that underflow as they are overwritten
+                lost[key] = 0
+                out[key] = _rescale_chunked(w, entry.col, entry.row, into=w, lost=lost, key=key)
+            else:
+                out[key] = _rescale_chunked(w, entry.col, entry.row)
+        else:
+            out[key] = entry()
+    return out
+
+
+@dataclass(frozen=True)
+class _Rescale:
+    """A weight whose rows are divided by ``row`` and columns multiplied by ``col`` (``_rescale_chunked``)."""
+
+    w: torch.Tensor
+    col: torch.Tensor | None
+    row: torch.Tensor | None
+
+
+def _plan(
+    state_dict: Mapping[str, torch.Tensor],
+    scales: Mapping[str, torch.Tensor],
+    topology: Topology,
+    *,
+    features_only: bool,
+) -> dict[str, _Rescale | Callable[[], torch.Tensor]]:
+    """How the fold computes each of its output's tensors, in the output's order (``fold_state_dict``'s rules):
+    a weight to rescale, or a function giving the tensor (a bias or norm parameter divided, or the input's)."""
+    plan: dict[str, _Rescale | Callable[[], torch.Tensor]] = {
+        k: functools.partial(_same, v) for k, v in state_dict.items()
+    }
     rows = {s.conv: scales[s.conv].double() for s in topology.all_sites if s.conv in scales and s.bn is None}
     columns = {c.module: c for c in topology.compensations}
     for module in dict.fromkeys([*rows, *columns]):
@@ -137,14 +174,9 @@ def _fold(
         row = rows.get(module)
         if col is None and row is None:
             continue
-        alone = w.numel() > 0 and storages.get(w.untyped_storage().data_ptr()) == 1
-        if lost is not None and alone:  # in place: count the values that underflow as they are overwritten
-            lost[w_key] = 0
-            out[w_key] = _rescale_chunked(w, col, row, into=w, lost=lost, key=w_key)
-        else:
-            out[w_key] = _rescale_chunked(w, col, row)
+        plan[w_key] = _Rescale(w, col, row)
         if row is not None and b_key in state_dict:
-            out[b_key] = (state_dict[b_key].double() / row).to(state_dict[b_key].dtype)
+            plan[b_key] = functools.partial(_divided, state_dict[b_key].double(), row, state_dict[b_key].dtype)
     for site in topology.all_sites:
         if site.bn is None or site.conv not in scales:
             continue
@@ -154,10 +186,55 @@ def _fold(
             t = state_dict.get(key)
             base = t.double() if t is not None else torch.full_like(s, start)
             like = t if t is not None else state_dict.get(f"{site.conv}.weight", base.float())
-            out[key] = (base / s).to(like.dtype)
+            plan[key] = functools.partial(_divided, base, s, like.dtype)
     if features_only:
-        return {k: v for k, v in out.items() if k.startswith("features.")}
-    return out
+        return {k: v for k, v in plan.items() if k.startswith("features.")}
+    return plan
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _divided(base: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (base / s).to(dtype)
+
+
+class LazyFold(Mapping[str, torch.Tensor]):
+    """``fold_state_dict``'s result, the same keys in the same order and the same numbers, each tensor computed
+    when it is read (and not kept); ``rows`` gives a rescaled weight a block of rows at a time. A comparison
+    with it (``checks.check_fold``) holds neither a second checkpoint nor a copy of its largest tensor."""
+
+    def __init__(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        scales: Mapping[str, torch.Tensor],
+        topology: Topology,
+        *,
+        features_only: bool = False,
+        block_rows: int = 32,
+    ) -> None:
+        self._plan = _plan(state_dict, scales, topology, features_only=features_only)
+        self._rows = block_rows
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        entry = self._plan[key]
+        return _rescale_chunked(entry.w, entry.col, entry.row) if isinstance(entry, _Rescale) else entry()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._plan)
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    def rows(self, key: str) -> tuple[torch.Tensor, Iterator[tuple[int, torch.Tensor]]] | None:
+        """For a rescaled weight, its original (for its shape and dtype) and its folded rows as ``(first row,
+        block)`` pairs, each block computed as ``_rescale_chunked`` computes it; None for another tensor."""
+        entry = self._plan[key]
+        if not isinstance(entry, _Rescale):
+            return None
+        blocks = _blocks(entry.w, entry.col, entry.row, self._rows)
+        return entry.w, ((i, block.to(entry.w.dtype)) for i, block in blocks)
 
 
 def _input_scale(comp: Compensation, scales: Mapping[str, torch.Tensor], shape: torch.Size) -> torch.Tensor | None:
@@ -196,10 +273,29 @@ def _rescale_chunked(
     ``into``: the tensor written (``w`` itself: each block is read before it is overwritten); with ``lost``,
     ``lost[key]`` counts the values that were normal numbers in ``w`` and are 0 or subnormal in the result."""
     out = torch.empty_like(w) if into is None else into
+    cast = (
+        torch.empty((min(rows, w.shape[0]), *w.shape[1:]), dtype=w.dtype, device=w.device) if lost is not None else None
+    )
+    tiny = torch.finfo(w.dtype).tiny if w.is_floating_point() else 0.0
+    for i, block in _blocks(w, col, row, rows):
+        n = block.shape[0]
+        if cast is None or lost is None:
+            out[i : i + n].copy_(block)
+            continue
+        new = cast[:n]
+        new.copy_(block)
+        lost[key] += int(((w[i : i + n].abs() >= tiny) & (new.abs() < tiny)).sum())
+        out[i : i + n].copy_(new)
+    return out
+
+
+def _blocks(
+    w: torch.Tensor, col: torch.Tensor | None, row: torch.Tensor | None, rows: int = 32
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(i, w[i : i + rows].double() * col / row)`` for each block of rows, in one reused float64 buffer
+    (a block is overwritten by the next: use it before asking for the next)."""
     tail = [1] * (w.ndim - 1)
     buf = torch.empty((min(rows, w.shape[0]), *w.shape[1:]), dtype=torch.float64, device=w.device)
-    cast = torch.empty(buf.shape, dtype=w.dtype, device=w.device) if lost is not None else None
-    tiny = torch.finfo(w.dtype).tiny if w.is_floating_point() else 0.0
     for i in range(0, w.shape[0], rows):
         block = buf[: min(rows, w.shape[0] - i)]
         block.copy_(w[i : i + rows])
@@ -207,14 +303,7 @@ def _rescale_chunked(
             block.mul_(col[i : i + rows] if col.shape[0] > 1 else col)
         if row is not None:
             block.div_(row[i : i + rows].view(-1, *tail))
-        if cast is None or lost is None:
-            out[i : i + rows].copy_(block)
-            continue
-        new = cast[: block.shape[0]]
-        new.copy_(block)
-        lost[key] += int(((w[i : i + rows].abs() >= tiny) & (new.abs() < tiny)).sum())
-        out[i : i + rows].copy_(new)
-    return out
+        yield i, block
 
 
 @dataclass(frozen=True)
