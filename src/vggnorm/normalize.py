@@ -402,7 +402,7 @@ def float32_bounds(
         mu_in = torch.cat([means[str(p)].double().clamp_min(0) for p, _ in comp.pieces]) * comp.max_factor
         if comp.positions > 1:
             mu_in = mu_in.repeat_interleave(comp.positions)
-        a = w.double().abs()
+        a = w.double().abs_()  # (in place: one float64 copy of the weight at a time, not two)
         if a.ndim == 2:  # Linear (out, in)
             total = a @ mu_in
         else:  # (out, in per group, kh, kw): filter o reads the channels of its group
