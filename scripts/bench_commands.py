@@ -16,6 +16,10 @@ file per commit, so a regression shows as a jump) and docs/benchmarks.md (the do
 shared machine are noisy: this is no pass/fail test.
 
 Usage: python scripts/bench_commands.py [--arch vgg16] [--photos 8] [--repeats 3] [--rows apply,verify]
+                                        [--baseline COMMIT]
+
+``--baseline COMMIT`` sets an earlier run's ratios (bench/results/COMMIT.json) beside today's, in the table
+and on the page.
 
 ``--rows`` measures only the named rows (a quick look while working); the results JSON and the docs'
 page are written only by a run of every row.
@@ -131,7 +135,14 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", help=f"comma-separated rows to measure, of: {', '.join(FLOORS)} [default: all]")
+    parser.add_argument("--baseline", help="an earlier commit measured here (bench/results/COMMIT.json)")
     args = parser.parse_args()
+    base: dict[str, dict] = {}
+    if args.baseline:
+        path = ROOT / "bench" / "results" / f"{args.baseline}.json"
+        if not path.is_file():
+            parser.error(f"no {path.relative_to(ROOT)}: run make bench at {args.baseline} first")
+        base = {r["row"]: r for r in json.loads(path.read_text())["rows"]}
     only = [r.strip() for r in args.rows.split(",")] if args.rows else list(FLOORS)
     unknown = [r for r in only if r not in FLOORS]
     if unknown:
@@ -200,6 +211,15 @@ def main() -> None:
             ),
         ]
         rows = [pair(name, command, floor, d, args.repeats, outputs) for name, command, floor in specs if name in only]
+    if base:
+        print(f"at {args.baseline}:")
+        for r in rows:
+            if r["row"] in base:
+                b = base[r["row"]]
+                print(
+                    f"{r['row']:22s} time {b['time_ratio']:5.2f}x -> {r['time_ratio']:5.2f}x   "
+                    f"memory {b['rss_ratio']:5.2f}x -> {r['rss_ratio']:5.2f}x"
+                )
     record = {
         "commit": commit.stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -208,6 +228,7 @@ def main() -> None:
         "photos": args.photos,
         "repeats": args.repeats,
         "rows": rows,
+        **({"baseline": args.baseline} if base else {}),
     }
     if len(rows) < len(FLOORS):
         print("(some rows only: nothing written)")
@@ -223,13 +244,19 @@ def main() -> None:
         f"`--resize 128 --crop 112`, the median of {args.repeats} alternating runs of each command and its floor "
         "(whole processes).",
         "",
-        "| command | its floor | time | floor | ratio | peak RSS | floor | ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| command | its floor | time | floor | ratio | peak RSS | floor | ratio |"
+        + (f" ratios at `{args.baseline}` (time, memory) |" if base else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if base else ""),
     ]
     for r in rows:
         lines.append(
             f"| `{r['row']}` | {FLOORS[r['row']]} | {r['seconds']} s | {r['floor_seconds']} s | {r['time_ratio']}x | "
             f"{r['rss_mb']} MB | {r['floor_rss_mb']} MB | {r['rss_ratio']}x |"
+            + (
+                f" {base[r['row']]['time_ratio']}x, {base[r['row']]['rss_ratio']}x |"
+                if r["row"] in base
+                else (" |" if base else "")
+            )
         )
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + "\n")
