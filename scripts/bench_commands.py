@@ -15,7 +15,14 @@ The table is printed, and written with the commit, machine and date to bench/res
 file per commit, so a regression shows as a jump) and docs/benchmarks.md (the docs' page). Timings on a
 shared machine are noisy: this is no pass/fail test.
 
-Usage: python scripts/bench_commands.py [--arch vgg16] [--photos 8] [--repeats 3]
+Usage: python scripts/bench_commands.py [--arch vgg16] [--photos 8] [--repeats 3] [--rows apply,verify]
+                                        [--baseline COMMIT]
+
+``--baseline COMMIT`` sets an earlier run's ratios (bench/results/COMMIT.json) beside today's, in the table
+and on the page.
+
+``--rows`` measures only the named rows (a quick look while working); the results JSON and the docs'
+page are written only by a run of every row.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
+# this checkout's code, here and in every command measured (whichever checkout the environment installed)
+sys.path.insert(0, str(ROOT / "src"))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 SIZE = ["--resize", "128", "--crop", "112", "--workers", "0", "--no-progress"]
 
@@ -62,6 +72,17 @@ LOAD_SAVE = r"""
 import sys, torch
 torch.save(torch.load(sys.argv[1], map_location="cpu", weights_only=True), sys.argv[2])
 """
+
+
+# each row and its floor, in the table's order
+FLOORS = {
+    "compute-stats": "a naive decode + forward loop",
+    "verify": "loading both checkpoints",
+    "verify --data": "compute-stats on the same photos",
+    "apply": "torch.load + torch.save",
+    "unknown --arch": "--help",
+    "apply random:0": "apply from a file",
+}
 
 
 def timed(cmd: list[str], cwd: Path) -> tuple[float, float]:
@@ -113,7 +134,19 @@ def main() -> None:
     parser.add_argument("--arch", default="vgg16")
     parser.add_argument("--photos", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", help=f"comma-separated rows to measure, of: {', '.join(FLOORS)} [default: all]")
+    parser.add_argument("--baseline", help="an earlier commit measured here (bench/results/COMMIT.json)")
     args = parser.parse_args()
+    base: dict[str, dict] = {}
+    if args.baseline:
+        path = ROOT / "bench" / "results" / f"{args.baseline}.json"
+        if not path.is_file():
+            parser.error(f"no {path.relative_to(ROOT)}: run make bench at {args.baseline} first")
+        base = {r["row"]: r for r in json.loads(path.read_text())["rows"]}
+    only = [r.strip() for r in args.rows.split(",")] if args.rows else list(FLOORS)
+    unknown = [r for r in only if r not in FLOORS]
+    if unknown:
+        parser.error(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(FLOORS)}")
 
     import torch
 
@@ -145,56 +178,48 @@ def main() -> None:
         )
         outputs = [d / "a.pth", d / "a.report.json", d / "a.report.md", d / "a.report.png", d / "copy.pth", d / "c.h5"]
         print(f"{'row':22s} {'command':>9s}    {'floor':>9s}  {'ratio':>5s}   {'memory':>9s}    {'floor':>9s}  ratio")
-        rows = [
-            pair(
+        specs = [
+            (
                 "compute-stats",
                 vggnorm("compute-stats", photos, "--arch", args.arch, "--weights", ckpt, "-o", d / "c.h5", *SIZE),
                 python(NAIVE, args.arch, ckpt, photos),
-                d,
-                args.repeats,
-                outputs,
             ),
-            pair(
+            (
                 "verify",
                 vggnorm("verify", out, "--original", ckpt, "--stats", stats),
                 python(LOAD, ckpt, out),
-                d,
-                args.repeats,
-                outputs,
             ),
-            pair(
+            (
                 "verify --data",
                 vggnorm("verify", out, "--data", photos, "--workers", 0, "--no-progress"),
                 vggnorm("compute-stats", photos, "--arch", args.arch, "--weights", ckpt, "-o", d / "c.h5", *SIZE),
-                d,
-                args.repeats,
-                outputs,
             ),
-            pair(
+            (
                 "apply",
                 vggnorm("apply", ckpt, "--stats", stats, "-o", d / "a.pth"),
                 python(LOAD_SAVE, ckpt, d / "copy.pth"),
-                d,
-                args.repeats,
-                outputs,
             ),
-            pair(
+            (
                 "unknown --arch",
                 vggnorm("compute-stats", photos, "--arch", "vgg99", "-o", d / "c.h5"),
                 vggnorm("--help"),
-                d,
-                args.repeats,
-                outputs,
             ),
-            pair(
+            (
                 "apply random:0",
                 vggnorm("apply", "random:0", "--stats", r0, "-o", d / "a.pth"),
                 vggnorm("apply", ckpt, "--stats", stats, "-o", d / "a.pth"),
-                d,
-                args.repeats,
-                outputs,
             ),
         ]
+        rows = [pair(name, command, floor, d, args.repeats, outputs) for name, command, floor in specs if name in only]
+    if base:
+        print(f"at {args.baseline}:")
+        for r in rows:
+            if r["row"] in base:
+                b = base[r["row"]]
+                print(
+                    f"{r['row']:22s} time {b['time_ratio']:5.2f}x -> {r['time_ratio']:5.2f}x   "
+                    f"memory {b['rss_ratio']:5.2f}x -> {r['rss_ratio']:5.2f}x"
+                )
     record = {
         "commit": commit.stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -203,7 +228,11 @@ def main() -> None:
         "photos": args.photos,
         "repeats": args.repeats,
         "rows": rows,
+        **({"baseline": args.baseline} if base else {}),
     }
+    if len(rows) < len(FLOORS):
+        print("(some rows only: nothing written)")
+        return
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{record['commit']}.json").write_text(json.dumps(record, indent=2))
@@ -215,21 +244,19 @@ def main() -> None:
         f"`--resize 128 --crop 112`, the median of {args.repeats} alternating runs of each command and its floor "
         "(whole processes).",
         "",
-        "| command | its floor | time | floor | ratio | peak RSS | floor | ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| command | its floor | time | floor | ratio | peak RSS | floor | ratio |"
+        + (f" ratios at `{args.baseline}` (time, memory) |" if base else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if base else ""),
     ]
-    floors = {
-        "compute-stats": "a naive decode + forward loop",
-        "verify": "loading both checkpoints",
-        "verify --data": "compute-stats on the same photos",
-        "apply": "torch.load + torch.save",
-        "unknown --arch": "--help",
-        "apply random:0": "apply from a file",
-    }
     for r in rows:
         lines.append(
-            f"| `{r['row']}` | {floors[r['row']]} | {r['seconds']} s | {r['floor_seconds']} s | {r['time_ratio']}x | "
+            f"| `{r['row']}` | {FLOORS[r['row']]} | {r['seconds']} s | {r['floor_seconds']} s | {r['time_ratio']}x | "
             f"{r['rss_mb']} MB | {r['floor_rss_mb']} MB | {r['rss_ratio']}x |"
+            + (
+                f" {base[r['row']]['time_ratio']}x, {base[r['row']]['rss_ratio']}x |"
+                if r["row"] in base
+                else (" |" if base else "")
+            )
         )
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(lines) + "\n")

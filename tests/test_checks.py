@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from vggnorm.api import normalize_model
-from vggnorm.checks import FAIL, NOT_RUN, PASS, check_fold, check_function, check_means
+from vggnorm.checks import FAIL, NOT_RUN, PASS, check_fold, check_function, check_means, reference_outputs
 from vggnorm.layers import find_topology
-from vggnorm.normalize import fold_state_dict
+from vggnorm.normalize import LazyFold, fold_state_dict
 from vggnorm.report import Report
 
 
@@ -34,6 +34,21 @@ def test_function_checks_pass_the_fold(pair):
     assert statuses(check_function(model, normalized, scales, X)) == {"activations": PASS, "logits": PASS}
 
 
+def test_function_checks_from_reference_outputs_as_from_the_model(pair):
+    """apply runs the original before its fold overwrites the weights: the same checks, the same figures."""
+    model, normalized, scales = pair
+    direct = check_function(model, normalized, scales, X)
+    reference = reference_outputs(model, scales, X)
+    for p in model.parameters():  # what apply's in-place fold does to the original after its reference
+        p.data.zero_()
+    assert check_function(reference, normalized, scales, X) == direct
+    with pytest.raises(ValueError, match="another input"):
+        check_function(reference, normalized, scales, X + 1)
+    fc = find_topology(model).fc_sites[0]
+    with pytest.raises(ValueError, match="other scales"):  # taken without the fc site's scales
+        check_function(reference, normalized, {**scales, fc.conv: torch.ones(fc.out_channels)}, X)
+
+
 def test_activations_fail_with_other_scales(pair):
     model, normalized, scales = pair
     wrong = {n: s * 1.01 if n == "features.3" else s for n, s in scales.items()}
@@ -52,6 +67,22 @@ def test_function_checks_not_run_without_scales_or_classifier(pair):
     model, normalized, _ = pair
     checks = check_function(model, normalized, None, X, logits=False)
     assert statuses(checks) == {"activations": NOT_RUN, "logits": NOT_RUN}
+
+
+def test_fold_check_on_a_lazy_fold_is_the_fold_checks(pair):
+    """verify compares with normalize.LazyFold (each tensor computed as compared, a big weight by blocks of
+    rows): the same keys, order and numbers as fold_state_dict, the same figures, passing or failing."""
+    model, normalized, scales = pair
+    topo = find_topology(model)
+    lazy = LazyFold(model.state_dict(), scales, topo, block_rows=4)
+    expected = fold_state_dict(model.state_dict(), scales, topo)
+    assert list(lazy) == list(expected) and all(torch.equal(lazy[k], v) for k, v in expected.items())
+    sd = normalized.state_dict()
+    tampered = {**sd, "classifier.0.weight": sd["classifier.0.weight"].clone()}
+    tampered["classifier.0.weight"][9, 3] *= 1.5  # in the third block of 4 rows
+    for actual in (sd, tampered):
+        assert check_fold(actual, lazy) == check_fold(actual, expected)
+    assert check_fold(tampered, lazy).status == FAIL and "element [9, 3]" in check_fold(tampered, lazy).detail
 
 
 def test_fold_check(pair):

@@ -5,7 +5,7 @@ import torch
 
 from vggnorm.collect import ReluSums
 from vggnorm.layers import find_topology
-from vggnorm.normalize import DeadRule, fold_state_dict, scales_from_means, scales_from_stats
+from vggnorm.normalize import DeadRule, fold_in_place, fold_state_dict, scales_from_means, scales_from_stats
 from vggnorm.stats import LayerStats, Stats
 
 
@@ -55,6 +55,47 @@ def test_classifier_compensation_is_needed(tiny_vgg):
     broken.load_state_dict(folded)
     x = torch.randn(2, 3, 20, 20, dtype=torch.float64)
     assert not torch.allclose(broken(x), model(x), rtol=1e-3)
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_fold_in_place_gives_the_folds_numbers_in_the_same_tensors(tiny_vgg, bn):
+    """apply's fold: every tensor bitwise fold_state_dict's, each rescaled weight written into the input's own
+    tensor (not a second copy of the checkpoint), nothing counted as underflowed."""
+    model = tiny_vgg(bn=bn)
+    topo = find_topology(model)
+    scales = random_scales(topo, seed=5)
+    expected = fold_state_dict(model.state_dict(), scales, topo)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = {k: id(v) for k, v in sd.items()}
+    out, lost = fold_in_place(sd, scales, topo)
+    assert list(out) == list(expected)
+    for k, v in expected.items():
+        assert torch.equal(out[k], v) and out[k].dtype == v.dtype, k
+    original = model.state_dict()
+    rescaled = {k for k, v in expected.items() if v.ndim > 1 and not torch.equal(v, original[k])}  # convs, Linears
+    assert "classifier.0.weight" in rescaled
+    assert set(lost) == rescaled and not any(lost.values())
+    assert all(id(out[k]) == ids[k] for k in rescaled)
+
+
+def test_fold_in_place_counts_underflows_and_leaves_shared_tensors_alone(tiny_vgg):
+    """The values that underflow as a weight is overwritten are counted (the original is gone for
+    check_representable); a weight whose storage another entry shares is folded into a new tensor."""
+    model = tiny_vgg()
+    topo = find_topology(model)
+    # alternating: the second conv's weights are multiplied by 1e-30 / 1e30, below float32's range
+    scales = {s.conv: torch.full((s.out_channels,), 1e-30 if i % 2 == 0 else 1e30) for i, s in enumerate(topo.sites)}
+    original = model.state_dict()
+    expected = fold_state_dict(original, scales, topo)
+    sd = {k: v.clone() for k, v in original.items()}
+    first = topo.sites[0].conv + ".weight"
+    sd["shared.view"] = sd[first][:1]  # shares features.0.weight's storage
+    out, lost = fold_in_place(sd, scales, topo)
+    tiny = torch.finfo(torch.float32).tiny
+    for k, n in lost.items():
+        assert n == int(((original[k].abs() >= tiny) & (expected[k].abs() < tiny)).sum()), k
+    assert any(lost.values())
+    assert first not in lost and torch.equal(out[first], expected[first]) and torch.equal(sd[first], original[first])
 
 
 def test_fold_matches_plain_formula_and_is_pure(tiny_vgg):

@@ -56,6 +56,25 @@ def test_an_output_is_never_one_of_the_inputs(run, photos, tmp_path):
     assert ckpt.read_bytes() == before and read_stats(stats).num_images == 8
 
 
+def test_applys_worker_thread_is_done_when_its_block_is_left():
+    """apply imports and draws its figure in a thread (apply.meanwhile): leaving the block, by an exception too,
+    waits for the work under way and cancels the rest, so nothing runs on (an import of matplotlib still
+    under way would break the next figure drawn in the same process)."""
+    import threading
+    import time
+
+    from vggnorm.apply import meanwhile
+
+    started, done = threading.Event(), []
+    with pytest.raises(RuntimeError), meanwhile() as worker:
+        worker.submit(lambda: (started.set(), time.sleep(0.2), done.append(1)))
+        later = worker.submit(done.append, 2)
+        started.wait()
+        raise RuntimeError
+    assert done == [1] and later.cancelled()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("vggnorm-apply")]
+
+
 def limited_file_size(limit):
     def preexec():
         import resource

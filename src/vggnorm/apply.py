@@ -1,11 +1,17 @@
 """``apply``: the I/O shell around the fold. Load the checkpoint and statistics, check they belong
-together, fold (``normalize.fold_state_dict``, pure), self-check, save, and write the report."""
+together, run the original on the self-check's probe, fold (``normalize.fold_in_place``: into the loaded
+tensors), self-check, save, and write the report."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +28,7 @@ from vggnorm.checkpoint import (
     upcast_half,
     write_state_dict,
 )
-from vggnorm.checks import Check, check_function, not_run, probe_input
+from vggnorm.checks import Check, check_function, not_run, probe_input, reference_outputs
 from vggnorm.data import Preprocess
 from vggnorm.defaults import DEFAULT_MEANS_TOL, DEFAULT_STREAM_SCALE
 from vggnorm.errors import InvalidValuesError, StatsMismatchError, VggnormError
@@ -41,7 +47,14 @@ from vggnorm.models import (
     probe_size,
     topology,
 )
-from vggnorm.normalize import DeadRule, LayerScales, float32_bounds, fold_state_dict, scales_from_stats
+from vggnorm.normalize import (
+    DeadRule,
+    LayerScales,
+    float32_bounds,
+    fold_in_place,
+    fold_state_dict,
+    scales_from_stats,
+)
 from vggnorm.policy import report_base
 from vggnorm.report import Report, layer_summary, report_paths, stream_summary
 from vggnorm.stats import Stats, now, read_stats
@@ -76,10 +89,11 @@ def default_output(spec: str, arch: str, flavor: str | None = None) -> Path:
     return Path(f"{arch}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', spec)}.normalized.pth")
 
 
-def weights_for(spec: str, stats: Stats) -> Weights:
-    """Resolve the checkpoint that ``stats`` belongs to; refuse one with another arch or other weights."""
+def weights_for(spec: str, stats: Stats, *, mmap: bool = True) -> Weights:
+    """Resolve the checkpoint that ``stats`` belongs to; refuse one with another arch or other weights.
+    ``mmap``: as ``resolve_weights``."""
     arch = canonical_arch(str(stats.attrs["arch"]))
-    weights = resolve_weights(spec, arch=None if os.path.isfile(spec) else arch, prefer=arch, given=APPLY)
+    weights = resolve_weights(spec, arch=None if os.path.isfile(spec) else arch, prefer=arch, given=APPLY, mmap=mmap)
     if weights.arch != arch:
         raise StatsMismatchError(f"the statistics are for {arch}, but {spec} is a {weights.arch} checkpoint")
     if weights.sha256 != stats.attrs.get("weights_sha256"):
@@ -171,156 +185,213 @@ def apply_stats(
             f"--layout {layout} folds each conv's BatchNorm into it, and {arch} has {', '.join(other_norms)} "
             "(which normalize per input, not by fixed statistics): use the torchvision layout"
         )
-    if drawing:  # random:SEED is drawn in a thread while torchvision (check_loads needs it) is imported here
+    # torchvision (check_loads needs it) and matplotlib are imported, and the figure drawn, in a thread meanwhile:
+    # that Python-bound work overlaps the load, fold and self-check, whose torch kernels release the GIL
+    # (random:SEED of a VGG is being drawn in a thread already: torchvision is imported here then)
+    if drawing:
         import torchvision  # noqa: F401
-    weights = weights_for(checkpoint, stats)
-    template = weights.foreign if flavor is not None else None  # the input file, written over with the fold
-    if flavor is not None and (template is None or template.flavor != flavor):
-        raise VggnormError(f"{checkpoint} changed while it was read; run apply again")
-    check_writable(output, force=force, inputs=inputs, size=state_dict_bytes(weights.state_dict))
-    features_only = features_only or layout in ("gatys", "adain") or weights.features_only
-    if include_classifier and features_only:
-        raise VggnormError(
-            "--include-classifier needs the classifier: it cannot go with --features-only, "
-            "--layout gatys, or features-only weights"
+    with meanwhile() as worker:
+        for module in [*([] if drawing else ["torchvision"]), *(["matplotlib.pyplot"] if png_path else [])]:
+            worker.submit(_import, module)
+        # read into memory of its own (not memory-mapped) unless the input's structure is written back: the fold
+        # overwrites the tensors in place, and a copy-on-write fault per page would cost more than the read
+        weights = weights_for(checkpoint, stats, mmap=flavor is not None)
+        template = weights.foreign if flavor is not None else None  # the input file, written over with the fold
+        if flavor is not None and (template is None or template.flavor != flavor):
+            raise VggnormError(f"{checkpoint} changed while it was read; run apply again")
+        check_writable(output, force=force, inputs=inputs, size=state_dict_bytes(weights.state_dict))
+        features_only = features_only or layout in ("gatys", "adain") or weights.features_only
+        if include_classifier and features_only:
+            raise VggnormError(
+                "--include-classifier needs the classifier: it cannot go with --features-only, "
+                "--layout gatys, or features-only weights"
+            )
+        scales = scales_from_stats(
+            stats,
+            topo,
+            rule=rule,
+            include_classifier=include_classifier,
+            weighting=weighting,
+            stream_scale=stream_scale,
         )
-    scales = scales_from_stats(
-        stats, topo, rule=rule, include_classifier=include_classifier, weighting=weighting, stream_scale=stream_scale
-    )
-    # half-precision weights are folded and written in float32: float16 would round the fold by ~1e-3
-    half = half_dtypes(weights.state_dict)
-    base = upcast_half(weights.state_dict)
-    # nearly silent filters whose means float32 may hold only to its own bound: named (verify allows that bound)
-    unsafe = float32_unsafe(base, topo, stats, scales, weighting=weighting)
-    scale_tensors = {n: s.scale for n, s in scales.items()}
-    folded = fold_state_dict(base, scale_tensors, topo, features_only=features_only)
-    measured_as = Preprocess.from_attrs(stats.attrs)
-    exported = export_layout(folded, arch, layout, measured_as.as_attrs())
-    _check_representable(folded, exported, base, scale_tensors, stats_path)
+        # half-precision weights are folded and written in float32: float16 would round the fold by ~1e-3
+        half = half_dtypes(weights.state_dict)
+        base = upcast_half(weights.state_dict)
+        # nearly silent filters whose means float32 may hold only to its own bound: named (verify allows that bound)
+        unsafe = float32_unsafe(base, topo, stats, scales, weighting=weighting)
+        scale_tensors = {n: s.scale for n, s in scales.items()}
+        figure = (
+            worker.submit(_figure, stats, scales, arch, output.name, conv_names(arch)) if png_path is not None else None
+        )
 
-    # self-check what will be written: the exported tensors, loaded back, against the original
-    pooling = str(stats.attrs.get("pooling", "max"))
-    padding = str(stats.attrs.get("padding", "zeros"))
-    original = load_model(arch, weights.state_dict, pooling=pooling, padding=padding, add_affine=add_affine)
-    reloaded = to_torchvision_layout(exported)
-    normalized_arch = infer_arch(reloaded, prefer=arch)
-    normalized = load_model(normalized_arch, reloaded, pooling=pooling, padding=padding)
-    size = probe_size(arch, int(stats.attrs.get("crop", 224)))
-    checks = check_function(
-        original,
-        normalized,
-        scale_tensors,
-        probe_input(size),
-        logits=not features_only,
-        inputs=f"2 seeded random inputs (seed 0) at {size}x{size}, {pooling} pooling, {padding} padding",
-        topologies=(topology(arch, True), topology(normalized_arch, True)),
-    )
-    added = any(s.added_affine for s in topo.all_sites)
-    checks.append(check_loads(exported, arch, features_only=features_only, add_affine=added))
-    notes = []
-    if unsafe:
-        shown = "; ".join(f"{n} {f}" for n, f in list(unsafe.items())[:4]) + ("; ..." if len(unsafe) > 4 else "")
-        notes.append(
-            f"{sum(len(f) for f in unsafe.values())} nearly silent filter(s) whose normalized means float32 "
-            f"arithmetic may move by more than verify's tolerance {DEFAULT_MEANS_TOL:g}: verify holds them to that "
-            f"bound instead ({shown})"
+        # the self-check's original side first, on the probe: the fold then overwrites the weights it ran on
+        pooling = str(stats.attrs.get("pooling", "max"))
+        padding = str(stats.attrs.get("padding", "zeros"))
+        size = probe_size(arch, int(stats.attrs.get("crop", 224)))
+        probe = probe_input(size)
+        original = load_model(arch, base, pooling=pooling, padding=padding, add_affine=add_affine)
+        reference = reference_outputs(
+            original, scale_tensors, probe, topology=topology(arch, True), logits=not features_only
         )
-    if topo.streams:
-        spreads = [st["spread"] for st in stream_summary(topo, scales, stream_scale)]
-        notes.append(
-            f"{len(topo.streams)} residual stream(s): their ReLUs share one scale per channel ({stream_scale}), so "
-            f"their means are not all 1 (largest over smallest live mean in a stream: up to {max(spreads, default=1):.3g}; "
-            "the report lists them); every other ReLU's live means are 1"
+        del original
+
+        # the fold, in place (the checkpoint is not held twice) but for a Keras or MatConvNet template's tensors
+        if template is None:
+            folded, lost = fold_in_place(base, scale_tensors, topo, features_only=features_only)
+        else:
+            folded, lost = fold_state_dict(base, scale_tensors, topo, features_only=features_only), {}
+        measured_as = Preprocess.from_attrs(stats.attrs)
+        exported = export_layout(folded, arch, layout, measured_as.as_attrs())
+        _check_representable(folded, exported, base, scale_tensors, stats_path, lost)
+
+        # self-check what will be written: the exported tensors, loaded back, against the original's reference
+        reloaded = to_torchvision_layout(exported)
+        normalized_arch = infer_arch(reloaded, prefer=arch)
+        normalized = load_model(normalized_arch, reloaded, pooling=pooling, padding=padding)
+        checks = check_function(
+            reference,
+            normalized,
+            scale_tensors,
+            probe,
+            logits=not features_only,
+            inputs=f"2 seeded random inputs (seed 0) at {size}x{size}, {pooling} pooling, {padding} padding",
+            topologies=(topology(arch, True), topology(normalized_arch, True)),
         )
-    if topo.left_unscaled:
-        notes.append(
-            f"left unscaled: {', '.join(topo.left_unscaled)} (its output reaches the model's output with no layer "
-            "after it to compensate a scale, so normalizing it would change the outputs)"
+        added = bool(topo.added_affine)
+        checks.append(check_loads(exported, arch, features_only=features_only, add_affine=added))
+        notes = []
+        if unsafe:
+            shown = "; ".join(f"{n} {f}" for n, f in list(unsafe.items())[:4]) + ("; ..." if len(unsafe) > 4 else "")
+            notes.append(
+                f"{sum(len(f) for f in unsafe.values())} nearly silent filter(s) whose normalized means float32 "
+                f"arithmetic may move by more than verify's tolerance {DEFAULT_MEANS_TOL:g}: verify holds them to that "
+                f"bound instead ({shown})"
+            )
+        if topo.streams:
+            spreads = [st["spread"] for st in stream_summary(topo, scales, stream_scale)]
+            notes.append(
+                f"{len(topo.streams)} residual stream(s): their ReLUs share one scale per channel ({stream_scale}), "
+                f"so their means are not all 1 (largest over smallest live mean in a stream: up to "
+                f"{max(spreads, default=1):.3g}; the report lists them); every other ReLU's live means are 1"
+            )
+        if topo.left_unscaled:
+            notes.append(
+                f"left unscaled: {', '.join(topo.left_unscaled)} (its output reaches the model's output with no layer "
+                "after it to compensate a scale, so normalizing it would change the outputs)"
+            )
+        if half:
+            notes.append(
+                f"{checkpoint} holds {' and '.join(half)} tensors: they were measured, folded and are written as float32 "
+                "(half precision would round the fold by ~1e-3, beyond what verify allows)"
+            )
+        if png_path is None:
+            notes.append("no figure: install matplotlib (pip install 'vggnorm[plot]') for OUT.report.png")
+        if layout in ("gatys", "adain") and arch.endswith("_bn"):
+            notes.append(
+                f"BatchNorm folded into the convs (eval-mode statistics): the {layout} layout has no BatchNorm"
+            )
+        if layout == "adain":
+            notes.append(
+                f"adain layout: feed RGB in [0, 1]; its first (1x1) conv does the {measured_as.preprocess} preprocessing"
+            )
+        if template is not None:
+            notes.append(_foreign_note(template, measured_as, features_only))
+        policy = {
+            **measured_as.as_attrs(),
+            "rel_eps": rule.rel_eps,
+            "eps": rule.eps,
+            "include_classifier": include_classifier,
+            "weighting": weighting,
+            "label_source": str(stats.attrs.get("label_source", "")),
+            **({"stream_scale": stream_scale} if topo.streams else {}),
+        }
+        report = Report(
+            checkpoint=str(output),
+            arch=arch,
+            checks=checks,
+            inputs={
+                "original": checkpoint,
+                "original_sha256": weights.sha256,
+                "stats": str(stats_path),
+                "stats_images": stats.num_images,
+                "dead_rule": rule.describe(),
+                "float32_bound_filters": unsafe,
+                "features_only": features_only,
+                "layout": layout,
+                "include_classifier": include_classifier,
+                "policy": policy,
+                "created": now(),
+                "vggnorm_version": vggnorm.__version__,
+                **({"note": "; ".join(notes)} if notes else {}),
+            },
+            layers=layer_summary(scales),
+            figure=png_path.name if png_path else None,
+            names=conv_names(arch),
+            streams=stream_summary(topo, scales, stream_scale),
         )
-    if half:
-        notes.append(
-            f"{checkpoint} holds {' and '.join(half)} tensors: they were measured, folded and are written as float32 "
-            "(half precision would round the fold by ~1e-3, beyond what verify allows)"
-        )
-    if png_path is None:
-        notes.append("no figure: install matplotlib (pip install 'vggnorm[plot]') for OUT.report.png")
-    if layout in ("gatys", "adain") and arch.endswith("_bn"):
-        notes.append(f"BatchNorm folded into the convs (eval-mode statistics): the {layout} layout has no BatchNorm")
-    if layout == "adain":
-        notes.append(
-            f"adain layout: feed RGB in [0, 1]; its first (1x1) conv does the {measured_as.preprocess} preprocessing"
-        )
-    if template is not None:
-        notes.append(_foreign_note(template, measured_as, features_only))
-    policy = {
-        **measured_as.as_attrs(),
-        "rel_eps": rule.rel_eps,
-        "eps": rule.eps,
-        "include_classifier": include_classifier,
-        "weighting": weighting,
-        "label_source": str(stats.attrs.get("label_source", "")),
-        **({"stream_scale": stream_scale} if topo.streams else {}),
-    }
-    report = Report(
-        checkpoint=str(output),
-        arch=arch,
-        checks=checks,
-        inputs={
+        if not report.passed:
+            raise VggnormError(
+                f"the folded checkpoint failed its self-check, nothing was written: {failure_cause(checks, rule)}"
+            )
+        meta = {
+            "vggnorm_version": vggnorm.__version__,
+            "arch": arch,
+            "layout": layout,
             "original": checkpoint,
+            "include_classifier": str(include_classifier),
             "original_sha256": weights.sha256,
             "stats": str(stats_path),
-            "stats_images": stats.num_images,
-            "dead_rule": rule.describe(),
-            "float32_bound_filters": unsafe,
-            "features_only": features_only,
-            "layout": layout,
-            "include_classifier": include_classifier,
-            "policy": policy,
-            "created": now(),
-            "vggnorm_version": vggnorm.__version__,
-            **({"note": "; ".join(notes)} if notes else {}),
-        },
-        layers=layer_summary(scales),
-        figure=png_path.name if png_path else None,
-        names=conv_names(arch),
-        streams=stream_summary(topo, scales, stream_scale),
+            "preprocess": str(policy["preprocess"]),
+            "pooling": pooling,
+            "policy": json.dumps(policy),
+        }
+        # the checkpoint and its report appear together or not at all
+        with atomic_writes(outputs, force=force, inputs=inputs) as temps:
+            if template is not None:
+                write_foreign(template, exported, temps[0], features_only=features_only)
+                _check_written(temps[0], output, exported, features_only=features_only)
+            else:
+                write_state_dict(exported, temps[0], safetensors=output.suffix == ".safetensors", metadata=meta)
+            report.write(temps[1], temps[2])
+            if figure is not None:
+                temps[3].write_bytes(figure.result())
+        return ApplyResult(output, json_path, md_path, png_path, report, notes)
+
+
+@contextlib.contextmanager
+def meanwhile() -> Iterator[ThreadPoolExecutor]:
+    """One worker thread, for the work the block hands it and takes the results of later. Leaving the block
+    waits for the work under way (an exception cancels what has not started), so nothing is left running:
+    matplotlib in particular, whose ``use`` reads a half-imported pyplot."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vggnorm-apply")
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _import(module: str) -> None:
+    """Import ``module`` ahead of its use (an import of it elsewhere meanwhile waits for it: Python's import
+    lock); a failure is left to the import that needs it."""
+    with contextlib.suppress(Exception):
+        importlib.import_module(module)
+
+
+def _figure(stats: Stats, scales: dict[str, LayerScales], arch: str, name: str, names: dict[str, str]) -> bytes:
+    """The report's figure (PNG): each filter's measured mean, and its normalized one by construction
+    (``names``: the convs' Gatys names, found in the main thread: models are built there)."""
+    before = {n: stats.layers[n].mean for n in scales}
+    png = io.BytesIO()
+    plot_means(
+        before,
+        {n: before[n] / sc.scale for n, sc in scales.items()},
+        {n: sc.dead for n, sc in scales.items()},
+        png,
+        title=f"{arch}: {name}, {stats.num_images} images",
+        names=names,
+        after_label="after (by construction: mean / scale)",
     )
-    if not report.passed:
-        raise VggnormError(
-            f"the folded checkpoint failed its self-check, nothing was written: {failure_cause(checks, rule)}"
-        )
-    meta = {
-        "vggnorm_version": vggnorm.__version__,
-        "arch": arch,
-        "layout": layout,
-        "original": checkpoint,
-        "include_classifier": str(include_classifier),
-        "original_sha256": weights.sha256,
-        "stats": str(stats_path),
-        "preprocess": str(policy["preprocess"]),
-        "pooling": pooling,
-        "policy": json.dumps(policy),
-    }
-    # the checkpoint and its report appear together or not at all
-    with atomic_writes(outputs, force=force, inputs=inputs) as temps:
-        if template is not None:
-            write_foreign(template, exported, temps[0], features_only=features_only)
-            _check_written(temps[0], output, exported, features_only=features_only)
-        else:
-            write_state_dict(exported, temps[0], safetensors=output.suffix == ".safetensors", metadata=meta)
-        report.write(temps[1], temps[2])
-        if png_path is not None:
-            before = {n: stats.layers[n].mean for n in scales}
-            plot_means(
-                before,
-                {n: before[n] / sc.scale for n, sc in scales.items()},
-                {n: sc.dead for n, sc in scales.items()},
-                temps[3],
-                title=f"{arch}: {output.name}, {stats.num_images} images",
-                names=conv_names(arch),
-                after_label="after (by construction: mean / scale)",
-            )
-    return ApplyResult(output, json_path, md_path, png_path, report, notes)
+    return png.getvalue()
 
 
 def check_report_owner(report: Path, output: Path) -> None:
@@ -392,16 +463,18 @@ def _check_representable(
     original: dict[str, torch.Tensor],
     scales: dict[str, torch.Tensor],
     stats_path: Path,
+    lost: dict[str, int],
 ) -> None:
     """The self-check compares activations, which tiny weights pass: refuse to write weights that overflowed
-    or underflowed their dtype, with the verify's finite check, naming the tensor and the scales behind it."""
+    or underflowed their dtype, with the verify's finite check, naming the tensor and the scales behind it.
+    ``lost``: the underflows the in-place fold counted (``normalize.fold_in_place``)."""
     extreme = max(scales.items(), key=lambda kv: float(kv[1].abs().log10().abs().max()))
     why = (
         f" (scales from {float(extreme[1].min()):.3g} to {float(extreme[1].max()):.3g} in {extreme[0]}, from the "
         f"means in {stats_path}: no measurement gives such means; measure again with `vggnorm compute-stats`)"
     )
     try:
-        check_representable(folded, original, "the folded checkpoint", why)
+        check_representable(folded, original, "the folded checkpoint", why, lost=lost)
         check_finite(exported, "the folded checkpoint")
     except InvalidValuesError as e:
         raise InvalidValuesError(f"{e}{'' if 'nothing was written' in str(e) else '; nothing was written'}") from e

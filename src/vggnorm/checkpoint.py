@@ -196,9 +196,12 @@ def strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
     return out
 
 
-def _torch_load(path: Path) -> object:
+def _torch_load(path: Path, *, mmap: bool = True) -> object:
     """``torch.load`` memory-mapped (pages are read as tensors are used, copy-on-write: 0.4 s less
-    for verify's two VGG16 files), or plainly for a file in torch's legacy (non-zip) format."""
+    for verify's two VGG16 files), or plainly for a file in torch's legacy (non-zip) format or when
+    ``mmap`` is False (tensors to be overwritten: a copy-on-write fault per page costs apply's fold 1 s)."""
+    if not mmap:
+        return torch.load(path, map_location="cpu", weights_only=True)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as e:
@@ -207,9 +210,10 @@ def _torch_load(path: Path) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_state_dict(path: str | os.PathLike[str]) -> StateDict:
+def load_state_dict(path: str | os.PathLike[str], *, mmap: bool = True) -> StateDict:
     """Load a state_dict from ``.pth``/``.pt`` (never unpickling code) or ``.safetensors``; a Keras
-    (HDF5) or MatConvNet (``.mat``) VGG, recognized by its content, in torchvision's layout."""
+    (HDF5) or MatConvNet (``.mat``) VGG, recognized by its content, in torchvision's layout. ``mmap``:
+    a ``.pth`` is memory-mapped (``_torch_load``)."""
     from vggnorm.formats import read_foreign
 
     path = Path(path)
@@ -227,7 +231,7 @@ def load_state_dict(path: str | os.PathLike[str]) -> StateDict:
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     else:
         try:
-            raw = _torch_load(path)
+            raw = _torch_load(path, mmap=mmap)
         except pickle.UnpicklingError as e:
             with open(path, "rb") as f:
                 head = f.read(2)
@@ -284,20 +288,34 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], source: str) -> None:
 
 
 def check_representable(
-    new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor], source: str, why: str = ""
+    new: Mapping[str, torch.Tensor],
+    old: Mapping[str, torch.Tensor],
+    source: str,
+    why: str = "",
+    *,
+    lost: Mapping[str, int] | None = None,
 ) -> None:
     """Refuse a rescaled state_dict whose tensors left their dtype's range: NaN or inf (``check_finite``),
-    or values that were normal numbers in ``old`` and underflowed to zero or subnormals in ``new``."""
+    or values that were normal numbers in ``old`` and underflowed to zero or subnormals in ``new``.
+
+    ``lost``: for the tensors rescaled in place (``normalize.fold_in_place``: ``old`` holds the rescaled
+    tensor itself), how many values underflowed, counted as they were overwritten."""
     check_finite(new, source)
+    lost = lost or {}
     for key, t in new.items():
         before = old.get(key)
         if not t.is_floating_point() or before is None or before.shape != t.shape:
             continue
-        tiny = torch.finfo(t.dtype).tiny
-        lost = (before.abs() >= tiny) & (t.abs() < tiny)
-        if bool(lost.any()):
+        if key in lost:
+            count = lost[key]
+        elif before is t:  # unchanged: nothing can have underflowed
+            continue
+        else:
+            tiny = torch.finfo(t.dtype).tiny
+            count = int(((before.abs() >= tiny) & (t.abs() < tiny)).sum())
+        if count:
             raise InvalidValuesError(
-                f"{source}: tensor {key} underflows {t.dtype}: {int(lost.sum())} of its {t.numel()} value(s) "
+                f"{source}: tensor {key} underflows {t.dtype}: {count} of its {t.numel()} value(s) "
                 f"became 0 or subnormal{why}; nothing was written"
             )
 

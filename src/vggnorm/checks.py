@@ -17,7 +17,7 @@ from torch import nn
 
 from vggnorm.defaults import DEFAULT_MEANS_TOL, DEFAULT_RTOL
 from vggnorm.layers import Site, Topology, find_topology
-from vggnorm.normalize import DeadRule
+from vggnorm.normalize import DeadRule, LazyFold
 from vggnorm.witness import activation_outputs
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
@@ -154,8 +154,41 @@ def _elementwise_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return worst
 
 
-def check_function(
+@dataclass(frozen=True)
+class Reference:
+    """The original's side of ``check_function``, taken on its own: its float64 activations at ``sites``
+    and its output on ``x``. apply takes it before its fold overwrites the weights the original runs on."""
+
+    x: torch.Tensor  # float64
+    topology: Topology
+    sites: list[Site]
+    activations: dict[str, torch.Tensor]
+    output: torch.Tensor
+
+
+def reference_outputs(
     original: nn.Module,
+    scales: Mapping[str, torch.Tensor] | None,
+    x: torch.Tensor,
+    *,
+    topology: Topology | None = None,
+    logits: bool = True,
+) -> Reference:
+    """The original's activations and output on ``x`` in float64, as ``check_function`` compares them
+    (the fc sites too when ``scales`` has them); ``topology``: the original's, where the caller has it.
+    ``logits=False``: features-only weights, run without the classifier and its activations, whose count
+    of activation calls is then not checked."""
+    x = x.double()
+    ta = topology or find_topology(original, add_affine=True)
+    fc = scales is not None and any(s.conv in scales for s in ta.fc_sites)
+    sites = [*ta.sites, *(ta.fc_sites if fc else ())]
+    with float64_forward(original):
+        f, y = _relu_outputs(original, sites, x, ta.activation_calls if logits else None)
+    return Reference(x, ta, sites, f, y)
+
+
+def check_function(
+    original: nn.Module | Reference,
     normalized: nn.Module,
     scales: Mapping[str, torch.Tensor] | None,
     x: torch.Tensor,
@@ -170,17 +203,23 @@ def check_function(
     Sites are matched in forward order, so ``normalized`` may be laid out differently (a ``_bn``
     original against its BN-folded Gatys export); ``scales`` is keyed by the original's conv paths.
     Both networks run in float64 (``float64_forward``), so float32 rounding cannot hide or fake a difference:
-    what remains is the rounding of the stored weights, far below ``rtol``.
+    what remains is the rounding of the stored weights, far below ``rtol``. ``original`` may be its
+    ``reference_outputs``, taken on the same ``x`` with the same ``scales``.
     """
     x = x.double()
     # the structures of the two models (the CLI passes its archs' cached ones: no analysis of real weights)
-    ta, tb = topologies or (find_topology(original, add_affine=True), find_topology(normalized, add_affine=True))
-    fc = scales is not None and any(s.conv in scales for s in ta.fc_sites)
-    sites = [*ta.sites, *(ta.fc_sites if fc else ())]
+    if isinstance(original, Reference):
+        if not torch.equal(original.x, x):
+            raise ValueError("check_function: the reference outputs were taken on another input")
+        ref = original
+    else:
+        ref = reference_outputs(original, scales, x, topology=topologies[0] if topologies else None, logits=logits)
+    tb = topologies[1] if topologies else find_topology(normalized, add_affine=True)
+    sites, f, y = ref.sites, ref.activations, ref.output
+    fc = len(sites) > len(ref.topology.sites)
+    if fc != (scales is not None and any(s.conv in scales for s in ref.topology.fc_sites)):
+        raise ValueError("check_function: the reference outputs were taken with other scales")
     normalized_sites = [*tb.sites, *(tb.fc_sites if fc else ())]
-    with float64_forward(original):
-        # (features-only weights run without the classifier and its activations: their count is not checked)
-        f, y = _relu_outputs(original, sites, x, ta.activation_calls if logits else None)
     with float64_forward(normalized):
         g, y2 = _relu_outputs(normalized, normalized_sites, x, tb.activation_calls if logits else None)
     g = {a.conv: g[b.conv] for a, b in zip(sites, normalized_sites, strict=True)}
@@ -319,13 +358,27 @@ FLOAT32_MEAN_ERROR = 1e-4
 def check_fold(
     actual: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], *, rtol: float = DEFAULT_RTOL
 ) -> Check:
-    """(d) the checkpoint equals ``fold(original, stats)`` recomputed, tensor by tensor."""
+    """(d) the checkpoint equals ``fold(original, stats)`` recomputed, tensor by tensor (``expected`` may be a
+    ``normalize.LazyFold``: each tensor computed as it is compared, a rescaled weight a block of rows at a time)."""
     desc = "the checkpoint equals fold(original, stats) recomputed"
     if set(actual) != set(expected):
         missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
         return Check("fold", desc, FAIL, None, rtol, f"keys differ: missing {missing[:5]}, unexpected {extra[:5]}")
     errs = {}
-    for k, v in expected.items():
+    for k in expected:
+        blocks = expected.rows(k) if isinstance(expected, LazyFold) else None
+        if blocks is not None:  # a rescaled weight, a block of rows at a time: the same figure, no copy of it
+            original, rows = blocks
+            if tuple(actual[k].shape) != tuple(original.shape):
+                errs[k] = float("inf")
+                continue
+            errs[k] = 0.0
+            for i, block in rows:
+                err = _elementwise_err(actual[k][i : i + block.shape[0]], block)
+                if not err <= errs[k]:  # NaN wins
+                    errs[k] = err
+            continue
+        v = expected[k]
         if not v.is_floating_point():
             errs[k] = 0.0 if torch.equal(actual[k], v) else float("inf")
         elif tuple(actual[k].shape) != tuple(v.shape):
@@ -335,7 +388,8 @@ def check_fold(
     worst = max(errs, key=lambda k: errs[k])
     status = _status(errs[worst], rtol)
     detail = f"worst tensor {worst}"
-    a, e = actual[worst], expected[worst]
+    a = actual[worst]
+    e = expected[worst] if status == FAIL else a  # (a LazyFold computes it: only when it is reported)
     if status == FAIL and a.is_floating_point() and a.shape == e.shape and e.numel():
         # the element itself: a relative error against an expected 0 is no figure a reader can use
         diff = (a.double() - e.double()).abs().reshape(-1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -24,7 +25,7 @@ def plot_means(
     before: Mapping[str, torch.Tensor] | None,
     after: Mapping[str, torch.Tensor],
     dead: Mapping[str, list[int]],
-    path: Path,
+    path: Path | IO[bytes],
     *,
     title: str,
     after_label: str,
@@ -34,7 +35,8 @@ def plot_means(
     mean is from 1 after (``|mean - 1|``, log scale, with the means check's tolerance ``1e-3`` dashed).
     Layers are labelled with their module path and, with ``names``, Gatys' name. Dead filters are not
     drawn (their means are no measurement of the normalization): each layer's count is written in red
-    under its column. Writes ``path`` directly: callers write it through ``checkpoint.atomic_writes``.
+    under its column. Writes ``path`` directly (or a binary file object): callers write it through
+    ``checkpoint.atomic_writes``.
     """
     import matplotlib
 

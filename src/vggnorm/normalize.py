@@ -1,12 +1,14 @@
 """The fold: a state_dict and per-filter scales -> a state_dict whose ReLU outputs are divided by them.
 
-Pure functions: tensors in, tensors out, no I/O, inputs never mutated. Arithmetic is done in
-float64 and cast back to each tensor's dtype (as ``torch.nn.utils.fusion`` does).
+Pure functions: tensors in, tensors out, no I/O, inputs never mutated (``fold_in_place`` aside, which
+says so). Arithmetic is done in float64 and cast back to each tensor's dtype (as ``torch.nn.utils.fusion``
+does).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -88,7 +90,79 @@ def fold_state_dict(
 
     The output (logits) is then unchanged. With ``features_only`` only ``features.*`` entries are kept.
     """
-    out: StateDict = dict(state_dict)
+    return _fold(state_dict, scales, topology, features_only=features_only, lost=None)
+
+
+def fold_in_place(
+    state_dict: StateDict,
+    scales: Mapping[str, torch.Tensor],
+    topology: Topology,
+    *,
+    features_only: bool = False,
+) -> tuple[StateDict, dict[str, int]]:
+    """``fold_state_dict``, the same numbers, with each weight matrix rescaled into its own tensor instead
+    of a new one, so that the checkpoint is not held twice (apply: VGG16's 500 MB). ``state_dict``'s weights
+    are overwritten: its caller must be done with them as the original (apply runs the original's side of
+    its self-check first). A weight whose storage another entry shares is rescaled into a new tensor.
+
+    Also returns, per weight rescaled in place, how many of its values were normal numbers and became 0 or
+    subnormal: what ``checkpoint.check_representable`` finds by comparing with the original, which is gone.
+    """
+    lost: dict[str, int] = {}
+    return _fold(state_dict, scales, topology, features_only=features_only, lost=lost), lost
+
+
+def _fold(
+    state_dict: Mapping[str, torch.Tensor],
+    scales: Mapping[str, torch.Tensor],
+    topology: Topology,
+    *,
+    features_only: bool,
+    lost: dict[str, int] | None,
+) -> StateDict:
+    """``fold_state_dict``; with ``lost``, weights rescaled in place (``fold_in_place``), their losses counted."""
+    plan = _plan(state_dict, scales, topology, features_only=features_only)
+    storages: dict[int, int] = {}  # in place: how many entries each storage holds
+    for tensor in state_dict.values() if lost is not None else ():
+        if tensor.numel():
+            ptr = tensor.untyped_storage().data_ptr()
+            storages[ptr] = storages.get(ptr, 0) + 1
+    out: StateDict = {}
+    for key, entry in plan.items():
+        if isinstance(entry, _Rescale):
+            w = entry.w
+            alone = w.numel() > 0 and storages.get(w.untyped_storage().data_ptr()) == 1
+            if lost is not None and alone:  # in place: count the values that underflow as they are overwritten
+                lost[key] = 0
+                out[key] = _rescale_chunked(w, entry.col, entry.row, into=w, lost=lost, key=key)
+            else:
+                out[key] = _rescale_chunked(w, entry.col, entry.row)
+        else:
+            out[key] = entry()
+    return out
+
+
+@dataclass(frozen=True)
+class _Rescale:
+    """A weight whose rows are divided by ``row`` and columns multiplied by ``col`` (``_rescale_chunked``)."""
+
+    w: torch.Tensor
+    col: torch.Tensor | None
+    row: torch.Tensor | None
+
+
+def _plan(
+    state_dict: Mapping[str, torch.Tensor],
+    scales: Mapping[str, torch.Tensor],
+    topology: Topology,
+    *,
+    features_only: bool,
+) -> dict[str, _Rescale | Callable[[], torch.Tensor]]:
+    """How the fold computes each of its output's tensors, in the output's order (``fold_state_dict``'s rules):
+    a weight to rescale, or a function giving the tensor (a bias or norm parameter divided, or the input's)."""
+    plan: dict[str, _Rescale | Callable[[], torch.Tensor]] = {
+        k: functools.partial(_same, v) for k, v in state_dict.items()
+    }
     rows = {o.module: v for o in topology.origins if o.kind == "rows" and (v := run_scales(o.runs, scales)) is not None}
     affine = {
         o.module: v for o in topology.origins if o.kind == "affine" and (v := run_scales(o.runs, scales)) is not None
@@ -99,35 +173,84 @@ def fold_state_dict(
         w_key, b_key = f"{module}.weight", f"{module}.bias"
         if w_key not in state_dict:  # a features-only state_dict has no classifier
             continue
+        if features_only and not w_key.startswith("features."):  # not in the output
+            continue
         w = state_dict[w_key]
         col = _input_scale(columns[module], scales, w.shape) if module in columns else None
         row = rows.get(module)
         if col is None and row is None:
             continue
-        out[w_key] = _rescale_chunked(w, col, row)
+        plan[w_key] = _Rescale(w, col, row)
         if row is not None and b_key in state_dict:
-            out[b_key] = (state_dict[b_key].double() / row).to(state_dict[b_key].dtype)
+            plan[b_key] = functools.partial(_divided, state_dict[b_key].double(), row, state_dict[b_key].dtype)
+    # an --add-affine norm's new parameters: in the dtype of the model's weights
+    like = next((v for v in state_dict.values() if v.is_floating_point()), None)
+    dtype = like.dtype if like is not None else torch.float32
     for module in dict.fromkeys([*affine, *absorbed]):
         s_out, s_in = affine.get(module), absorbed.get(module)
-        # the norm's affine output is divided by s_out; an --add-affine norm starts from weight 1, bias 0
-        for key, start, divide in ((f"{module}.weight", 1.0, True), (f"{module}.bias", 0.0, False)):
+        ref = s_out if s_out is not None else s_in
+        assert ref is not None
+        # the norm's affine output is divided by s_out, its input's scale s_in absorbed (weight * s_in, running
+        # mean / s_in); an --add-affine norm starts from weight 1, bias 0
+        for key, start, absorbs in ((f"{module}.weight", 1.0, True), (f"{module}.bias", 0.0, False)):
             t = state_dict.get(key)
-            ref = s_out if s_out is not None else s_in
-            assert ref is not None
             base = t.double() if t is not None else torch.full_like(ref, start)
-            if divide and s_in is not None:
+            if absorbs and s_in is not None:
                 base = base * s_in
-            if s_out is not None:
-                base = base / s_out
-            # an --add-affine norm's new parameters: in the dtype of the model's weights
-            like = t if t is not None else next((v for v in state_dict.values() if v.is_floating_point()), None)
-            out[key] = base.to(like.dtype if like is not None else torch.float32)
-        if s_in is not None and f"{module}.running_mean" in state_dict:
-            mean = state_dict[f"{module}.running_mean"]
-            out[f"{module}.running_mean"] = (mean.double() / s_in).to(mean.dtype)
+            divisor = s_out if s_out is not None else torch.ones_like(ref)
+            plan[key] = functools.partial(_divided, base, divisor, t.dtype if t is not None else dtype)
+        mean_key = f"{module}.running_mean"
+        if s_in is not None and mean_key in state_dict:
+            mean = state_dict[mean_key]
+            plan[mean_key] = functools.partial(_divided, mean.double(), s_in, mean.dtype)
     if features_only:
-        return {k: v for k, v in out.items() if k.startswith("features.")}
-    return out
+        return {k: v for k, v in plan.items() if k.startswith("features.")}
+    return plan
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _divided(base: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (base / s).to(dtype)
+
+
+class LazyFold(Mapping[str, torch.Tensor]):
+    """``fold_state_dict``'s result, the same keys in the same order and the same numbers, each tensor computed
+    when it is read (and not kept); ``rows`` gives a rescaled weight a block of rows at a time. A comparison
+    with it (``checks.check_fold``) holds neither a second checkpoint nor a copy of its largest tensor."""
+
+    def __init__(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        scales: Mapping[str, torch.Tensor],
+        topology: Topology,
+        *,
+        features_only: bool = False,
+        block_rows: int = 32,
+    ) -> None:
+        self._plan = _plan(state_dict, scales, topology, features_only=features_only)
+        self._rows = block_rows
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        entry = self._plan[key]
+        return _rescale_chunked(entry.w, entry.col, entry.row) if isinstance(entry, _Rescale) else entry()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._plan)
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    def rows(self, key: str) -> tuple[torch.Tensor, Iterator[tuple[int, torch.Tensor]]] | None:
+        """For a rescaled weight, its original (for its shape and dtype) and its folded rows as ``(first row,
+        block)`` pairs, each block computed as ``_rescale_chunked`` computes it; None for another tensor."""
+        entry = self._plan[key]
+        if not isinstance(entry, _Rescale):
+            return None
+        blocks = _blocks(entry.w, entry.col, entry.row, self._rows)
+        return entry.w, ((i, block.to(entry.w.dtype)) for i, block in blocks)
 
 
 def run_scales(
@@ -164,12 +287,43 @@ def _input_scale(comp: Compensation, scales: Mapping[str, torch.Tensor], shape: 
 
 
 def _rescale_chunked(
-    w: torch.Tensor, col: torch.Tensor | None, row: torch.Tensor | None, rows: int = 32
+    w: torch.Tensor,
+    col: torch.Tensor | None,
+    row: torch.Tensor | None,
+    rows: int = 32,
+    *,
+    into: torch.Tensor | None = None,
+    lost: dict[str, int] | None = None,
+    key: str = "",
 ) -> torch.Tensor:
     """``(w.double() * col / row[:, None...]).to(w.dtype)``, a block of rows at a time in one reused
     float64 buffer: the same numbers (the same operations in the same order), without a float64 copy
-    of the whole matrix (VGG's first Linear is 100M+ weights) and 4x faster than fresh blocks."""
-    out = torch.empty_like(w)
+    of the whole matrix (VGG's first Linear is 100M+ weights) and 4x faster than fresh blocks.
+
+    ``into``: the tensor written (``w`` itself: each block is read before it is overwritten); with ``lost``,
+    ``lost[key]`` counts the values that were normal numbers in ``w`` and are 0 or subnormal in the result."""
+    out = torch.empty_like(w) if into is None else into
+    cast = (
+        torch.empty((min(rows, w.shape[0]), *w.shape[1:]), dtype=w.dtype, device=w.device) if lost is not None else None
+    )
+    tiny = torch.finfo(w.dtype).tiny if w.is_floating_point() else 0.0
+    for i, block in _blocks(w, col, row, rows):
+        n = block.shape[0]
+        if cast is None or lost is None:
+            out[i : i + n].copy_(block)
+            continue
+        new = cast[:n]
+        new.copy_(block)
+        lost[key] += int(((w[i : i + n].abs() >= tiny) & (new.abs() < tiny)).sum())
+        out[i : i + n].copy_(new)
+    return out
+
+
+def _blocks(
+    w: torch.Tensor, col: torch.Tensor | None, row: torch.Tensor | None, rows: int = 32
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(i, w[i : i + rows].double() * col / row)`` for each block of rows, in one reused float64 buffer
+    (a block is overwritten by the next: use it before asking for the next)."""
     tail = [1] * (w.ndim - 1)
     buf = torch.empty((min(rows, w.shape[0]), *w.shape[1:]), dtype=torch.float64, device=w.device)
     for i in range(0, w.shape[0], rows):
@@ -179,8 +333,7 @@ def _rescale_chunked(
             block.mul_(col[i : i + rows] if col.shape[0] > 1 else col)
         if row is not None:
             block.div_(row[i : i + rows].view(-1, *tail))
-        out[i : i + rows].copy_(block)
-    return out
+        yield i, block
 
 
 @dataclass(frozen=True)
@@ -312,7 +465,7 @@ def float32_bounds(
         mu_in = torch.cat([means[str(p)].double().clamp_min(0)[a : a + n] for p, a, n in comp.runs]) * comp.max_factor
         if comp.positions > 1:
             mu_in = mu_in.repeat_interleave(comp.positions)
-        a = w.double().abs()
+        a = w.double().abs_()  # (in place: one float64 copy of the weight at a time, not two)
         if a.ndim == 2:  # Linear (out, in)
             total = a @ mu_in
         else:  # (out, in per group, kh, kw): filter o reads the channels of its group

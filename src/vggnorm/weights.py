@@ -201,13 +201,20 @@ def _hash_in_background(state_dict: StateDict) -> Future[str]:
 
 
 def resolve_weights(
-    spec: str, *, arch: str | None, prefer: str | None = None, background_hash: bool = False, given: Given = COMPUTE
+    spec: str,
+    *,
+    arch: str | None,
+    prefer: str | None = None,
+    background_hash: bool = False,
+    given: Given = COMPUTE,
+    mmap: bool = True,
 ) -> Weights:
     """Resolve a weight SPEC (path, torchvision name or ``random:SEED``) to a checked state_dict.
 
     ``arch`` may be ``None`` for a file, whose arch is then inferred from its keys and shapes
     (``prefer``: the arch to take when it fits, as another may too). ``background_hash``: the
-    content hash is computed in a thread (``Weights.sha256`` waits for it).
+    content hash is computed in a thread (``Weights.sha256`` waits for it). ``mmap=False``: a ``.pth``
+    file is read into memory of its own, not memory-mapped (apply overwrites the tensors).
     """
     foreign = None
     if spec.startswith(RANDOM_PREFIX):
@@ -221,7 +228,7 @@ def resolve_weights(
     elif is_file_spec(spec):
         try:
             foreign = read_foreign(spec) if os.path.isfile(spec) else None
-            sd = dict(foreign.state_dict) if foreign else to_torchvision_layout(load_state_dict(spec))
+            sd = dict(foreign.state_dict) if foreign else to_torchvision_layout(load_state_dict(spec, mmap=mmap))
             arch = arch or infer_arch(sd, prefer=prefer)
             check_arch(arch)
             try:
