@@ -16,12 +16,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# two workers (the machine's two cores), one torch thread each: the tests' tensors are small, and two threads
+# per worker on two cores cost far more than they give
 test: install
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2
 
 # everything, the tests marked heavy too (a full VGG16 with its top in Keras, torchrun's several processes)
 test-all: install
-	$(BIN)/python -m pytest -q -m ""
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 -m ""
 
 demo: install
 	bash scripts/demo.sh $(DEMO)
