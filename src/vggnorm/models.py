@@ -22,7 +22,7 @@ from torch import nn
 from vggnorm.checkpoint import describe_not_floating, not_floating, upcast_half
 from vggnorm.defaults import NAMED_ARCHS, PADDINGS, POOLINGS, VGG_ARCHS, torchvision_classifiers
 from vggnorm.errors import CheckpointError, VggnormError, WeightsError
-from vggnorm.layers import Topology, find_topology, with_affine
+from vggnorm.layers import NORMS, Topology, find_topology, with_affine
 from vggnorm.shapes import input_fits
 
 # user models imported on request: identity (``user_model_key``) -> class or zero-argument factory
@@ -219,7 +219,15 @@ def _build(arch: str, device: str | torch.device, torchvision_class: bool) -> nn
 def topology(arch: str, add_affine: bool = False) -> Topology:
     """The sites, compensations and refusals of ``arch`` (``layers.find_topology`` on a model built
     on the meta device), refusals included: ``inspect`` lists them."""
-    return find_topology(build_model(arch, device="meta").eval(), add_affine=add_affine)
+    model = build_model(arch, device="meta").eval()
+    if add_affine and not any(_without_affine(m) for m in model.modules()):
+        return topology(arch)  # --add-affine changes nothing here: the same analysis, once
+    return find_topology(model, add_affine=add_affine)
+
+
+def _without_affine(m: nn.Module) -> bool:
+    """A norm whose affine parameters --add-affine would add."""
+    return isinstance(m, NORMS) and getattr(m, "weight", None) is None
 
 
 def checked_topology(arch: str, add_affine: bool = False) -> Topology:
