@@ -1061,6 +1061,16 @@ def regnet_y_blocks() -> nn.Module:
 # ---------------------------------------------------------------- refused
 
 
+def relu_of_negated_value() -> nn.Module:
+    """relu(h) + relu(-h) (|h|): a negation is the constant -1; the second activation reads the same value."""
+
+    def fwd(m, x):
+        h = m.c(x)
+        return m.head(m.r(h) + m.r(-h))
+
+    return Fwd(fwd, c=conv(3, 4), r=nn.ReLU(), head=_head(4))
+
+
 def _valid_then(act: nn.Module) -> Callable[[], nn.Module]:
     """A valid first site, then conv -> ``act`` -> conv."""
 
@@ -1415,6 +1425,7 @@ GALLERY: list[Entry] = [
     Entry("add_const_then_conv", add_const_then_conv, "refused"),
     Entry("gelu_after_conv", _valid_then(nn.GELU()), "refused"),
     Entry("silu_after_conv", _valid_then(nn.SiLU()), "refused"),
+    Entry("relu_of_negated_value", relu_of_negated_value, "exact", sites=(0,), note="one site per value"),
     Entry("relu6_after_conv", _valid_then(nn.ReLU6()), "refused"),
     Entry("tanh_after_conv", _valid_then(nn.Tanh()), "refused"),
     Entry("sigmoid_after_conv", _valid_then(nn.Sigmoid()), "refused"),

@@ -4,6 +4,7 @@ checked in float64 with hooks of the test's own; every refused one is named with
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 import lookalikes as L
 import vggnorm
 from conftest import invoke
-from vggnorm.errors import CheckpointError
+from vggnorm.errors import CheckpointError, StatsMismatchError
 from vggnorm.stats import LayerStats, Stats, write_stats
 
 ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
@@ -279,10 +280,39 @@ def test_a_residual_stream_end_to_end_through_the_cli(photos, tmp_path):
     assert "## Residual streams" in (tmp_path / "n.report.md").read_text()
     r = invoke("verify", out, "--model", spec, "--stats", stats, "--original", "random:0", "--data", photos)
     assert r.exit_code == 0 and "verify: PASS (4 passed" in r.output, r.output
+    # an audit (--data alone) holds only the ReLUs outside the stream to 1: the stream's were promised others
+    r = invoke("verify", out, "--model", spec, "--data", photos, "--resize", "24", "--crop", "16")
+    assert r.exit_code == 0 and "3 ReLUs on residual streams not audited" in r.output, r.output
+    # a .pth away from its report: the policy is not known, unless --stream-scale says it
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(out, alone / "n.pth")
+    checked = ("verify", alone / "n.pth", "--model", spec, "--stats", stats, "--original", "random:0")
+    assert invoke(*checked).exit_code == 1
+    r = invoke(*checked, "--stream-scale", "last")
+    assert r.exit_code == 0 and "verify: PASS (3 passed" in r.output, r.output
 
 
-# the whole models take a minute and more on a 2-core machine: make test-all
-@pytest.mark.heavy
+def test_the_vgg_only_layouts_refuse_a_residual_network_in_a_line(photos, tmp_path):
+    """Before: apply --layout gatys or --features-only on resnet18 ended in a traceback (a meta tensor copied)."""
+    spec, stats = L.spec("stream_net"), tmp_path / "s.h5"
+    size = ["--resize", "24", "--crop", "16", "--workers", "0", "--no-progress"]
+    assert invoke("compute-stats", photos, "--model", spec, "--weights", "random:0", "-o", stats, *size).exit_code == 0
+    for option in (("--layout", "gatys"), ("--features-only",)):
+        r = invoke("apply", "random:0", "--model", spec, "--stats", stats, "-o", tmp_path / "g.pth", *option)
+        assert r.exit_code == 1 and "a chain of convs (a VGG or AlexNet); " in r.stderr, r.output
+        assert not (tmp_path / "g.pth").exists()
+
+
+def test_statistics_of_an_older_analysis_are_named_as_such():
+    model = L.stream_net().eval()
+    stats = vggnorm.measure_means(model, [_images(16).float()])
+    del stats.layers["blocks.1.relu:2"]  # a site the analysis before residual streams did not have
+    with pytest.raises(StatsMismatchError, match="lack 1 of its sites \\(blocks.1.relu:2\\): measured by an older"):
+        vggnorm.scales(model, stats)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "densenet121"])
 def test_residual_and_dense_torchvision_models_end_to_end(arch, photos, tmp_path):
     """compute-stats -> apply -> verify --data on torchvision's own ResNet and DenseNet, by name."""
@@ -296,3 +326,6 @@ def test_residual_and_dense_torchvision_models_end_to_end(arch, photos, tmp_path
     assert len(report["streams"]) == (4 if arch == "resnet18" else 0)
     r = invoke("verify", out, "--stats", stats, "--original", "random:0", "--data", photos)
     assert r.exit_code == 0 and "verify: PASS (4 passed" in r.output, r.output
+    # without the statistics, the arch apply recorded beside the checkpoint (keys name only VGGs and AlexNet)
+    r = invoke("verify", out, "--data", photos, "--resize", "40", "--crop", "32")
+    assert r.exit_code == 0 and "verify: PASS (1 passed" in r.output, r.output

@@ -179,6 +179,13 @@ def apply_stats(
     check_output_name(output, layout, flavor)  # after: an input given as -o is named as such first
     if layout == "adain":
         check_adain(arch, stats)
+    if (features_only or layout == "gatys") and not topo.names:
+        # the features-only and Gatys layouts keep a chain of convs (VGG's, AlexNet's) without its classifier
+        what = "--layout gatys names the convs of" if layout == "gatys" else "--features-only keeps the features of"
+        raise VggnormError(
+            f"{what} a chain of convs (a VGG or AlexNet); {arch} is not one (`vggnorm inspect {arch}` shows its "
+            "structure): write the whole model (the default torchvision layout, or a .safetensors file)"
+        )
     other_norms = sorted({s.norm for s in topo.all_sites if s.bn is not None and s.norm != "BatchNorm2d"})
     if layout != "torchvision" and other_norms:
         raise VggnormError(

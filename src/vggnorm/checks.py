@@ -317,11 +317,17 @@ def check_means(
         layer = next(iter(means))
     label = f"{layer} ({names[layer]})" if names and layer in names else layer
     where = f"worst: {label} filter {index}, mean {float(means[layer][index]):.6g}"
+    promised_worst = expected.get(layer) if expected is not None else None
+    if promised_worst is not None:
+        where += f" (promised {float(promised_worst[index]):.6g}: a residual stream's)"
     if scales is not None and layer in scales:
         where += f", amplified {1 / float(scales[layer][index]):.3g}x by its scale {float(scales[layer][index]):.3g}"
+    on_streams = expected is not None and any(expected.get(n) is not None for n in means)
     summary = (
         f"live filter means range {float(allv.min()):.6g} .. {float(allv.max()):.6g} "
-        f"(median {float(allv.median()):.6g}); {where}; {n_dead} dead filter(s) excluded"
+        f"(median {float(allv.median()):.6g}"
+        + ("; on residual streams, each mean over the one promised" if on_streams else "")
+        + f"); {where}; {n_dead} dead filter(s) excluded"
     )
     if widened:
         summary += (

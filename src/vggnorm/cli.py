@@ -523,6 +523,13 @@ def apply_cmd(
     help="Check the means over all images (image) or the class-balanced means (class). [default: as apply recorded]",
 )
 @click.option(
+    "--stream-scale",
+    type=click.Choice(STREAM_SCALES),
+    default=None,
+    help="How apply chose the scale a residual stream's ReLUs share (apply --stream-scale), for a .pth whose "
+    "report is not beside it. [default: as apply recorded; geometric when nothing was]",
+)
+@click.option(
     "--labels",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
@@ -567,7 +574,7 @@ def verify_cmd(normalized: Path, model: str | None, output_format: str, **option
     \b
     With --original and --stats: (a) every ReLU output equals the original's divided by the scales,
     (b) logits unchanged, (d) NORMALIZED equals the fold recomputed. With --data: (c) the means
-    re-measured on the images are 1. With --data alone it audits any checkpoint.
+    re-measured on the images are 1. With --data alone it audits any checkpoint (on a residual network, the ReLUs outside its streams, whose means are the stream policy's).
 
     Example: vggnorm verify vgg19-normalized.pth --original vgg19.pth --stats vgg19-stats.h5 --data val/
     """

@@ -840,6 +840,8 @@ class _Analysis:
                 return x.through(node.name, _max_factor(node, None, None, 1) if target in ("amax", torch.amax) else 1.0)
         if target in (getattr, "size", "dim"):
             return None
+        if target in (operator.neg, torch.neg, "neg") and isinstance(x, _Val) and x.scaled and x.grid is None:
+            return x if x.pre else x.through(node.name)  # -(x / s) = (-x) / s: the constant -1
         if target in _ARITHMETIC and len(node.args) == 2:
             return self._arithmetic(node, target, states)
         if not scaled:

@@ -286,8 +286,9 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor], *, prefer: str | None = N
     has_bn = any(k.endswith("running_mean") for k in state_dict)
     raise CheckpointError(
         f"the state_dict matches no torchvision VGG or AlexNet ({convs} conv weights, "
-        f"{'with' if has_bn else 'without'} BatchNorm, {len(state_dict)} tensors); pass --arch NAME for another "
-        "torchvision model, or --model for your own"
+        f"{'with' if has_bn else 'without'} BatchNorm, {len(state_dict)} tensors), and only those are recognized "
+        "by their keys: give the statistics it was normalized with (--stats), or name the model (--arch NAME where "
+        "the command has it; else --model torchvision.models:NAME, or --model FILE.py:NAME for your own)"
     )
 
 

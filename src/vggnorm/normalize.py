@@ -380,9 +380,17 @@ def scales_from_stats(
             )
         expected += fc
     if measured not in (expected, expected + fc):
+        missing = [k for k in expected if k not in stats.layers]
+        if set(measured) < set(expected + fc):  # a subset: the sites of an older analysis, say
+            why = (
+                f"they lack {len(missing)} of its sites ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
+                "): measured by an older vggnorm, or for another model? measure them again with `vggnorm compute-stats`"
+            )
+        else:
+            why = "they belong to another architecture"
         raise StatsMismatchError(
             f"the statistics are for layers {list(stats.layers)[:3]}... ({len(stats.layers)} layers) but the "
-            f"checkpoint has {expected[:3]}... ({len(expected)} layers); they belong to another architecture"
+            f"checkpoint has {expected[:3]}... ({len(expected)} layers); {why}"
         )
     check_values(stats.layers, "the statistics")
     out = {}

@@ -67,6 +67,31 @@ def recorded_policy(checkpoint: Path) -> tuple[dict[str, object], str] | None:
     return None
 
 
+def recorded_arch(checkpoint: Path) -> str | None:
+    """The torchvision architecture ``apply`` recorded with ``checkpoint`` (the ``.safetensors`` metadata, or
+    the report beside a ``.pth``): how a ResNet's checkpoint is known without --stats, since only VGGs and
+    AlexNet are recognized by their keys. None for a user model or when nothing was recorded."""
+    from vggnorm.defaults import torchvision_classifiers
+
+    checkpoint = Path(checkpoint)
+    arch: object = None
+    if checkpoint.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(checkpoint), "pt") as f:
+                arch = (f.metadata() or {}).get("arch")
+        except Exception:  # an unreadable file is reported by the loader, with its reason
+            return None
+    else:
+        report = report_paths(report_base(checkpoint))[0]
+        try:
+            arch = json.loads(report.read_text()).get("arch") if report.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            return None
+    return arch if isinstance(arch, str) and arch in torchvision_classifiers() else None
+
+
 _REDO = "write it again with `vggnorm apply`, or give verify the statistics (--stats), whose policy is used then"
 
 
@@ -107,6 +132,7 @@ def resolve_policy(
     include_classifier: bool | None,
     weighting: str | None = None,
     labels: str | None = None,
+    stream_scale: str | None = None,
     **given: Any,
 ) -> Policy:
     """The measurement policy: the statistics' (options may only repeat it); else the one ``apply``
@@ -139,5 +165,5 @@ def resolve_policy(
     fc = include_classifier if include_classifier is not None else bool(rec.get("include_classifier", False))
     weighting = weighting or str(rec.get("weighting", "image"))
     label_source = labels or str(rec.get("label_source", "") or (stats.attrs.get("label_source", "") if stats else ""))
-    stream_scale = str(rec.get("stream_scale", DEFAULT_STREAM_SCALE))
+    stream_scale = stream_scale or str(rec.get("stream_scale", DEFAULT_STREAM_SCALE))
     return Policy(preprocess, rule, fc, source, weighting, label_source or "folders", stream_scale)

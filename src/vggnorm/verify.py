@@ -51,7 +51,7 @@ from vggnorm.models import (
     topology,
 )
 from vggnorm.normalize import LayerScales, LazyFold, float32_bounds, fold_state_dict, scales_from_stats
-from vggnorm.policy import Policy, report_base, resolve_policy
+from vggnorm.policy import Policy, recorded_arch, report_base, resolve_policy
 from vggnorm.progress import Progress
 from vggnorm.report import Report, layer_summary, measured_summary, report_paths
 from vggnorm.stats import LayerStats, Stats, read_stats
@@ -108,6 +108,7 @@ def verify_checkpoint(
     include_classifier: bool | None = None,
     weighting: str | None = None,
     labels: str | None = None,
+    stream_scale: str | None = None,
     precision: str = "fp32",
     device: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -134,7 +135,7 @@ def verify_checkpoint(
     _check_outputs(report, junit_xml, given, figure=data is not None, force=force, data=data)
     stats = read_stats(stats_path) if stats_path is not None else None
     # two models may share their shapes
-    prefer = canonical_arch(str(stats.attrs["arch"])) if stats is not None else None
+    prefer = canonical_arch(str(stats.attrs["arch"])) if stats is not None else recorded_arch(normalized_path)
     dev = resolve_device(device)
     check_precision(precision, dev)
     # the original first when its arch is known: its hash is computed while the other file loads
@@ -162,6 +163,7 @@ def verify_checkpoint(
         include_classifier=include_classifier,
         weighting=weighting,
         labels=labels,
+        stream_scale=stream_scale,
         **options,
     )
     if policy.include_classifier and target.features_only:
@@ -338,6 +340,14 @@ def _means(
     note = f"{measured.num_images} images from {data}" + (f", {len(skipped)} skipped" if skipped else "")
     if stats is not None and data_mod.dataset_fingerprint(data, files) != stats.attrs.get("dataset_fingerprint"):
         note += "; these are not the calibration images of the statistics, so means near (not exactly) 1 are expected"
+    if scales is None:  # an audit: a residual stream's ReLUs were promised their share of its scale, not 1
+        streams = {k for stream in topology(target.arch).streams for k in stream.sites}
+        if streams & set(means):
+            means = {k: m for k, m in means.items() if k not in streams}
+            note += (
+                f"; {len(streams)} ReLUs on residual streams not audited (their means are the stream policy's, "
+                "not 1: give --stats to check them)"
+            )
     check = check_means(
         means,
         _by_normalized_path(arch, target.arch, scales, fc),
