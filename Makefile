@@ -32,6 +32,7 @@ lint: install
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(MAKE) docs
 
 # the docs site (mkdocs.yml, docs/) into site/; --strict: a broken link, anchor or reference is an error.

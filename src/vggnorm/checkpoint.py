@@ -120,10 +120,14 @@ def atomic_writes(
 ) -> Iterator[list[Path]]:
     """Yield a temporary path beside each of ``paths``; rename them all into place if the block succeeds.
 
-    The outputs of one command appear together or not at all. Each file gets the mode a plain
-    ``open()`` would give under the umask. On any exception the temporary files are removed and
-    ``paths`` are left as they were; a refused write (a full disk, a read-only file system) becomes a
-    ``WriteError`` that says so.
+    The outputs of one command appear together or not at all when vggnorm itself fails (an exception, an
+    interrupt): on any exception the temporary files are removed and ``paths`` are left as they were; a
+    refused write (a full disk, a read-only file system) becomes a ``WriteError`` that says so. Each file
+    gets the mode a plain ``open()`` would give under the umask. Each temporary file is flushed to the disk
+    (``fsync``) before any rename, and each folder after them, so a power loss after the command returns
+    loses nothing. The renames themselves are one per file: a power loss in the instant between two of
+    them can leave the first file new and the next one old (the checkpoint is renamed first, its report
+    after it).
     """
     paths = [Path(p) for p in paths]
     inputs = list(inputs)
@@ -150,11 +154,30 @@ def atomic_writes(
             os.chmod(tmp, mode)
             if not force and path.exists():
                 raise OutputExistsError(f"{path} appeared while vggnorm was writing it; pass --force to overwrite it")
+        for tmp in temps:
+            _fsync(tmp)
         for tmp, path in zip(temps, paths, strict=True):
             os.replace(tmp, path)
+        for folder in dict.fromkeys(path.parent for path in paths):
+            _fsync(folder)
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to the disk; a file system that cannot (some network
+    ones refuse it on folders) is let be."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
