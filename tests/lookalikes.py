@@ -243,6 +243,11 @@ def stream_net() -> StreamNet:
     return StreamNet()
 
 
+def stream_net_wide() -> nn.Module:
+    """Another model than ``stream_net`` (a VGG-like), for statistics given with the wrong --model."""
+    return TinyVGG()
+
+
 def activation_net(activation: type[nn.Module]) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), activation(), nn.Conv2d(4, 2, 1))
 

@@ -298,6 +298,9 @@ def test_the_vgg_only_layouts_refuse_a_residual_network_in_a_line(photos, tmp_pa
     spec, stats = L.spec("stream_net"), tmp_path / "s.h5"
     size = ["--resize", "24", "--crop", "16", "--workers", "0", "--no-progress"]
     assert invoke("compute-stats", photos, "--model", spec, "--weights", "random:0", "-o", stats, *size).exit_code == 0
+    # --model names another model than the statistics': said, not ignored (it wrote the statistics' model)
+    r = invoke("apply", "random:0", "--model", L.spec("stream_net_wide"), "--stats", stats, "-o", tmp_path / "w.pth")
+    assert r.exit_code == 1 and "and --model names" in r.stderr and not (tmp_path / "w.pth").exists(), r.output
     for option in (("--layout", "gatys"), ("--features-only",)):
         r = invoke("apply", "random:0", "--model", spec, "--stats", stats, "-o", tmp_path / "g.pth", *option)
         assert r.exit_code == 1 and "a chain of convs (a VGG or AlexNet); " in r.stderr, r.output

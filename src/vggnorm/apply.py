@@ -142,6 +142,7 @@ def apply_stats(
     rule: DeadRule = DeadRule(),
     weighting: str = "image",
     stream_scale: str = DEFAULT_STREAM_SCALE,
+    model: str | None = None,
     force: bool = False,
 ) -> ApplyResult:
     """Fold ``stats`` into ``checkpoint`` (a weight SPEC), self-check it, write it and its report.
@@ -153,7 +154,8 @@ def apply_stats(
     ``include_classifier`` also normalizes the ReLUs after fc6 and fc7 (measured with
     ``RunConfig.include_classifier``), compensating fc7 and fc8. ``weighting="class"`` normalizes the
     class-balanced means (statistics measured with ``--per-class``). ``rule`` decides which filters
-    are dead (left unscaled). ``stream_scale`` chooses the scale a residual stream's sites share
+    are dead (left unscaled). ``model``: the user model ``--model`` imported (its key), which must be the
+    statistics' own. ``stream_scale`` chooses the scale a residual stream's sites share
     (``geometric`` or ``last``: ``normalize._stream_scales``). The measurement policy and the rule are recorded with the output
     (``policy.recorded_policy``), so ``verify --data`` re-measures the same way without being told.
     """
@@ -164,6 +166,11 @@ def apply_stats(
             "folder): merge all the shards first with `vggnorm merge-stats s0.h5 s1.h5 ... -o all.h5` and apply that"
         )
     arch = canonical_arch(str(stats.attrs["arch"]))
+    if model is not None and model != arch:  # --model names the model: it must be the statistics' one
+        raise StatsMismatchError(
+            f"{stats_path} was measured on {arch}, and --model names {model}: give the model the statistics "
+            "were measured on, or measure this one"
+        )
     drawing = prefetch_random(checkpoint, arch)  # a VGG's random:SEED: drawn in a thread from here on
     add_affine = bool(stats.attrs.get("add_affine", False))
     topo = checked_topology(arch, add_affine)  # a model that cannot be normalized is refused first

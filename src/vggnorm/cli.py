@@ -460,9 +460,10 @@ def apply_cmd(
     from vggnorm.normalize import DeadRule
 
     with user_errors():
-        if model is not None:
-            _import_model(model)
-        result = apply_stats(checkpoint, stats_path, output, rule=DeadRule(rel_eps=rel_eps, eps=eps), **options)
+        named = _import_model(model) if model is not None else None
+        result = apply_stats(
+            checkpoint, stats_path, output, rule=DeadRule(rel_eps=rel_eps, eps=eps), model=named, **options
+        )
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     _echo_checks(result.report.checks)
