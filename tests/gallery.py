@@ -1071,6 +1071,19 @@ def relu_of_negated_value() -> nn.Module:
     return Fwd(fwd, c=conv(3, 4), r=nn.ReLU(), head=_head(4))
 
 
+def add_of_an_affineless_batchnorm() -> nn.Module:
+    """relu(conv(h) + bn(conv(h))) with a BatchNorm without affine parameters: the ReLU after the add would
+    need the BatchNorm to carry its scale (found by make fuzz: measured without it, scaled with --add-affine)."""
+
+    def fwd(m, x):
+        h = m.r(m.c0(x))
+        return m.head(m.r(m.c1(h) + m.bn(m.c2(h))))
+
+    return Fwd(
+        fwd, c0=conv(3, 4), c1=conv(4, 4), c2=conv(4, 4), bn=nn.BatchNorm2d(4, affine=False), r=nn.ReLU(), head=_head(4)
+    )
+
+
 def _valid_then(act: nn.Module) -> Callable[[], nn.Module]:
     """A valid first site, then conv -> ``act`` -> conv."""
 
@@ -1426,6 +1439,8 @@ GALLERY: list[Entry] = [
     Entry("gelu_after_conv", _valid_then(nn.GELU()), "refused"),
     Entry("silu_after_conv", _valid_then(nn.SiLU()), "refused"),
     Entry("relu_of_negated_value", relu_of_negated_value, "exact", sites=(0,), note="one site per value"),
+    Entry("add_of_an_affineless_batchnorm", add_of_an_affineless_batchnorm, "refused"),
+    Entry("add_of_an_affineless_batchnorm_add_affine", add_of_an_affineless_batchnorm, "exact", add_affine=True),
     Entry("relu6_after_conv", _valid_then(nn.ReLU6()), "refused"),
     Entry("tanh_after_conv", _valid_then(nn.Tanh()), "refused"),
     Entry("sigmoid_after_conv", _valid_then(nn.Sigmoid()), "refused"),

@@ -433,6 +433,7 @@ class _Analysis:
         self._block, self._index = 1, 0
         self.not_sites: list[str] = []
         self.affine_added: dict[str, int] = {}
+        self.blocked_vars: dict[str, tuple[str, str, str]] = {}  # norm path -> (its label, why, fix)
         self.ordinal = 0
         self.labels = _activation_labels(graph, self.modules)
 
@@ -645,17 +646,21 @@ class _Analysis:
             norm_type=type(m).__name__,
             in_channels=in_c,
         )
+        # a norm that cannot carry a scale keeps its variable, so that what it joins is the same with or without
+        # --add-affine: a site whose scale it would have to carry is refused (``topology``), and a site right
+        # after it is refused here with the activation named
         if not self._channelwise(node, m):
             why = "normalizes over more than the channels (its affine parameters are not per channel)"
-            return dataclasses.replace(value, labels=(None,) * channels, blocked=why)
+            self.blocked_vars[path] = (self._label(node), why, "")
+            return dataclasses.replace(value, blocked=why)
         if not affine and not self.add_affine:
-            return dataclasses.replace(
-                value,
-                labels=(None,) * channels,
-                blocked="has no affine parameters to absorb the scale (affine=False)",
-                fix=f"build it with affine=True (weight 1, bias 0: the same function), or pass --add-affine "
-                f"({ADD_AFFINE_NOTE})",
+            why = "has no affine parameters to absorb the scale (affine=False)"
+            fix = (
+                f"build it with affine=True (weight 1, bias 0: the same function), or pass --add-affine "
+                f"({ADD_AFFINE_NOTE})"
             )
+            self.blocked_vars[path] = (self._label(node), why, fix)
+            return dataclasses.replace(value, blocked=why, fix=fix)
         return dataclasses.replace(value, added_affine=not affine)
 
     def _channelwise(self, node: torch.fx.Node, m: nn.Module) -> bool:
@@ -1017,6 +1022,11 @@ class _Analysis:
         scales; the refusals (its problems all concern kept variables)."""
         refusals = list(self.refusals)
         refusals += [r for variables, r in self.problems if self.active is None or variables & set(self.active)]
+        for path, (label, why, fix) in self.blocked_vars.items():
+            if self.active is not None and path in self.active and not any(r.node == label for r in refusals):
+                refusals.append(
+                    Refusal(label, f"{why}, but a residual add or a cat joins it to normalized activations", fix)
+                )
         for path, n in self.calls.items():
             m = self.modules[path]
             used = (
