@@ -165,10 +165,6 @@ class Site:
     call: int = -1
 
     @property
-    def key(self) -> str:
-        return self.conv
-
-    @property
     def signed(self) -> bool:
         """Whether the activation can be negative (LeakyReLU, PReLU): a mean at or below 0 is then legal."""
         return self.activation != "ReLU"
@@ -631,9 +627,7 @@ class _Analysis:
                 )
             else:  # an eval BatchNorm absorbs its input's scales exactly: running mean / s, weight * s
                 self.absorbs.append((path, x.labels))
-        channels = (
-            int(getattr(m, "num_features", 0) or getattr(m, "num_channels", 0) or 0) or ((shape_of(node) or (0, 0))[1])
-        )
+        channels = _norm_channels(m, node)
         if not affine and self.add_affine:
             self.affine_added[path] = channels
         producer = x.producer if isinstance(x, _Val) and x.pre and x.producer and not x.norm else path
@@ -696,8 +690,8 @@ class _Analysis:
         if isinstance(m, nn.PReLU) and m.num_parameters not in (1, channels):
             self.refuse(node, f"has {m.num_parameters} parameters for {channels} channels")
             return None
-        if kind == "PReLU" and m is None and _prelu_weights(node, self.modules) not in (1, channels, None):
-            self.refuse(node, f"has {_prelu_weights(node, self.modules)} parameters for {channels} channels")
+        if kind == "PReLU" and m is None and _prelu_weights(node) not in (1, channels, None):
+            self.refuse(node, f"has {_prelu_weights(node)} parameters for {channels} channels")
             return None
         site_ok = x.pre and x.pre not in self.sited and x.grid is None and all(u is not None for u in x.labels)
         if x.pre:
@@ -1173,13 +1167,17 @@ def _channels_of(analysis: _Analysis, var: str) -> int:
         return m.out_channels
     if isinstance(m, nn.Linear):
         return m.out_features
-    node = _node_named(analysis.graph, var)
+    return _norm_channels(m, _node_named(analysis.graph, var))
+
+
+def _norm_channels(m: nn.Module, node: torch.fx.Node | None) -> int:
+    """A norm's channels: its own count (BatchNorm, InstanceNorm, GroupNorm), else its output's dim 1."""
     return int(getattr(m, "num_features", 0) or getattr(m, "num_channels", 0) or 0) or (
         (shape_of(node) or (0, 0))[1] if node is not None else 0
     )
 
 
-def _prelu_weights(node: torch.fx.Node, modules: dict[str, nn.Module]) -> int | None:
+def _prelu_weights(node: torch.fx.Node) -> int | None:
     w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     shape = shape_of(w) if isinstance(w, torch.fx.Node) else None
     return math.prod(shape) if shape is not None else None
