@@ -2,7 +2,7 @@
 
 Builds a folder of ImageNet-sized JPEGs (500x375) from scikit-image's photos, then measures:
 
-  A  compute-stats end to end from the JPEG folder (vggnorm.compute.compute_stats, in a
+  A  compute-stats end to end from the JPEG folder (vggnorm.commands.compute.compute_stats, in a
      subprocess, so its peak RSS is its own); reported for N and 3N images
   B  decode + preprocess only (the same DataLoader, no network)
   C  bare forward (the whole model, as compute-stats runs it) over pre-decoded batches
@@ -41,15 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sample_photos import write_photos  # noqa: E402
 from vggnorm import data as data_mod  # noqa: E402
-from vggnorm.collect import ReluSums, measure  # noqa: E402
-from vggnorm.device import memory_format, precision_mode, resolve_device  # noqa: E402
-from vggnorm.models import load_model, topology  # noqa: E402
-from vggnorm.weights import random_state_dict  # noqa: E402
+from vggnorm.core.device import memory_format, precision_mode, resolve_device  # noqa: E402
+from vggnorm.core.measure import ReluSums, measure  # noqa: E402
+from vggnorm.io.models import load_model, topology  # noqa: E402
+from vggnorm.io.weights import random_state_dict  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
-from vggnorm.compute import RunConfig, compute_stats
+from vggnorm.commands.compute import RunConfig, compute_stats
 
 args = json.loads(sys.argv[1])
 timings = {}

@@ -151,7 +151,7 @@ def main() -> None:
     import torch
 
     from sample_photos import write_photos
-    from vggnorm.weights import random_state_dict
+    from vggnorm.io.weights import random_state_dict
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     with tempfile.TemporaryDirectory() as tmp:

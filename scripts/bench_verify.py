@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sample_photos import write_photos  # noqa: E402
-from vggnorm.weights import random_state_dict  # noqa: E402
+from vggnorm.io.weights import random_state_dict  # noqa: E402
 
 # Each is timed as a CI job pays it: the whole process, interpreter start and `import torch` included.
 LOAD = r"""

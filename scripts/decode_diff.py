@@ -18,13 +18,13 @@ import sys
 
 import torch
 
-from vggnorm import data as data_mod
-from vggnorm.collect import ReluSums, measure
-from vggnorm.device import memory_format, resolve_device
+from vggnorm.analysis.topology import find_topology
+from vggnorm.core.device import memory_format, resolve_device
+from vggnorm.core.measure import ReluSums, measure
 from vggnorm.errors import VggnormError
-from vggnorm.layers import find_topology
-from vggnorm.models import load_model
-from vggnorm.weights import resolve_weights
+from vggnorm.io import data as data_mod
+from vggnorm.io.models import load_model
+from vggnorm.io.weights import resolve_weights
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ The schema is a JSON Schema of the file's JSON view: the root attributes under `
 object (its attributes under ``attrs``, its members by name), each dataset ``{"dtype", "shape"}``;
 text is ``str``, numbers and booleans are JSON's, arrays are lists. ``describe`` gives that view
 (plain h5py, no vggnorm), ``validate`` lists what does not match. The tests validate every file the
-docs' examples write; tests/test_docs.py also holds the schema to the code's own reader (``stats.py``).
+docs' examples write; tests/test_docs.py also holds the schema to the code's own reader (``vggnorm.io.statsfile``).
 
 Usage: python scripts/stats_schema.py STATS.h5...   (exit 0: every file matches; 1: one does not)
        python scripts/stats_schema.py --show STATS.h5   (print the JSON view)

@@ -13,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from lookalikes import MODEL, MODEL_BN, TinyVGG  # noqa: E402
 from sample_photos import write_photos  # noqa: E402
-from vggnorm.models import import_user_model  # noqa: E402
-from vggnorm.weights import random_state_dict  # noqa: E402
+from vggnorm.io.models import import_user_model  # noqa: E402
+from vggnorm.io.weights import random_state_dict  # noqa: E402
 
 # the look-alikes as --model archs, in this process (CliRunner) as in subprocesses (they pass --model)
 TINY = {"tiny": import_user_model(MODEL), "tiny_bn": import_user_model(MODEL_BN)}

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from conftest import features_state_dict, invoke, vgg_features
-from vggnorm.data import Preprocess, find_images, load_rgb
-from vggnorm.stats import read_stats
+from vggnorm.io.data import Preprocess, find_images, load_rgb
+from vggnorm.io.statsfile import read_stats
 
 SIZE = ["--resize", "64", "--crop", "64", "--workers", 0, "--no-progress"]
 VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512]
@@ -138,8 +138,8 @@ def test_the_adain_layout_refuses_what_it_cannot_be(runs, checkpoints, photos, t
 
 @pytest.mark.parametrize("preprocess", ["torchvision", "caffe", "matconvnet"])
 def test_the_preprocessing_conv_is_the_measured_preprocessing(preprocess):
-    from vggnorm.data import default_preprocess
-    from vggnorm.layouts import preprocessing_conv
+    from vggnorm.io.data import default_preprocess
+    from vggnorm.io.layouts import preprocessing_conv
 
     policy = default_preprocess("vgg19", resize=8, crop=8, preprocess=preprocess)
     img = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -3,11 +3,19 @@
 import pytest
 import torch
 
+from vggnorm.analysis.topology import find_topology
 from vggnorm.api import normalize_model
-from vggnorm.checks import FAIL, NOT_RUN, PASS, check_fold, check_function, check_means, reference_outputs
-from vggnorm.layers import find_topology
-from vggnorm.normalize import LazyFold, fold_state_dict
-from vggnorm.report import Report
+from vggnorm.core.checks import (
+    FAIL,
+    NOT_RUN,
+    PASS,
+    check_fold,
+    check_function,
+    check_means,
+    reference_outputs,
+)
+from vggnorm.core.fold import LazyFold, fold_state_dict
+from vggnorm.io.report import Report
 
 
 @pytest.fixture

@@ -197,7 +197,7 @@ def test_apply_refuses_to_overwrite(pipeline):
 
 
 def test_apply_refuses_statistics_of_other_weights(pipeline, tmp_path):
-    from vggnorm.weights import random_state_dict
+    from vggnorm.io.weights import random_state_dict
 
     torch.save(random_state_dict(pipeline["arch"], 1), tmp_path / "other.pth")
     r = invoke("apply", tmp_path / "other.pth", "--stats", pipeline["stats"], "-o", tmp_path / "x.pth")

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import TINY, invoke
-from vggnorm.compare import compare_checkpoints
-from vggnorm.normalize import DeadRule
-from vggnorm.stats import read_stats
-from vggnorm.weights import random_state_dict
+from vggnorm.commands.compare import compare_checkpoints
+from vggnorm.core.fold import DeadRule
+from vggnorm.io.statsfile import read_stats
+from vggnorm.io.weights import random_state_dict
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny_bn"])

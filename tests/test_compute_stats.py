@@ -12,7 +12,7 @@ import pytest
 
 from conftest import TINY, invoke
 from test_data import awkward_images, bad_files  # noqa: I001
-from vggnorm.stats import read_stats
+from vggnorm.io.statsfile import read_stats
 
 BASE = ["--model", TINY["tiny"], "--weights", "random:0", "--resize", "48", "--crop", "40", "--no-progress"]
 

@@ -9,9 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from vggnorm.data import Preprocess, check_decode, collate, default_preprocess, find_images, load_rgb, make_loader
 from vggnorm.errors import DataError
-from vggnorm.gpu_decode import decode_jpegs, plain_jpeg
+from vggnorm.io.data import (
+    Preprocess,
+    check_decode,
+    collate,
+    default_preprocess,
+    find_images,
+    load_rgb,
+    make_loader,
+)
+from vggnorm.io.gpu_decode import decode_jpegs, plain_jpeg
 
 
 def rgb_array(h=40, w=50, seed=0):

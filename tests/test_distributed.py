@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY
-from vggnorm.stats import read_stats
+from vggnorm.io.statsfile import read_stats
 
 OPTIONS = "--weights random:0 --resize 128 --crop 112 --workers 0 --batch-size 1 --no-progress"
 ARGS = ["--model", TINY["tiny"], *OPTIONS.split(), "--per-class"]

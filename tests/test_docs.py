@@ -249,7 +249,7 @@ def demo_folder(tmp_path_factory) -> Path:
     scripts/demo.sh's own three commands run."""
     import torch
 
-    from vggnorm.weights import random_state_dict
+    from vggnorm.io.weights import random_state_dict
 
     global RECORD
     d = tmp_path_factory.mktemp("docs-demo")
@@ -350,10 +350,10 @@ def test_the_cli_reference_documents_every_command_and_option():
 
 
 def test_the_published_schema_is_the_readers():
-    """docs/reference/stats-schema-v1.json names every field stats.py reads, with the same values."""
-    from vggnorm import stats
-    from vggnorm.data import INTERPOLATIONS
+    """docs/reference/stats-schema-v1.json names every field io/statsfile.py reads, with the same values."""
     from vggnorm.defaults import DECODERS, MAX_RESIZE, PADDINGS, POOLINGS, PRECISIONS, PREPROCESSINGS
+    from vggnorm.io import statsfile as stats
+    from vggnorm.io.data import INTERPOLATIONS
 
     s = schema()
     assert s["$id"].endswith(f":{stats.FORMAT_VERSION}")

@@ -7,8 +7,8 @@ import torch
 
 from conftest import TINY, features_state_dict, invoke, perturbed_bn
 from lookalikes import TinyVGG
-from vggnorm.data import Preprocess, find_images, load_rgb
-from vggnorm.stats import read_stats
+from vggnorm.io.data import Preprocess, find_images, load_rgb
+from vggnorm.io.statsfile import read_stats
 
 SMALL = ["--resize", "72", "--crop", "64", "--workers", 0, "--no-progress"]
 

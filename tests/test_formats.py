@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from conftest import features_state_dict, invoke
-from vggnorm.data import find_images, load_rgb
-from vggnorm.models import feature_kinds
+from vggnorm.io.data import find_images, load_rgb
+from vggnorm.io.models import feature_kinds
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 keras = pytest.importorskip("keras")
@@ -93,8 +93,8 @@ def keras_conv_outputs(weights, images: np.ndarray) -> list[np.ndarray]:
 def no_figures():
     """apply's and verify's figures cost a second or two each (matplotlib) and are tested elsewhere."""
     with pytest.MonkeyPatch.context() as m:
-        m.setattr("vggnorm.apply.have_matplotlib", lambda: False)
-        m.setattr("vggnorm.verify.have_matplotlib", lambda: False)
+        m.setattr("vggnorm.commands.apply.have_matplotlib", lambda: False)
+        m.setattr("vggnorm.commands.verify.have_matplotlib", lambda: False)
         yield
 
 
@@ -115,7 +115,7 @@ def keras_runs(keras_vgg16, photos, no_figures):
 
 
 def test_keras_files_normalized_load_into_keras_with_means_one(keras_runs, photos):
-    from vggnorm.stats import read_stats
+    from vggnorm.io.statsfile import read_stats
 
     d = keras_runs
     stats = read_stats(d / "s.h5")
@@ -150,7 +150,7 @@ def test_keras_outputs_verify_compare_and_inspect_like_a_pth(keras_runs, photos)
 
 def torch_features(arch: str, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     """``arch``'s features (vggnorm's copy of torchvision's module tree) holding ``state_dict``."""
-    from vggnorm.models import build_model
+    from vggnorm.io.models import build_model
 
     features = build_model(arch, device="meta").features
     features.load_state_dict({k.removeprefix("features."): v for k, v in state_dict.items()}, assign=True)
@@ -159,7 +159,7 @@ def torch_features(arch: str, state_dict: dict[str, torch.Tensor]) -> torch.nn.M
 
 def test_keras_files_read_exactly_as_keras_computes(keras_vgg16):
     """vggnorm's reading of both layouts, run in torch, equals Keras' own forward pass."""
-    from vggnorm.formats import read_foreign
+    from vggnorm.io.formats import read_foreign
 
     x = np.random.default_rng(1).normal(0, 50, (2, 32, 32, 3)).astype("float32")
     model = keras.applications.VGG16(
@@ -178,7 +178,7 @@ def test_keras_files_read_exactly_as_keras_computes(keras_vgg16):
 def test_fc1_rows_follow_keras_flatten_order():
     """Keras' Flatten of a channels-last 7x7x512 map is in (h, w, c) order, torchvision's in (c, h, w):
     fc1's rows are reordered so both compute the same, and back."""
-    from vggnorm.keras_h5 import fc1_from_keras, fc1_to_keras
+    from vggnorm.io.keras_h5 import fc1_from_keras, fc1_to_keras
 
     rng = np.random.default_rng(0)
     feature_map = rng.normal(size=(7, 7, 512))  # (h, w, c), as Keras holds it
@@ -196,7 +196,7 @@ def test_fc1_rows_follow_keras_flatten_order():
 def test_matconvnet_preprocessing_is_rgb_0_255_minus_the_mean_pixel():
     from PIL import Image
 
-    from vggnorm.data import default_preprocess
+    from vggnorm.io.data import default_preprocess
 
     img = Image.new("RGB", (8, 8), (10, 20, 30))
     x = default_preprocess("vgg19", resize=8, crop=8, preprocess="matconvnet").transform()(img)
@@ -313,7 +313,7 @@ def loaders_relus(path, images: np.ndarray) -> list[np.ndarray]:
 def test_matconvnet_fc6_reads_as_torchvision_flatten_order():
     """fc6 is a 7x7 conv over the 7x7x512 map, its kernel [w, h, in, out] as the convs' (the loaders'
     convention: transposed to TensorFlow's [h, w, in, out]); as a Linear it reads torchvision's (c, h, w)."""
-    from vggnorm.matconvnet import linear_from_matconvnet, linear_to_matconvnet
+    from vggnorm.io.matconvnet import linear_from_matconvnet, linear_to_matconvnet
 
     rng = np.random.default_rng(0)
     kernel = rng.normal(size=(7, 7, 512, 8))
@@ -367,7 +367,7 @@ def test_mat_files_read_back_by_the_loaders_indexing_with_means_one(mat_runs, ph
 
 def test_mat_read_matches_the_loaders_network(mat_runs):
     """vggnorm's torchvision model of a .mat computes what the loaders' network computes."""
-    from vggnorm.formats import read_foreign
+    from vggnorm.io.formats import read_foreign
 
     d, sd = mat_runs
     images = np.random.default_rng(0).uniform(0, 255, (1, 32, 32, 3))
@@ -444,7 +444,7 @@ def test_apply_refuses_layouts_and_names_that_do_not_fit(keras_runs, mat_runs, c
 
 def test_scipy_missing_is_said(mat_runs, monkeypatch):
     from vggnorm.errors import VggnormError
-    from vggnorm.formats import read_foreign
+    from vggnorm.io.formats import read_foreign
 
     monkeypatch.setitem(sys.modules, "scipy.io", None)
     with pytest.raises(VggnormError, match="needs scipy, which is not installed: pip install scipy"):

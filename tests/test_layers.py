@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+from vggnorm.analysis.topology import find_topology
 from vggnorm.defaults import VGG_ARCHS
-from vggnorm.layers import find_topology
-from vggnorm.models import topology
+from vggnorm.io.models import topology
 
 CONVS = {"vgg11": 8, "vgg13": 10, "vgg16": 13, "vgg19": 16}
 
@@ -180,7 +180,7 @@ WINDOWS = [
 def test_shapes_by_formula_equal_torch(module):
     """meta_shape stands in for running layers on the meta device (a second of verify's time): it must
     give torch's shapes, and refuse (raise) exactly where torch does."""
-    from vggnorm.shapes import meta_shape
+    from vggnorm.analysis.shapes import meta_shape
 
     for h in range(1, 40):
         for w in (1, 7, 32):

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import TINY, invoke
 from test_data import bad_files  # noqa: I001
-from vggnorm.stats import read_stats
+from vggnorm.io.statsfile import read_stats
 
 # batch size 1: each image's float32 partial sums are then the same whichever shard it lands in
 OPTIONS = "--weights random:0 --resize 40 --crop 32 --workers 0 --batch-size 1 --no-progress"

@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from conftest import TINY
-from vggnorm.checkpoint import load_state_dict, save_state_dict, state_dict_sha256
 from vggnorm.defaults import VGG_ARCHS
 from vggnorm.errors import CheckpointError, WeightsError
-from vggnorm.models import build_model, infer_arch
-from vggnorm.weights import resolve_weights
+from vggnorm.io.checkpoint import load_state_dict, save_state_dict, state_dict_sha256
+from vggnorm.io.models import build_model, infer_arch
+from vggnorm.io.weights import resolve_weights
 
 
 @pytest.mark.parametrize("arch", VGG_ARCHS)
@@ -109,7 +109,7 @@ def test_vggnorms_vgg_is_torchvisions(arch):
     """vggnorm builds VGGs without importing torchvision; the module tree must be torchvision's."""
     import torchvision
 
-    from vggnorm.models import VGG
+    from vggnorm.io.models import VGG
 
     with torch.device("meta"):
         ours, theirs = VGG(arch), torchvision.models.get_model(arch, weights=None)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from vggnorm.collect import ReluSums
-from vggnorm.layers import find_topology
-from vggnorm.normalize import DeadRule, fold_in_place, fold_state_dict, scales_from_means, scales_from_stats
-from vggnorm.stats import LayerStats, Stats
+from vggnorm.analysis.topology import find_topology
+from vggnorm.core.fold import DeadRule, fold_in_place, fold_state_dict, scales_from_means, scales_from_stats
+from vggnorm.core.measure import ReluSums
+from vggnorm.core.stats import LayerStats, Stats
 
 
 def relu_outputs(model, topo, x):

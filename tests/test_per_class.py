@@ -6,8 +6,8 @@ import torch
 
 from conftest import TINY, invoke
 from lookalikes import TinyVGG
-from vggnorm.data import Preprocess, find_images, load_rgb
-from vggnorm.stats import read_stats
+from vggnorm.io.data import Preprocess, find_images, load_rgb
+from vggnorm.io.statsfile import read_stats
 
 MODEL = ["--model", TINY["tiny"]]
 SIZE = ["--resize", "40", "--crop", "32", "--workers", 0, "--no-progress"]

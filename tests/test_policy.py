@@ -8,7 +8,7 @@ from torchvision import transforms
 
 from conftest import TINY, invoke
 from lookalikes import TinyVGG
-from vggnorm.data import CAFFE_MEAN_BGR, default_preprocess
+from vggnorm.io.data import CAFFE_MEAN_BGR, default_preprocess
 
 SIZE = ["--resize", "64", "--crop", "64"]
 

@@ -14,8 +14,9 @@ from torch import nn
 import lookalikes as L
 import vggnorm
 from conftest import invoke
+from vggnorm.core.stats import LayerStats, Stats
 from vggnorm.errors import CheckpointError, StatsMismatchError
-from vggnorm.stats import LayerStats, Stats, write_stats
+from vggnorm.io.statsfile import write_stats
 
 ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
 

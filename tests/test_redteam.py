@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import TINY, invoke
-from vggnorm.stats import read_stats
+from vggnorm.io.statsfile import read_stats
 
 MODEL = ["--model", TINY["tiny"]]
 SMALL = ["--resize", "40", "--crop", "32", "--workers", 0, "--no-progress"]
@@ -289,8 +289,8 @@ def test_half_precision_weights_are_measured_folded_and_written_in_float32_and_s
 
 def test_a_failed_self_check_names_only_the_checks_that_failed(run, tmp_path, monkeypatch):
     """Before: a check that did not run was listed as failed, as "logits: None > None"."""
-    from vggnorm import apply as apply_mod
-    from vggnorm.checks import FAIL, Check, not_run
+    from vggnorm.commands import apply as apply_mod
+    from vggnorm.core.checks import FAIL, Check, not_run
 
     def checks(*args, **kwargs):
         return [Check("activations", "", FAIL, 0.5, 1e-4, "worst layer features.3"), not_run("logits", "", "n/a")]
@@ -309,7 +309,7 @@ def float64_inputs(files, preprocess):
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as F
 
-    from vggnorm.data import load_rgb
+    from vggnorm.io.data import load_rgb
 
     out = []
     for f in files:
@@ -332,7 +332,7 @@ def test_fp64_preprocesses_in_float64_too(data, checkpoints, tmp_path, preproces
     """Before: with --precision fp64 the Caffe mean (103.939, ...) was subtracted in float32 (and the
     ImageNet mean/std applied in float32): means 1e-8 off a float64 computation."""
     from lookalikes import TinyVGG
-    from vggnorm.data import Preprocess, default_preprocess, find_images
+    from vggnorm.io.data import Preprocess, default_preprocess, find_images
 
     stats = tmp_path / "s.h5"
     args = ["--precision", "fp64", "--preprocess", preprocess, "--batch-size", 3]
@@ -505,8 +505,8 @@ def test_a_resize_no_image_can_be_measured_at_is_a_usage_error(made, tmp_path):
     )
     assert r.exit_code == 2 and "100000 is not in the range 1<=x<=4096" in r.stderr, r.output
     assert not (tmp_path / "s.h5").exists()
-    from vggnorm.data import Preprocess
     from vggnorm.errors import DataError
+    from vggnorm.io.data import Preprocess
 
     with pytest.raises(DataError, match="resize 100000: expected a whole number of pixels from 1 to 4096"):
         Preprocess(resize=100000)
@@ -634,7 +634,7 @@ def test_a_failed_write_in_verify_exits_1_as_everywhere(made, tmp_path, monkeypa
     """Before: a full disk under verify --report exited 2 (usage), while the docs promise 1."""
     import errno
 
-    from vggnorm.report import Report
+    from vggnorm.io.report import Report
 
     def full(self, json_path, md_path):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -703,7 +703,7 @@ def test_device_decoding_skips_the_same_elongated_images_as_the_cpu_decoder(data
 
     from PIL import Image
 
-    from vggnorm.data import default_preprocess, find_images, make_loader
+    from vggnorm.io.data import default_preprocess, find_images, make_loader
 
     Image.new("RGB", (20000, 1), (200, 10, 10)).save(data / "strip.png")
     Image.new("RGB", (1, 20000), (10, 200, 10)).save(data / "strip.jpg", "JPEG")
@@ -748,7 +748,7 @@ def test_apply_never_writes_over_another_checkpoints_report_even_with_force(made
 
 def test_a_fold_failure_names_the_element_and_both_values():
     """Before: a bias zeroed where the fold gives 0 read `fold 8.51e+35`, a figure nobody can use."""
-    from vggnorm.checks import check_fold
+    from vggnorm.core.checks import check_fold
 
     expected = {"b": torch.tensor([0.0, 0.25, -0.5])}
     check = check_fold({"b": torch.tensor([0.125, 0.25, -0.5])}, expected)
@@ -783,7 +783,7 @@ def test_the_figure_shows_each_live_filters_distance_from_one_and_draws_no_dead_
     a fixed floor that looked measured."""
     import matplotlib.pyplot as plt
 
-    from vggnorm.figures import plot_means
+    from vggnorm.io.figures import plot_means
 
     figures = []
     monkeypatch.setattr(plt, "close", figures.append)
@@ -805,7 +805,7 @@ def test_the_figure_shows_each_live_filters_distance_from_one_and_draws_no_dead_
 def test_a_user_model_is_its_resolved_file_under_any_spelling_and_the_weights_path_is_recorded_resolved(
     data, checkpoints, tmp_path, monkeypatch
 ):
-    from vggnorm import models
+    from vggnorm.io import models
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -842,8 +842,8 @@ def test_a_user_model_is_its_resolved_file_under_any_spelling_and_the_weights_pa
 
 
 def test_compare_takes_any_weight_spec_and_its_medians_are_apply_reports_over_live_filters(run, tmp_path):
-    from vggnorm.compare import compare_checkpoints
-    from vggnorm.normalize import DeadRule
+    from vggnorm.commands.compare import compare_checkpoints
+    from vggnorm.core.fold import DeadRule
 
     out, rule = tmp_path / "d.pth", ["--rel-eps", "0.5"]  # half of each layer's filters or so dead
     r = invoke("apply", run["ckpt"], "--stats", run["stats"], "-o", out, *rule, *MODEL)
@@ -872,8 +872,8 @@ def test_random_weights_are_torchvisions_seeded_init_built_without_importing_tor
 
     import torchvision
 
-    from vggnorm.checkpoint import state_dict_sha256
-    from vggnorm.weights import random_state_dict
+    from vggnorm.io.checkpoint import state_dict_sha256
+    from vggnorm.io.weights import random_state_dict
 
     state = torch.random.get_rng_state()
     with monkeypatch.context() as m:
@@ -891,7 +891,7 @@ def test_random_weights_are_torchvisions_seeded_init_built_without_importing_tor
 
 def test_verify_preprocesses_in_float64_when_asked_for_fp64(made, monkeypatch):
     """Before: verify's --precision fp64 re-measurement preprocessed its images in float32."""
-    from vggnorm import data as data_mod
+    from vggnorm.io import data as data_mod
 
     dtypes = []
     real = data_mod.make_loader
@@ -908,12 +908,12 @@ def test_verify_preprocesses_in_float64_when_asked_for_fp64(made, monkeypatch):
 
 def test_an_interrupt_while_apply_writes_leaves_nothing_and_is_one_line(made, tmp_path, monkeypatch):
     """Ctrl-C while the checkpoint is being written: no output, no temporary, no traceback."""
-    import vggnorm.apply
+    import vggnorm.commands.apply
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(vggnorm.apply, "write_state_dict", interrupted)
+    monkeypatch.setattr(vggnorm.commands.apply, "write_state_dict", interrupted)
     r = invoke("apply", made["ckpt"], "--stats", made["stats"], "-o", tmp_path / "n.pth", *MODEL)
     assert r.exit_code != 0 and "Traceback" not in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, invoke
-from vggnorm.stats import read_stats
+from vggnorm.io.statsfile import read_stats
 
 MODEL = ["--model", TINY["tiny"]]
 SMALL = ["--resize", "40", "--crop", "32", "--workers", 0, "--no-progress"]
@@ -63,7 +63,7 @@ def test_applys_worker_thread_is_done_when_its_block_is_left():
     import threading
     import time
 
-    from vggnorm.apply import meanwhile
+    from vggnorm.commands.apply import meanwhile
 
     started, done = threading.Event(), []
     with pytest.raises(RuntimeError), meanwhile() as worker:
@@ -118,13 +118,13 @@ def test_a_write_that_fails_is_one_line_leaves_the_old_file_and_no_temporary(run
 
 
 def test_a_folder_that_cannot_be_written_is_refused_before_any_work(run, photos, tmp_path, monkeypatch):
-    import vggnorm.checkpoint
+    import vggnorm.io.checkpoint
 
     real = os.access
-    monkeypatch.setattr(vggnorm.checkpoint.os, "access", lambda p, mode: not str(p).endswith("ro") and real(p, mode))
+    monkeypatch.setattr(vggnorm.io.checkpoint.os, "access", lambda p, mode: not str(p).endswith("ro") and real(p, mode))
     (tmp_path / "ro").mkdir()  # as if mounted read-only (root ignores file modes, so the test cannot chmod)
     measured = []
-    monkeypatch.setattr("vggnorm.compute._stream", lambda *a, **k: measured.append(1))
+    monkeypatch.setattr("vggnorm.commands.compute._stream", lambda *a, **k: measured.append(1))
     r = invoke("compute-stats", photos, *MODEL, "--weights", run["ckpt"], "-o", tmp_path / "ro" / "s.h5", *SMALL)
     one_line_error(r, "cannot write in the folder", "ro")
     assert not measured

@@ -18,11 +18,11 @@ from torch import nn
 import lookalikes as L
 import vggnorm
 from conftest import invoke
-from vggnorm.data import Preprocess, find_images, load_rgb
 from vggnorm.errors import CheckpointError
-from vggnorm.models import import_user_model
-from vggnorm.stats import read_stats
-from vggnorm.weights import random_state_dict
+from vggnorm.io.data import Preprocess, find_images, load_rgb
+from vggnorm.io.models import import_user_model
+from vggnorm.io.statsfile import read_stats
+from vggnorm.io.weights import random_state_dict
 
 SIZE = ["--resize", "40", "--crop", "32", "--workers", 0, "--no-progress"]
 
@@ -146,7 +146,7 @@ def test_padding_modes_are_measured_as_written_unless_a_policy_is_asked_for(phot
 
 def test_a_means_failure_names_its_cause():
     """Float32 rounding of a nearly silent filter, or a filter whose mean is wrong for another reason."""
-    from vggnorm.checks import check_means
+    from vggnorm.core.checks import check_means
 
     scales = {"a": torch.tensor([1.0, 1.0, 0.2, 1e-5], dtype=torch.float64)}
     tampered = check_means({"a": torch.tensor([1.0, 1.0, 1.8, 1.0])}, {"a": []}, scales=scales)
@@ -157,9 +157,9 @@ def test_a_means_failure_names_its_cause():
 
 
 def test_apply_names_the_cause_of_a_failed_self_check():
-    from vggnorm.apply import failure_cause
-    from vggnorm.checks import Check
-    from vggnorm.normalize import DeadRule
+    from vggnorm.commands.apply import failure_cause
+    from vggnorm.core.checks import Check
+    from vggnorm.core.fold import DeadRule
 
     def cause(figure: float) -> str:
         return failure_cause([Check("activations", "", "fail", figure, 1e-4, "worst layer x")], DeadRule())
@@ -172,7 +172,7 @@ def test_apply_names_the_cause_of_a_failed_self_check():
 
 def test_nearly_silent_filters_are_held_to_what_float32_can_hold():
     """A filter whose float32 bound exceeds the tolerance is held to its bound, and no further."""
-    from vggnorm.checks import check_means
+    from vggnorm.core.checks import check_means
 
     bounds = {"a": torch.tensor([1e-6, 5e-3], dtype=torch.float64)}
     within = check_means({"a": torch.tensor([1.0, 1.002])}, {"a": []}, bounds=bounds)
@@ -189,7 +189,7 @@ def test_the_float32_bound_bounds_what_float32_does():
     random-weight VGG look-alike (the bound verify allows nearly silent filters)."""
     import lookalikes
     import vggnorm
-    from vggnorm.normalize import DeadRule, float32_bounds
+    from vggnorm.core.fold import DeadRule, float32_bounds
 
     torch.manual_seed(0)
     model = lookalikes.TinyVGG(cfg=(16, "M", 32, 32, "M", 24)).eval()

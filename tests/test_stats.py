@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from conftest import TINY
-from vggnorm.collect import ReluSums, measure
-from vggnorm.data import Batch
+from vggnorm.analysis.topology import find_topology
+from vggnorm.core.measure import Batch, ReluSums, measure
+from vggnorm.core.stats import LayerStats, Stats
 from vggnorm.errors import OutputExistsError, StatsFileError
-from vggnorm.layers import find_topology
-from vggnorm.stats import FORMAT, LayerStats, Stats, read_stats, write_stats
+from vggnorm.io.statsfile import FORMAT, read_stats, write_stats
 
 
 def plain_means(model, x):

@@ -3,11 +3,14 @@
 The network computes the same function afterwards (its logits do not change). This is the
 normalization Gatys, Ecker and Bethge used for neural style transfer.
 
-Pipeline, one module per stage (data flows one way)::
+The package is layered; a module imports only from the layers below its own (``make lint`` checks it)::
 
-    data -> collect -> stats -> normalize -> apply (layouts, checkpoint) -> checks -> report
-    compute.py, apply.py and verify.py run the three commands; api.py is the Python API; cli.py
-    is the command line's front door.
+    cli | api        the command line and the Python API, two fronts
+    commands         compute-stats, apply, verify, compare, centers, inspect: read, call the core, write
+    io               checkpoints, weight formats and layouts, statistics files, images, labels, reports
+    core             measuring (measure), folding (fold), proving (witness, checks), on models and tensors
+    analysis         which activations a model has and what scaling each changes (torch.fx)
+    errors | defaults | version | progress
 
 ``import vggnorm`` is cheap: the API functions (``measure_means``, ``measure_folder``,
 ``normalize_model``, ``verify_models``, ``scales``) are imported from ``vggnorm.api`` on first use.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from vggnorm.version import __version__
 
 _API = ("DeadRule", "analyze", "measure_folder", "measure_means", "normalize_model", "scales", "verify_models")
 

@@ -1,7 +1,7 @@
 """The Python API: the functions a notebook calls, on models and batches rather than files.
 
 Every CLI command is a thin front over these stages; here they take an ``nn.Module`` (a
-torchvision VGG or any look-alike whose sites ``layers.find_topology`` finds) and return data::
+torchvision VGG or any look-alike whose sites ``analysis.topology.find_topology`` finds) and return data::
 
     stats = vggnorm.measure_means(model, batches)        # one pass, float64 sums per filter
     normalized = vggnorm.normalize_model(model, stats)   # a folded copy; ``model`` is untouched
@@ -9,7 +9,7 @@ torchvision VGG or any look-alike whose sites ``layers.find_topology`` finds) an
     assert report.passed
 
 A batch is a tensor ``(N, 3, H, W)``, an ``(images, labels)`` pair (what a torchvision
-``DataLoader`` yields) or a ``vggnorm.data.Batch``.
+``DataLoader`` yields) or a ``vggnorm.core.measure.Batch``.
 """
 
 from __future__ import annotations
@@ -24,15 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from vggnorm import data as data_mod
-from vggnorm.checks import check_fold, check_function, check_means, not_run
-from vggnorm.collect import ReluSums, measure, measure_files
+from vggnorm.analysis.topology import Site, Topology, find_topology, with_affine
+from vggnorm.commands.measuring import measure_files
+from vggnorm.core.checks import check_fold, check_function, check_means, not_run
+from vggnorm.core.fold import DeadRule, LayerScales, float32_bounds, fold_state_dict, scales_from_stats
+from vggnorm.core.measure import ReluSums, images_of, measure
+from vggnorm.core.stats import Stats
+from vggnorm.core.witness import activation_means
 from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL, DEFAULT_STREAM_SCALE
-from vggnorm.layers import Site, Topology, find_topology, with_affine
-from vggnorm.normalize import DeadRule, LayerScales, float32_bounds, fold_state_dict, scales_from_stats
-from vggnorm.report import Report, layer_summary, measured_summary
-from vggnorm.stats import Stats
-from vggnorm.witness import activation_means
+from vggnorm.io import data as data_mod
+from vggnorm.io.report import Report, layer_summary, measured_summary
 
 
 def analyze(model: nn.Module, *, add_affine: bool = False) -> Topology:
@@ -81,7 +82,7 @@ def measure_means(
 
     def count(batch: Any) -> None:
         nonlocal num_images
-        images = data_mod.images_of(batch)
+        images = images_of(batch)
         num_images += 0 if images is None else images.shape[0]
 
     measure(model, batches, sums, device=device, on_batch=count, precision=precision)
@@ -209,7 +210,7 @@ def verify_models(
         # interception, nothing of the measuring path
         activations = {s.conv: s.call for s in topo.all_sites if s.conv in layer_scales}
         dtype = next(normalized.parameters()).dtype
-        images = (data_mod.images_of(b) for b in batches)
+        images = (images_of(b) for b in batches)
         witnessed = activation_means(
             normalized,
             activations,

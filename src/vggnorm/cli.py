@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 import click
 
-from vggnorm import __version__
 from vggnorm.defaults import (
     DECODERS,
     DEFAULT_ARCH,
@@ -41,6 +40,7 @@ from vggnorm.defaults import (
     torchvision_classifiers,
 )
 from vggnorm.errors import UsageError, VggnormError
+from vggnorm.version import __version__
 
 SHOWN_SKIPPED = 20
 F = TypeVar("F", bound=Callable[..., Any])
@@ -330,9 +330,9 @@ def compute_stats_cmd(
 
     Example: vggnorm compute-stats ILSVRC2012_val/ --arch vgg19 -o vgg19-stats.h5
     """
-    from vggnorm.compute import RunConfig, compute_stats
-    from vggnorm.distributed import world_from_env
-    from vggnorm.normalize import DeadRule
+    from vggnorm.commands.compute import RunConfig, compute_stats
+    from vggnorm.commands.distributed import world_from_env
+    from vggnorm.core.fold import DeadRule
 
     if model is not None:
         with user_errors():
@@ -348,7 +348,7 @@ def compute_stats_cmd(
         signal.signal(signal.SIGTERM, previous)
     if not world_from_env().is_main:
         return  # under torchrun, rank 0 reports
-    from vggnorm.data import printable
+    from vggnorm.io.data import printable
 
     shown = 0 if logging.getLogger("vggnorm").isEnabledFor(logging.INFO) else SHOWN_SKIPPED  # -v logged each
     for path, reason in stats.skipped[:shown]:
@@ -456,8 +456,8 @@ def apply_cmd(
 
     Example: vggnorm apply vgg19.pth --stats vgg19-stats.h5 -o vgg19-normalized.pth
     """
-    from vggnorm.apply import apply_stats
-    from vggnorm.normalize import DeadRule
+    from vggnorm.commands.apply import apply_stats
+    from vggnorm.core.fold import DeadRule
 
     with user_errors():
         named = _import_model(model) if model is not None else None
@@ -579,10 +579,10 @@ def verify_cmd(normalized: Path, model: str | None, output_format: str, **option
 
     Example: vggnorm verify vgg19-normalized.pth --original vgg19.pth --stats vgg19-stats.h5 --data val/
     """
-    from vggnorm.checks import NOT_RUN, PASS
+    from vggnorm.commands.verify import verify_checkpoint
+    from vggnorm.core.checks import NOT_RUN, PASS
     from vggnorm.errors import InvalidValuesError, WeightsUnavailableError, WriteError
-    from vggnorm.report import report_paths
-    from vggnorm.verify import verify_checkpoint
+    from vggnorm.io.report import report_paths
 
     try:
         with user_errors(UsageFailure):
@@ -655,8 +655,8 @@ def compare_cmd(
 
     Example: vggnorm compare vgg19.pth vgg19-normalized.pth --stats vgg19-stats.h5
     """
-    from vggnorm.compare import compare_checkpoints
-    from vggnorm.normalize import DeadRule
+    from vggnorm.commands.compare import compare_checkpoints
+    from vggnorm.core.fold import DeadRule
 
     with user_errors(UsageFailure):
         arch = _import_model(model) if model is not None else None
@@ -709,8 +709,8 @@ def inspect_cmd(model_name: str, weights: str | None, add_affine: bool, as_json:
             "alexnet, ...) or your own model as FILE.py:NAME or package.module:NAME",
             param_hint="MODEL",
         )
-    from vggnorm.inspection import inspect_model
-    from vggnorm.models import is_user_model
+    from vggnorm.commands.inspection import inspect_model
+    from vggnorm.io.models import is_user_model
 
     with user_errors(UsageFailure):
         if is_user_model(model_name):
@@ -747,7 +747,7 @@ def centers_cmd(stats_path: Path, layer: str, output: Path, force: bool) -> None
 
     Example: vggnorm centers stats.h5 --layer classifier.3 -o centers.pt
     """
-    from vggnorm.centers import write_centers
+    from vggnorm.commands.centers import write_centers
 
     with user_errors():
         centers, classes = write_centers(stats_path, layer, output, force=force)
@@ -780,7 +780,7 @@ def merge_stats_cmd(inputs: tuple[Path, ...], output: Path, force: bool) -> None
 
     Example: vggnorm merge-stats s0.h5 s1.h5 s2.h5 -o vgg19-stats.h5
     """
-    from vggnorm.stats import merge_stats
+    from vggnorm.io.statsfile import merge_stats
 
     with user_errors():
         stats = merge_stats(list(inputs), output, force=force)
@@ -789,7 +789,7 @@ def merge_stats_cmd(inputs: tuple[Path, ...], output: Path, force: bool) -> None
 
 
 def _import_model(spec: str) -> str:
-    from vggnorm.models import import_user_model
+    from vggnorm.io.models import import_user_model
 
     return import_user_model(spec)
 

@@ -153,7 +153,7 @@ LAYOUTS = ("torchvision", "gatys", "adain", "keras", "matconvnet")
 DEFAULT_EPS = 1e-6
 DEFAULT_REL_EPS = 1e-3
 
-# verify's tolerances (checks.py).
+# verify's tolerances (core/checks.py).
 DEFAULT_RTOL = 1e-4  # activations and logits (run in float64), fold: float32 weight rounding is ~1e-7
 DEFAULT_MEANS_TOL = 1e-3  # |mean - 1| for every live filter on the calibration images
 

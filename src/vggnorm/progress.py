@@ -9,7 +9,7 @@ from __future__ import annotations
 from tqdm import tqdm
 
 
-class Progress(tqdm):
+class Progress(tqdm):  # type: ignore[misc]  # tqdm ships no types
     """``tqdm`` whose update reaching the total leaves the last line to ``close`` (printed once)."""
 
     def update(self, n: float | None = 1) -> bool | None:
@@ -17,4 +17,5 @@ class Progress(tqdm):
         if not self.disable and self.total is not None and self.n + step >= self.total:
             self.n += step
             return None
-        return super().update(n)
+        done: bool | None = super().update(n)
+        return done
