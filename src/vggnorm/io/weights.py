@@ -155,7 +155,7 @@ def _vgg_init(arch: str, generator: torch.Generator) -> StateDict:
     (``kaiming_uniform_`` weight, ``uniform_`` bias: one 32-bit draw per float32 element, in order, so
     drawing them into a scratch buffer leaves the generator where they leave it); then VGG's own loop
     draws the values kept: ``kaiming_normal_`` (fan_out, relu) conv weights, ``normal_(0, 0.01)``
-    Linear weights, zero biases, BatchNorm as the identity. ``tests/test_redteam.py`` holds
+    Linear weights, zero biases, BatchNorm as the identity. ``tests/test_bad_input.py`` holds
     them equal to torchvision's."""
     with torch.device("meta"):
         model = VGG(arch)

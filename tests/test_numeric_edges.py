@@ -91,7 +91,7 @@ def test_keeping_near_dead_filters_fails_with_a_message_that_names_them(photos16
 
 def independent_float64_means(model, files, preprocess):
     """Plain float64 arithmetic, layer by layer, on the images preprocessed in float64 (as --precision fp64
-    does; tests/test_redteam.py checks that preprocessing against a hand-written one)."""
+    does; tests/test_bad_input.py checks that preprocessing against a hand-written one)."""
     transform = preprocess.transform(torch.float64)
     x = torch.stack([transform(load_rgb(f)) for f in files])
     model = model.double().eval()
