@@ -11,13 +11,41 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+from collections.abc import Iterator, Mapping  # noqa: E402
+
 from lookalikes import MODEL, MODEL_BN, TinyVGG  # noqa: E402
 from sample_photos import write_photos  # noqa: E402
 from vggnorm.io.models import import_user_model  # noqa: E402
 from vggnorm.io.weights import random_state_dict  # noqa: E402
 
-# the look-alikes as --model archs, in this process (CliRunner) as in subprocesses (they pass --model)
-TINY = {"tiny": import_user_model(MODEL), "tiny_bn": import_user_model(MODEL_BN)}
+
+class LookalikeArchs(Mapping[str, str]):
+    """The look-alikes as --model archs, keyed "tiny" and "tiny_bn": ``TINY[key]`` is the arch vggnorm
+    records the model as, in this process (CliRunner) as in subprocesses (they pass --model).
+
+    Naming one imports it into vggnorm's registry of user models (``import_user_model``, idempotent), the
+    registry that arch inference searches: importing this conftest registers nothing, only a test (or a test
+    module's constant) that names a look-alike does, and the ``lookalike_archs`` fixture registers both."""
+
+    SPECS = {"tiny": MODEL, "tiny_bn": MODEL_BN}
+
+    def __getitem__(self, key: str) -> str:
+        return import_user_model(self.SPECS[key])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.SPECS)
+
+    def __len__(self) -> int:
+        return len(self.SPECS)
+
+
+TINY = LookalikeArchs()
+
+
+@pytest.fixture(scope="session")
+def lookalike_archs() -> dict[str, str]:
+    """Both look-alikes registered as user models: {"tiny": arch, "tiny_bn": arch}."""
+    return dict(TINY)
 
 
 @pytest.fixture(scope="session", autouse=True)
