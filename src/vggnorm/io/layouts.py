@@ -6,7 +6,7 @@
 * ``adain``: VGG19's features as AdaIN's encoder (naoto0804/pytorch-AdaIN ``net.vgg``): an
   ``nn.Sequential`` of a 1x1 conv that does the preprocessing (RGB in [0, 1] in), then
   ``ReflectionPad2d(1)``, 3x3 ``Conv2d`` (no padding), ``ReLU`` per conv and ceil-mode max pooling;
-  keys ``0.weight``, ``2.weight``, ``5.weight``, ... ``50.bias``.
+  keys ``0.weight``, ``2.weight``, ``5.weight``, ... ``51.bias``.
 
 Layer names users know come from here too: ``features.0`` is ``conv1_1`` and its ReLU ``relu1_1``.
 """
