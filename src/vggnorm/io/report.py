@@ -6,6 +6,7 @@ Written as JSON (for scripts) and Markdown (for people), atomically, beside the 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class Report:
         counts = {"tests": 0, "failures": 0, "skipped": 0}
 
         def case(name: str, classname: str, status: str, message: str, text: str) -> None:
+            name, message, text = _xml(name), _xml(message), _xml(text)
             element = ET.SubElement(suite, "testcase", classname=classname, name=name, time="0")
             counts["tests"] += 1
             if status == NOT_RUN:
@@ -72,7 +74,7 @@ class Report:
                 label = self.label(layer) if layer in self.names else layer
                 message = f"{c.name} {label}: {value:.3g} (tolerance {c.tolerance:.3g})"
                 case(f"{c.name}[{label}]", f"vggnorm.commands.verify.{c.name}", status, message, message)
-        suite.set("name", f"vggnorm verify {self.checkpoint}")
+        suite.set("name", _xml(f"vggnorm verify {self.checkpoint}"))
         for key, value in counts.items():
             suite.set(key, str(value))
         suite.set("errors", "0")
@@ -109,7 +111,7 @@ class Report:
         for c in self.checks:
             fig = "" if c.figure is None else f"{c.figure:.3g}"
             tol = "" if c.tolerance is None else f"{c.tolerance:.3g}"
-            lines.append(f"| {c.name}: {c.description} | {c.status} | {fig} | {tol} | {c.detail} |")
+            lines.append(f"| {c.name}: {_cell(c.description)} | {c.status} | {fig} | {tol} | {_cell(c.detail)} |")
         if self.measured:
             lines += [
                 "",
@@ -162,6 +164,20 @@ class Report:
 
 # a live filter is listed as near-dead when its mean is below this many times its layer's dead threshold
 NEAR_DEAD_FACTOR = 10.0
+
+
+# what XML 1.0 cannot hold: control characters but tab and line ends, lone surrogates (an undecodable file name)
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml(text: str) -> str:
+    """``text`` with what XML 1.0 cannot hold written as ``\\xNN`` / ``\\uNNNN``: raw, a CI's parser rejects the file."""
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 256 else f"\\u{ord(m[0]):04x}", text)
+
+
+def _cell(text: str) -> str:
+    """``text`` as one Markdown table cell: its pipes escaped, its lines joined."""
+    return " ".join(text.replace("|", "\\|").splitlines())
 
 
 def _plain(value: Any) -> str:
