@@ -70,6 +70,15 @@ def invoke(*args):
 
 
 @pytest.fixture
+def gallery_model():
+    """A gallery entry's model and its images, by the entry's name (``tests/gallery.py``): how the gallery's own
+    tests and the analysis tests build one, freshly for each test (a model a test folds is its own)."""
+    from gallery import model_and_images
+
+    return model_and_images
+
+
+@pytest.fixture
 def tiny_vgg():
     def make(**kwargs) -> TinyVGG:
         torch.manual_seed(0)

@@ -1478,3 +1478,19 @@ def build(entry: Entry, seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     return randomize(entry.factory(), seed)
+
+
+def entry_named(name: str) -> Entry:
+    """The gallery's entry called ``name``."""
+    for e in GALLERY:
+        if e.name == name:
+            return e
+    raise KeyError(f"no gallery entry {name!r}")
+
+
+def model_and_images(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """Entry ``name``'s model (``build``) and the images it is checked on (``contract.images`` of its size)."""
+    from contract import images
+
+    e = entry_named(name)
+    return build(e, seed), images(e.size)

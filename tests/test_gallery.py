@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from contract import check_contract, images, one_thread
-from gallery import GALLERY, build
+from gallery import GALLERY, build, model_and_images
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,8 +61,7 @@ def test_include_classifier_on_a_model_without_linear_sites():
 
 
 def _small():
-    entry = next(e for e in GALLERY if e.name == "leaky_relu")
-    return build(entry), images(entry.size)
+    return model_and_images("leaky_relu")
 
 
 def test_oracle_catches_a_normalization_that_does_nothing(monkeypatch):
@@ -188,7 +187,6 @@ def _residual(monkeypatch, *, policy="geometric", report_stream=True, calls=(0, 
     (call 2) -> head. Stream {0, 2}: written by c0 and bn2, read by c1 and the head's Linear."""
     from types import SimpleNamespace
 
-    entry = next(e for e in GALLERY if e.name == "residual_identity")
     sites = [_site("c0", calls[0], "r0"), _site("c1", calls[1], "r1"), _site("add", calls[2], "r2")]
     streams = [SimpleNamespace(sites=("c0", "add"), writers=("c0", "bn2"), readers=("c1", "head.2"))]
 
@@ -204,7 +202,7 @@ def _residual(monkeypatch, *, policy="geometric", report_stream=True, calls=(0, 
         m.head[2].weight *= d["add"][None, :]
 
     _stand_in(monkeypatch, sites, streams if report_stream else [], fold, policy=policy)
-    return build(entry), images(entry.size)
+    return model_and_images("residual_identity")
 
 
 @pytest.mark.parametrize("policy", ["geometric", "last"])
@@ -303,3 +301,16 @@ def test_recorder_counts_every_spelling():
     entry = next(e for e in GALLERY if e.name == "densenet_tiny")
     _, calls, _ = recorded_forward(build(entry), images(entry.size))
     assert len(calls) == 9
+
+
+def test_a_gallery_model_is_built_afresh_and_alike_for_each_test(gallery_model):
+    """The shared fixture: the same weights and images each time, and a model of the test's own (a test that
+    folds it leaves the next one's alone)."""
+    (a, x), (b, y) = gallery_model("residual_identity"), gallery_model("residual_identity")
+    assert a is not b and torch.equal(x, y)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    with torch.no_grad():
+        next(a.parameters()).mul_(2)
+    assert not torch.equal(next(a.parameters()), next(b.parameters()))
+    with pytest.raises(KeyError, match="no gallery entry 'nope'"):
+        gallery_model("nope")
