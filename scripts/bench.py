@@ -40,9 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sample_photos import write_photos  # noqa: E402
-from vggnorm import data as data_mod  # noqa: E402
 from vggnorm.core.device import memory_format, precision_mode, resolve_device  # noqa: E402
 from vggnorm.core.measure import ReluSums, measure  # noqa: E402
+from vggnorm.io import data as data_mod  # noqa: E402
 from vggnorm.io.models import load_model, topology  # noqa: E402
 from vggnorm.io.weights import random_state_dict  # noqa: E402
 
@@ -84,7 +84,7 @@ def sync(device: torch.device) -> None:
 def decoded_batches(folder: Path, args: argparse.Namespace, workers: int) -> tuple[list[torch.Tensor], float]:
     files = data_mod.find_images(folder)
     loader = data_mod.make_loader(
-        files, data_mod.default_preprocess(args.arch), batch_size=args.batch_size, workers=workers
+        files, data_mod.default_transform(args.arch), batch_size=args.batch_size, workers=workers
     )
     t0 = time.perf_counter()
     batches = [b.images for b in loader if b.images is not None]
