@@ -50,12 +50,13 @@ CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 from vggnorm.commands.compute import RunConfig, compute_stats
+from vggnorm.options import Precision
 
 args = json.loads(sys.argv[1])
+config = RunConfig(**{**args["config"], "precision": Precision(args["config"]["precision"])})
 timings = {}
 t0 = time.perf_counter()
-stats = compute_stats(args["dir"], Path(args["out"]), RunConfig(**args["config"]), force=True, progress=False,
-                      timings=timings)
+stats = compute_stats(args["dir"], Path(args["out"]), config, force=True, progress=False, timings=timings)
 t1 = time.perf_counter()
 print(json.dumps({"total": t1 - t0, "stream": timings["stream"], "images": stats.num_images,
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -209,12 +209,14 @@ def _policy_options(verify: bool) -> Callable[[F], F]:
     without --stats re-measures (with --stats, the recorded policy is used)."""
     prefix = "With --data and no --stats: " if verify else ""
 
-    def choice(flag: str, kind: type[enum.StrEnum], help_text: str, by_weights: bool = False) -> Callable[[F], F]:
+    def choice(
+        flag: str, name: str, kind: type[enum.StrEnum], help_text: str, by_weights: bool = False
+    ) -> Callable[[F], F]:
         # compute-stats defaults to the first choice (--preprocess: the weights' own); verify to what
         # the statistics or report recorded
         return click.option(
             flag,
-            "convention" if flag == "--preprocess" else flag.removeprefix("--"),
+            name,
             type=EnumChoice(kind),
             default=None if verify or by_weights else list(kind)[0].value,
             show_default=not (verify or by_weights),
@@ -224,9 +226,9 @@ def _policy_options(verify: bool) -> Callable[[F], F]:
     return options(
         click.option("--resize", type=click.IntRange(1, MAX_RESIZE), default=None, help=prefix + RESIZE_HELP),
         click.option("--crop", type=click.IntRange(1, MAX_RESIZE), default=None, help=prefix + CROP_HELP),
-        choice("--preprocess", InputConvention, PREPROCESS_HELP, by_weights=True),
-        choice("--pooling", Pooling, POOLING_HELP),
-        choice("--padding", Padding, PADDING_HELP),
+        choice("--preprocess", "convention", InputConvention, PREPROCESS_HELP, by_weights=True),
+        choice("--pooling", "pooling", Pooling, POOLING_HELP),
+        choice("--padding", "padding", Padding, PADDING_HELP),
     )
 
 
