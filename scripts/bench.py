@@ -40,9 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sample_photos import write_photos  # noqa: E402
-from vggnorm import data as data_mod  # noqa: E402
 from vggnorm.core.device import memory_format, precision_mode, resolve_device  # noqa: E402
 from vggnorm.core.measure import ReluSums, measure  # noqa: E402
+from vggnorm.io import data as data_mod  # noqa: E402
 from vggnorm.io.models import load_model, topology  # noqa: E402
 from vggnorm.io.weights import random_state_dict  # noqa: E402
 
@@ -50,12 +50,13 @@ CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
 from vggnorm.commands.compute import RunConfig, compute_stats
+from vggnorm.options import Precision
 
 args = json.loads(sys.argv[1])
+config = RunConfig(**{**args["config"], "precision": Precision(args["config"]["precision"])})
 timings = {}
 t0 = time.perf_counter()
-stats = compute_stats(args["dir"], Path(args["out"]), RunConfig(**args["config"]), force=True, progress=False,
-                      timings=timings)
+stats = compute_stats(args["dir"], Path(args["out"]), config, force=True, progress=False, timings=timings)
 t1 = time.perf_counter()
 print(json.dumps({"total": t1 - t0, "stream": timings["stream"], "images": stats.num_images,
                   "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -84,7 +85,7 @@ def sync(device: torch.device) -> None:
 def decoded_batches(folder: Path, args: argparse.Namespace, workers: int) -> tuple[list[torch.Tensor], float]:
     files = data_mod.find_images(folder)
     loader = data_mod.make_loader(
-        files, data_mod.default_preprocess(args.arch), batch_size=args.batch_size, workers=workers
+        files, data_mod.default_transform(args.arch), batch_size=args.batch_size, workers=workers
     )
     t0 = time.perf_counter()
     batches = [b.images for b in loader if b.images is not None]

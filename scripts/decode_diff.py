@@ -13,7 +13,6 @@ layer's largest mean).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 import torch
@@ -25,6 +24,7 @@ from vggnorm.errors import VggnormError
 from vggnorm.io import data as data_mod
 from vggnorm.io.models import load_model
 from vggnorm.io.weights import resolve_weights
+from vggnorm.options import Decoder
 
 
 def main() -> None:
@@ -40,11 +40,13 @@ def main() -> None:
     weights = resolve_weights(a.weights, arch=a.arch)
     model = load_model(weights.arch, weights.state_dict, device=device, memory_format=memory_format(device))
     files = data_mod.find_images(a.dir)[: a.limit]
-    cpu = data_mod.default_preprocess(weights.arch)
-    policies = {"cpu": cpu, "gpu": dataclasses.replace(cpu, decode="gpu")}
+    cpu = data_mod.default_transform(weights.arch)
     images, means = {}, {}
-    for name, policy in policies.items():
-        batches = list(data_mod.make_loader(files, policy, batch_size=a.batch_size, workers=0, device=device))
+    for decoder in Decoder:
+        name = decoder.value
+        batches = list(
+            data_mod.make_loader(files, cpu, decoder=decoder, batch_size=a.batch_size, workers=0, device=device)
+        )
         images[name] = torch.cat([b.images.to(device) for b in batches if b.images is not None])
         sums = ReluSums(find_topology(model).sites, device)
         measure(model, batches, sums, device=device)

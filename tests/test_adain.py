@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from conftest import features_state_dict, invoke, vgg_features
-from vggnorm.io.data import Preprocess, find_images, load_rgb
+from vggnorm.io.data import ImageTransform, find_images, load_rgb
 from vggnorm.io.statsfile import read_stats
 
 SIZE = ["--resize", "64", "--crop", "64", "--workers", 0, "--no-progress"]
@@ -45,8 +45,8 @@ def runs(photos, tmp_path_factory):
 
 def images(photos):
     """The calibration images resized and cropped as measured, RGB in [0, 1] (AdaIN's input)."""
-    p = Preprocess(resize=64, crop=64)
-    return torch.stack([p.transform()(load_rgb(f)) for f in find_images(photos)]), p
+    p = ImageTransform(resize=64, crop=64)
+    return torch.stack([p.module()(load_rgb(f)) for f in find_images(photos)]), p
 
 
 def relu_outputs(net, x):
@@ -138,12 +138,14 @@ def test_the_adain_layout_refuses_what_it_cannot_be(runs, checkpoints, photos, t
 
 @pytest.mark.parametrize("preprocess", ["torchvision", "caffe", "matconvnet"])
 def test_the_preprocessing_conv_is_the_measured_preprocessing(preprocess):
-    from vggnorm.io.data import default_preprocess
+    from vggnorm.io.data import default_transform
     from vggnorm.io.layouts import preprocessing_conv
+    from vggnorm.options import InputConvention
 
-    policy = default_preprocess("vgg19", resize=8, crop=8, preprocess=preprocess)
+    convention = InputConvention(preprocess)
+    policy = default_transform("vgg19", resize=8, crop=8, convention=convention)
     img = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    expected = policy.transform()(img)  # vggnorm's own preprocessing of the image
-    w, b = preprocessing_conv(policy.preprocess, policy.mean, policy.std)
+    expected = policy.module(convention)(img)  # vggnorm's own preprocessing of the image
+    w, b = preprocessing_conv(convention, policy.mean, policy.std)
     got = torch.nn.functional.conv2d(img.float().unsqueeze(0) / 255, w, b)[0]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)

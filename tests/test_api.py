@@ -66,9 +66,9 @@ def test_float64_model_measures_in_float64_and_pairs_are_batches(tiny_vgg):
 
 
 def test_measure_folder_reads_images(tiny_vgg, photos):
-    from vggnorm.io.data import Preprocess
+    from vggnorm.io.data import ImageTransform
 
-    stats = vggnorm.measure_folder(tiny_vgg(), photos, preprocess=Preprocess(resize=40, crop=32))
+    stats = vggnorm.measure_folder(tiny_vgg(), photos, transform=ImageTransform(resize=40, crop=32))
     assert stats.num_images == 8 and stats.attrs["crop"] == 32
 
 

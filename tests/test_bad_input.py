@@ -304,7 +304,7 @@ def test_a_failed_self_check_names_only_the_checks_that_failed(run, tmp_path, mo
 # --- A9: fp64 means the whole input pipeline ---------------------------------------------------------------
 
 
-def float64_inputs(files, preprocess):
+def float64_inputs(files, measurement):
     """The images resized and cropped (8-bit pixels), then everything in float64 arithmetic."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as F
@@ -312,6 +312,7 @@ def float64_inputs(files, preprocess):
     from vggnorm.io.data import load_rgb
 
     out = []
+    preprocess = measurement.transform
     for f in files:
         img = F.resize(load_rgb(f), [preprocess.resize], InterpolationMode(preprocess.interpolation), antialias=True)
         x = F.pil_to_tensor(F.center_crop(img, [preprocess.crop])).double()
@@ -319,7 +320,7 @@ def float64_inputs(files, preprocess):
             torch.tensor(preprocess.mean, dtype=torch.float64),
             torch.tensor(preprocess.std, dtype=torch.float64),
         )
-        if preprocess.preprocess == "caffe":
+        if measurement.convention == "caffe":
             x = x.flip(0) - mean.view(3, 1, 1)
         else:
             x = (x / 255 - mean.view(3, 1, 1)) / std.view(3, 1, 1)
@@ -332,15 +333,18 @@ def test_fp64_preprocesses_in_float64_too(data, checkpoints, tmp_path, preproces
     """Before: with --precision fp64 the Caffe mean (103.939, ...) was subtracted in float32 (and the
     ImageNet mean/std applied in float32): means 1e-8 off a float64 computation."""
     from lookalikes import TinyVGG
-    from vggnorm.io.data import Preprocess, default_preprocess, find_images
+    from vggnorm.io.data import Measurement, default_transform, find_images
+    from vggnorm.options import InputConvention
 
     stats = tmp_path / "s.h5"
     args = ["--precision", "fp64", "--preprocess", preprocess, "--batch-size", 3]
     r = invoke("compute-stats", data, *MODEL, "--weights", checkpoints["tiny"], "-o", stats, *SMALL, *args)
     assert r.exit_code == 0, r.output
     st = read_stats(stats)
-    p = Preprocess.from_attrs(st.attrs)
-    assert p == default_preprocess(TINY["tiny"], resize=40, crop=32, preprocess=preprocess)
+    p = Measurement.from_attrs(st.attrs)
+    convention = InputConvention(preprocess)
+    assert p.convention == convention
+    assert p.transform == default_transform(TINY["tiny"], resize=40, crop=32, convention=convention)
     model = TinyVGG()
     model.load_state_dict(torch.load(checkpoints["tiny"], weights_only=True))
     x, conv = float64_inputs(find_images(data), p), None
@@ -506,10 +510,10 @@ def test_a_resize_no_image_can_be_measured_at_is_a_usage_error(made, tmp_path):
     assert r.exit_code == 2 and "100000 is not in the range 1<=x<=4096" in r.stderr, r.output
     assert not (tmp_path / "s.h5").exists()
     from vggnorm.errors import DataError
-    from vggnorm.io.data import Preprocess
+    from vggnorm.io.data import ImageTransform
 
     with pytest.raises(DataError, match="resize 100000: expected a whole number of pixels from 1 to 4096"):
-        Preprocess(resize=100000)
+        ImageTransform(resize=100000)
 
 
 # --- checkpoints: integer weights, BatchNorm without its counter ----------------------------------------------
@@ -699,20 +703,22 @@ def test_per_class_statistics_whose_classes_outnumber_class_sum_are_one_line(cla
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torchvision 0.29's decoders (see decode_jpegs)
 def test_device_decoding_skips_the_same_elongated_images_as_the_cpu_decoder(data):
     """Before: --decode gpu read a 20000x1 PNG (PIL) or JPEG (the device) and resized it on the GPU unbounded."""
-    import dataclasses
 
     from PIL import Image
 
-    from vggnorm.io.data import default_preprocess, find_images, make_loader
+    from vggnorm.io.data import default_transform, find_images, make_loader
+    from vggnorm.options import Decoder
 
     Image.new("RGB", (20000, 1), (200, 10, 10)).save(data / "strip.png")
     Image.new("RGB", (1, 20000), (10, 200, 10)).save(data / "strip.jpg", "JPEG")
     files = find_images(data)
-    cpu = default_preprocess(TINY["tiny"], resize=40, crop=32)
-    for p in (cpu, dataclasses.replace(cpu, decode="gpu")):
-        batches = list(make_loader(files, p, batch_size=4, workers=0, device=torch.device("cpu")))
+    transform = default_transform(TINY["tiny"], resize=40, crop=32)
+    for decoder in Decoder:
+        batches = list(
+            make_loader(files, transform, decoder=decoder, batch_size=4, workers=0, device=torch.device("cpu"))
+        )
         failures = {files[i].name: reason for b in batches for i, reason in b.failures}
-        assert sorted(failures) == ["strip.jpg", "strip.png"], (p.decode, failures)
+        assert sorted(failures) == ["strip.jpg", "strip.png"], (decoder, failures)
         assert all(r.startswith("too large once resized") for r in failures.values()), failures
         assert sum(len(b.indices) for b in batches) == 8
 

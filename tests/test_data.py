@@ -1,6 +1,5 @@
 """Finding and decoding images: every awkward but valid file is used, every bad one is named."""
 
-import dataclasses
 import io
 import os
 
@@ -11,15 +10,16 @@ from PIL import Image
 
 from vggnorm.errors import DataError
 from vggnorm.io.data import (
-    Preprocess,
+    ImageTransform,
     check_decode,
     collate,
-    default_preprocess,
+    default_transform,
     find_images,
     load_rgb,
     make_loader,
 )
 from vggnorm.io.gpu_decode import decode_jpegs, plain_jpeg
+from vggnorm.options import Decoder, InputConvention
 
 
 def rgb_array(h=40, w=50, seed=0):
@@ -106,7 +106,7 @@ def test_loader_returns_bad_files_as_failures(tmp_path):
     awkward_images(tmp_path)
     bad = bad_files(tmp_path)
     files = find_images(tmp_path)
-    batches = list(make_loader(files, Preprocess(resize=32, crop=32), batch_size=4, workers=0))
+    batches = list(make_loader(files, ImageTransform(resize=32, crop=32), batch_size=4, workers=0))
     failures = {files[i].name: reason for b in batches for i, reason in b.failures}
     assert set(failures) == bad
     assert all(reason.startswith("cannot decode") for reason in failures.values())
@@ -118,7 +118,7 @@ def test_loader_returns_bad_files_as_failures(tmp_path):
 def test_decompression_bomb_is_skipped_not_a_crash(tmp_path):
     Image.new("1", (20000, 10000)).save(tmp_path / "bomb.png")  # 200 Mpx, a few KB on disk
     Image.fromarray(rgb_array()).save(tmp_path / "ok.png")
-    batches = list(make_loader(find_images(tmp_path), Preprocess(resize=32, crop=32), batch_size=2, workers=0))
+    batches = list(make_loader(find_images(tmp_path), ImageTransform(resize=32, crop=32), batch_size=2, workers=0))
     assert len(batches[0].indices) == 1
     ((index, reason),) = batches[0].failures
     assert "decompression bomb" in reason
@@ -158,11 +158,14 @@ def test_device_decoding_uses_and_skips_the_same_files_within_one_level(tmp_path
     awkward_images(tmp_path)
     bad = bad_files(tmp_path)
     files = find_images(tmp_path)
-    pil = default_preprocess("vgg11", resize=32, crop=32, preprocess=preprocess)
-    tensor = dataclasses.replace(pil, decode="gpu")
+    convention = InputConvention(preprocess)
+    pil = default_transform("vgg11", resize=32, crop=32, convention=convention)
     for workers in (0, 1):
-        a = list(make_loader(files, pil, batch_size=4, workers=workers))
-        b = list(make_loader(files, tensor, batch_size=4, workers=workers, device=torch.device("cpu")))
+        a = list(make_loader(files, pil, convention, batch_size=4, workers=workers))
+        gpu = Decoder.GPU
+        b = list(
+            make_loader(files, pil, convention, decoder=gpu, batch_size=4, workers=workers, device=torch.device("cpu"))
+        )
         assert [x.indices for x in a] == [y.indices for y in b]
         assert [x.failures for x in a] == [y.failures for y in b]  # same reasons, naming the same paths
         assert {files[i].name for y in b for i, _ in y.failures} == bad

@@ -351,9 +351,9 @@ def test_the_cli_reference_documents_every_command_and_option():
 
 def test_the_published_schema_is_the_readers():
     """docs/reference/stats-schema-v1.json names every field io/statsfile.py reads, with the same values."""
-    from vggnorm.defaults import DECODERS, MAX_RESIZE, PADDINGS, POOLINGS, PRECISIONS, PREPROCESSINGS
+    from vggnorm.defaults import MAX_RESIZE
     from vggnorm.io import statsfile as stats
-    from vggnorm.io.data import INTERPOLATIONS
+    from vggnorm.options import Decoder, InputConvention, Interpolation, Padding, Pooling, Precision
 
     s = schema()
     assert s["$id"].endswith(f":{stats.FORMAT_VERSION}")
@@ -364,14 +364,14 @@ def test_the_published_schema_is_the_readers():
     assert set(readers) <= set(props), sorted(set(readers) - set(props))
     assert set(attrs["required"]) == set(stats.REQUIRED)
     for key, values in {
-        "precision": PRECISIONS,
-        "preprocess": PREPROCESSINGS,
-        "pooling": POOLINGS,
-        "decode": DECODERS,
-        "padding": PADDINGS,
-        "interpolation": INTERPOLATIONS,
+        "precision": Precision,
+        "preprocess": InputConvention,
+        "pooling": Pooling,
+        "decode": Decoder,
+        "padding": Padding,
+        "interpolation": Interpolation,
     }.items():
-        assert props[key]["enum"] == list(values), key
+        assert props[key]["enum"] == [v.value for v in values], key
     assert props["resize"]["maximum"] == props["crop"]["maximum"] == MAX_RESIZE
     layer = s["properties"]["layers"]["additionalProperties"]["properties"]["attrs"]["properties"]
     assert set(layer) == set(stats.LAYER_SCHEMA)

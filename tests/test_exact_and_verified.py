@@ -19,7 +19,7 @@ import lookalikes as L
 import vggnorm
 from conftest import invoke
 from vggnorm.errors import CheckpointError
-from vggnorm.io.data import Preprocess, find_images, load_rgb
+from vggnorm.io.data import ImageTransform, find_images, load_rgb
 from vggnorm.io.models import import_user_model
 from vggnorm.io.statsfile import read_stats
 from vggnorm.io.weights import random_state_dict
@@ -28,7 +28,7 @@ SIZE = ["--resize", "40", "--crop", "32", "--workers", 0, "--no-progress"]
 
 
 def _images(photos) -> torch.Tensor:
-    transform = Preprocess(resize=40, crop=32).transform(torch.float64)  # as compute-stats --precision fp64
+    transform = ImageTransform(resize=40, crop=32).module(dtype=torch.float64)  # as compute-stats --precision fp64
     return torch.stack([transform(load_rgb(f)) for f in find_images(photos)])
 
 

@@ -196,14 +196,16 @@ def test_fc1_rows_follow_keras_flatten_order():
 def test_matconvnet_preprocessing_is_rgb_0_255_minus_the_mean_pixel():
     from PIL import Image
 
-    from vggnorm.io.data import default_preprocess
+    from vggnorm.io.data import default_transform
+    from vggnorm.options import InputConvention
 
+    mcn = InputConvention.MATCONVNET
     img = Image.new("RGB", (8, 8), (10, 20, 30))
-    x = default_preprocess("vgg19", resize=8, crop=8, preprocess="matconvnet").transform()(img)
+    x = default_transform("vgg19", resize=8, crop=8, convention=mcn).module(mcn)(img)
     torch.testing.assert_close(x[:, 4, 4], torch.tensor([10 - MEAN_RGB[0], 20 - MEAN_RGB[1], 30 - MEAN_RGB[2]]))
-    own = default_preprocess("vgg19", resize=8, crop=8, preprocess="matconvnet", mean_pixel=(1.0, 2.0, 3.0))
-    torch.testing.assert_close(own.transform()(img)[:, 4, 4], torch.tensor([9.0, 18.0, 27.0]))
-    x64 = own.transform(torch.float64)(img)  # --precision fp64's preset: the same, in float64
+    own = default_transform("vgg19", resize=8, crop=8, convention=mcn, mean_pixel=(1.0, 2.0, 3.0))
+    torch.testing.assert_close(own.module(mcn)(img)[:, 4, 4], torch.tensor([9.0, 18.0, 27.0]))
+    x64 = own.module(mcn, torch.float64)(img)  # --precision fp64's preset: the same, in float64
     torch.testing.assert_close(x64[:, 4, 4], torch.tensor([9.0, 18.0, 27.0], dtype=torch.float64))
     assert own.std == (1.0, 1.0, 1.0)
 

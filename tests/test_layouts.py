@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vgg import cfgs
 
-from vggnorm.errors import CheckpointError, VggnormError
+from vggnorm.errors import CheckpointError, UsageError, VggnormError
+from vggnorm.io.data import ImageTransform, Measurement
 from vggnorm.io.layouts import (
     detect_layout,
     display_name,
@@ -25,10 +26,12 @@ from vggnorm.io.layouts import (
     to_gatys_layout,
     to_torchvision_layout,
 )
+from vggnorm.options import InputConvention, Layout, parse
 
 CFG = {"vgg11": "A", "vgg13": "B", "vgg16": "D", "vgg19": "E"}
 PLAIN = list(CFG)
-POLICY = {"preprocess": "torchvision", "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+POLICY = Measurement(ImageTransform(mean=MEAN, std=STD), InputConvention.TORCHVISION)
 
 
 def vgg_convs(arch: str) -> dict[str, str]:
@@ -238,7 +241,7 @@ def test_the_preprocessing_conv_turns_rgb_in_0_1_into_the_networks_input(preproc
 def test_the_adain_file_holds_the_policys_preprocessing():
     out = export_layout(fake_state_dict("vgg19"), "vgg19", "adain", POLICY)
     x = torch.rand(1, 3, 4, 4)
-    mean, std = torch.tensor(POLICY["mean"])[:, None, None], torch.tensor(POLICY["std"])[:, None, None]
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
     torch.testing.assert_close(F.conv2d(x, out["0.weight"], out["0.bias"]), (x - mean) / std)
 
 
@@ -252,8 +255,9 @@ def test_to_adain_layout_takes_its_preprocessing_as_arguments():
 
 
 def test_an_unknown_layout_is_refused_naming_the_known_ones():
-    with pytest.raises(VggnormError, match="unknown layout 'caffe'") as e:
-        export_layout(fake_state_dict("vgg11"), "vgg11", "caffe")
+    # export_layout takes a Layout; a string becomes one at the boundary, where a bad one is refused
+    with pytest.raises(UsageError, match="--layout 'caffe'") as e:
+        parse(Layout, "caffe", "--layout")
     assert "gatys" in str(e.value) and "adain" in str(e.value)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import TINY, features_state_dict, invoke, perturbed_bn
 from lookalikes import TinyVGG
-from vggnorm.io.data import Preprocess, find_images, load_rgb
+from vggnorm.io.data import ImageTransform, find_images, load_rgb
 from vggnorm.io.statsfile import read_stats
 
 SMALL = ["--resize", "72", "--crop", "64", "--workers", 0, "--no-progress"]
@@ -92,7 +92,7 @@ def test_keeping_near_dead_filters_fails_with_a_message_that_names_them(photos16
 def independent_float64_means(model, files, preprocess):
     """Plain float64 arithmetic, layer by layer, on the images preprocessed in float64 (as --precision fp64
     does; tests/test_bad_input.py checks that preprocessing against a hand-written one)."""
-    transform = preprocess.transform(torch.float64)
+    transform = preprocess.module(dtype=torch.float64)
     x = torch.stack([transform(load_rgb(f)) for f in files])
     model = model.double().eval()
     means, conv = {}, None
@@ -115,7 +115,7 @@ def test_fp64_means_equal_a_float64_computation(bn, photos16, checkpoints, tmp_p
     assert s64.attrs["precision"] == "fp64"
     model = TinyVGG(bn=bn)
     model.load_state_dict(torch.load(checkpoints[key], weights_only=True))
-    expected = independent_float64_means(model, find_images(photos16), Preprocess(resize=72, crop=64))
+    expected = independent_float64_means(model, find_images(photos16), ImageTransform(resize=72, crop=64))
     worst32 = 0.0
     for name, mean in expected.items():
         live = mean > 0

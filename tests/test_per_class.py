@@ -6,7 +6,7 @@ import torch
 
 from conftest import TINY, invoke
 from lookalikes import TinyVGG
-from vggnorm.io.data import Preprocess, find_images, load_rgb
+from vggnorm.io.data import ImageTransform, find_images, load_rgb
 from vggnorm.io.statsfile import read_stats
 
 MODEL = ["--model", TINY["tiny"]]
@@ -53,7 +53,7 @@ def test_per_class_means_equal_a_float64_computation_per_class(folders, checkpoi
     model = TinyVGG()
     model.load_state_dict(torch.load(checkpoints["tiny"], weights_only=True))
     model = model.double().eval()
-    transform = Preprocess(resize=40, crop=32).transform()
+    transform = ImageTransform(resize=40, crop=32).module()
     for k, cls in enumerate(stats.classes):
         x = torch.stack([transform(load_rgb(f)) for f in find_images(folders / "tree" / cls)]).double()
         with torch.no_grad():

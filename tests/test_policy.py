@@ -8,14 +8,16 @@ from torchvision import transforms
 
 from conftest import TINY, invoke
 from lookalikes import TinyVGG
-from vggnorm.io.data import CAFFE_MEAN_BGR, default_preprocess
+from vggnorm.io.data import CAFFE_MEAN_BGR, default_transform
+from vggnorm.options import InputConvention
 
 SIZE = ["--resize", "64", "--crop", "64"]
 
 
 def test_caffe_preset_is_bgr_0_255_mean_subtracted():
     img = Image.new("RGB", (8, 8), (10, 20, 30))
-    x = default_preprocess("vgg11", resize=8, crop=8, preprocess="caffe").transform()(img)
+    caffe = InputConvention.CAFFE
+    x = default_transform("vgg11", resize=8, crop=8, convention=caffe).module(caffe)(img)
     expected = torch.tensor([30 - CAFFE_MEAN_BGR[0], 20 - CAFFE_MEAN_BGR[1], 10 - CAFFE_MEAN_BGR[2]])
     torch.testing.assert_close(x[:, 4, 4], expected)
 

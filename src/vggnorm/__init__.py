@@ -10,6 +10,7 @@ The package is layered; a module imports only from the layers below its own (``m
     io               checkpoints, weight formats and layouts, statistics files, images, labels, reports
     core             measuring (measure), folding (fold), proving (witness, checks), on models and tensors
     analysis         which activations a model has and what scaling each changes (torch.fx)
+    options          the options' named values (StrEnums)
     errors | defaults | version | progress
 
 ``import vggnorm`` is cheap: the API functions (``measure_means``, ``measure_folder``,

@@ -9,7 +9,9 @@ torchvision VGG or any look-alike whose sites ``analysis.topology.find_topology`
     assert report.passed
 
 A batch is a tensor ``(N, 3, H, W)``, an ``(images, labels)`` pair (what a torchvision
-``DataLoader`` yields) or a ``vggnorm.core.measure.Batch``.
+``DataLoader`` yields) or a ``vggnorm.core.measure.Batch``. An option with named values (``precision``,
+``stream_scale``, ``convention``, ``decoder``) takes a member of its enum in ``vggnorm.options`` or its
+string (``"fp64"``); any other value is a ``UsageError`` naming the choices.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from vggnorm.core.fold import DeadRule, LayerScales, float32_bounds, fold_state_
 from vggnorm.core.measure import ReluSums, images_of, measure
 from vggnorm.core.stats import Stats
 from vggnorm.core.witness import activation_means
-from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL, DEFAULT_STREAM_SCALE
+from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
 from vggnorm.io import data as data_mod
 from vggnorm.io.report import Report, layer_summary, measured_summary
+from vggnorm.options import Decoder, InputConvention, Precision, StreamScale, parse
 
 
 def analyze(model: nn.Module, *, add_affine: bool = False) -> Topology:
@@ -63,7 +66,7 @@ def measure_means(
     batches: Iterable[Any],
     *,
     include_classifier: bool = False,
-    precision: str = "fp32",
+    precision: Precision | str = Precision.FP32,
     add_affine: bool = False,
 ) -> Stats:
     """Per-filter sums and counts of every site's ReLU output over ``batches``, in one pass.
@@ -74,6 +77,7 @@ def measure_means(
     normalized is refused (``CheckpointError`` with the reasons ``analyze`` gives); ``add_affine``
     accepts norms without affine parameters (see ``normalize_model``).
     """
+    arithmetic = parse(Precision, precision, "precision")
     device = _device_of(model)
     topo = _topology(model, add_affine)
     sites = [*topo.sites, *(topo.fc_sites if include_classifier else ())]
@@ -85,7 +89,7 @@ def measure_means(
         images = images_of(batch)
         num_images += 0 if images is None else images.shape[0]
 
-    measure(model, batches, sums, device=device, on_batch=count, precision=precision)
+    measure(model, batches, sums, device=device, on_batch=count, precision=arithmetic)
     return Stats(sums.layers(), num_images)
 
 
@@ -93,31 +97,38 @@ def measure_folder(
     model: nn.Module,
     folder: str | os.PathLike[str],
     *,
-    preprocess: data_mod.Preprocess | None = None,
+    transform: data_mod.ImageTransform | None = None,
+    convention: InputConvention | str = InputConvention.TORCHVISION,
+    decoder: Decoder | str = Decoder.CPU,
     include_classifier: bool = False,
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int | None = 0,
     limit: int | None = None,
     progress: bool = False,
 ) -> Stats:
-    """``measure_means`` over the images under ``folder`` (recursively, sorted), decoded and
-    preprocessed as ``preprocess`` says (default: ImageNet's resize 256, crop 224, mean/std).
+    """``measure_means`` over the images under ``folder`` (recursively, sorted), decoded by ``decoder`` and
+    made the network's input by ``transform`` (default: ImageNet's resize 256, crop 224, mean/std) under the
+    input ``convention`` (torchvision: RGB, 0-1, mean/std; caffe, matconvnet: 0-255 minus a mean pixel).
 
     Files that cannot be decoded are skipped and listed in ``Stats.skipped``.
     """
-    preprocess = preprocess or data_mod.Preprocess()
+    measurement = data_mod.Measurement(
+        transform or data_mod.ImageTransform(),
+        parse(InputConvention, convention, "convention"),
+        decoder=parse(Decoder, decoder, "decoder"),
+    )
     files = data_mod.find_images(Path(folder))[:limit]
     stats, _ = measure_files(
         model,
         files,
-        preprocess,
+        measurement,
         _sites(model, include_classifier),
         device=_device_of(model),
         batch_size=batch_size,
         workers=workers,
         progress=progress,
     )
-    stats.attrs.update(preprocess.as_attrs())
+    stats.attrs.update(measurement.as_attrs())
     return stats
 
 
@@ -127,7 +138,7 @@ def scales(
     *,
     rule: DeadRule = DeadRule(),
     include_classifier: bool = False,
-    stream_scale: str = DEFAULT_STREAM_SCALE,
+    stream_scale: StreamScale | str = StreamScale.GEOMETRIC,
 ) -> dict[str, LayerScales]:
     """The per-filter scales of every site of ``model`` (1 for dead filters), checked against ``stats``.
 
@@ -140,7 +151,7 @@ def scales(
         _topology(model, add_affine=True),
         rule=rule,
         include_classifier=include_classifier,
-        stream_scale=stream_scale,
+        stream_scale=parse(StreamScale, stream_scale, "stream_scale"),
     )
 
 
@@ -151,7 +162,7 @@ def normalize_model(
     rule: DeadRule = DeadRule(),
     include_classifier: bool = False,
     add_affine: bool = False,
-    stream_scale: str = DEFAULT_STREAM_SCALE,
+    stream_scale: StreamScale | str = StreamScale.GEOMETRIC,
 ) -> nn.Module:
     """A copy of ``model`` whose every live filter's mean activation on the measured data is 1 (on a
     residual stream: its share of the stream's scale, chosen by ``stream_scale``; see ``scales``).
@@ -162,9 +173,8 @@ def normalize_model(
     and bias 0 in the copy (the same function), which then carry the scales.
     """
     topo = _topology(model, add_affine)
-    layer_scales = scales_from_stats(
-        stats, topo, rule=rule, include_classifier=include_classifier, stream_scale=stream_scale
-    )
+    shared = parse(StreamScale, stream_scale, "stream_scale")
+    layer_scales = scales_from_stats(stats, topo, rule=rule, include_classifier=include_classifier, stream_scale=shared)
     original = model.state_dict()
     folded = fold_state_dict(original, {n: s.scale for n, s in layer_scales.items()}, topo)
     # the copy's tensors: the folded ones, and clones of those the fold left alone; the structure is
@@ -188,7 +198,7 @@ def verify_models(
     include_classifier: bool = False,
     rtol: float = DEFAULT_RTOL,
     means_tol: float = DEFAULT_MEANS_TOL,
-    stream_scale: str = DEFAULT_STREAM_SCALE,
+    stream_scale: StreamScale | str = StreamScale.GEOMETRIC,
 ) -> Report:
     """The four checks of `verify` on a pair of models: (a) activations, (b) outputs and
     (d) fold on ``probe`` (default: two seeded random 64x64 images), (c) the means re-measured on

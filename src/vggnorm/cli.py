@@ -7,11 +7,12 @@ until a command runs, so ``--help`` and usage errors answer at once.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -20,7 +21,6 @@ from typing import Any, TypeVar
 import click
 
 from vggnorm.defaults import (
-    DECODERS,
     DEFAULT_ARCH,
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPS,
@@ -28,22 +28,37 @@ from vggnorm.defaults import (
     DEFAULT_REL_EPS,
     DEFAULT_RTOL,
     DEFAULT_WEIGHTS,
-    LAYOUTS,
     MAX_RESIZE,
     NAMED_ARCHS,
-    PADDINGS,
-    POOLINGS,
-    PRECISIONS,
-    PREPROCESSINGS,
-    STREAM_SCALES,
-    WEIGHTINGS,
     torchvision_classifiers,
 )
 from vggnorm.errors import UsageError, VggnormError
+from vggnorm.options import (
+    Decoder,
+    InputConvention,
+    Layout,
+    Padding,
+    Pooling,
+    Precision,
+    StreamScale,
+    Weighting,
+)
 from vggnorm.version import __version__
 
 SHOWN_SKIPPED = 20
 F = TypeVar("F", bound=Callable[..., Any])
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+class EnumChoice(click.Choice[E]):
+    """A choice among an option enum's members, written on the command line and in ``--help`` as their
+    values (``max``, not ``MAX``); the command receives the member."""
+
+    def __init__(self, members: Iterable[E]) -> None:
+        super().__init__(list(members))
+
+    def normalize_choice(self, choice: object, ctx: click.Context | None) -> str:
+        return choice.value if isinstance(choice, enum.StrEnum) else str(choice)
 
 
 class UsageFailure(click.ClickException):
@@ -194,13 +209,16 @@ def _policy_options(verify: bool) -> Callable[[F], F]:
     without --stats re-measures (with --stats, the recorded policy is used)."""
     prefix = "With --data and no --stats: " if verify else ""
 
-    def choice(flag: str, choices: tuple[str, ...], help_text: str, by_weights: bool = False) -> Callable[[F], F]:
+    def choice(
+        flag: str, name: str, kind: type[enum.StrEnum], help_text: str, by_weights: bool = False
+    ) -> Callable[[F], F]:
         # compute-stats defaults to the first choice (--preprocess: the weights' own); verify to what
         # the statistics or report recorded
         return click.option(
             flag,
-            type=click.Choice(choices),
-            default=None if verify or by_weights else choices[0],
+            name,
+            type=EnumChoice(kind),
+            default=None if verify or by_weights else list(kind)[0].value,
             show_default=not (verify or by_weights),
             help=prefix + help_text + (WEIGHTS_PREPROCESS if by_weights and not verify else ""),
         )
@@ -208,9 +226,9 @@ def _policy_options(verify: bool) -> Callable[[F], F]:
     return options(
         click.option("--resize", type=click.IntRange(1, MAX_RESIZE), default=None, help=prefix + RESIZE_HELP),
         click.option("--crop", type=click.IntRange(1, MAX_RESIZE), default=None, help=prefix + CROP_HELP),
-        choice("--preprocess", PREPROCESSINGS, PREPROCESS_HELP, by_weights=True),
-        choice("--pooling", POOLINGS, POOLING_HELP),
-        choice("--padding", PADDINGS, PADDING_HELP),
+        choice("--preprocess", "convention", InputConvention, PREPROCESS_HELP, by_weights=True),
+        choice("--pooling", "pooling", Pooling, POOLING_HELP),
+        choice("--padding", "padding", Padding, PADDING_HELP),
     )
 
 
@@ -287,8 +305,8 @@ def cli() -> None:
 )
 @click.option(
     "--precision",
-    type=click.Choice(PRECISIONS),
-    default="fp32",
+    type=EnumChoice(Precision),
+    default=Precision.FP32.value,
     show_default=True,
     help="Arithmetic of the forward pass. fp32 (TF32 off): means within ~4e-5 relative of a float64 "
     "computation on random-weight VGGs (docs: Dead filters, precision and tolerances). fp64: a float64 forward pass, means equal "
@@ -309,8 +327,8 @@ def cli() -> None:
 )
 @click.option(
     "--decode",
-    type=click.Choice(DECODERS),
-    default="cpu",
+    type=EnumChoice(Decoder),
+    default=Decoder.CPU.value,
     show_default=True,
     help="cpu: DataLoader workers decode and resize with PIL (torchvision's own pipeline). gpu "
     "(experimental, CUDA only): nvJPEG decodes the JPEGs and they are resized on the GPU; pixels "
@@ -321,7 +339,32 @@ def cli() -> None:
 @progress_option
 @verbose_option
 def compute_stats_cmd(
-    directory: Path, output: Path, model: str | None, resume: bool, force: bool, progress: bool, **config: Any
+    directory: Path,
+    arch: str,
+    model: str | None,
+    weights: str,
+    output: Path,
+    device: str,
+    batch_size: int,
+    workers: int | None,
+    limit: int | None,
+    resize: int | None,
+    crop: int | None,
+    convention: InputConvention | None,
+    pooling: Pooling,
+    padding: Padding,
+    include_classifier: bool,
+    strict: bool,
+    resume: bool,
+    checkpoint_every: int | None,
+    shard: tuple[int, int] | None,
+    precision: Precision,
+    per_class: bool,
+    labels: str | None,
+    decode: Decoder,
+    add_affine: bool,
+    force: bool,
+    progress: bool,
 ) -> None:
     """Measure every conv filter's mean ReLU activation over the images in DIR.
 
@@ -333,14 +376,36 @@ def compute_stats_cmd(
     from vggnorm.commands.compute import RunConfig, compute_stats
     from vggnorm.commands.distributed import world_from_env
     from vggnorm.core.fold import DeadRule
+    from vggnorm.io.models import ForwardPolicy
 
     if model is not None:
         with user_errors():
-            config["arch"] = _import_model(model)
+            arch = _import_model(model)
+    config = RunConfig(
+        arch=arch,
+        weights=weights,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        limit=limit,
+        resize=resize,
+        crop=crop,
+        convention=convention,
+        forward=ForwardPolicy(pooling, padding),
+        decoder=decode,
+        include_classifier=include_classifier,
+        strict=strict,
+        checkpoint_every=checkpoint_every,
+        shard=shard,
+        precision=precision,
+        per_class=per_class,
+        labels=labels,
+        add_affine=add_affine,
+    )
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         with user_errors():
-            stats = compute_stats(directory, output, RunConfig(**config), resume=resume, force=force, progress=progress)
+            stats = compute_stats(directory, output, config, resume=resume, force=force, progress=progress)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: progress saved in {output}; continue with the same command plus --resume", err=True)
         sys.exit(130)
@@ -363,9 +428,7 @@ def compute_stats_cmd(
     if stats.attrs.get("weights_format"):
         p = stats.attrs
         how = (
-            "as given by --preprocess"
-            if config.get("preprocess")
-            else "the file's own, recorded; --preprocess overrides"
+            "as given by --preprocess" if convention is not None else "the file's own, recorded; --preprocess overrides"
         )
         mean = ", ".join(f"{float(x):g}" for x in p["mean"])
         click.echo(f"weights: {p['weights_format']}; preprocessing: {p['preprocess']}, mean ({mean}) ({how})")
@@ -373,10 +436,8 @@ def compute_stats_cmd(
     first = next(iter(stats.layers.values()))
     if stats.classes and first.class_count is not None and stats.num_images:
         positions = first.count // stats.num_images
-        per_class = ", ".join(
-            f"{c}: {int(n) // positions}" for c, n in zip(stats.classes, first.class_count, strict=True)
-        )
-        click.echo(f"classes: {len(stats.classes)} (images per class: {per_class})")
+        counts = ", ".join(f"{c}: {int(n) // positions}" for c, n in zip(stats.classes, first.class_count, strict=True))
+        click.echo(f"classes: {len(stats.classes)} (images per class: {counts})")
     click.echo(
         f"dead filters ({rule.describe()}; apply --rel-eps/--eps): {sum(dead.values())}"
         + "".join(f"; {n}: {d}" for n, d in dead.items() if d)
@@ -403,8 +464,8 @@ def compute_stats_cmd(
 @click.option("--features-only", is_flag=True, help="Write only the conv layers (features.*), no classifier.")
 @click.option(
     "--layout",
-    type=click.Choice(LAYOUTS),
-    default="torchvision",
+    type=EnumChoice(Layout),
+    default=Layout.TORCHVISION.value,
     show_default=True,
     help="torchvision: loads into torchvision's VGG. gatys: conv layers only, keyed conv1_1 ... conv5_4 "
     "(BatchNorm folded into the convs for _bn models). adain: vgg19 only, AdaIN's encoder (an nn.Sequential "
@@ -420,16 +481,16 @@ def compute_stats_cmd(
 @_dead_rule_options(verify=False)
 @click.option(
     "--weighting",
-    type=click.Choice(WEIGHTINGS),
-    default="image",
+    type=EnumChoice(Weighting),
+    default=Weighting.IMAGE.value,
     show_default=True,
     help="image: normalize the means over all images and positions. class: the class-balanced means (the mean "
     "of the per-class means), for calibration sets whose classes differ in size; needs compute-stats --per-class.",
 )
 @click.option(
     "--stream-scale",
-    type=click.Choice(STREAM_SCALES),
-    default=STREAM_SCALES[0],
+    type=EnumChoice(StreamScale),
+    default=StreamScale.GEOMETRIC.value,
     show_default=True,
     help="Residual streams (a ResNet stage: the ReLUs joined by its adds) share one scale per channel, so their "
     "means cannot all be 1. geometric: the geometric mean of the stream's means (the smallest log-deviation "
@@ -443,10 +504,15 @@ def apply_cmd(
     checkpoint: str,
     stats_path: Path,
     output: Path | None,
-    model: str | None,
+    features_only: bool,
+    layout: Layout,
+    include_classifier: bool,
     rel_eps: float,
     eps: float,
-    **options: Any,
+    weighting: Weighting,
+    stream_scale: StreamScale,
+    model: str | None,
+    force: bool,
 ) -> None:
     """Fold the statistics into CKPT so every filter's mean ReLU activation becomes 1.
 
@@ -462,7 +528,17 @@ def apply_cmd(
     with user_errors():
         named = _import_model(model) if model is not None else None
         result = apply_stats(
-            checkpoint, stats_path, output, rule=DeadRule(rel_eps=rel_eps, eps=eps), model=named, **options
+            checkpoint,
+            stats_path,
+            output,
+            features_only=features_only,
+            layout=layout,
+            include_classifier=include_classifier,
+            rule=DeadRule(rel_eps=rel_eps, eps=eps),
+            weighting=weighting,
+            stream_scale=stream_scale,
+            model=named,
+            force=force,
         )
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
@@ -519,13 +595,13 @@ def apply_cmd(
 @_policy_options(verify=True)
 @click.option(
     "--weighting",
-    type=click.Choice(WEIGHTINGS),
+    type=EnumChoice(Weighting),
     default=None,
     help="Check the means over all images (image) or the class-balanced means (class). [default: as apply recorded]",
 )
 @click.option(
     "--stream-scale",
-    type=click.Choice(STREAM_SCALES),
+    type=EnumChoice(StreamScale),
     default=None,
     help="How apply chose the scale a residual stream's ReLUs share (apply --stream-scale), for a .pth whose "
     "report is not beside it. [default: as apply recorded; geometric when nothing was]",
@@ -543,8 +619,8 @@ def apply_cmd(
 )
 @click.option(
     "--precision",
-    type=click.Choice(("fp32", "fp64")),
-    default="fp32",
+    type=EnumChoice((Precision.FP32, Precision.FP64)),
+    default=Precision.FP32.value,
     show_default=True,
     help="Arithmetic of the re-measurement (--data): fp64 re-measures in float64.",
 )
@@ -568,7 +644,36 @@ def apply_cmd(
 @click.option("--force", is_flag=True, help="Overwrite an existing report or JUnit file.")
 @progress_option
 @verbose_option
-def verify_cmd(normalized: Path, model: str | None, output_format: str, **options: Any) -> None:
+def verify_cmd(
+    normalized: Path,
+    original: str | None,
+    stats_path: Path | None,
+    data: Path | None,
+    limit: int | None,
+    report: Path | None,
+    rtol: float,
+    means_tol: float,
+    rel_eps: float | None,
+    eps: float | None,
+    resize: int | None,
+    crop: int | None,
+    convention: InputConvention | None,
+    pooling: Pooling | None,
+    padding: Padding | None,
+    weighting: Weighting | None,
+    stream_scale: StreamScale | None,
+    labels: str | None,
+    include_classifier: bool | None,
+    precision: Precision,
+    model: str | None,
+    device: str,
+    batch_size: int,
+    workers: int | None,
+    junit_xml: Path | None,
+    output_format: str,
+    force: bool,
+    progress: bool,
+) -> None:
     """Check that NORMALIZED is the correct normalization. Exit 0: all checks run passed; 1: a check
     failed (or none could run); 2: bad usage.
 
@@ -588,7 +693,34 @@ def verify_cmd(normalized: Path, model: str | None, output_format: str, **option
         with user_errors(UsageFailure):
             if model is not None:
                 _import_model(model)
-            result = verify_checkpoint(normalized, **options)
+            result = verify_checkpoint(
+                normalized,
+                original=original,
+                stats_path=stats_path,
+                data=data,
+                limit=limit,
+                rtol=rtol,
+                means_tol=means_tol,
+                rel_eps=rel_eps,
+                eps=eps,
+                resize=resize,
+                crop=crop,
+                convention=convention,
+                pooling=pooling,
+                padding=padding,
+                include_classifier=include_classifier,
+                weighting=weighting,
+                labels=labels,
+                stream_scale=stream_scale,
+                precision=precision,
+                device=device,
+                batch_size=batch_size,
+                workers=workers,
+                progress=progress,
+                report=report,
+                junit_xml=junit_xml,
+                force=force,
+            )
     except UsageFailure as e:
         # a bad file, a refused write, weights that cannot be had here: not bad usage; status 1, as in the
         # other commands (a failed verification)
@@ -598,8 +730,8 @@ def verify_cmd(normalized: Path, model: str | None, output_format: str, **option
     if output_format == "json":
         click.echo(result.to_json())
         sys.exit(0 if result.passed else 1)
-    if options["report"] is not None:
-        json_path, md_path = report_paths(options["report"])
+    if report is not None:
+        json_path, md_path = report_paths(report)
         figure = f", {result.figure}" if result.figure else ""  # the re-measured means' picture
         click.echo(f"report: {md_path} ({json_path.name}{figure})")
     if result.measured:
@@ -609,7 +741,7 @@ def verify_cmd(normalized: Path, model: str | None, output_format: str, **option
                 f"  {result.label(m['layer'], relu=True):24} {m['live']:4}/{m['filters']:<4} min {m['min']:<10.4g} "
                 f"median {m['median']:<10.4g} max {m['max']:.4g}"
             )
-    if "policy" in result.inputs and options["data"] is not None:
+    if "policy" in result.inputs and data is not None:
         click.echo(f"measured with: {result.inputs['policy']}")
     _echo_checks(result.checks)
     ran = [c for c in result.checks if c.status != NOT_RUN]

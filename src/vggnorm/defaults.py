@@ -118,33 +118,6 @@ DEFAULT_ARCH = "vgg19"
 DEFAULT_WEIGHTS = "IMAGENET1K_V1"
 RANDOM_PREFIX = "random:"
 
-# Measurement policies, recorded in the statistics file and honoured by verify.
-POOLINGS = ("max", "avg")
-# model: every conv pads as the model is written (torchvision's VGGs: zeros); zeros / reflect: every padded
-# conv is made to pad by zeros / by reflection (AdaIN's VGG encoder), a measurement policy asked for by name
-PADDINGS = ("model", "zeros", "reflect")
-# torchvision: RGB, 0-1, mean/std; caffe: BGR, 0-255, mean pixel subtracted (Caffe's and Keras' VGGs);
-# matconvnet: RGB, 0-255, mean pixel subtracted (MatConvNet's imagenet-vgg-verydeep-*.mat)
-PREPROCESSINGS = ("torchvision", "caffe", "matconvnet")
-# cpu: DataLoader workers decode and resize with PIL, as torchvision's own pipeline does.
-# gpu: workers only read the files; plain JPEGs are decoded in batches by nvJPEG and resized as
-# tensors on the device. Tensor resizing rounds differently from PIL's (up to 1 level of 255 in a
-# pixel), which moved VGG11's means by up to 8.5e-3 relative on 16 photos: the decoder is part of
-# the measurement policy, recorded in the stats file, and verify re-measures with the same one.
-DECODERS = ("cpu", "gpu")
-# image: every image and position counts alike; class: the mean of the per-class means (--per-class)
-WEIGHTINGS = ("image", "class")
-# residual streams: sites joined by adds share one scale per channel, chosen from their means.
-# geometric: the geometric mean of the members' means (the smallest log-deviation from 1); last: the
-# stream's last site's (its means become 1, the earlier members' do not)
-STREAM_SCALES = ("geometric", "last")
-DEFAULT_STREAM_SCALE = "geometric"
-PRECISIONS = ("fp32", "fp64", "tf32", "bf16", "fp16")  # fp32 and fp64 run on CPU too
-
-# On-disk layouts of a normalized checkpoint (see layouts.py).
-# keras and matconvnet: the input file's own format (formats.py), written like the input.
-LAYOUTS = ("torchvision", "gatys", "adain", "keras", "matconvnet")
-
 # The dead-filter rule (normalize.DeadRule): a filter is dead, and left unscaled, when its mean is
 # <= max(eps, rel_eps * the median of its layer's positive means). rel_eps = 1e-3 is measured, not
 # guessed: on random-weight VGGs (many near-dead filters) with 16 photos, filters kept live at

@@ -28,7 +28,7 @@ from vggnorm.core.fold import (
     scales_from_stats,
 )
 from vggnorm.core.stats import Stats
-from vggnorm.defaults import DEFAULT_MEANS_TOL, DEFAULT_STREAM_SCALE
+from vggnorm.defaults import DEFAULT_MEANS_TOL
 from vggnorm.errors import InvalidValuesError, StatsMismatchError, VggnormError
 from vggnorm.io.checkpoint import (
     atomic_writes,
@@ -40,7 +40,7 @@ from vggnorm.io.checkpoint import (
     upcast_half,
     write_state_dict,
 )
-from vggnorm.io.data import Preprocess
+from vggnorm.io.data import Measurement
 from vggnorm.io.figures import have_matplotlib, plot_means
 from vggnorm.io.formats import (
     FOREIGN_LAYOUTS,
@@ -66,6 +66,7 @@ from vggnorm.io.policy import report_base
 from vggnorm.io.report import Report, layer_summary, report_paths, stream_summary
 from vggnorm.io.statsfile import now, read_stats
 from vggnorm.io.weights import APPLY, Weights, prefetch_random, resolve_weights
+from vggnorm.options import Layout, StreamScale, Weighting
 from vggnorm.version import __version__
 
 
@@ -145,11 +146,11 @@ def apply_stats(
     output: Path | None = None,
     *,
     features_only: bool = False,
-    layout: str = "torchvision",
+    layout: Layout = Layout.TORCHVISION,
     include_classifier: bool = False,
     rule: DeadRule = DeadRule(),
-    weighting: str = "image",
-    stream_scale: str = DEFAULT_STREAM_SCALE,
+    weighting: Weighting = Weighting.IMAGE,
+    stream_scale: StreamScale = StreamScale.GEOMETRIC,
     model: str | None = None,
     force: bool = False,
 ) -> ApplyResult:
@@ -247,11 +248,11 @@ def apply_stats(
         )
 
         # the self-check's original side first, on the probe: the fold then overwrites the weights it ran on
-        pooling = str(stats.attrs.get("pooling", "max"))
-        padding = str(stats.attrs.get("padding", "zeros"))
-        size = probe_size(arch, int(stats.attrs.get("crop", 224)))
+        measured_as = Measurement.from_attrs(stats.attrs)
+        forward = measured_as.forward
+        size = probe_size(arch, measured_as.transform.crop)
         probe = probe_input(size)
-        original = load_model(arch, base, pooling=pooling, padding=padding, add_affine=add_affine)
+        original = load_model(arch, base, forward=forward, add_affine=add_affine)
         reference = reference_outputs(
             original, scale_tensors, probe, topology=topology(arch, True), logits=not features_only
         )
@@ -262,21 +263,20 @@ def apply_stats(
             folded, lost = fold_in_place(base, scale_tensors, topo, features_only=features_only)
         else:
             folded, lost = fold_state_dict(base, scale_tensors, topo, features_only=features_only), {}
-        measured_as = Preprocess.from_attrs(stats.attrs)
-        exported = export_layout(folded, arch, layout, measured_as.as_attrs())
+        exported = export_layout(folded, arch, layout, measured_as)
         _check_representable(folded, exported, base, scale_tensors, stats_path, lost)
 
         # self-check what will be written: the exported tensors, loaded back, against the original's reference
         reloaded = to_torchvision_layout(exported)
         normalized_arch = infer_arch(reloaded, prefer=arch)
-        normalized = load_model(normalized_arch, reloaded, pooling=pooling, padding=padding)
+        normalized = load_model(normalized_arch, reloaded, forward=forward)
         checks = check_function(
             reference,
             normalized,
             scale_tensors,
             probe,
             logits=not features_only,
-            inputs=f"2 seeded random inputs (seed 0) at {size}x{size}, {pooling} pooling, {padding} padding",
+            inputs=f"2 seeded random inputs (seed 0) at {size}x{size}, {forward.describe()}",
             topologies=(topology(arch, True), topology(normalized_arch, True)),
         )
         added = bool(topo.added_affine)
@@ -314,7 +314,7 @@ def apply_stats(
             )
         if layout == "adain":
             notes.append(
-                f"adain layout: feed RGB in [0, 1]; its first (1x1) conv does the {measured_as.preprocess} preprocessing"
+                f"adain layout: feed RGB in [0, 1]; its first (1x1) conv does the {measured_as.convention} preprocessing"
             )
         if template is not None:
             notes.append(_foreign_note(template, measured_as, features_only))
@@ -323,9 +323,9 @@ def apply_stats(
             "rel_eps": rule.rel_eps,
             "eps": rule.eps,
             "include_classifier": include_classifier,
-            "weighting": weighting,
+            "weighting": weighting.value,
             "label_source": str(stats.attrs.get("label_source", "")),
-            **({"stream_scale": stream_scale} if topo.streams else {}),
+            **({"stream_scale": stream_scale.value} if topo.streams else {}),
         }
         report = Report(
             checkpoint=str(output),
@@ -358,13 +358,13 @@ def apply_stats(
         meta = {
             "vggnorm_version": __version__,
             "arch": arch,
-            "layout": layout,
+            "layout": layout.value,
             "original": checkpoint,
             "include_classifier": str(include_classifier),
             "original_sha256": weights.sha256,
             "stats": str(stats_path),
             "preprocess": str(policy["preprocess"]),
-            "pooling": pooling,
+            "pooling": forward.pooling.value,
             "policy": json.dumps(policy),
         }
         # the checkpoint and its report appear together or not at all
@@ -463,7 +463,7 @@ def float32_unsafe(
     stats: Stats,
     scales: dict[str, LayerScales],
     *,
-    weighting: str = "image",
+    weighting: Weighting = Weighting.IMAGE,
     tol: float = DEFAULT_MEANS_TOL,
 ) -> dict[str, list[int]]:
     """The live filters whose ``normalize.float32_bounds`` exceeds ``tol`` (per site, filter indices): float32
@@ -515,7 +515,7 @@ def check_adain(arch: str, stats: Stats) -> None:
         raise VggnormError("--layout adain: AdaIN's encoder max-pools; measure without --pooling avg")
 
 
-def _foreign_note(template: Foreign, measured_as: Preprocess, features_only: bool) -> str:
+def _foreign_note(template: Foreign, measured_as: Measurement, features_only: bool) -> str:
     """How the user's own code loads a Keras or MatConvNet output, and what it must feed it."""
     top = "include_top=False" if features_only or not template.top else "include_top=True"
     loads = (
@@ -527,12 +527,13 @@ def _foreign_note(template: Foreign, measured_as: Preprocess, features_only: boo
         "caffe": "keras.applications' preprocess_input (caffe)",
         "matconvnet": "RGB 0-255 minus the file's mean pixel",
     }
-    if measured_as.preprocess == template.preprocess and tuple(measured_as.mean) == tuple(template.mean):
+    mean = measured_as.transform.mean
+    if measured_as.convention == template.preprocess and tuple(mean) == tuple(template.mean):
         feed = f"keep feeding it as before: {own[template.preprocess]}, as measured"
     else:
         feed = (
-            f"the means are 1 under the {measured_as.preprocess} preprocessing it was measured with (mean "
-            f"{tuple(measured_as.mean)}), not the file's own ({own[template.preprocess]}): feed it that"
+            f"the means are 1 under the {measured_as.convention} preprocessing it was measured with (mean "
+            f"{tuple(mean)}), not the file's own ({own[template.preprocess]}): feed it that"
         )
     return f"{template.format} layout, the input's structure ({template.describe()}): {loads}; {feed}"
 

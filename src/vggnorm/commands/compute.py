@@ -31,9 +31,10 @@ from vggnorm.errors import DataError, OutputExistsError, ResumeMismatchError, St
 from vggnorm.io import data as data_mod
 from vggnorm.io.checkpoint import check_writable, half_dtypes, same_file
 from vggnorm.io.labels import Labels, from_file, from_folders
-from vggnorm.io.models import check_arch, check_input_size, checked_topology
+from vggnorm.io.models import ForwardPolicy, check_arch, check_input_size, checked_topology
 from vggnorm.io.statsfile import MEASUREMENT_KEYS, attr_differences, now, read_stats, write_stats
 from vggnorm.io.weights import resolve_weights
+from vggnorm.options import Decoder, InputConvention, Precision
 from vggnorm.progress import Progress
 from vggnorm.version import __version__
 
@@ -63,19 +64,17 @@ class RunConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     workers: int | None = None
     limit: int | None = None
-    resize: int | None = None
-    crop: int | None = None
-    # torchvision, caffe (BGR, 0-255, mean-subtracted) or matconvnet (RGB, 0-255, mean-subtracted);
+    resize: int | None = None  # None: the weights' transform's
+    crop: int | None = None  # None: the weights' transform's
     # None: the weights' own (caffe for a Keras file, matconvnet with its mean for a .mat, else torchvision)
-    preprocess: str | None = None
-    pooling: str = "max"  # or "avg": measure with average pooling, as Gatys synthesized
-    padding: str = "model"  # as the convs are written; "zeros" / "reflect" (AdaIN's encoder) make them pad so
+    convention: InputConvention | None = None
+    forward: ForwardPolicy = ForwardPolicy()
+    decoder: Decoder = Decoder.CPU
     include_classifier: bool = False  # also measure the ReLUs after fc6 and fc7
     strict: bool = False
     checkpoint_every: int | None = None  # batches; None: about every DEFAULT_CHECKPOINT_SECONDS
     shard: tuple[int, int] | None = None  # (I, N): every N-th file from the I-th (0-based), for merge-stats
-    precision: str = "fp32"  # CUDA only: "tf32", "bf16", "fp16" trade exactness for speed
-    decode: str = "cpu"  # "gpu": nvJPEG on the CUDA device (see defaults.DECODERS)
+    precision: Precision = Precision.FP32  # CUDA only: tf32, bf16, fp16 trade exactness for speed
     per_class: bool = False  # also sum per class (labels from class subfolders, or from ``labels``)
     labels: str | None = None  # a labels file for a flat folder (see labels.py)
     add_affine: bool = False  # give affine-less norms of sites weight 1, bias 0 (layers.with_affine)
@@ -228,7 +227,7 @@ def _attrs(
     config: RunConfig,
     plan: FilePlan,
     weights: Any,
-    preprocess: data_mod.Preprocess,
+    measurement: data_mod.Measurement,
     world: World,
     device: torch.device,
 ) -> dict[str, Any]:
@@ -239,7 +238,7 @@ def _attrs(
         "weights_path": str(Path(weights.spec).resolve()) if os.path.isfile(weights.spec) else "",
         "weights_sha256": weights.sha256,
         "weights_format": weights.foreign.describe() if weights.foreign is not None else "",
-        **preprocess.as_attrs(),
+        **measurement.as_attrs(),
         "dataset": str(root),
         "dataset_fingerprint": plan.fingerprint,
         "dataset_num_files": plan.dataset_files,
@@ -252,7 +251,7 @@ def _attrs(
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "device": describe(device),
-        "precision": config.precision,
+        "precision": config.precision.value,
         "include_classifier": config.include_classifier,
         "add_affine": config.add_affine,
         "batch_size": config.batch_size,
@@ -328,7 +327,7 @@ def compute_stats(
         raise VggnormError(f"{output} is one of the images under {root}; choose an output path outside the data")
     device = _device(config, world)
     check_precision(config.precision, device)
-    data_mod.check_decode(config.decode, device)
+    data_mod.check_decode(config.decoder, device)
     check_arch(config.arch)
     checked_topology(config.arch, config.add_affine)  # before loading (or downloading) any weights
     weights = resolve_weights(config.weights, arch=config.arch)
@@ -339,34 +338,37 @@ def compute_stats(
             " and ".join(half),
             config.precision,
         )
-    kind = config.preprocess or weights.preprocess  # a Keras or MatConvNet file is fed as its users feed it
-    preprocess = data_mod.default_preprocess(
+    kind = config.convention or weights.preprocess  # a Keras or MatConvNet file is fed as its users feed it
+    transform = data_mod.default_transform(
         weights.arch,
         resize=config.resize,
         crop=config.crop,
-        preprocess=kind,
+        convention=kind,
         mean_pixel=weights.mean_pixel if kind == weights.preprocess else None,
-        pooling=config.pooling,
-        padding=config.padding,
-        decode=config.decode,
     )
-    if preprocess.crop > preprocess.resize:
-        raise VggnormError(f"--crop {preprocess.crop} is larger than --resize {preprocess.resize}")
-    check_input_size(weights.arch, preprocess.crop)
+    if transform.crop > transform.resize:
+        raise VggnormError(f"--crop {transform.crop} is larger than --resize {transform.resize}")
+    check_input_size(weights.arch, transform.crop)
+    measurement = data_mod.Measurement(transform, kind, config.forward, config.decoder)
     if config.include_classifier and weights.features_only:
         raise VggnormError(f"--include-classifier: {weights.spec} has no classifier (features-only weights)")
     topo = checked_topology(weights.arch, config.add_affine)
     sites = [*topo.sites, *(topo.fc_sites if config.include_classifier else ())]
-    attrs = _attrs(root, config, plan, weights, preprocess, world, device)
+    attrs = _attrs(root, config, plan, weights, measurement, world, device)
     initial = _resume_state(output, attrs, world, plan) if resume else None
     if initial is not None:
         log.info("resuming %s at file %d of %d", output, initial.position, len(plan.files))
     model = measuring_model(
-        weights.arch, weights.state_dict, preprocess, device, precision=config.precision, add_affine=config.add_affine
+        weights.arch,
+        weights.state_dict,
+        config.forward,
+        device,
+        precision=config.precision,
+        add_affine=config.add_affine,
     )
     del weights
     run = StatsRun(output, sites, attrs, plan, world=world, device=device, config=config, initial=initial, force=force)
-    _stream(run, model, preprocess, progress=progress)
+    _stream(run, model, measurement, progress=progress)
     final = run.snapshot(complete=True)
     distributed.shutdown(world)
     if final.num_images == 0:
@@ -405,18 +407,20 @@ def _device(config: RunConfig, world: World) -> torch.device:
     return device
 
 
-def _stream(run: StatsRun, model: torch.nn.Module, preprocess: data_mod.Preprocess, *, progress: bool) -> None:
+def _stream(run: StatsRun, model: torch.nn.Module, measurement: data_mod.Measurement, *, progress: bool) -> None:
     """Measure the files from ``run.position`` on, saving progress on Ctrl-C (SIGTERM too, via the CLI)."""
     config, world = run.config, run.world
     workers = data_mod.default_workers() if config.workers is None else config.workers
     loader = data_mod.make_loader(
         run.plan.files,
-        preprocess,
+        measurement.transform,
+        measurement.convention,
+        decoder=measurement.decoder,
         batch_size=config.batch_size,
         workers=workers,
         start=run.position,
         device=run.device,
-        dtype=torch.float64 if config.precision == "fp64" else torch.float32,
+        dtype=torch.float64 if config.precision == Precision.FP64 else torch.float32,
     )
     bar = Progress(
         total=run.plan.total,

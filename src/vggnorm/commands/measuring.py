@@ -17,19 +17,20 @@ from vggnorm.core.stats import Stats
 from vggnorm.errors import DataError
 from vggnorm.io import data as data_mod
 from vggnorm.io.labels import Labels
-from vggnorm.io.models import is_user_model, load_model
+from vggnorm.io.models import ForwardPolicy, is_user_model, load_model
+from vggnorm.options import Precision
 
 
 def measuring_model(
     arch: str,
     state_dict: Mapping[str, torch.Tensor],
-    preprocess: data_mod.Preprocess,
+    forward: ForwardPolicy,
     device: torch.device,
     *,
-    precision: str = "fp32",
+    precision: Precision = Precision.FP32,
     add_affine: bool = False,
 ) -> nn.Module:
-    """``arch`` carrying ``state_dict`` as vggnorm measures it: under the policy's pooling and padding,
+    """``arch`` carrying ``state_dict`` as vggnorm measures it: under the ``forward`` policy's pooling and padding,
     in the device's memory format (a user model stays contiguous: its code may ``view`` activations),
     and in float64 for ``precision="fp64"`` (``add_affine``: see ``io.models.load_model``)."""
     model = load_model(
@@ -37,17 +38,16 @@ def measuring_model(
         state_dict,
         device=device,
         memory_format=torch.contiguous_format if is_user_model(arch) else memory_format(device),
-        pooling=preprocess.pooling,
-        padding=preprocess.padding,
+        forward=forward,
         add_affine=add_affine,
     )
-    return model.double() if precision == "fp64" else model
+    return model.double() if precision == Precision.FP64 else model
 
 
 def measure_files(
     model: nn.Module,
     files: list[Path],
-    preprocess: data_mod.Preprocess,
+    measurement: data_mod.Measurement,
     sites: Sequence[Site],
     *,
     device: torch.device,
@@ -58,15 +58,17 @@ def measure_files(
 ) -> tuple[Stats, list[tuple[str, str]]]:
     """Per-filter means of ``model`` over ``files`` at ``sites``; returns the skipped files too.
 
-    Images are decoded as ``preprocess.decode`` says (``--decode gpu`` needs a CUDA ``device``).
-    With ``labels`` (one class per file) the per-class sums are kept too."""
-    data_mod.check_decode(preprocess.decode, device)
+    Images are decoded by ``measurement.decoder`` (``--decode gpu`` needs a CUDA ``device``); its forward
+    policy is ``model``'s own. With ``labels`` (one class per file) the per-class sums are kept too."""
+    data_mod.check_decode(measurement.decoder, device)
     sums = ReluSums(
         sites, device, file_labels=labels.of_file if labels else None, num_classes=len(labels.classes) if labels else 0
     )
     loader = data_mod.make_loader(
         files,
-        preprocess,
+        measurement.transform,
+        measurement.convention,
+        decoder=measurement.decoder,
         batch_size=batch_size,
         workers=data_mod.default_workers() if workers is None else workers,
         device=device,

@@ -42,6 +42,7 @@ from vggnorm.io.figures import have_matplotlib, plot_means
 from vggnorm.io.formats import peek
 from vggnorm.io.layouts import detect_layout, export_layout, to_torchvision_layout
 from vggnorm.io.models import (
+    ForwardPolicy,
     affine_keys,
     canonical_arch,
     checked_topology,
@@ -57,6 +58,7 @@ from vggnorm.io.policy import Policy, recorded_arch, report_base, resolve_policy
 from vggnorm.io.report import Report, layer_summary, measured_summary, report_paths
 from vggnorm.io.statsfile import read_stats
 from vggnorm.io.weights import VERIFY, Weights, resolve_weights
+from vggnorm.options import Decoder, InputConvention, Layout, Padding, Pooling, Precision, StreamScale, Weighting
 from vggnorm.progress import Progress
 
 FOLD_DESC = "the checkpoint equals fold(original, stats) recomputed"
@@ -71,7 +73,7 @@ class Normalized:
 
     path: Path
     raw: StateDict
-    layout: str
+    layout: Layout
     state_dict: StateDict
     arch: str  # for a Gatys layout: the plain VGG it loads into
 
@@ -82,7 +84,7 @@ class Normalized:
         check_finite(raw, str(path))
         sd = to_torchvision_layout(raw)
         foreign = peek(path)  # a Keras or MatConvNet file, read in torchvision's layout: its layout is its format
-        layout = foreign[0] if foreign else detect_layout(raw)
+        layout = Layout(foreign[0]) if foreign else detect_layout(raw)
         return cls(Path(path), raw, layout, sd, infer_arch(sd, prefer=prefer))
 
     @property
@@ -103,14 +105,14 @@ def verify_checkpoint(
     eps: float | None = None,
     resize: int | None = None,
     crop: int | None = None,
-    preprocess: str | None = None,
-    pooling: str | None = None,
-    padding: str | None = None,
+    convention: InputConvention | None = None,
+    pooling: Pooling | None = None,
+    padding: Padding | None = None,
     include_classifier: bool | None = None,
-    weighting: str | None = None,
+    weighting: Weighting | None = None,
     labels: str | None = None,
-    stream_scale: str | None = None,
-    precision: str = "fp32",
+    stream_scale: StreamScale | None = None,
+    precision: Precision = Precision.FP32,
     device: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int | None = None,
@@ -123,7 +125,7 @@ def verify_checkpoint(
 
     The means are measured under the statistics' policy (preprocessing, pooling, decoder) when
     ``stats_path`` is given, else under the one apply recorded with the checkpoint, else the
-    weights' default; ``resize``, ``crop``, ``preprocess``, ``pooling`` override the last two. With
+    weights' default; ``resize``, ``crop``, ``convention``, ``pooling``, ``padding`` override the last two. With
     ``data`` alone this audits any checkpoint. NORMALIZED may be in torchvision's, Gatys' or AdaIN's layout.
     ``include_classifier`` (default: as recorded) checks the fc ReLUs too. ``precision="fp64"``
     re-measures in float64. ``junit_xml`` also writes the checks as JUnit XML (``Report.to_junit``).
@@ -148,13 +150,6 @@ def verify_checkpoint(
     if original is not None and weights is None:
         weights = resolve_weights(original, arch=target.arch, prefer=target.arch, background_hash=True, given=VERIFY)
     arch = _arch(target, stats, weights, original)
-    options: dict[str, Any] = {
-        "resize": resize,
-        "crop": crop,
-        "preprocess": preprocess,
-        "pooling": pooling,
-        "padding": padding,
-    }
     policy = resolve_policy(
         normalized_path,
         stats,
@@ -165,7 +160,11 @@ def verify_checkpoint(
         weighting=weighting,
         labels=labels,
         stream_scale=stream_scale,
-        **options,
+        resize=resize,
+        crop=crop,
+        convention=convention,
+        pooling=pooling,
+        padding=padding,
     )
     if policy.include_classifier and target.features_only:
         raise VggnormError("--include-classifier: the checkpoint has no classifier")
@@ -183,8 +182,8 @@ def verify_checkpoint(
             weighting=policy.weighting,
             stream_scale=policy.stream_scale,
         )
-    p = policy.preprocess
-    model = as_run(target.arch, target.state_dict, p, dev, precision=precision)
+    p = policy.measurement
+    model = as_run(target.arch, target.state_dict, p.forward, dev, precision=precision)
     files = data_mod.find_images(data)[:limit] if data is not None else []
     inputs: dict[str, Any] = {
         "normalized": str(normalized_path),
@@ -247,7 +246,12 @@ def verify_checkpoint(
 
 
 def as_run(
-    arch: str, state_dict: StateDict, policy: data_mod.Preprocess, device: torch.device, *, precision: str = "fp32"
+    arch: str,
+    state_dict: StateDict,
+    forward: ForwardPolicy,
+    device: torch.device,
+    *,
+    precision: Precision = Precision.FP32,
 ) -> nn.Module:
     """The checkpoint's model as its user runs it: its own class, the stored tensors, eval mode, contiguous
     inputs. Only a measurement policy asked for by name changes it (``--pooling avg``, ``--padding
@@ -255,10 +259,8 @@ def as_run(
     # torchvision's models in the device's faster memory format (the same function); a user model stays
     # contiguous, since its code may view activations
     fmt = torch.contiguous_format if is_user_model(arch) else memory_format(device)
-    model = load_model(
-        arch, state_dict, device=device, pooling=policy.pooling, padding=policy.padding, memory_format=fmt
-    )
-    return model.double() if precision == "fp64" else model
+    model = load_model(arch, state_dict, device=device, forward=forward, memory_format=fmt)
+    return model.double() if precision == Precision.FP64 else model
 
 
 def _inputs_of(normalized: Path, stats: Path | None, original: str | None) -> list[str | os.PathLike[str]]:
@@ -308,7 +310,7 @@ def _means(
     progress: bool,
 ) -> tuple[Check, Stats | None]:
     """(c): re-measure the means on ``files`` under ``policy``; the statistics' dead filters are excluded."""
-    if policy.preprocess.decode == "gpu" and device.type != "cuda":
+    if policy.measurement.decoder == Decoder.GPU and device.type != "cuda":
         # asked for (--data) but cannot be measured as the statistics were: a failure, never a pass
         why = (
             "cannot re-measure here: the statistics were measured with --decode gpu (nvJPEG, resized on the GPU), "
@@ -330,7 +332,7 @@ def _means(
         _sites(target.arch, fc),
         None if target.features_only else topology(target.arch).activation_calls,
         files,
-        policy.preprocess,
+        policy.measurement,
         device=device,
         batch_size=batch_size,
         workers=workers,
@@ -369,7 +371,7 @@ def _witness_means(
     sites: list[Any],
     total: int | None,
     files: list[Path],
-    preprocess: data_mod.Preprocess,
+    measurement: data_mod.Measurement,
     *,
     device: torch.device,
     batch_size: int,
@@ -382,7 +384,9 @@ def _witness_means(
     dtype = next(model.parameters()).dtype
     loader = data_mod.make_loader(
         files,
-        preprocess,
+        measurement.transform,
+        measurement.convention,
+        decoder=measurement.decoder,
         batch_size=batch_size,
         workers=data_mod.default_workers() if workers is None else workers,
         device=device,
@@ -422,9 +426,9 @@ def _witness_means(
     return Stats(layers, seen.num_images, skipped=skipped, classes=labels.classes if labels else []), skipped
 
 
-def measured_means(measured: Stats, weighting: str) -> dict[str, torch.Tensor]:
-    """The means verify checks: over all images, or class-balanced (``weighting="class"``)."""
-    if weighting == "class":
+def measured_means(measured: Stats, weighting: Weighting) -> dict[str, torch.Tensor]:
+    """The means verify checks: over all images, or class-balanced (``Weighting.CLASS``)."""
+    if weighting == Weighting.CLASS:
         return {n: layer.balanced_mean for n, layer in measured.layers.items()}
     return measured.means()
 
@@ -516,7 +520,7 @@ def _against_original(
     weights: Weights,
     scales: dict[str, LayerScales] | None,
     files: list[Path],
-    policy: data_mod.Preprocess,
+    policy: data_mod.Measurement,
     *,
     arch: str,
     device: torch.device,
@@ -531,8 +535,7 @@ def _against_original(
         arch,
         weights.state_dict,
         device=device,
-        pooling=policy.pooling,
-        padding=policy.padding,
+        forward=policy.forward,
         add_affine=any(s.added_affine for s in topo.all_sites),
     )
     x, source = function_inputs(files, policy, arch)
@@ -562,17 +565,18 @@ def _against_original(
         expected = LazyFold(*fold_args, features_only=target.features_only)
     else:
         folded = fold_state_dict(*fold_args, features_only=target.features_only)
-        expected = export_layout(folded, arch, target.layout, policy.as_attrs())
+        expected = export_layout(folded, arch, target.layout, policy)
     return [*checks, check_fold(target.raw, expected, rtol=rtol)], None
 
 
 def function_inputs(
-    files: list[Path], preprocess: data_mod.Preprocess, arch: str, n: int = 2
+    files: list[Path], measurement: data_mod.Measurement, arch: str, n: int = 2
 ) -> tuple[torch.Tensor, str]:
     """Up to ``n`` decodable images from ``files``, else a seeded random batch (``probe_input``, seed 0)
     of ``models.probe_size``."""
     images = []
-    ds: Any = data_mod.ImageFiles(files, preprocess) if files else []  # none: no torchvision import
+    # none: no torchvision import
+    ds: Any = data_mod.ImageFiles(files, measurement.transform, measurement.convention) if files else []
     for i in range(len(ds)):
         sample = ds[i]
         if sample.image is not None:
@@ -581,5 +585,5 @@ def function_inputs(
             break
     if images:
         return torch.stack(images), f"{len(images)} images from --data"
-    size = probe_size(arch, preprocess.crop)
+    size = probe_size(arch, measurement.transform.crop)
     return probe_input(size), f"2 seeded random inputs (seed 0) at {size}x{size}"

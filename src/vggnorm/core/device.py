@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import torch
 
-from vggnorm.defaults import PRECISIONS
 from vggnorm.errors import VggnormError
+from vggnorm.options import Precision
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -38,24 +38,22 @@ def describe(device: torch.device) -> str:
     return str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})"
 
 
-def check_precision(precision: str, device: torch.device) -> None:
-    if precision not in PRECISIONS:
-        raise VggnormError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    if precision not in ("fp32", "fp64") and device.type != "cuda":
+def check_precision(precision: Precision, device: torch.device) -> None:
+    if precision not in (Precision.FP32, Precision.FP64) and device.type != "cuda":
         raise VggnormError(f"--precision {precision} is for CUDA; on {device.type} use fp32 (the default) or fp64")
 
 
 @contextlib.contextmanager
-def precision_mode(precision: str = "fp32", device_type: str = "cpu") -> Iterator[None]:
+def precision_mode(precision: Precision = Precision.FP32, device_type: str = "cpu") -> Iterator[None]:
     """The arithmetic of the forward pass: fp32 (TF32 off, the default), tf32, or bf16/fp16
     autocast; fp64 runs a float64 model (``model.double()``, the caller's) with TF32 off. The hook
     sums in float32 or float64 whatever the activations' dtype."""
     cudnn_conv = torch.backends.cudnn.conv  # type: ignore[attr-defined]  # torch >= 2.9, not in its stubs
     conv, matmul = cudnn_conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
-    ieee = precision in ("fp32", "fp64")
+    ieee = precision in (Precision.FP32, Precision.FP64)
     cudnn_conv.fp32_precision = "ieee" if ieee else "tf32"
     torch.backends.cuda.matmul.fp32_precision = "ieee" if ieee else "tf32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(precision)
     try:
         with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
             yield

@@ -17,8 +17,9 @@ import torch
 from vggnorm.analysis.topology import Compensation, Stream, Topology
 from vggnorm.core.state import StateDict
 from vggnorm.core.stats import Stats, check_values
-from vggnorm.defaults import DEFAULT_EPS, DEFAULT_REL_EPS, STREAM_SCALES, WEIGHTINGS
+from vggnorm.defaults import DEFAULT_EPS, DEFAULT_REL_EPS
 from vggnorm.errors import StatsMismatchError
+from vggnorm.options import StreamScale, Weighting
 
 
 @dataclass(frozen=True)
@@ -355,8 +356,8 @@ def scales_from_stats(
     *,
     rule: DeadRule = DeadRule(),
     include_classifier: bool = False,
-    weighting: str = "image",
-    stream_scale: str = "geometric",
+    weighting: Weighting = Weighting.IMAGE,
+    stream_scale: StreamScale = StreamScale.GEOMETRIC,
 ) -> dict[str, LayerScales]:
     """Per-site scales from ``stats``, after checking the layers and channel counts match ``topology``.
 
@@ -364,9 +365,7 @@ def scales_from_stats(
     ``weighting="class"`` takes the class-balanced means (the mean of the per-class means; the
     statistics must be measured with ``--per-class``) instead of the means over all images.
     """
-    if weighting not in WEIGHTINGS:
-        raise StatsMismatchError(f"unknown weighting {weighting!r}; expected one of {', '.join(WEIGHTINGS)}")
-    if weighting == "class" and not stats.classes:
+    if weighting == Weighting.CLASS and not stats.classes:
         raise StatsMismatchError(
             "--weighting class needs per-class sums: measure with `vggnorm compute-stats ... --per-class`"
         )
@@ -396,27 +395,28 @@ def scales_from_stats(
     out = {}
     for site in (*topology.sites, *(topology.fc_sites if include_classifier else ())):
         layer = stats.layers[site.conv]
-        mean = layer.balanced_mean if weighting == "class" else layer.mean
+        mean = layer.balanced_mean if weighting == Weighting.CLASS else layer.mean
         if mean.numel() != site.out_channels:
             raise StatsMismatchError(
                 f"{site.conv}: the statistics have {mean.numel()} filters, the checkpoint {site.out_channels}"
             )
         dead = torch.nonzero(~rule.live(mean)).flatten().tolist()
         out[site.conv] = LayerScales(site.conv, scales_from_means(mean, rule), dead, rule.threshold(mean))
-    means = {k: (stats.layers[k].balanced_mean if weighting == "class" else stats.layers[k].mean).double() for k in out}
+    means = {
+        k: (stats.layers[k].balanced_mean if weighting == Weighting.CLASS else stats.layers[k].mean).double()
+        for k in out
+    }
     for stream in topology.streams:
         _stream_scales(stream, out, means, rule, stream_scale)
     return out
 
 
 def _stream_scales(
-    stream: Stream, out: dict[str, LayerScales], means: Mapping[str, torch.Tensor], rule: DeadRule, policy: str
+    stream: Stream, out: dict[str, LayerScales], means: Mapping[str, torch.Tensor], rule: DeadRule, policy: StreamScale
 ) -> None:
     """One scale per class of a stream's channels, by ``policy``, for every member site (in ``out``):
     ``geometric``, the geometric mean of the members' live means (the smallest log-deviation from 1), or
     ``last``, the last member's (forward order) where live; 1 where no member is live."""
-    if policy not in STREAM_SCALES:
-        raise StatsMismatchError(f"unknown stream scale {policy!r}; expected one of {', '.join(STREAM_SCALES)}")
     members: dict[int, list[tuple[str, int]]] = {}
     for key, classes in zip(stream.sites, stream.classes, strict=True):
         if key in out:
@@ -428,7 +428,7 @@ def _stream_scales(
         values = [means[k][c] for k, c in m if bool(live[k][c])]
         if not values:
             continue
-        value = values[-1] if policy == "last" else torch.stack(values).log().mean().exp()
+        value = values[-1] if policy == StreamScale.LAST else torch.stack(values).log().mean().exp()
         for k, c in m:
             scale[k][c] = value
     for k in scale:

@@ -21,6 +21,7 @@ from vggnorm.analysis.topology import Site
 from vggnorm.core.device import precision_mode
 from vggnorm.core.stats import LayerStats, Stats
 from vggnorm.errors import CheckpointError
+from vggnorm.options import Precision
 
 HookFn = Callable[[Site, torch.Tensor], None]
 
@@ -213,7 +214,7 @@ def measure(
     *,
     device: torch.device,
     on_batch: Callable[[Any], None] | None = None,
-    precision: str = "fp32",
+    precision: Precision = Precision.FP32,
 ) -> None:
     """Run every batch through ``model`` with ``sums`` attached; call ``on_batch`` after each commit.
 

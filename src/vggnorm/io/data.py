@@ -12,8 +12,8 @@ import math
 import os
 import stat
 import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,36 +23,29 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vggnorm.core.measure import Batch
-from vggnorm.defaults import DECODERS, MAX_RESIZE, MAX_RESIZED_PIXELS, PADDINGS, POOLINGS, PREPROCESSINGS
+from vggnorm.defaults import MAX_RESIZE, MAX_RESIZED_PIXELS
 from vggnorm.errors import DataError, OutputExistsError
-from vggnorm.io.models import is_user_model
+from vggnorm.io.models import ForwardPolicy, is_user_model
+from vggnorm.options import Decoder, InputConvention, Interpolation, Padding, Pooling
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
 
 
-# torchvision's InterpolationMode values (PIL images take them all)
-INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
-
-
 @dataclass(frozen=True)
-class Preprocess:
-    """The measurement policy: how an image becomes the network's input. Stored in the stats file."""
+class ImageTransform:
+    """How a decoded image becomes the network's input: resized (the shorter side), center-cropped, then
+    the input convention's mean and std (``module``)."""
 
     resize: int = 256
     crop: int = 224
-    interpolation: str = "bilinear"
+    interpolation: Interpolation = Interpolation.BILINEAR
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    preprocess: str = "torchvision"
-    pooling: str = "max"
-    decode: str = "cpu"  # or "gpu": JPEGs decoded by nvJPEG and resized on the device (other pixels, see DECODERS)
-    # "model": the convs pad as written; "zeros" / "reflect": made to pad so (reflect: AdaIN's encoder)
-    padding: str = "model"
 
     def __post_init__(self) -> None:
-        """Refuse a policy no image can be measured under (from options, a statistics file, or metadata)."""
+        """Refuse a transform no image can be measured under (from options, a statistics file, or metadata)."""
         for name in ("resize", "crop"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RESIZE:
@@ -60,16 +53,6 @@ class Preprocess:
                     f"{name} {value!r}: expected a whole number of pixels from 1 to {MAX_RESIZE} (a {MAX_RESIZE}x"
                     f"{MAX_RESIZE} image is the largest vggnorm resizes to)"
                 )
-        choices = {
-            "interpolation": INTERPOLATIONS,
-            "preprocess": PREPROCESSINGS,
-            "pooling": POOLINGS,
-            "decode": DECODERS,
-            "padding": PADDINGS,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise DataError(f"{name} {getattr(self, name)!r}: expected one of {', '.join(allowed)}")
         for name in ("mean", "std"):
             values = getattr(self, name)
             if len(values) != 3 or not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
@@ -77,19 +60,21 @@ class Preprocess:
         if not all(v > 0 for v in self.std):
             raise DataError(f"std {self.std!r}: expected 3 positive numbers (the input is divided by them)")
 
-    def transform(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-        """torchvision's own ImageNet preset (resize, center crop, to float, normalize), or Caffe's;
-        with ``dtype=torch.float64`` the same pixels with every step after them in float64 (``--precision
-        fp64``: the mean and std are then applied exactly, not in float32)."""
+    def module(
+        self, convention: InputConvention = InputConvention.TORCHVISION, dtype: torch.dtype = torch.float32
+    ) -> torch.nn.Module:
+        """torchvision's own ImageNet preset (resize, center crop, to float, normalize), or Caffe's (for the
+        caffe and matconvnet conventions); with ``dtype=torch.float64`` the same pixels with every step after
+        them in float64 (``--precision fp64``: the mean and std are then applied exactly, not in float32)."""
         if dtype == torch.float64:
-            return Float64Preset(self)
-        if self.preprocess in ("caffe", "matconvnet"):
+            return Float64Preset(self, convention)
+        if convention in PIXEL_CONVENTIONS:
             return CaffePreset(
                 resize=self.resize,
                 crop=self.crop,
                 mean=self.mean,
                 interpolation=self.interpolation,
-                bgr=self.preprocess == "caffe",
+                bgr=convention == InputConvention.CAFFE,
             )
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms._presets import ImageClassification
@@ -103,33 +88,69 @@ class Preprocess:
         )
         return transform
 
-    def as_attrs(self) -> dict[str, Any]:
-        return asdict(self)
+
+# The attributes a measurement policy is recorded as (statistics files, apply's record), in this order.
+MEASUREMENT_ATTRS = ("resize", "crop", "interpolation", "mean", "std", "preprocess", "pooling", "decode", "padding")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The measurement policy, stored in the statistics file: the image transform, the input convention, the
+    forward policy (pooling, padding) and the decoder, each a value of its own."""
+
+    transform: ImageTransform = ImageTransform()
+    convention: InputConvention = InputConvention.TORCHVISION
+    forward: ForwardPolicy = ForwardPolicy()
+    decoder: Decoder = Decoder.CPU
+
+    def describe(self) -> str:
+        t = self.transform
+        return (
+            f"resize {t.resize}, crop {t.crop}, {self.convention} preprocessing, {self.forward.describe()}, "
+            f"decode {self.decoder}"
+        )
+
+    def as_attrs(self) -> dict[str, object]:
+        """The policy as recorded (``MEASUREMENT_ATTRS``): plain strings and numbers, read back by ``from_attrs``."""
+        t = self.transform
+        return {
+            "resize": t.resize,
+            "crop": t.crop,
+            "interpolation": t.interpolation.value,
+            "mean": t.mean,
+            "std": t.std,
+            "preprocess": self.convention.value,
+            "pooling": self.forward.pooling.value,
+            "decode": self.decoder.value,
+            "padding": self.forward.padding.value,
+        }
 
     @classmethod
-    def from_attrs(cls, attrs: dict[str, Any]) -> Preprocess:
-        """The policy recorded in ``attrs`` (statistics or apply's record); ``DataError`` when incomplete."""
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> Measurement:
+        """The policy recorded in ``attrs`` (statistics or apply's record); ``DataError`` when incomplete or
+        damaged. A file written before a field existed reads as it was measured then."""
         missing = [k for k in ("resize", "crop", "interpolation", "mean", "std") if k not in attrs]
         if missing:
             raise DataError(f"the recorded measurement policy has no {', '.join(missing)}: it cannot be measured again")
         try:
-            return cls._from_attrs(attrs)
+            transform = ImageTransform(
+                resize=int(attrs["resize"]),
+                crop=int(attrs["crop"]),
+                interpolation=Interpolation(str(attrs["interpolation"])),
+                mean=tuple(float(x) for x in attrs["mean"]),
+                std=tuple(float(x) for x in attrs["std"]),
+            )
+            forward = ForwardPolicy(
+                Pooling(str(attrs.get("pooling", "max"))), Padding(str(attrs.get("padding", "zeros")))
+            )
+            return cls(
+                transform,
+                InputConvention(str(attrs.get("preprocess", "torchvision"))),
+                forward,
+                Decoder(str(attrs.get("decode", "cpu"))),
+            )
         except (TypeError, ValueError) as e:
             raise DataError(f"the recorded measurement policy is damaged ({e})") from e
-
-    @classmethod
-    def _from_attrs(cls, attrs: dict[str, Any]) -> Preprocess:
-        return cls(
-            resize=int(attrs["resize"]),
-            crop=int(attrs["crop"]),
-            interpolation=str(attrs["interpolation"]),
-            mean=tuple(float(x) for x in attrs["mean"]),
-            std=tuple(float(x) for x in attrs["std"]),
-            preprocess=str(attrs.get("preprocess", "torchvision")),
-            pooling=str(attrs.get("pooling", "max")),
-            padding=str(attrs.get("padding", "zeros")),
-            decode=str(attrs.get("decode", "cpu")),
-        )
 
 
 # The original Caffe VGG's input: BGR, 0-255, minus the per-channel ImageNet mean (in BGR order).
@@ -138,6 +159,9 @@ CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 # MatConvNet's VGGs (imagenet-vgg-verydeep-*.mat): RGB, 0-255, minus the file's mean pixel; this one
 # (the ImageNet mean in RGB order) when the weights do not say, as fast-style-transfer hard-codes it.
 MATCONVNET_MEAN_RGB = (123.68, 116.779, 103.939)
+# the conventions that feed 0-255 pixels minus a mean pixel (no std), and that mean by default
+PIXEL_MEANS = {InputConvention.CAFFE: CAFFE_MEAN_BGR, InputConvention.MATCONVNET: MATCONVNET_MEAN_RGB}
+PIXEL_CONVENTIONS = frozenset(PIXEL_MEANS)
 
 
 class CaffePreset(torch.nn.Module):
@@ -145,7 +169,7 @@ class CaffePreset(torch.nn.Module):
     order (Caffe, Keras) or RGB (``bgr=False``: MatConvNet)."""
 
     def __init__(
-        self, *, resize: int, crop: int, mean: tuple[float, ...], interpolation: str, bgr: bool = True
+        self, *, resize: int, crop: int, mean: tuple[float, ...], interpolation: Interpolation, bgr: bool = True
     ) -> None:
         super().__init__()
         from torchvision.transforms import InterpolationMode
@@ -164,18 +188,18 @@ class CaffePreset(torch.nn.Module):
 
 
 class Float64Preset(torch.nn.Module):
-    """``Preprocess.transform`` in float64: resize and center crop the 8-bit image as the float32
+    """``ImageTransform.module`` in float64: resize and center crop the 8-bit image as the float32
     presets do, then convert, normalize (torchvision) or flip to BGR and subtract the mean (caffe; matconvnet
     without the flip) in float64."""
 
-    def __init__(self, p: Preprocess) -> None:
+    def __init__(self, t: ImageTransform, convention: InputConvention) -> None:
         super().__init__()
         from torchvision.transforms import InterpolationMode
 
-        self.resize, self.crop, self.interpolation = p.resize, p.crop, InterpolationMode(p.interpolation)
-        self.pixels, self.bgr = p.preprocess in ("caffe", "matconvnet"), p.preprocess == "caffe"
-        self.mean = torch.tensor(p.mean, dtype=torch.float64).view(3, 1, 1)
-        self.std = torch.tensor(p.std, dtype=torch.float64).view(3, 1, 1)
+        self.resize, self.crop, self.interpolation = t.resize, t.crop, InterpolationMode(t.interpolation)
+        self.pixels, self.bgr = convention in PIXEL_CONVENTIONS, convention == InputConvention.CAFFE
+        self.mean = torch.tensor(t.mean, dtype=torch.float64).view(3, 1, 1)
+        self.std = torch.tensor(t.std, dtype=torch.float64).view(3, 1, 1)
 
     def forward(self, img: Image.Image | torch.Tensor) -> torch.Tensor:
         from torchvision.transforms import functional as F
@@ -187,48 +211,38 @@ class Float64Preset(torch.nn.Module):
         return (x / 255 - self.mean) / self.std
 
 
-def default_preprocess(
+def default_transform(
     arch: str,
     *,
     resize: int | None = None,
     crop: int | None = None,
-    preprocess: str = "torchvision",
-    pooling: str = "max",
-    decode: str = "cpu",
-    padding: str = "model",
+    convention: InputConvention = InputConvention.TORCHVISION,
     mean_pixel: tuple[float, ...] | None = None,
-) -> Preprocess:
-    """The preprocessing of the arch's torchvision weights, read from ``Weights.transforms()``.
+) -> ImageTransform:
+    """The image transform of the arch's torchvision weights, read from ``Weights.transforms()``.
 
-    ``preprocess="caffe"`` keeps its resize, crop and interpolation but feeds the network as the
-    original Caffe VGG was fed (``CaffePreset``); ``"matconvnet"`` likewise, in RGB order. ``mean_pixel``
+    Under the caffe convention it keeps their resize, crop and interpolation but feeds the network as the
+    original Caffe VGG was fed (``CaffePreset``); under matconvnet likewise, in RGB order. ``mean_pixel``
     (on 0-255, in the network's channel order) replaces their default mean: a MatConvNet file's own.
     """
-    if preprocess not in PREPROCESSINGS:
-        raise DataError(f"unknown preprocessing {preprocess!r}; expected one of {', '.join(PREPROCESSINGS)}")
-    if decode not in DECODERS:
-        raise DataError(f"unknown decoder {decode!r}; expected one of {', '.join(DECODERS)}")
     if is_user_model(arch):  # --model: ImageNet's preset, as torchvision's classifiers use
-        preset = Preprocess()
+        preset = ImageTransform()
         size, crop_size, interpolation = preset.resize, preset.crop, preset.interpolation
         mean, std = preset.mean, preset.std
     else:
         import torchvision
 
         tv = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
-        size, crop_size, interpolation = int(tv.resize_size[0]), int(tv.crop_size[0]), tv.interpolation.value
+        size, crop_size = int(tv.resize_size[0]), int(tv.crop_size[0])
+        interpolation = Interpolation(tv.interpolation.value)
         mean, std = tuple(float(x) for x in tv.mean), tuple(float(x) for x in tv.std)
-    pixels = {"caffe": CAFFE_MEAN_BGR, "matconvnet": MATCONVNET_MEAN_RGB}.get(preprocess)
-    return Preprocess(
+    pixels = PIXEL_MEANS.get(convention)
+    return ImageTransform(
         resize=resize if resize is not None else size,
         crop=crop if crop is not None else crop_size,
         interpolation=interpolation,
         mean=(mean_pixel or pixels) if pixels else mean,
         std=(1.0, 1.0, 1.0) if pixels else std,
-        preprocess=preprocess,
-        pooling=pooling,
-        decode=decode,
-        padding=padding,
     )
 
 
@@ -454,11 +468,17 @@ class ImageFiles(FileRange):
     """Decoded, preprocessed images; a file that fails gives ``Sample(index, None, reason)``."""
 
     def __init__(
-        self, files: list[Path], preprocess: Preprocess, *, start: int = 0, dtype: torch.dtype = torch.float32
+        self,
+        files: list[Path],
+        transform: ImageTransform,
+        convention: InputConvention = InputConvention.TORCHVISION,
+        *,
+        start: int = 0,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(files, start=start)
-        self.transform = preprocess.transform(dtype)
-        self.resize = preprocess.resize
+        self.transform = transform.module(convention, dtype)
+        self.resize = transform.resize
 
     def __getitem__(self, i: int) -> Sample:
         index = self.start + i
@@ -485,8 +505,10 @@ def default_workers() -> int:
 
 def make_loader(
     files: list[Path],
-    preprocess: Preprocess,
+    transform: ImageTransform,
+    convention: InputConvention = InputConvention.TORCHVISION,
     *,
+    decoder: Decoder = Decoder.CPU,
     batch_size: int,
     workers: int,
     start: int = 0,
@@ -495,18 +517,18 @@ def make_loader(
 ) -> Iterable[Batch]:
     """Batches of files ``start..`` in order; workers decode the next batches while one runs.
 
-    ``dtype=torch.float64`` (``--precision fp64``) preprocesses in float64 (``Preprocess.transform``).
-    With ``preprocess.decode == "gpu"`` the workers read bytes and the JPEGs are decoded on
+    ``dtype=torch.float64`` (``--precision fp64``) preprocesses in float64 (``ImageTransform.module``).
+    With ``decoder=Decoder.GPU`` the workers read bytes and the JPEGs are decoded on
     ``device`` (``decode_on_device``); the batches' images are then already there.
     """
     from vggnorm.io.gpu_decode import RawFiles, decode_on_device
 
     device = device if device is not None else torch.device("cpu")
-    gpu = preprocess.decode == "gpu"
+    gpu = decoder == Decoder.GPU
     loader: DataLoader[Any] = DataLoader(
-        RawFiles(files, start=start, resize=preprocess.resize)
+        RawFiles(files, start=start, resize=transform.resize)
         if gpu
-        else ImageFiles(files, preprocess, start=start, dtype=dtype),
+        else ImageFiles(files, transform, convention, start=start, dtype=dtype),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -515,12 +537,12 @@ def make_loader(
         prefetch_factor=4 if workers > 0 else None,
         persistent_workers=False,
     )
-    return decode_on_device(loader, preprocess, device) if gpu else loader
+    return decode_on_device(loader, transform, convention, device) if gpu else loader
 
 
-def check_decode(decode: str, device: torch.device) -> None:
+def check_decode(decoder: Decoder, device: torch.device) -> None:
     """``--decode gpu`` needs the measurement to run on CUDA."""
-    if decode == "gpu" and device.type != "cuda":
+    if decoder == Decoder.GPU and device.type != "cuda":
         raise DataError(
             f"--decode gpu decodes JPEGs with nvJPEG on a CUDA device, and this run is on {device.type}; "
             "leave it out (--decode cpu, the default, decodes in DataLoader workers)"

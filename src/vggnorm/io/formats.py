@@ -22,6 +22,7 @@ from pathlib import Path
 
 from vggnorm.core.state import StateDict
 from vggnorm.errors import CheckpointError, VggnormError
+from vggnorm.options import InputConvention, Layout
 
 KERAS = "keras"
 MATCONVNET = "matconvnet"
@@ -42,7 +43,7 @@ class Foreign:
     arch: str  # vgg16 or vgg19
     state_dict: StateDict  # torchvision's keys, its order of dimensions
     top: bool  # whether the classifier is in the file
-    preprocess: str  # how the file's own users feed it: "caffe" (Keras) or "matconvnet"
+    preprocess: InputConvention  # how the file's own users feed it: caffe (Keras) or matconvnet
     mean: tuple[float, ...]  # subtracted from the 0-255 pixels, in the channel order the network reads
     # torchvision key -> where its tensor is in the file (an HDF5 dataset path; for .mat a layer index)
     places: dict[str, str] = field(default_factory=dict)
@@ -107,7 +108,7 @@ def peek(path: str | os.PathLike[str]) -> tuple[str, str] | None:
     return None
 
 
-def native_preprocess(path: str | os.PathLike[str]) -> tuple[str, tuple[float, ...]] | None:
+def native_preprocess(path: str | os.PathLike[str]) -> tuple[InputConvention, tuple[float, ...]] | None:
     """How a Keras or MatConvNet file's users feed it (preprocessing, mean pixel), read without its weights."""
     found = peek(path)
     if found is None:
@@ -115,13 +116,13 @@ def native_preprocess(path: str | os.PathLike[str]) -> tuple[str, tuple[float, .
     if found[0] == KERAS:
         from vggnorm.io.data import CAFFE_MEAN_BGR
 
-        return "caffe", CAFFE_MEAN_BGR
+        return InputConvention.CAFFE, CAFFE_MEAN_BGR
     from vggnorm.io.matconvnet import mean_pixel
 
-    return "matconvnet", mean_pixel(Path(path))
+    return InputConvention.MATCONVNET, mean_pixel(Path(path))
 
 
-def template_flavor(checkpoint: str, layout: str) -> str:
+def template_flavor(checkpoint: str, layout: Layout) -> str:
     """Refuse, before any work, a CKPT that ``--layout keras`` / ``--layout matconvnet`` cannot write
     the output like; its flavor (``legacy``/``keras3``, ``old``/``new``)."""
     what = {KERAS: "a Keras VGG16/VGG19 .h5 file", MATCONVNET: "a MatConvNet imagenet-vgg-verydeep-16/19 .mat file"}

@@ -13,7 +13,8 @@ from typing import NamedTuple
 import torch
 
 from vggnorm.core.measure import Batch
-from vggnorm.io.data import FileRange, Preprocess, check_regular, check_resized_size, failure, load_rgb
+from vggnorm.io.data import FileRange, ImageTransform, check_regular, check_resized_size, failure, load_rgb
+from vggnorm.options import InputConvention
 
 # SOF markers nvJPEG decodes: baseline, extended sequential and progressive Huffman JPEG.
 _NVJPEG_SOF = frozenset({0xC0, 0xC1, 0xC2})
@@ -135,9 +136,11 @@ def decode_jpegs(jpegs: list[torch.Tensor], paths: list[str], device: torch.devi
         return out
 
 
-def decode_on_device(batches: Iterable[list[Raw]], preprocess: Preprocess, device: torch.device) -> Iterator[Batch]:
+def decode_on_device(
+    batches: Iterable[list[Raw]], image: ImageTransform, convention: InputConvention, device: torch.device
+) -> Iterator[Batch]:
     """``Batch``es with images on ``device``: JPEGs decoded there, every image preprocessed there."""
-    transform = preprocess.transform().to(device)
+    transform = image.module(convention).to(device)
     for raws in batches:
         images: dict[int, torch.Tensor] = {}
         failures = [(r.file_index, r.error) for r in raws if r.error is not None]

@@ -31,6 +31,7 @@ from vggnorm.core.state import StateDict
 from vggnorm.errors import CheckpointError
 from vggnorm.io.data import CAFFE_MEAN_BGR
 from vggnorm.io.formats import ARCH_BY_CONVS, CLASSIFIER, FC_SHAPES, KERAS, Foreign, conv_channels, conv_paths
+from vggnorm.options import InputConvention
 
 # a layer with weights: its name in the file, and its kernel's and bias' dataset paths
 Layer = tuple[str, str, str]
@@ -187,7 +188,7 @@ def _to_torchvision(path: Path, f: Any, flavor: str, layers: list[Layer]) -> For
         arch,
         sd,
         top=bool(dense),
-        preprocess="caffe",
+        preprocess=InputConvention.CAFFE,
         mean=CAFFE_MEAN_BGR,
         places=places,
         top_layers=tuple(layer[0] for layer in dense),

@@ -14,23 +14,27 @@ Layer names users know come from here too: ``features.0`` is ``conv1_1`` and its
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from vggnorm.core.state import StateDict
-from vggnorm.defaults import LAYOUTS
 from vggnorm.errors import CheckpointError, VggnormError
 from vggnorm.io.models import bn_eps, conv_names, known_archs
+from vggnorm.options import InputConvention, Layout
+
+if TYPE_CHECKING:
+    from vggnorm.io.data import Measurement
 
 
 def is_gatys_layout(state_dict: Mapping[str, torch.Tensor]) -> bool:
     return "conv1_1.weight" in state_dict
 
 
-def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> str:
+def detect_layout(state_dict: Mapping[str, torch.Tensor]) -> Layout:
     if is_gatys_layout(state_dict):
-        return "gatys"
-    return "adain" if is_adain_layout(state_dict) else "torchvision"
+        return Layout.GATYS
+    return Layout.ADAIN if is_adain_layout(state_dict) else Layout.TORCHVISION
 
 
 def to_gatys_layout(
@@ -99,14 +103,14 @@ def adain_indices(arch: str) -> dict[str, int]:
 
 
 def preprocessing_conv(
-    preprocess: str, mean: tuple[float, ...], std: tuple[float, ...]
+    convention: InputConvention, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The 1x1 conv that turns RGB in [0, 1] into the network's input, as measured: torchvision's
     ``(x - mean) / std``, Caffe's BGR, 0-255, minus the (BGR) mean, or MatConvNet's RGB, 0-255, minus the mean."""
     w = torch.zeros(3, 3, 1, 1, dtype=torch.float64)
-    if preprocess in ("caffe", "matconvnet"):
+    if convention in (InputConvention.CAFFE, InputConvention.MATCONVNET):
         for k in range(3):  # caffe: output channel k (B, G, R) reads input channel 2 - k (R, G, B)
-            w[k, 2 - k if preprocess == "caffe" else k] = 255.0
+            w[k, 2 - k if convention == InputConvention.CAFFE else k] = 255.0
         b = -torch.tensor(mean, dtype=torch.float64)
     else:
         std_t = torch.tensor(std, dtype=torch.float64)
@@ -116,12 +120,16 @@ def preprocessing_conv(
 
 
 def to_adain_layout(
-    state_dict: Mapping[str, torch.Tensor], arch: str, preprocess: str, mean: tuple[float, ...], std: tuple[float, ...]
+    state_dict: Mapping[str, torch.Tensor],
+    arch: str,
+    convention: InputConvention,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
 ) -> StateDict:
     """VGG19's features (torchvision layout) as AdaIN's encoder state_dict (BatchNorm folded in)."""
     if arch not in ADAIN_ARCHS:
         raise VggnormError(f"--layout adain is VGG19's encoder; {arch} is another network (use vgg19 or vgg19_bn)")
-    w0, b0 = preprocessing_conv(preprocess, mean, std)
+    w0, b0 = preprocessing_conv(convention, mean, std)
     out: StateDict = {"0.weight": w0, "0.bias": b0}
     bn = bn_eps(arch)
     for conv, index in adain_indices(arch).items():
@@ -176,21 +184,17 @@ def to_torchvision_layout(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def export_layout(
-    state_dict: Mapping[str, torch.Tensor], arch: str, layout: str, policy: Mapping[str, object] | None = None
+    state_dict: Mapping[str, torch.Tensor], arch: str, layout: Layout, policy: Measurement | None = None
 ) -> StateDict:
     """``state_dict`` (torchvision layout) in the requested ``layout``; ``adain`` needs the measurement
-    ``policy`` (``preprocess``, ``mean``, ``std``) its preprocessing conv encodes."""
-    if layout in ("torchvision", "keras", "matconvnet"):  # the latter two written by formats.write_foreign
+    ``policy`` (its input convention, mean and std) that its preprocessing conv encodes."""
+    if layout in (Layout.TORCHVISION, Layout.KERAS, Layout.MATCONVNET):  # the latter two: formats.write_foreign
         return dict(state_dict)
-    if layout == "gatys":
+    if layout == Layout.GATYS:
         return to_gatys_layout(state_dict, conv_names(arch), bn_eps(arch))
-    if layout == "adain":
-        if policy is None:
-            raise VggnormError("the adain layout needs the measurement policy (its first conv does the preprocessing)")
-        mean = tuple(float(x) for x in policy["mean"])  # type: ignore[attr-defined]
-        std = tuple(float(x) for x in policy["std"])  # type: ignore[attr-defined]
-        return to_adain_layout(state_dict, arch, str(policy["preprocess"]), mean, std)
-    raise VggnormError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    if policy is None:
+        raise VggnormError("the adain layout needs the measurement policy (its first conv does the preprocessing)")
+    return to_adain_layout(state_dict, arch, policy.convention, policy.transform.mean, policy.transform.std)
 
 
 def display_name(path: str, arch: str | None) -> str:

@@ -31,6 +31,7 @@ import torch
 from vggnorm.core.state import StateDict
 from vggnorm.errors import CheckpointError, VggnormError
 from vggnorm.io.formats import ARCH_BY_CONVS, CLASSIFIER, FC_SHAPES, MATCONVNET, Foreign, conv_channels
+from vggnorm.options import InputConvention
 
 TOP = ("conv", "relu", "conv", "relu", "conv")  # fc6, relu6, fc7, relu7, fc8; then an optional softmax
 
@@ -192,7 +193,9 @@ def read_matconvnet(path: Path) -> Foreign:
             sd[f"{linear}.weight"] = _tensor(linear_from_matconvnet(kernel))
             sd[f"{linear}.bias"] = _tensor(bias.reshape(-1))
             places[linear] = str(index)
-    return Foreign(path, MATCONVNET, flavor, arch, sd, top=top, preprocess="matconvnet", mean=mean, places=places)
+    return Foreign(
+        path, MATCONVNET, flavor, arch, sd, top=top, preprocess=InputConvention.MATCONVNET, mean=mean, places=places
+    )
 
 
 def _agree(a: list[str], b: list[str]) -> int:

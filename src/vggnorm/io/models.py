@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,9 +22,10 @@ from torch import nn
 
 from vggnorm.analysis.shapes import input_fits
 from vggnorm.analysis.topology import NORMS, Topology, find_topology, with_affine
-from vggnorm.defaults import NAMED_ARCHS, PADDINGS, POOLINGS, VGG_ARCHS, torchvision_classifiers
+from vggnorm.defaults import NAMED_ARCHS, VGG_ARCHS, torchvision_classifiers
 from vggnorm.errors import CheckpointError, VggnormError, WeightsError
 from vggnorm.io.checkpoint import describe_not_floating, not_floating, upcast_half
+from vggnorm.options import Padding, Pooling
 
 # user models imported on request: identity (``user_model_key``) -> class or zero-argument factory
 _USER_MODELS: dict[str, Callable[[], nn.Module]] = {}
@@ -374,12 +376,22 @@ def check_input_size(arch: str, crop: int) -> None:
         )
 
 
-def with_pooling(model: nn.Module, pooling: str) -> nn.Module:
-    """``model`` with every max pooling replaced by average pooling of the same window (``"avg"``),
+@dataclass(frozen=True)
+class ForwardPolicy:
+    """How the model is run when it is measured: the surgery a measurement policy asked for by name
+    (``with_pooling``, ``with_padding``). The default leaves the model as written."""
+
+    pooling: Pooling = Pooling.MAX
+    padding: Padding = Padding.MODEL
+
+    def describe(self) -> str:
+        return f"{self.pooling} pooling, {self.padding} padding"
+
+
+def with_pooling(model: nn.Module, pooling: Pooling) -> nn.Module:
+    """``model`` with every max pooling replaced by average pooling of the same window (``avg``),
     as Gatys et al. synthesized; in place, the weights are the same."""
-    if pooling not in POOLINGS:
-        raise WeightsError(f"unknown pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
-    if pooling == "avg":
+    if pooling == Pooling.AVG:
         for parent in model.modules():
             for name, m in parent.named_children():
                 if isinstance(m, nn.MaxPool2d):
@@ -387,17 +399,15 @@ def with_pooling(model: nn.Module, pooling: str) -> nn.Module:
     return model
 
 
-def with_padding(model: nn.Module, padding: str) -> nn.Module:
+def with_padding(model: nn.Module, padding: Padding) -> nn.Module:
     """``model`` with every padded conv padding by reflection (``"reflect"``, as AdaIN's encoder's
     ``ReflectionPad2d(1)`` before each 3x3 conv does) or by zeros (``"zeros"``); ``"model"`` leaves each
     conv's ``padding_mode`` as written (reflect, circular, ...). In place, same weights."""
-    if padding not in PADDINGS:
-        raise WeightsError(f"unknown padding {padding!r}; expected one of {', '.join(PADDINGS)}")
-    if padding == "model":
+    if padding == Padding.MODEL:
         return model
     for m in model.modules():
         if isinstance(m, nn.Conv2d) and any(p > 0 for p in m._reversed_padding_repeated_twice):
-            m.padding_mode = "reflect" if padding == "reflect" else "zeros"
+            m.padding_mode = "reflect" if padding == Padding.REFLECT else "zeros"
     return model
 
 
@@ -407,12 +417,11 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     memory_format: torch.memory_format = torch.contiguous_format,
-    pooling: str = "max",
-    padding: str = "model",
+    forward: ForwardPolicy = ForwardPolicy(),
     add_affine: bool = False,
 ) -> nn.Module:
     """An eval-mode ``arch`` carrying ``state_dict`` (features-only weights: no avgpool and classifier),
-    measuring under ``pooling`` and ``padding`` (see ``with_pooling``, ``with_padding``).
+    run under the ``forward`` policy's pooling and padding (see ``with_pooling``, ``with_padding``).
 
     A norm without affine parameters gets them (``analysis.topology.with_affine``) when ``state_dict`` holds
     them (a checkpoint written with ``--add-affine``) or ``add_affine`` asks for it (weight 1, bias 0)."""
@@ -427,5 +436,5 @@ def load_model(
     model.load_state_dict(state_dict, strict=strict, assign=True)
     if not strict:  # torchvision's VGG layout: features, avgpool, classifier
         model.avgpool, model.classifier = nn.Identity(), nn.Identity()
-    model = with_padding(with_pooling(model, pooling), padding)
+    model = with_padding(with_pooling(model, forward.pooling), forward.padding)
     return model.to(device).to(memory_format=memory_format).eval()

@@ -10,15 +10,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from vggnorm.core.fold import DeadRule
 from vggnorm.core.stats import Stats
-from vggnorm.defaults import DEFAULT_EPS, DEFAULT_REL_EPS, DEFAULT_STREAM_SCALE
+from vggnorm.defaults import DEFAULT_EPS, DEFAULT_REL_EPS
 from vggnorm.errors import VggnormError
 from vggnorm.io import data as data_mod
+from vggnorm.io.models import ForwardPolicy
 from vggnorm.io.report import report_paths
 from vggnorm.io.statsfile import RECORDED_POLICY_SCHEMA, check_fields
+from vggnorm.options import InputConvention, Padding, Pooling, StreamScale, Weighting
 
 
 def report_base(output: Path) -> Path:
@@ -26,15 +27,17 @@ def report_base(output: Path) -> Path:
     return output.with_name(output.name.removesuffix(output.suffix) + ".report")
 
 
-def _native_preprocess(checkpoint: Path, asked: str | None) -> dict[str, Any]:
-    """A Keras or MatConvNet file's own preprocessing (caffe; matconvnet with the file's mean), as
-    ``default_preprocess`` arguments; {} for other files, or when ``asked`` is another preprocessing."""
+def _native_preprocess(
+    checkpoint: Path, asked: InputConvention | None
+) -> tuple[InputConvention, tuple[float, ...]] | None:
+    """A Keras or MatConvNet file's own input convention and mean pixel (caffe; matconvnet with the file's
+    mean); None for other files, or when ``asked`` is another convention."""
     from vggnorm.io.formats import native_preprocess
 
     native = native_preprocess(checkpoint)
     if native is None or asked not in (None, native[0]):
-        return {}
-    return {"preprocess": native[0], "mean_pixel": native[1]}
+        return None
+    return native
 
 
 def recorded_policy(checkpoint: Path) -> tuple[dict[str, object], str] | None:
@@ -105,22 +108,17 @@ def _checked(policy: object, where: str) -> dict[str, object]:
 class Policy:
     """How verify measures, and where each part of that came from (said in the report and on stdout)."""
 
-    preprocess: data_mod.Preprocess
+    measurement: data_mod.Measurement
     rule: DeadRule
     include_classifier: bool
     source: str
-    weighting: str = "image"  # or "class": the class-balanced means are checked
+    weighting: Weighting = Weighting.IMAGE  # or class: the class-balanced means are checked
     label_source: str = ""  # with class weighting: "folders" or the labels file
-    stream_scale: str = DEFAULT_STREAM_SCALE  # how apply chose a residual stream's shared scales
+    stream_scale: StreamScale = StreamScale.GEOMETRIC  # how apply chose a residual stream's shared scales
 
     def describe(self) -> str:
-        p = self.preprocess
-        what = (
-            f"resize {p.resize}, crop {p.crop}, {p.preprocess} preprocessing, {p.pooling} pooling, "
-            f"{p.padding} padding, decode {p.decode}"
-        )
-        weighting = f"; class-balanced means (labels: {self.label_source})" if self.weighting == "class" else ""
-        return f"{what}; dead filters: {self.rule.describe()}{weighting} (from {self.source})"
+        weighting = f"; class-balanced means (labels: {self.label_source})" if self.weighting == Weighting.CLASS else ""
+        return f"{self.measurement.describe()}; dead filters: {self.rule.describe()}{weighting} (from {self.source})"
 
 
 def resolve_policy(
@@ -131,32 +129,60 @@ def resolve_policy(
     rel_eps: float | None,
     eps: float | None,
     include_classifier: bool | None,
-    weighting: str | None = None,
+    weighting: Weighting | None = None,
     labels: str | None = None,
-    stream_scale: str | None = None,
-    **given: Any,
+    stream_scale: StreamScale | None = None,
+    resize: int | None = None,
+    crop: int | None = None,
+    convention: InputConvention | None = None,
+    pooling: Pooling | None = None,
+    padding: Padding | None = None,
 ) -> Policy:
     """The measurement policy: the statistics' (options may only repeat it); else the one ``apply``
     recorded with the checkpoint, overridden by options; else the weights' defaults and the options.
     The dead rule and ``include_classifier``: options, else what apply recorded, else the defaults."""
     recorded = recorded_policy(normalized_path)
     rec = recorded[0] if recorded else {}
+    given = {"resize": resize, "crop": crop, "preprocess": convention, "pooling": pooling, "padding": padding}
+    options = any(v is not None for v in given.values())
     if stats is not None:
-        preprocess = data_mod.Preprocess.from_attrs(stats.attrs)
+        measurement = data_mod.Measurement.from_attrs(stats.attrs)
+        t, forward = measurement.transform, measurement.forward
+        measured = {
+            "resize": t.resize,
+            "crop": t.crop,
+            "preprocess": measurement.convention,
+            "pooling": forward.pooling,
+            "padding": forward.padding,
+        }
         for name, value in given.items():
-            if value is not None and value != getattr(preprocess, name):
+            if value is not None and value != measured[name]:
                 raise VggnormError(
-                    f"--{name} {value} differs from the statistics' {name} {getattr(preprocess, name)}; "
+                    f"--{name} {value} differs from the statistics' {name} {measured[name]}; "
                     "leave it out: with --stats, verify measures as compute-stats did"
                 )
         source = "the statistics file"
     elif recorded:
-        preprocess = replace(data_mod.Preprocess.from_attrs(rec), **{k: v for k, v in given.items() if v is not None})
-        source = recorded[1] + (", overridden by options" if any(v is not None for v in given.values()) else "")
+        was = data_mod.Measurement.from_attrs(rec)
+        measurement = data_mod.Measurement(
+            replace(
+                was.transform,
+                resize=resize if resize is not None else was.transform.resize,
+                crop=crop if crop is not None else was.transform.crop,
+            ),
+            convention or was.convention,
+            ForwardPolicy(pooling or was.forward.pooling, padding or was.forward.padding),
+            was.decoder,
+        )
+        source = recorded[1] + (", overridden by options" if options else "")
     else:
-        options = {k: v for k, v in given.items() if v is not None}
-        native = _native_preprocess(normalized_path, options.get("preprocess"))
-        preprocess = data_mod.default_preprocess(arch, **{**native, **options})
+        native = _native_preprocess(normalized_path, convention)
+        kind = convention or (native[0] if native else InputConvention.TORCHVISION)
+        transform = data_mod.default_transform(
+            arch, resize=resize, crop=crop, convention=kind, mean_pixel=native[1] if native else None
+        )
+        forward = ForwardPolicy(pooling or Pooling.MAX, padding or Padding.MODEL)
+        measurement = data_mod.Measurement(transform, kind, forward)
         source = ("the file's own preprocessing, " if native else "") + "defaults"
         source += " and options" if options else ""
     rule = DeadRule(
@@ -164,7 +190,7 @@ def resolve_policy(
         eps=eps if eps is not None else float(rec.get("eps", DEFAULT_EPS)),  # type: ignore[arg-type]
     )
     fc = include_classifier if include_classifier is not None else bool(rec.get("include_classifier", False))
-    weighting = weighting or str(rec.get("weighting", "image"))
+    weighting = weighting or Weighting(str(rec.get("weighting", Weighting.IMAGE)))
     label_source = labels or str(rec.get("label_source", "") or (stats.attrs.get("label_source", "") if stats else ""))
-    stream_scale = stream_scale or str(rec.get("stream_scale", DEFAULT_STREAM_SCALE))
-    return Policy(preprocess, rule, fc, source, weighting, label_source or "folders", stream_scale)
+    stream_scale = stream_scale or StreamScale(str(rec.get("stream_scale", StreamScale.GEOMETRIC)))
+    return Policy(measurement, rule, fc, source, weighting, label_source or "folders", stream_scale)

@@ -20,19 +20,11 @@ import numpy as np
 import torch
 
 from vggnorm.core.stats import LayerStats, Stats, check_values
-from vggnorm.defaults import (
-    DECODERS,
-    MAX_RESIZE,
-    PADDINGS,
-    POOLINGS,
-    PRECISIONS,
-    PREPROCESSINGS,
-    STREAM_SCALES,
-    WEIGHTINGS,
-)
+from vggnorm.defaults import MAX_RESIZE
 from vggnorm.errors import StatsFileError, VggnormError
 from vggnorm.io.checkpoint import atomic_write, check_writable
-from vggnorm.io.data import INTERPOLATIONS, Preprocess, printable
+from vggnorm.io.data import MEASUREMENT_ATTRS, printable
+from vggnorm.options import Decoder, InputConvention, Interpolation, Padding, Pooling, Precision, StreamScale, Weighting
 
 FORMAT = "vggnorm.stats"
 FORMAT_VERSION = 1
@@ -224,13 +216,13 @@ def _preprocess_fields() -> dict[str, Any]:
     return {
         "resize": _at_least(1, MAX_RESIZE),
         "crop": _at_least(1, MAX_RESIZE),
-        "interpolation": _one_of(INTERPOLATIONS),
+        "interpolation": _one_of(tuple(Interpolation)),
         "mean": _floats,
         "std": _std,
-        "preprocess": _one_of(PREPROCESSINGS),
-        "pooling": _one_of(POOLINGS),
-        "decode": _one_of(DECODERS),
-        "padding": _one_of(PADDINGS),
+        "preprocess": _one_of(tuple(InputConvention)),
+        "pooling": _one_of(tuple(Pooling)),
+        "decode": _one_of(tuple(Decoder)),
+        "padding": _one_of(tuple(Padding)),
     }
 
 
@@ -256,7 +248,7 @@ ROOT_SCHEMA: dict[str, Any] = {
     "per_class": _bool,
     "label_source": _str,
     "labels_sha256": _str,
-    "precision": _one_of(PRECISIONS),
+    "precision": _one_of(tuple(Precision)),
     "batch_size": _at_least(1),
     "world_size": _at_least(1),
     "complete": _bool,
@@ -276,9 +268,9 @@ RECORDED_POLICY_SCHEMA: dict[str, Any] = {
     "rel_eps": _nonnegative,
     "eps": _nonnegative,
     "include_classifier": _bool,
-    "weighting": _one_of(WEIGHTINGS),
+    "weighting": _one_of(tuple(Weighting)),
     "label_source": _str,
-    "stream_scale": _one_of(STREAM_SCALES),
+    "stream_scale": _one_of(tuple(StreamScale)),
 }
 LAYER_SCHEMA: dict[str, Any] = {"relu": _str, "bn": _str, "norm": _str, "activation": _str}
 
@@ -520,7 +512,7 @@ def attr_differences(
 
 
 # What makes two measurements the same measurement: the model, the weights, the policy.
-MEASUREMENT_KEYS = ("arch", "weights_sha256", *Preprocess.__dataclass_fields__, "include_classifier", "precision")
+MEASUREMENT_KEYS = ("arch", "weights_sha256", *MEASUREMENT_ATTRS, "include_classifier", "precision")
 # Attributes every shard of one measurement shares; a difference names a foreign shard.
 MERGE_KEYS = (*MEASUREMENT_KEYS, "dataset_fingerprint", "dataset_num_files", "limit", "per_class", "labels_sha256")
 

@@ -37,6 +37,7 @@ from vggnorm.io.models import (
     is_features_only,
     is_user_model,
 )
+from vggnorm.options import InputConvention
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,9 @@ class Weights:
         return is_features_only(self.state_dict)
 
     @property
-    def preprocess(self) -> str:
-        """How the weights' own users feed them: ``caffe`` for Keras files, ``matconvnet`` for .mat files."""
-        return self.foreign.preprocess if self.foreign is not None else "torchvision"
+    def preprocess(self) -> InputConvention:
+        """How the weights' own users feed them: caffe for Keras files, matconvnet for .mat files."""
+        return self.foreign.preprocess if self.foreign is not None else InputConvention.TORCHVISION
 
     @property
     def mean_pixel(self) -> tuple[float, ...] | None:
