@@ -7,6 +7,7 @@ until a command runs, so ``--help`` and usage errors answer at once.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -41,6 +42,9 @@ from vggnorm.defaults import (
 )
 from vggnorm.errors import UsageError, VggnormError
 from vggnorm.version import __version__
+
+if TYPE_CHECKING:
+    from vggnorm.commands.verify import Audit, Claim, Method, Outputs
 
 SHOWN_SKIPPED = 20
 F = TypeVar("F", bound=Callable[..., Any])
@@ -588,7 +592,7 @@ def verify_cmd(normalized: Path, model: str | None, output_format: str, **option
         with user_errors(UsageFailure):
             if model is not None:
                 _import_model(model)
-            result = verify_checkpoint(normalized, **options)
+            result = verify_checkpoint(*_verify_request(normalized, options))
     except UsageFailure as e:
         # a bad file, a refused write, weights that cannot be had here: not bad usage; status 1, as in the
         # other commands (a failed verification)
@@ -618,6 +622,23 @@ def verify_cmd(normalized: Path, model: str | None, output_format: str, **option
     not_run = len(result.checks) - len(ran)
     click.echo(f"verify: {verdict} ({len(ran) - len(failed)} passed, {len(failed)} failed, {not_run} not run)")
     sys.exit(0 if result.passed else 1)
+
+
+def _verify_request(normalized: Path, o: dict[str, Any]) -> tuple[Claim, Method, Audit | None, Outputs]:
+    """verify's options as the typed values ``verify_checkpoint`` takes."""
+    from vggnorm.commands.verify import Audit, Claim, Method, Outputs, Overrides
+
+    policy = Overrides(**{f.name: o[f.name] for f in dataclasses.fields(Overrides)})
+    method = Method(
+        rtol=o["rtol"], means_tol=o["means_tol"], device=o["device"], precision=o["precision"], policy=policy
+    )
+    audit = None
+    if o["data"] is not None:
+        audit = Audit(
+            o["data"], limit=o["limit"], batch_size=o["batch_size"], workers=o["workers"], progress=o["progress"]
+        )
+    claim = Claim(normalized, original=o["original"], stats=o["stats_path"])
+    return claim, method, audit, Outputs(report=o["report"], junit_xml=o["junit_xml"], force=o["force"])
 
 
 @cli.command("compare")
