@@ -1,4 +1,5 @@
-"""The invariants of a normalized checkpoint (what verify checks), each a small function.
+"""The invariants of a normalized checkpoint (what verify checks), each a small function, and ``prove``,
+which runs them in order on models: ``verify`` and ``api.verify_models`` both call it.
 
 Each check returns a ``Check`` with its measured figure and tolerance. A check whose inputs were
 given but which could not run is a failure; a check whose inputs were not given is "not run".
