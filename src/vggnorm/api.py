@@ -28,11 +28,22 @@ from torch import nn
 
 from vggnorm.analysis.topology import Site, Topology, find_topology, with_affine
 from vggnorm.commands.measuring import measure_files
-from vggnorm.core.checks import check_fold, check_function, check_means, not_run
-from vggnorm.core.fold import DeadRule, LayerScales, float32_bounds, fold_state_dict, scales_from_stats
+from vggnorm.core.checks import (
+    DESCRIPTIONS,
+    Check,
+    Criteria,
+    Images,
+    Normalized,
+    Original,
+    Probe,
+    Scales,
+    not_run,
+    probe_input,
+    prove,
+)
+from vggnorm.core.fold import DeadRule, LayerScales, fold_state_dict, scales_from_stats
 from vggnorm.core.measure import ReluSums, images_of, measure
 from vggnorm.core.stats import Stats
-from vggnorm.core.witness import activation_means
 from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
 from vggnorm.io import data as data_mod
 from vggnorm.io.report import Report, layer_summary, measured_summary
@@ -203,43 +214,39 @@ def verify_models(
     """The four checks of `verify` on a pair of models: (a) activations, (b) outputs and
     (d) fold on ``probe`` (default: two seeded random 64x64 images), (c) the means re-measured on
     ``batches`` (not run without them)."""
-    layer_scales = scales(original, stats, rule=rule, include_classifier=include_classifier, stream_scale=stream_scale)
-    scale_t = {n: s.scale for n, s in layer_scales.items()}
+    topo = _topology(original, add_affine=True)
+    layer_scales = scales_from_stats(
+        stats,
+        topo,
+        rule=rule,
+        include_classifier=include_classifier,
+        stream_scale=parse(StreamScale, stream_scale, "stream_scale"),
+    )
     device = _device_of(normalized)
-    x = probe if probe is not None else torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    topo = _topology(normalized)  # an add_affine copy's norms have the parameters the original lacks
-    checks = check_function(original, normalized, scale_t, x.to(device), rtol=rtol, inputs="probe batch")
-    folded = fold_state_dict(original.state_dict(), scale_t, topo)
-    checks.append(check_fold(normalized.state_dict(), folded, rtol=rtol))
-    measured: list[dict[str, Any]] = []
-    desc = "re-measured mean ReLU activation of every live filter is 1"
+    # an add_affine copy's norms have the parameters the original lacks
+    subject = Normalized(normalized, _topology(normalized), normalized.state_dict(), include_classifier)
+    images: Images | Check
     if batches is None:
-        checks.append(not_run("means", desc, "needs batches"))
+        images = not_run("means", DESCRIPTIONS["means"], "needs batches")
     else:
-        # the witness: the normalized model's whole forward, its activation calls read by the witness's own
-        # interception, nothing of the measuring path
-        activations = {s.conv: s.call for s in topo.all_sites if s.conv in layer_scales}
         dtype = next(normalized.parameters()).dtype
-        images = (images_of(b) for b in batches)
-        witnessed = activation_means(
-            normalized,
-            activations,
-            ((x.to(device, dtype=dtype), None) for x in images if x is not None),
-            total=topo.activation_calls,
-        )
-        means = {n: witnessed.mean(n) for n in activations}
-        dead = {n: s.dead for n, s in layer_scales.items()}
-        bounds = float32_bounds(normalized.state_dict(), topo, means)
-        expected = {n: s.expected for n, s in layer_scales.items()}
-        checks.append(check_means(means, dead, tol=means_tol, rule=rule, bounds=bounds, expected=expected))
-        measured = measured_summary(means, dead, rule=rule)
+        tensors = (images_of(b) for b in batches)
+        images = Images((x.to(device, dtype=dtype), None) for x in tensors if x is not None)
+    proof = prove(
+        subject,
+        Original(original, topo, original.state_dict()),
+        Scales(layer_scales, topo),
+        probe=Probe(probe if probe is not None else probe_input(64), "probe batch"),
+        images=images,
+        criteria=Criteria(rtol, means_tol, rule),
+    )
     return Report(
         type(normalized).__name__,
         type(normalized).__name__,
-        checks,
+        proof.checks,
         {"device": str(device)},
         layer_summary(layer_scales),
-        measured=measured,
+        measured=measured_summary(proof.means, proof.dead, rule=rule) if proof.means is not None else [],
     )
 
 

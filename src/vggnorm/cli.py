@@ -684,7 +684,7 @@ def verify_cmd(
 
     Example: vggnorm verify vgg19-normalized.pth --original vgg19.pth --stats vgg19-stats.h5 --data val/
     """
-    from vggnorm.commands.verify import verify_checkpoint
+    from vggnorm.commands.verify import Audit, Claim, Method, Outputs, Overrides, verify_checkpoint
     from vggnorm.core.checks import NOT_RUN, PASS
     from vggnorm.errors import InvalidValuesError, WeightsUnavailableError, WriteError
     from vggnorm.io.report import report_paths
@@ -693,14 +693,8 @@ def verify_cmd(
         with user_errors(UsageFailure):
             if model is not None:
                 _import_model(model)
-            result = verify_checkpoint(
-                normalized,
-                original=original,
-                stats_path=stats_path,
-                data=data,
-                limit=limit,
-                rtol=rtol,
-                means_tol=means_tol,
+            claim = Claim(normalized, original=original, stats=stats_path)
+            overrides = Overrides(
                 rel_eps=rel_eps,
                 eps=eps,
                 resize=resize,
@@ -712,15 +706,13 @@ def verify_cmd(
                 weighting=weighting,
                 labels=labels,
                 stream_scale=stream_scale,
-                precision=precision,
-                device=device,
-                batch_size=batch_size,
-                workers=workers,
-                progress=progress,
-                report=report,
-                junit_xml=junit_xml,
-                force=force,
             )
+            method = Method(rtol=rtol, means_tol=means_tol, device=device, precision=precision, policy=overrides)
+            audit = None
+            if data is not None:
+                audit = Audit(data, limit=limit, batch_size=batch_size, workers=workers, progress=progress)
+            outputs = Outputs(report=report, junit_xml=junit_xml, force=force)
+            result = verify_checkpoint(claim, method, audit, outputs)
     except UsageFailure as e:
         # a bad file, a refused write, weights that cannot be had here: not bad usage; status 1, as in the
         # other commands (a failed verification)

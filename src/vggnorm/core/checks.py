@@ -1,4 +1,5 @@
-"""The invariants of a normalized checkpoint (what verify checks), each a small function.
+"""The invariants of a normalized checkpoint (what verify checks), each a small function, and ``prove``,
+which runs them in order on models: ``verify`` and ``api.verify_models`` both call it.
 
 Each check returns a ``Check`` with its measured figure and tolerance. A check whose inputs were
 given but which could not run is a failure; a check whose inputs were not given is "not run".
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,11 +17,21 @@ import torch
 from torch import nn
 
 from vggnorm.analysis.topology import Site, Topology, find_topology
-from vggnorm.core.fold import DeadRule, LazyFold
-from vggnorm.core.witness import activation_outputs
+from vggnorm.core.fold import DeadRule, LayerScales, LazyFold, float32_bounds, fold_state_dict
+from vggnorm.core.state import StateDict
+from vggnorm.core.witness import activation_means, activation_outputs
 from vggnorm.defaults import DEFAULT_MEANS_TOL, DEFAULT_RTOL
+from vggnorm.errors import DataError
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
+
+# what each check proves: the description every report, JUnit file and API result gives it
+DESCRIPTIONS = {
+    "activations": "every conv's ReLU output equals the original's divided by its scales",
+    "logits": "logits equal the original's",
+    "fold": "the checkpoint equals fold(original, stats) recomputed",
+    "means": "re-measured mean ReLU activation of every live filter is 1",
+}
 
 
 @dataclass
@@ -49,6 +60,11 @@ def probe_input(size: int, n: int = 2) -> torch.Tensor:
 
 def not_run(name: str, description: str, why: str) -> Check:
     return Check(name, description, NOT_RUN, detail=why)
+
+
+def failed(name: str, why: str) -> Check:
+    """Check ``name`` (one of ``DESCRIPTIONS``) as a failure with no figure: asked for, but it cannot pass."""
+    return Check(name, DESCRIPTIONS[name], FAIL, detail=why)
 
 
 @contextlib.contextmanager
@@ -224,7 +240,7 @@ def check_function(
         g, y2 = _relu_outputs(normalized, normalized_sites, x, tb.activation_calls if logits else None)
     g = {a.conv: g[b.conv] for a, b in zip(sites, normalized_sites, strict=True)}
     checks = []
-    desc_a = "every conv's ReLU output equals the original's divided by its scales"
+    desc_a = DESCRIPTIONS["activations"]
     if scales is None:
         checks.append(not_run("activations", desc_a, "needs --stats (the scales) and --original"))
     else:
@@ -241,7 +257,7 @@ def check_function(
                 layers=errs,
             )
         )
-    desc_b = "logits equal the original's"
+    desc_b = DESCRIPTIONS["logits"]
     if not logits:
         checks.append(
             not_run("logits", desc_b, "the output is the last activation itself (features only): (a) checks it")
@@ -277,7 +293,7 @@ def check_means(
     ``features.N (convB_I)`` with ``names``, its mean and, with ``scales``, its amplification -- and
     the fix.
     """
-    desc = "re-measured mean ReLU activation of every live filter is 1"
+    desc = DESCRIPTIONS["means"]
     worst: tuple[float, str, int] = (-1.0, "", -1)
     live, n_dead = [], 0
     per_layer: dict[str, float] = {}
@@ -366,7 +382,7 @@ def check_fold(
 ) -> Check:
     """(d) the checkpoint equals ``fold(original, stats)`` recomputed, tensor by tensor (``expected`` may be a
     ``normalize.LazyFold``: each tensor computed as it is compared, a rescaled weight a block of rows at a time)."""
-    desc = "the checkpoint equals fold(original, stats) recomputed"
+    desc = DESCRIPTIONS["fold"]
     if set(actual) != set(expected):
         missing, extra = sorted(set(expected) - set(actual)), sorted(set(actual) - set(expected))
         return Check("fold", desc, FAIL, None, rtol, f"keys differ: missing {missing[:5]}, unexpected {extra[:5]}")
@@ -403,3 +419,203 @@ def check_fold(
         where = tuple(int(j) for j in torch.unravel_index(torch.tensor(i), tuple(e.shape))) if e.ndim else ()
         detail += f": element {list(where)} is {float(a.reshape(-1)[i]):.6g} where the fold gives {float(e.reshape(-1)[i]):.6g}"
     return Check("fold", desc, status, errs[worst], rtol, detail, errs)
+
+
+# The proof: the four checks in order, on models. ``verify`` (on files) and ``api.verify_models`` (on models)
+# both call ``prove``; each builds its inputs, this runs the checks.
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """What passes: ``rtol`` for (a), (b) and (d); ``means_tol`` for |mean - 1| in (c), where ``rule`` says
+    which filters are dead when no statistics do."""
+
+    rtol: float = DEFAULT_RTOL
+    means_tol: float = DEFAULT_MEANS_TOL
+    rule: DeadRule = DeadRule()
+
+
+@dataclass(frozen=True)
+class Normalized:
+    """The model under test, run as its user runs it, and its tensors."""
+
+    model: nn.Module
+    topology: Topology  # its structure, its norms with the parameters a fold may have given them
+    state_dict: Mapping[str, torch.Tensor]  # its tensors in the model's own layout (the float32 bounds read them)
+    include_classifier: bool = False  # its classifier's activations were normalized too: (c) checks them
+    features_only: bool = False  # no classifier: its output is its last activation, which (a) checks
+    stored: Mapping[str, torch.Tensor] | None = None  # its tensors as written, which (d) compares; None: state_dict
+    layout: Callable[[StateDict], Mapping[str, torch.Tensor]] | None = None  # the fold in ``stored``'s layout
+
+
+@dataclass(frozen=True)
+class Original:
+    """The model before normalization: (a) and (b) run it, (d) folds its tensors."""
+
+    model: nn.Module
+    topology: Topology  # analyzed with add_affine=True: its sites and activation calls
+    state_dict: Mapping[str, torch.Tensor]  # what the fold starts from
+    # why the statistics were not measured on these weights, if they were not; asked after (a) and (b), so
+    # a hash computed in the background overlaps with them
+    stats_mismatch: Callable[[], str | None] | None = None
+
+
+@dataclass(frozen=True)
+class Scales:
+    """The normalization claimed: each site's scales, dead filters and promised mean (``LayerScales``)."""
+
+    layers: Mapping[str, LayerScales]  # keyed by ``topology``'s conv paths
+    topology: Topology  # the structure they were computed on: the fold's
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The input of (a) and (b): a few images, or ``probe_input``; ``source`` says which in their details."""
+
+    x: torch.Tensor
+    source: str
+
+
+@dataclass(frozen=True)
+class Images:
+    """The batches (c) re-measures the means on: ``(images, classes)``, the images on the model's device in
+    its dtype, ``classes`` their class indices (with ``num_classes``: class-balanced means are checked) or None."""
+
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]]
+    num_classes: int = 0
+    note: Callable[[int], str] | None = None  # what the images were, given how many the witness saw
+
+
+@dataclass(frozen=True)
+class Proof:
+    """The checks (activations, logits, fold, means) and what (c) re-measured, by the normalized model's paths."""
+
+    checks: list[Check]
+    means: dict[str, torch.Tensor] | None = None  # every witnessed site's (class-balanced with classes)
+    num_images: int = 0
+    dead: dict[str, list[int]] | None = None  # the statistics' dead filters; None without scales
+
+
+def prove(
+    normalized: Normalized,
+    original: Original | None,
+    scales: Scales | None,
+    *,
+    probe: Probe | None,
+    images: Images | Check,
+    criteria: Criteria = Criteria(),
+) -> Proof:
+    """The four checks of a normalization: (a) activations and (b) logits on ``probe`` (needed with ``original``)
+    against ``original``,
+    (d) the stored tensors against the fold of ``original`` by ``scales`` recomputed, (c) the means the witness
+    re-measures on ``images`` against 1 (against their promised values on residual streams).
+
+    Without ``original`` (a), (b), (d) are not run; without ``scales`` (a), (d) are not run and (c) is an audit:
+    ``criteria.rule`` decides which filters are dead, and residual streams' ReLUs, whose means are a stream
+    policy's, are left out. Statistics measured on other weights than the original's
+    (``Original.stats_mismatch``) fail (a) and (d), and (c) is then an audit too. ``images`` may be the means
+    check itself, where there are none (not run) or they cannot be measured as asked (a failure).
+    """
+    checks, mismatch = _against_original(normalized, original, scales, probe, criteria.rtol)
+    claimed = scales if mismatch is None else None
+    if isinstance(images, Check):
+        return Proof([*checks, images])
+    means, num_images, check = _means(normalized, claimed, images, criteria)
+    dead = _by_normalized_path(scales, normalized, "dead") if scales is not None else None
+    return Proof([*checks, check], means, num_images, dead)
+
+
+def site_pairs(statistics: Topology, normalized: Topology, include_classifier: bool) -> list[tuple[str, str]]:
+    """(the statistics' conv path, the normalized model's) of each site, in forward order: they differ for a
+    BN-folded Gatys export of a ``_bn`` arch."""
+    a = [*statistics.sites, *(statistics.fc_sites if include_classifier else ())]
+    b = [*normalized.sites, *(normalized.fc_sites if include_classifier else ())]
+    return [(x.conv, y.conv) for x, y in zip(a, b, strict=True)]
+
+
+def _against_original(
+    normalized: Normalized, original: Original | None, scales: Scales | None, probe: Probe | None, rtol: float
+) -> tuple[list[Check], str | None]:
+    """(a) activations, (b) logits, (d) fold; and why the statistics are not the original's, if they are not."""
+    if original is None:
+        return [not_run(n, DESCRIPTIONS[n], "needs --original") for n in ("activations", "logits", "fold")], None
+    if probe is None:
+        raise ValueError("prove: an original needs a probe, the input (a) and (b) compare the models on")
+    param = next(normalized.model.parameters(), None)
+    x = probe.x.to(param.device) if param is not None else probe.x
+    scale_t = {n: s.scale for n, s in scales.layers.items()} if scales is not None else None
+    checks = check_function(
+        original.model,
+        normalized.model,
+        scale_t,
+        x,
+        rtol=rtol,
+        logits=not normalized.features_only,
+        inputs=probe.source,
+        topologies=(original.topology, normalized.topology),
+    )
+    if scales is None or scale_t is None:
+        return [*checks, not_run("fold", DESCRIPTIONS["fold"], "needs --stats")], None
+    mismatch = original.stats_mismatch() if original.stats_mismatch is not None else None
+    if mismatch is not None:
+        return [
+            *(failed(c.name, mismatch) if c.name == "activations" else c for c in checks),
+            failed("fold", mismatch),
+        ], (mismatch)
+    fold_args = (original.state_dict, scale_t, scales.topology)
+    expected: Mapping[str, torch.Tensor]
+    if normalized.layout is None:  # compared as computed: no second copy of the checkpoint held
+        expected = LazyFold(*fold_args, features_only=normalized.features_only)
+    else:
+        expected = normalized.layout(fold_state_dict(*fold_args, features_only=normalized.features_only))
+    stored = normalized.stored if normalized.stored is not None else normalized.state_dict
+    return [*checks, check_fold(stored, expected, rtol=rtol)], None
+
+
+def _means(
+    normalized: Normalized, scales: Scales | None, images: Images, criteria: Criteria
+) -> tuple[dict[str, torch.Tensor], int, Check]:
+    """(c): the witness re-measures every site's means on ``images`` (``witness.activation_means``: the model's
+    whole forward, hooks of its own, nothing of the measuring path); the claimed dead filters are excluded."""
+    topo = normalized.topology
+    sites = [*topo.sites, *(topo.fc_sites if normalized.include_classifier else ())]
+    seen = activation_means(
+        normalized.model,
+        {s.conv: s.call for s in sites},
+        images.batches,
+        num_classes=images.num_classes,
+        total=None if normalized.features_only else topo.activation_calls,
+    )
+    if seen.num_images == 0:
+        raise DataError("no images to re-measure the means on")
+    plain = {s.conv: seen.mean(s.conv) for s in sites}
+    means = {s.conv: seen.balanced_mean(s.conv) for s in sites} if images.num_classes else plain
+    notes = [images.note(seen.num_images)] if images.note is not None else []
+    checked = means
+    if scales is None:  # an audit: a residual stream's ReLUs were promised their share of its scale, not 1
+        streams = {k for stream in topo.streams for k in stream.sites}
+        if streams & set(means):
+            checked = {k: m for k, m in means.items() if k not in streams}
+            notes.append(
+                f"{len(streams)} ReLUs on residual streams not audited (their means are the stream policy's, "
+                "not 1: give --stats to check them)"
+            )
+    check = check_means(
+        checked,
+        _by_normalized_path(scales, normalized, "dead") if scales is not None else None,
+        tol=criteria.means_tol,
+        rule=criteria.rule,
+        detail="; ".join(n for n in notes if n),
+        scales=_by_normalized_path(scales, normalized, "scale") if scales is not None else None,
+        names=topo.names,
+        # from the model's own weights and the witnessed means: what float32 can hold in each filter
+        bounds=float32_bounds(normalized.state_dict, topo, plain),
+        expected=_by_normalized_path(scales, normalized, "expected") if scales is not None else None,
+    )
+    return means, seen.num_images, check
+
+
+def _by_normalized_path(scales: Scales, normalized: Normalized, what: str) -> dict[str, Any]:
+    """Each site's ``LayerScales`` field ``what`` (dead, scale, expected) keyed by the normalized model's paths."""
+    pairs = site_pairs(scales.topology, normalized.topology, normalized.include_classifier)
+    return {b: getattr(scales.layers[a], what) for a, b in pairs}
