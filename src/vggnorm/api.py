@@ -18,6 +18,7 @@ import copy
 import os
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,7 @@ def measure_folder(
         workers=workers,
         progress=progress,
     )
-    stats.attrs.update(preprocess.as_attrs())
+    stats.provenance = replace(stats.provenance, preprocess=preprocess.as_attrs())
     return stats
 
 

@@ -136,7 +136,7 @@ def verify_checkpoint(
     _check_outputs(report, junit_xml, given, figure=data is not None, force=force, data=data)
     stats = read_stats(stats_path) if stats_path is not None else None
     # two models may share their shapes
-    prefer = canonical_arch(str(stats.attrs["arch"])) if stats is not None else recorded_arch(normalized_path)
+    prefer = canonical_arch(stats.provenance.arch) if stats is not None else recorded_arch(normalized_path)
     dev = resolve_device(device)
     check_precision(precision, dev)
     # the original first when its arch is known: its hash is computed while the other file loads
@@ -170,7 +170,7 @@ def verify_checkpoint(
     if policy.include_classifier and target.features_only:
         raise VggnormError("--include-classifier: the checkpoint has no classifier")
     # --add-affine: recorded with the statistics; a normalized checkpoint holds the norms' new parameters
-    add_affine = bool(stats.attrs.get("add_affine", False)) if stats is not None else False
+    add_affine = stats.provenance.add_affine if stats is not None else False
     add_affine = add_affine or any(k in target.state_dict for k in affine_keys(target.arch))
     topo = checked_topology(arch, add_affine)
     scales = None
@@ -198,7 +198,7 @@ def verify_checkpoint(
     }
     mismatch = None
     if weights is not None:
-        expected_sha256 = str(stats.attrs.get("weights_sha256")) if stats is not None else None
+        expected_sha256 = stats.provenance.weights_sha256 if stats is not None else None
         checks, mismatch = _against_original(
             target,
             model,
@@ -339,7 +339,7 @@ def _means(
     )
     means = measured_means(measured, policy.weighting)
     note = f"{measured.num_images} images from {data}" + (f", {len(skipped)} skipped" if skipped else "")
-    if stats is not None and data_mod.dataset_fingerprint(data, files) != stats.attrs.get("dataset_fingerprint"):
+    if stats is not None and data_mod.dataset_fingerprint(data, files) != stats.provenance.dataset_fingerprint:
         note += "; these are not the calibration images of the statistics, so means near (not exactly) 1 are expected"
     if scales is None:  # an audit: a residual stream's ReLUs were promised their share of its scale, not 1
         streams = {k for stream in topology(target.arch).streams for k in stream.sites}
@@ -432,7 +432,7 @@ def measured_means(measured: Stats, weighting: str) -> dict[str, torch.Tensor]:
 def _arch(target: Normalized, stats: Stats | None, weights: Weights | None, original: str | None) -> str:
     """The arch the inputs agree on (a Gatys export of a ``_bn`` arch loads into its plain arch)."""
     if stats is not None:
-        arch = canonical_arch(str(stats.attrs["arch"]))
+        arch = canonical_arch(stats.provenance.arch)
     else:
         arch = weights.arch if weights is not None else target.arch
     if arch != target.arch and not (target.layout == "gatys" and arch.removesuffix("_bn") == target.arch):
