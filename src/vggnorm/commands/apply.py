@@ -167,7 +167,7 @@ def apply_stats(
     are dead (left unscaled). ``model``: the user model ``--model`` imported (its key), which must be the
     statistics' own. ``stream_scale`` chooses the scale a residual stream's sites share
     (``geometric`` or ``last``: ``core.fold._stream_scales``). The measurement policy and the rule are recorded with the output
-    (``policy.recorded_policy``), so ``verify --data`` re-measures the same way without being told.
+    (``policy.recorded_provenance``), so ``verify --data`` re-measures the same way without being told.
     """
     stats = read_stats(stats_path)
     if stats.provenance.shard:
