@@ -91,7 +91,7 @@ def test_the_adain_file_loads_strictly_and_computes_the_normalized_relus(runs, p
 
 def test_reflect_padding_is_measured_recorded_and_honoured(runs, photos, tmp_path):
     reflect, zeros = read_stats(runs / "reflect.h5"), read_stats(runs / "zeros.h5")
-    assert reflect.attrs["padding"] == "reflect" and zeros.attrs["padding"] == "model"
+    assert reflect.provenance.preprocess["padding"] == "reflect" and zeros.provenance.preprocess["padding"] == "model"
     rel = (reflect.layers["features.0"].mean - zeros.layers["features.0"].mean).abs() / zeros.layers["features.0"].mean
     assert float(rel.max()) > 1e-3  # the border changes the means measurably
     r = invoke(

@@ -69,7 +69,7 @@ def test_measure_folder_reads_images(tiny_vgg, photos):
     from vggnorm.io.data import ImageTransform
 
     stats = vggnorm.measure_folder(tiny_vgg(), photos, transform=ImageTransform(resize=40, crop=32))
-    assert stats.num_images == 8 and stats.attrs["crop"] == 32
+    assert stats.num_images == 8 and stats.provenance.preprocess["crop"] == 32
 
 
 def test_statistics_of_another_model_are_refused(tiny_vgg):

@@ -341,7 +341,7 @@ def test_fp64_preprocesses_in_float64_too(data, checkpoints, tmp_path, preproces
     r = invoke("compute-stats", data, *MODEL, "--weights", checkpoints["tiny"], "-o", stats, *SMALL, *args)
     assert r.exit_code == 0, r.output
     st = read_stats(stats)
-    p = Measurement.from_attrs(st.attrs)
+    p = Measurement.from_attrs(st.provenance.preprocess)
     convention = InputConvention(preprocess)
     assert p.convention == convention
     assert p.transform == default_transform(TINY["tiny"], resize=40, crop=32, convention=convention)
@@ -827,8 +827,8 @@ def test_a_user_model_is_its_resolved_file_under_any_spelling_and_the_weights_pa
     monkeypatch.chdir(a)
     r = invoke("compute-stats", data, "--model", "m.py:Net", "--weights", "w.pth", "-o", "t.h5", *SMALL)
     assert r.exit_code == 0, r.output
-    attrs = read_stats(a / "t.h5").attrs
-    assert (attrs["arch"], attrs["weights"], attrs["weights_path"]) == (key, "w.pth", str((a / "w.pth").resolve()))
+    m = read_stats(a / "t.h5").provenance
+    assert (m.arch, m.weights, m.weights_path) == (key, "w.pth", str((a / "w.pth").resolve()))
 
     monkeypatch.chdir(b)  # elsewhere, the same file spelled otherwise
     for spelling in ("./../a/m.py:Net", str(a / "m.py") + ":Net"):

@@ -14,6 +14,7 @@ from torch import nn
 import lookalikes as L
 import vggnorm
 from conftest import invoke
+from vggnorm.core.provenance import MeasurementRecord
 from vggnorm.core.stats import LayerStats, Stats
 from vggnorm.errors import CheckpointError, StatsMismatchError
 from vggnorm.io.statsfile import write_stats
@@ -134,7 +135,7 @@ def test_apply_refuses_a_model_it_cannot_normalize(name, tmp_path):
     """Statistics that name a refused model (written by hand: compute-stats refuses first, as tested above)."""
     factory, node, reason = REFUSED[name]
     spec = L.spec(factory.__name__)
-    stats = Stats({"x": LayerStats("x", "y", None, torch.ones(4), 10)}, 1, {"arch": spec})
+    stats = Stats({"x": LayerStats("x", "y", None, torch.ones(4), 10)}, 1, MeasurementRecord(arch=spec))
     write_stats(stats, tmp_path / "s.h5", force=False)
     ckpt = tmp_path / "m.pth"
     torch.save(factory().state_dict(), ckpt)

@@ -81,7 +81,7 @@ def test_torchrun_two_processes_equal_one(folder, tmp_path):
     assert single.wait(timeout=300) == 0, single.stderr.read()
     assert stdout.count("wrote") == 1  # rank 0 alone reports
     two = read_stats(tmp_path / "two.h5")
-    assert two.attrs["world_size"] == 2 and two.num_images == 18
+    assert two.provenance.world_size == 2 and two.num_images == 18
     assert_same(read_stats(tmp_path / "one.h5"), two)
 
 

@@ -130,11 +130,11 @@ def test_padding_modes_are_measured_as_written_unless_a_policy_is_asked_for(phot
     """Reflect and circular padding are measured as the model runs them (default ``--padding model``);
     ``--padding zeros`` is a policy asked for by name, recorded, stated in verify's report and honoured."""
     spec, ckpt, stats, out = _run("padded_net", photos, tmp_path)
-    assert read_stats(stats).attrs["padding"] == "model"
+    assert read_stats(stats).provenance.preprocess["padding"] == "model"
     d = tmp_path / "zeros"
     d.mkdir()
     _, _, zstats, zout = _run("padded_net", photos, d, "--padding", "zeros")
-    assert read_stats(zstats).attrs["padding"] == "zeros"
+    assert read_stats(zstats).provenance.preprocess["padding"] == "zeros"
     _check_independently("padded_net", ckpt, zstats, zout, photos, padding="zeros")
     r = invoke("verify", zout, "--data", photos, "--workers", 0, "--no-progress", "--format", "json")
     assert r.exit_code == 0, r.output

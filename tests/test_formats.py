@@ -119,8 +119,9 @@ def test_keras_files_normalized_load_into_keras_with_means_one(keras_runs, photo
 
     d = keras_runs
     stats = read_stats(d / "s.h5")
-    assert stats.attrs["preprocess"] == "caffe" and tuple(stats.attrs["mean"]) == (103.939, 116.779, 123.68)
-    assert "Keras legacy HDF5" in stats.attrs["weights_format"]
+    policy = stats.provenance.preprocess
+    assert policy["preprocess"] == "caffe" and tuple(policy["mean"]) == (103.939, 116.779, 123.68)
+    assert "Keras legacy HDF5" in stats.provenance.weights_format
     images = pixels(photos)
     convs = list(stats.layers)
     for out in ("n.h5", "n.weights.h5"):

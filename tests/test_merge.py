@@ -31,7 +31,7 @@ def runs(photos, tmp_path_factory):
 def test_three_shards_merge_to_the_single_run(runs):
     d, _ = runs
     shards = [read_stats(d / f"s{i}.h5") for i in range(3)]
-    assert sum(s.attrs["num_files"] for s in shards) == 12 and {s.attrs["shard"] for s in shards} == {
+    assert sum(s.provenance.num_files for s in shards) == 12 and {s.provenance.shard for s in shards} == {
         "0/3",
         "1/3",
         "2/3",

@@ -112,7 +112,7 @@ def test_fp64_means_equal_a_float64_computation(bn, photos16, checkpoints, tmp_p
     assert invoke(*base, "-o", tmp_path / "64.h5", "--precision", "fp64").exit_code == 0
     assert invoke(*base, "-o", tmp_path / "32.h5").exit_code == 0
     s64, s32 = read_stats(tmp_path / "64.h5"), read_stats(tmp_path / "32.h5")
-    assert s64.attrs["precision"] == "fp64"
+    assert s64.provenance.precision == "fp64"
     model = TinyVGG(bn=bn)
     model.load_state_dict(torch.load(checkpoints[key], weights_only=True))
     expected = independent_float64_means(model, find_images(photos16), ImageTransform(resize=72, crop=64))

@@ -11,6 +11,7 @@ import torch
 import vggnorm
 from conftest import invoke
 from vggnorm.cli import EnumChoice, cli
+from vggnorm.core.provenance import MeasurementRecord
 from vggnorm.errors import UsageError
 from vggnorm.io.data import ImageTransform, Measurement
 from vggnorm.io.models import ForwardPolicy
@@ -189,11 +190,11 @@ BEFORE = {
 @pytest.mark.parametrize("older", [False, True])
 def test_a_statistics_file_written_before_reads_the_same(tiny_vgg, tmp_path, older):
     stats = vggnorm.measure_means(tiny_vgg(), [torch.randn(2, 3, 24, 24)])
-    stats.attrs = {
-        "arch": "vgg11",
-        "precision": "fp64",
-        **{k: v for k, v in BEFORE.items() if not (older and k in ("decode", "padding"))},
-    }
+    stats.provenance = MeasurementRecord(
+        arch="vgg11",
+        precision="fp64",
+        preprocess={k: v for k, v in BEFORE.items() if not (older and k in ("decode", "padding"))},
+    )
     write_stats(stats, tmp_path / "s.h5", force=False)
     back = read_stats(tmp_path / "s.h5")
     policy = resolve_policy(tmp_path / "n.pth", back, "vgg11", rel_eps=None, eps=None, include_classifier=None)

@@ -49,7 +49,7 @@ def test_per_class_means_equal_a_float64_computation_per_class(folders, checkpoi
     assert r.exit_code == 0, r.output
     assert "classes: 2 (images per class: cat: 5, dog: 3)" in r.stdout
     stats = read_stats(out)
-    assert stats.classes == ["cat", "dog"] and stats.attrs["label_source"] == "folders"
+    assert stats.classes == ["cat", "dog"] and stats.provenance.label_source == "folders"
     model = TinyVGG()
     model.load_state_dict(torch.load(checkpoints["tiny"], weights_only=True))
     model = model.double().eval()
@@ -81,7 +81,7 @@ def test_a_labels_file_on_a_flat_folder_equals_the_class_folders(folders, checkp
         r = invoke("compute-stats", folders / "flat", *base, "--labels", folders / name, "-o", tmp_path / f"{name}.h5")
         assert r.exit_code == 0, r.output
         a, b = read_stats(tmp_path / "tree.h5"), read_stats(tmp_path / f"{name}.h5")
-        assert a.classes == b.classes and b.attrs["label_source"] == str(folders / name)
+        assert a.classes == b.classes and b.provenance.label_source == str(folders / name)
         for n in a.layers:
             torch.testing.assert_close(b.layers[n].class_sum, a.layers[n].class_sum, rtol=1e-9, atol=0)
             assert torch.equal(b.layers[n].class_count, a.layers[n].class_count)

@@ -7,6 +7,7 @@ import torch
 from conftest import TINY
 from vggnorm.analysis.topology import find_topology
 from vggnorm.core.measure import Batch, ReluSums, measure
+from vggnorm.core.provenance import MeasurementRecord
 from vggnorm.core.stats import LayerStats, Stats
 from vggnorm.errors import OutputExistsError, StatsFileError
 from vggnorm.io.statsfile import FORMAT, read_stats, write_stats
@@ -74,7 +75,12 @@ def sample_stats():
         ),
         "features.3": LayerStats("features.3", "features.5", "features.4", torch.tensor([7.0], dtype=torch.float64), 3),
     }
-    return Stats(layers, 2, {"arch": "vgg11", "mean": (0.1, 0.2, 0.3), "crop": 224}, [("a/b.jpg", "cannot decode")])
+    return Stats(
+        layers,
+        2,
+        MeasurementRecord(arch="vgg11", preprocess={"mean": (0.1, 0.2, 0.3), "crop": 224}),
+        [("a/b.jpg", "cannot decode")],
+    )
 
 
 def test_hdf5_round_trip_and_schema(tmp_path):
@@ -89,7 +95,7 @@ def test_hdf5_round_trip_and_schema(tmp_path):
     back = read_stats(path)
     assert back.layer_order == ["features.0", "features.3"] and back.num_images == 2
     assert back.skipped == [("a/b.jpg", "cannot decode")]
-    assert back.attrs["mean"] == [0.1, 0.2, 0.3] and back.attrs["arch"] == "vgg11"
+    assert back.provenance.preprocess["mean"] == (0.1, 0.2, 0.3) and back.provenance.arch == "vgg11"
     torch.testing.assert_close(back.layers["features.0"].sum, sample_stats().layers["features.0"].sum)
 
 

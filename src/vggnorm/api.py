@@ -20,6 +20,7 @@ import copy
 import os
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ def measure_folder(
         workers=workers,
         progress=progress,
     )
-    stats.attrs.update(measurement.as_attrs())
+    stats.provenance = replace(stats.provenance, preprocess=measurement.as_attrs())
     return stats
 
 

@@ -413,7 +413,7 @@ def compute_stats_cmd(
         signal.signal(signal.SIGTERM, previous)
     if not world_from_env().is_main:
         return  # under torchrun, rank 0 reports
-    from vggnorm.io.data import printable
+    from vggnorm.io.data import Measurement, printable
 
     shown = 0 if logging.getLogger("vggnorm").isEnabledFor(logging.INFO) else SHOWN_SKIPPED  # -v logged each
     for path, reason in stats.skipped[:shown]:
@@ -425,13 +425,13 @@ def compute_stats_cmd(
     rule = DeadRule()
     dead = {n: int((~rule.live(layer.mean)).sum()) for n, layer in stats.layers.items()}
     click.echo(f"images: {stats.num_images} used, {len(stats.skipped)} skipped")
-    if stats.attrs.get("weights_format"):
-        p = stats.attrs
+    if stats.provenance.weights_format:
+        p = Measurement.from_attrs(stats.provenance.preprocess)
         how = (
             "as given by --preprocess" if convention is not None else "the file's own, recorded; --preprocess overrides"
         )
-        mean = ", ".join(f"{float(x):g}" for x in p["mean"])
-        click.echo(f"weights: {p['weights_format']}; preprocessing: {p['preprocess']}, mean ({mean}) ({how})")
+        mean = ", ".join(f"{float(x):g}" for x in p.transform.mean)
+        click.echo(f"weights: {stats.provenance.weights_format}; preprocessing: {p.convention}, mean ({mean}) ({how})")
     click.echo(f"layers: {len(stats.layers)} ({', '.join(stats.layers)})")
     first = next(iter(stats.layers.values()))
     if stats.classes and first.class_count is not None and stats.num_images:

@@ -63,10 +63,11 @@ from vggnorm.io.models import (
     topology,
 )
 from vggnorm.io.policy import report_base
+from vggnorm.io.provenance import Normalization, Provenance, record_fields, to_metadata
 from vggnorm.io.report import Report, layer_summary, report_paths, stream_summary
 from vggnorm.io.statsfile import now, read_stats
 from vggnorm.io.weights import APPLY, Weights, prefetch_random, resolve_weights
-from vggnorm.options import Layout, StreamScale, Weighting
+from vggnorm.options import Layout, Padding, Pooling, StreamScale, Weighting
 from vggnorm.version import __version__
 
 
@@ -101,16 +102,17 @@ def default_output(spec: str, arch: str, flavor: str | None = None) -> Path:
 def weights_for(spec: str, stats: Stats, *, mmap: bool = True) -> Weights:
     """Resolve the checkpoint that ``stats`` belongs to; refuse one with another arch or other weights.
     ``mmap``: as ``resolve_weights``."""
-    arch = canonical_arch(str(stats.attrs["arch"]))
+    measured_with = stats.provenance
+    arch = canonical_arch(measured_with.arch)
     weights = resolve_weights(spec, arch=None if os.path.isfile(spec) else arch, prefer=arch, given=APPLY, mmap=mmap)
     if weights.arch != arch:
         raise StatsMismatchError(f"the statistics are for {arch}, but {spec} is a {weights.arch} checkpoint")
-    if weights.sha256 != stats.attrs.get("weights_sha256"):
-        given, resolved = stats.attrs.get("weights"), stats.attrs.get("weights_path")
+    if weights.sha256 != measured_with.weights_sha256:
+        given, resolved = measured_with.weights, measured_with.weights_path
         measured = f"{given}, i.e. {resolved}" if resolved and resolved != given else given
         raise StatsMismatchError(
             f"the statistics were measured with other weights ({measured}, sha256 "
-            f"{str(stats.attrs.get('weights_sha256'))[:12]}...) than {spec} (sha256 {weights.sha256[:12]}...); "
+            f"{measured_with.weights_sha256[:12]}...) than {spec} (sha256 {weights.sha256[:12]}...); "
             f"measure this checkpoint with `vggnorm compute-stats DIR --weights {spec}`"
         )
     return weights
@@ -166,23 +168,24 @@ def apply_stats(
     are dead (left unscaled). ``model``: the user model ``--model`` imported (its key), which must be the
     statistics' own. ``stream_scale`` chooses the scale a residual stream's sites share
     (``geometric`` or ``last``: ``core.fold._stream_scales``). The measurement policy and the rule are recorded with the output
-    (``policy.recorded_policy``), so ``verify --data`` re-measures the same way without being told.
+    (``policy.recorded_provenance``), so ``verify --data`` re-measures the same way without being told.
     """
     stats = read_stats(stats_path)
-    if stats.attrs.get("shard"):
+    if stats.provenance.shard:
         raise VggnormError(
-            f"{stats_path} is shard {stats.attrs['shard']} of a measurement ({stats.num_images} images, not the whole "
+            f"{stats_path} is shard {stats.provenance.shard} of a measurement ({stats.num_images} images, not the whole "
             "folder): merge all the shards first with `vggnorm merge-stats s0.h5 s1.h5 ... -o all.h5` and apply that"
         )
-    arch = canonical_arch(str(stats.attrs["arch"]))
+    arch = canonical_arch(stats.provenance.arch)
     if model is not None and model != arch:  # --model names the model: it must be the statistics' one
         raise StatsMismatchError(
             f"{stats_path} was measured on {arch}, and --model names {model}: give the model the statistics "
             "were measured on, or measure this one"
         )
     drawing = prefetch_random(checkpoint, arch)  # a VGG's random:SEED: drawn in a thread from here on
-    add_affine = bool(stats.attrs.get("add_affine", False))
+    add_affine = stats.provenance.add_affine
     topo = checked_topology(arch, add_affine)  # a model that cannot be normalized is refused first
+    measured_as = Measurement.from_attrs(stats.provenance.preprocess)
     flavor = template_flavor(checkpoint, layout) if layout in FOREIGN_LAYOUTS else None  # no weights read yet
     output = Path(output) if output is not None else default_output(checkpoint, arch, flavor)
     json_path, md_path = report_paths(report_base(output))
@@ -194,7 +197,7 @@ def apply_stats(
     check_report_owner(json_path, output)
     check_output_name(output, layout, flavor)  # after: an input given as -o is named as such first
     if layout == "adain":
-        check_adain(arch, stats)
+        check_adain(arch, measured_as)
     if (features_only or layout == "gatys") and not topo.names:
         # the features-only and Gatys layouts keep a chain of convs (VGG's, AlexNet's) without its classifier
         what = "--layout gatys names the convs of" if layout == "gatys" else "--features-only keeps the features of"
@@ -248,7 +251,6 @@ def apply_stats(
         )
 
         # the self-check's original side first, on the probe: the fold then overwrites the weights it ran on
-        measured_as = Measurement.from_attrs(stats.attrs)
         forward = measured_as.forward
         size = probe_size(arch, measured_as.transform.crop)
         probe = probe_input(size)
@@ -318,32 +320,35 @@ def apply_stats(
             )
         if template is not None:
             notes.append(_foreign_note(template, measured_as, features_only))
-        policy = {
-            **measured_as.as_attrs(),
-            "rel_eps": rule.rel_eps,
-            "eps": rule.eps,
-            "include_classifier": include_classifier,
-            "weighting": weighting.value,
-            "label_source": str(stats.attrs.get("label_source", "")),
-            **({"stream_scale": stream_scale.value} if topo.streams else {}),
-        }
+        provenance = Provenance(
+            arch=arch,
+            normalization=Normalization(
+                preprocess=measured_as.as_attrs(),
+                rule=rule,
+                include_classifier=include_classifier,
+                weighting=weighting,
+                label_source=stats.provenance.label_source,
+                stream_scale=stream_scale if topo.streams else None,
+            ),
+            measurement=stats.provenance,
+            layout=layout,
+            original=checkpoint,
+            original_sha256=weights.sha256,
+            stats=str(stats_path),
+            created=now(),
+            vggnorm_version=__version__,
+        )
         report = Report(
             checkpoint=str(output),
             arch=arch,
             checks=checks,
             inputs={
-                "original": checkpoint,
-                "original_sha256": weights.sha256,
-                "stats": str(stats_path),
+                **record_fields(provenance),
                 "stats_images": stats.num_images,
                 "dead_rule": rule.describe(),
                 "float32_bound_filters": unsafe,
                 "features_only": features_only,
-                "layout": layout,
                 "include_classifier": include_classifier,
-                "policy": policy,
-                "created": now(),
-                "vggnorm_version": __version__,
                 **({"note": "; ".join(notes)} if notes else {}),
             },
             layers=layer_summary(scales),
@@ -355,25 +360,15 @@ def apply_stats(
             raise VggnormError(
                 f"the folded checkpoint failed its self-check, nothing was written: {failure_cause(checks, rule)}"
             )
-        meta = {
-            "vggnorm_version": __version__,
-            "arch": arch,
-            "layout": layout.value,
-            "original": checkpoint,
-            "include_classifier": str(include_classifier),
-            "original_sha256": weights.sha256,
-            "stats": str(stats_path),
-            "preprocess": str(policy["preprocess"]),
-            "pooling": forward.pooling.value,
-            "policy": json.dumps(policy),
-        }
         # the checkpoint and its report appear together or not at all
         with atomic_writes(outputs, force=force, inputs=inputs) as temps:
             if template is not None:
                 write_foreign(template, exported, temps[0], features_only=features_only)
                 _check_written(temps[0], output, exported, features_only=features_only)
             else:
-                write_state_dict(exported, temps[0], safetensors=output.suffix == ".safetensors", metadata=meta)
+                write_state_dict(
+                    exported, temps[0], safetensors=output.suffix == ".safetensors", metadata=to_metadata(provenance)
+                )
             report.write(temps[1], temps[2])
             if figure is not None:
                 temps[3].write_bytes(figure.result())
@@ -502,16 +497,16 @@ def _check_representable(
         raise InvalidValuesError(f"{e}{'' if 'nothing was written' in str(e) else '; nothing was written'}") from e
 
 
-def check_adain(arch: str, stats: Stats) -> None:
+def check_adain(arch: str, measured_as: Measurement) -> None:
     """AdaIN's encoder is VGG19's, pads by reflection and max-pools: refuse statistics measured otherwise."""
     if arch not in ADAIN_ARCHS:
         raise VggnormError(f"--layout adain writes VGG19's encoder, and these statistics are for {arch}")
-    if stats.attrs.get("padding", "zeros") != "reflect":
+    if measured_as.forward.padding != Padding.REFLECT:
         raise VggnormError(
             "--layout adain: AdaIN's encoder pads by reflection, and these statistics were measured with zero "
             "padding, so its means would not be 1; measure with `vggnorm compute-stats ... --padding reflect`"
         )
-    if stats.attrs.get("pooling", "max") != "max":
+    if measured_as.forward.pooling != Pooling.MAX:
         raise VggnormError("--layout adain: AdaIN's encoder max-pools; measure without --pooling avg")
 
 

@@ -31,7 +31,7 @@ def write_centers(stats_path: Path, layer: str, output: Path, *, force: bool = F
     stats = read_stats(stats_path)
     if not stats.classes:
         raise VggnormError(f"{stats_path} has no per-class sums; measure with `vggnorm compute-stats ... --per-class`")
-    arch = str(stats.attrs.get("arch", ""))
+    arch = stats.provenance.arch
     names = conv_names(arch) if arch in NAMED_ARCHS else {}
     # a site by its producing layer's path or its activation's (features.34, features.35), or by Gatys'
     # name of either (conv5_4, relu5_4: verify prints the measured layers so)

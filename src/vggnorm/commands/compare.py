@@ -97,7 +97,7 @@ def compare_checkpoints(
     A and B are weight SPECs; ``arch`` (else the statistics' arch) is the arch of a SPEC that is no file."""
     stats = read_stats(Path(stats_path)) if stats_path is not None else None
     if arch is None and stats is not None:
-        arch = canonical_arch(str(stats.attrs["arch"]))
+        arch = canonical_arch(stats.provenance.arch)
     (sd_a, arch_a), (sd_b, arch_b) = _resolve((str(a), str(b)), arch)
     if arch_a.removesuffix("_bn") != arch_b.removesuffix("_bn"):
         raise VggnormError(f"{a} is a {arch_a} and {b} a {arch_b}: compare needs two checkpoints of one architecture")

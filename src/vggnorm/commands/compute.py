@@ -14,7 +14,6 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import torchvision
@@ -25,6 +24,7 @@ from vggnorm.commands.distributed import World, world_from_env
 from vggnorm.commands.measuring import measuring_model
 from vggnorm.core.device import check_precision, describe, resolve_device
 from vggnorm.core.measure import Batch, ReluSums, measure
+from vggnorm.core.provenance import MeasurementRecord, Versions
 from vggnorm.core.stats import Stats
 from vggnorm.defaults import DEFAULT_ARCH, DEFAULT_BATCH_SIZE, DEFAULT_CHECKPOINT_SECONDS, DEFAULT_WEIGHTS
 from vggnorm.errors import DataError, OutputExistsError, ResumeMismatchError, StatsFileError, VggnormError
@@ -32,8 +32,15 @@ from vggnorm.io import data as data_mod
 from vggnorm.io.checkpoint import check_writable, half_dtypes, same_file
 from vggnorm.io.labels import Labels, from_file, from_folders
 from vggnorm.io.models import ForwardPolicy, check_arch, check_input_size, checked_topology
-from vggnorm.io.statsfile import MEASUREMENT_KEYS, attr_differences, now, read_stats, write_stats
-from vggnorm.io.weights import resolve_weights
+from vggnorm.io.statsfile import (
+    MEASUREMENT_KEYS,
+    attr_differences,
+    measurement_attrs,
+    now,
+    read_stats,
+    write_stats,
+)
+from vggnorm.io.weights import Weights, resolve_weights
 from vggnorm.options import Decoder, InputConvention, Precision
 from vggnorm.progress import Progress
 from vggnorm.version import __version__
@@ -136,7 +143,7 @@ class StatsRun:
         self,
         output: Path,
         sites: list[Site],
-        attrs: dict[str, Any],
+        provenance: MeasurementRecord,
         plan: FilePlan,
         *,
         world: World,
@@ -145,7 +152,7 @@ class StatsRun:
         initial: Stats | None,
         force: bool,
     ) -> None:
-        self.output, self.attrs, self.plan, self.world, self.device = output, attrs, plan, world, device
+        self.output, self.provenance, self.plan, self.world, self.device = output, provenance, plan, world, device
         self.config, self.force = config, force
         labels = plan.labels
         self.sums = ReluSums(
@@ -174,7 +181,7 @@ class StatsRun:
         mine = Stats(
             self.sums.layers(),
             self.num_images,
-            self.attrs,
+            self.provenance,
             list(self.skipped),
             complete,
             self.position,
@@ -222,58 +229,56 @@ class StatsRun:
             self.output.unlink(missing_ok=True)
 
 
-def _attrs(
+def _measurement(
     root: Path,
     config: RunConfig,
     plan: FilePlan,
-    weights: Any,
+    weights: Weights,
     measurement: data_mod.Measurement,
     world: World,
     device: torch.device,
-) -> dict[str, Any]:
-    """The provenance and measurement policy recorded with the statistics (SPEC "Files")."""
-    return {
-        "arch": weights.arch,
-        "weights": weights.spec,  # as given; a file's absolute path too, for a command run from elsewhere
-        "weights_path": str(Path(weights.spec).resolve()) if os.path.isfile(weights.spec) else "",
-        "weights_sha256": weights.sha256,
-        "weights_format": weights.foreign.describe() if weights.foreign is not None else "",
-        **measurement.as_attrs(),
-        "dataset": str(root),
-        "dataset_fingerprint": plan.fingerprint,
-        "dataset_num_files": plan.dataset_files,
-        "shard": f"{config.shard[0]}/{config.shard[1]}" if config.shard else "",
-        "num_files": plan.total,
-        "world_size": world.size,
-        "limit": config.limit if config.limit is not None else -1,
-        "created": now(),
-        "vggnorm_version": __version__,
-        "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
-        "device": describe(device),
-        "precision": config.precision.value,
-        "include_classifier": config.include_classifier,
-        "add_affine": config.add_affine,
-        "batch_size": config.batch_size,
-        "per_class": config.per_class,
-        "label_source": plan.labels.source if plan.labels else "",
-        "labels_sha256": plan.labels.sha256 if plan.labels else "",
-    }
+) -> MeasurementRecord:
+    """The provenance and measurement policy recorded with the statistics."""
+    return MeasurementRecord(
+        arch=weights.arch,
+        weights=weights.spec,  # as given; a file's absolute path too, for a command run from elsewhere
+        weights_path=str(Path(weights.spec).resolve()) if os.path.isfile(weights.spec) else "",
+        weights_sha256=weights.sha256,
+        weights_format=weights.foreign.describe() if weights.foreign is not None else "",
+        preprocess=measurement.as_attrs(),
+        dataset=str(root),
+        dataset_fingerprint=plan.fingerprint,
+        dataset_num_files=plan.dataset_files,
+        shard=f"{config.shard[0]}/{config.shard[1]}" if config.shard else "",
+        num_files=plan.total,
+        world_size=world.size,
+        limit=config.limit if config.limit is not None else -1,
+        created=now(),
+        versions=Versions(__version__, torch.__version__, torchvision.__version__),
+        device=describe(device),
+        precision=config.precision.value,
+        include_classifier=config.include_classifier,
+        add_affine=config.add_affine,
+        batch_size=config.batch_size,
+        per_class=config.per_class,
+        label_source=plan.labels.source if plan.labels else "",
+        labels_sha256=plan.labels.sha256 if plan.labels else "",
+    )
 
 
-def _resume_state(output: Path, attrs: dict[str, Any], world: World, plan: FilePlan) -> Stats:
-    """The unfinished run in ``output``, checked to be this one; under torchrun, rank 0 carries its sums."""
+def _resume_state(output: Path, provenance: MeasurementRecord, world: World, plan: FilePlan) -> Stats:
+    """The unfinished run in ``output``, checked to be this one (``provenance``: this run's, but for when it
+    was created); under torchrun, rank 0 carries its sums."""
     initial = read_stats(output, allow_incomplete=True)
     if initial.complete:
         raise StatsFileError(f"--resume: {output} is already complete ({initial.num_images} images); nothing to do")
-    diffs = attr_differences(initial.attrs, attrs, RESUME_KEYS)
+    diffs = attr_differences(measurement_attrs(initial.provenance), measurement_attrs(provenance), RESUME_KEYS)
     if diffs:
-        explained = [_explain(d, initial, attrs, plan) for d in diffs]
+        explained = [_explain(d, initial, provenance, plan) for d in diffs]
         raise ResumeMismatchError(
             f"--resume: {output} was started with other arguments or data: " + "; ".join(explained) + ". Resume with "
             "the arguments and folder of the first run, or start over without --resume (with --force)"
         )
-    attrs["created"] = initial.attrs.get("created", attrs["created"])
     if world.is_main:
         return initial
     # the other ranks start from zero sums at the same position (``position`` counts each rank's files)
@@ -281,13 +286,13 @@ def _resume_state(output: Path, attrs: dict[str, Any], world: World, plan: FileP
         n: dataclasses.replace(layer, sum=torch.zeros_like(layer.sum), count=0, class_sum=None, class_count=None)
         for n, layer in initial.layers.items()
     }
-    return Stats(layers, 0, initial.attrs, [], False, initial.position, classes=initial.classes)
+    return Stats(layers, 0, initial.provenance, [], False, initial.position, classes=initial.classes)
 
 
-def _explain(diff: str, initial: Stats, new: dict[str, Any], plan: FilePlan) -> str:
+def _explain(diff: str, initial: Stats, new: MeasurementRecord, plan: FilePlan) -> str:
     """A difference as a user reads it: for the folder, which files changed."""
     if diff.startswith("dataset_fingerprint"):
-        before, now = initial.attrs.get("dataset_num_files"), new.get("dataset_num_files")
+        before, now = initial.provenance.dataset_num_files, new.dataset_num_files
         what = data_mod.listing_changes(initial.dataset, plan.listing) if initial.dataset else "files changed"
         return (
             f"the folder's contents changed since the run started (dataset_fingerprint: {before} image files then, "
@@ -354,8 +359,10 @@ def compute_stats(
         raise VggnormError(f"--include-classifier: {weights.spec} has no classifier (features-only weights)")
     topo = checked_topology(weights.arch, config.add_affine)
     sites = [*topo.sites, *(topo.fc_sites if config.include_classifier else ())]
-    attrs = _attrs(root, config, plan, weights, measurement, world, device)
-    initial = _resume_state(output, attrs, world, plan) if resume else None
+    provenance = _measurement(root, config, plan, weights, measurement, world, device)
+    initial = _resume_state(output, provenance, world, plan) if resume else None
+    if initial is not None:  # a resumed run keeps the time it was started
+        provenance = replace(provenance, created=initial.provenance.created or provenance.created)
     if initial is not None:
         log.info("resuming %s at file %d of %d", output, initial.position, len(plan.files))
     model = measuring_model(
@@ -367,7 +374,9 @@ def compute_stats(
         add_affine=config.add_affine,
     )
     del weights
-    run = StatsRun(output, sites, attrs, plan, world=world, device=device, config=config, initial=initial, force=force)
+    run = StatsRun(
+        output, sites, provenance, plan, world=world, device=device, config=config, initial=initial, force=force
+    )
     _stream(run, model, measurement, progress=progress)
     final = run.snapshot(complete=True)
     distributed.shutdown(world)
@@ -391,8 +400,9 @@ def refuse_unfinished(output: Path, *, force: bool) -> None:
     except VggnormError:
         return  # not a statistics file: check_writable says it exists
     if not previous.complete:
+        total = previous.provenance.num_files
         raise OutputExistsError(
-            f"{output} is an unfinished run ({previous.position} of {previous.attrs.get('num_files', '?')} files "
+            f"{output} is an unfinished run ({previous.position} of {'?' if total is None else total} files "
             "done): continue it with the same command plus --resume, or start over with --force (its progress "
             "is then lost)"
         )

@@ -86,7 +86,7 @@ def reduce_stats(stats: Stats, world: World, device: torch.device) -> Stats:
     dist.all_gather_object(gathered, stats.skipped)
     skipped = sorted(s for part in gathered for s in part)
     return Stats(
-        layers, int(flat[-1]), stats.attrs, skipped, stats.complete, stats.position, stats.dataset, stats.classes
+        layers, int(flat[-1]), stats.provenance, skipped, stats.complete, stats.position, stats.dataset, stats.classes
     )
 
 

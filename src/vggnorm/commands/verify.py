@@ -260,7 +260,7 @@ def _read(claim: Claim, method: Method) -> _Read:
     hash is computed while the other file loads), agree on their arch, and resolve the policy (``_policy``)."""
     stats = read_stats(claim.stats) if claim.stats is not None else None
     # two models may share their shapes
-    prefer = canonical_arch(str(stats.attrs["arch"])) if stats is not None else recorded_arch(claim.normalized)
+    prefer = canonical_arch(stats.provenance.arch) if stats is not None else recorded_arch(claim.normalized)
     dev = resolve_device(method.device)
     check_precision(method.precision, dev)
     original = claim.original
@@ -300,7 +300,7 @@ def _policy(
     if policy.include_classifier and target.features_only:
         raise VggnormError("--include-classifier: the checkpoint has no classifier")
     # --add-affine: recorded with the statistics; a normalized checkpoint holds the norms' new parameters
-    add_affine = bool(stats.attrs.get("add_affine", False)) if stats is not None else False
+    add_affine = stats.provenance.add_affine if stats is not None else False
     add_affine = add_affine or any(k in target.state_dict for k in affine_keys(target.arch))
     topo = checked_topology(arch, add_affine)
     scales = None
@@ -319,7 +319,7 @@ def _policy(
 def _arch(target: Checkpoint, stats: Stats | None, weights: Weights | None, original: str | None) -> str:
     """The arch the inputs agree on (a Gatys export of a ``_bn`` arch loads into its plain arch)."""
     if stats is not None:
-        arch = canonical_arch(str(stats.attrs["arch"]))
+        arch = canonical_arch(stats.provenance.arch)
     else:
         arch = weights.arch if weights is not None else target.arch
     if arch != target.arch and not (target.layout == "gatys" and arch.removesuffix("_bn") == target.arch):
@@ -363,7 +363,7 @@ def _original(read: _Read) -> Original:
         forward=read.policy.measurement.forward,
         add_affine=any(s.added_affine for s in read.topology.all_sites),
     )
-    expected_sha256 = str(read.stats.attrs.get("weights_sha256")) if read.stats is not None else None
+    expected_sha256 = (read.stats.provenance.weights_sha256 or None) if read.stats is not None else None
 
     def mismatch() -> str | None:
         if expected_sha256 is not None and expected_sha256 != weights.sha256:
@@ -419,8 +419,9 @@ def _images(read: _Read, model: nn.Module, audit: Audit | None, files: list[Path
 
     def note(num_images: int) -> str:
         text = f"{num_images} images from {audit.data}" + (f", {len(skipped)} skipped" if skipped else "")
-        if stats is not None and data_mod.dataset_fingerprint(audit.data, files) != stats.attrs.get(
-            "dataset_fingerprint"
+        if (
+            stats is not None
+            and data_mod.dataset_fingerprint(audit.data, files) != stats.provenance.dataset_fingerprint
         ):
             text += (
                 "; these are not the calibration images of the statistics, so means near (not exactly) 1 are expected"

@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
+from vggnorm.core.provenance import MeasurementRecord
 from vggnorm.errors import InvalidValuesError, StatsFileError, VggnormError
 
 
@@ -50,11 +50,11 @@ class LayerStats:
 
 @dataclass
 class Stats:
-    """The statistics of one run plus its provenance (``attrs``) and the files it skipped."""
+    """The statistics of one run plus its provenance and the files it skipped."""
 
     layers: dict[str, LayerStats]  # keyed by conv module path, in forward order
     num_images: int
-    attrs: dict[str, Any] = field(default_factory=dict)
+    provenance: MeasurementRecord = MeasurementRecord()
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     complete: bool = True
     position: int = 0  # files consumed so far (for --resume)
@@ -90,7 +90,7 @@ class Stats:
         return Stats(
             layers,
             self.num_images + other.num_images,
-            dict(self.attrs),
+            self.provenance,
             self.skipped + other.skipped,
             dataset=self.dataset,
             classes=classes,

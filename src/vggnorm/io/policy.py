@@ -1,8 +1,8 @@
 """The measurement policy: how images become the network's input and which filters are dead.
 
-``compute-stats`` records it in the statistics file; ``apply`` records it with its output (the
-``.safetensors`` metadata, or the report beside a ``.pth``); ``verify`` resolves it from those, in
-that order, and options override what was recorded (``resolve_policy``).
+``compute-stats`` records it in the statistics file; ``apply`` records it with its output, in its
+``Provenance`` (the ``.safetensors`` metadata, or the report beside a ``.pth``); ``verify`` resolves it
+from those, in that order, and options override what was recorded (``resolve_policy``).
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from pathlib import Path
 
 from vggnorm.core.fold import DeadRule
 from vggnorm.core.stats import Stats
-from vggnorm.defaults import DEFAULT_EPS, DEFAULT_REL_EPS
 from vggnorm.errors import VggnormError
 from vggnorm.io import data as data_mod
 from vggnorm.io.models import ForwardPolicy
+from vggnorm.io.provenance import Normalization, Provenance, from_metadata, from_report
 from vggnorm.io.report import report_paths
-from vggnorm.io.statsfile import RECORDED_POLICY_SCHEMA, check_fields
 from vggnorm.options import InputConvention, Padding, Pooling, StreamScale, Weighting
 
 
@@ -40,9 +39,9 @@ def _native_preprocess(
     return native
 
 
-def recorded_policy(checkpoint: Path) -> tuple[dict[str, object], str] | None:
-    """The measurement policy and dead rule ``apply`` recorded with ``checkpoint``, and where from:
-    the ``.safetensors`` metadata, or the report written beside a ``.pth`` (``OUT.report.json``)."""
+def recorded_provenance(checkpoint: Path) -> tuple[Provenance, str] | None:
+    """The record ``apply`` wrote with ``checkpoint``, and where from: the ``.safetensors`` metadata, or the
+    report written beside a ``.pth`` (``OUT.report.json``). A damaged record is a ``StatsFileError``."""
     checkpoint = Path(checkpoint)
     if checkpoint.suffix == ".safetensors":
         from safetensors import safe_open
@@ -52,22 +51,17 @@ def recorded_policy(checkpoint: Path) -> tuple[dict[str, object], str] | None:
                 meta = f.metadata() or {}
         except Exception:  # an unreadable file is reported by the loader, with its reason
             return None
-        if "policy" in meta:
-            where = f"{checkpoint} (safetensors metadata)"
-            try:
-                policy = json.loads(meta["policy"])
-            except ValueError as e:
-                raise VggnormError(f"{where}: policy is not JSON ({e}): {_REDO}") from e
-            return _checked(policy, where), where
-        return None
+        where = f"{checkpoint} (safetensors metadata)"
+        record = from_metadata(meta, where)
+        return (record, where) if record is not None else None
     report = report_paths(report_base(checkpoint))[0]
     if report.is_file():
         try:
-            policy = json.loads(report.read_text()).get("inputs", {}).get("policy")
-        except (OSError, ValueError, AttributeError):
+            written = json.loads(report.read_text())
+        except (OSError, ValueError):
             return None
-        if isinstance(policy, dict):
-            return _checked(policy, str(report)), str(report)
+        found = from_report(written, str(report))
+        return (found, str(report)) if found is not None else None
     return None
 
 
@@ -94,14 +88,6 @@ def recorded_arch(checkpoint: Path) -> str | None:
         except (OSError, ValueError, AttributeError):
             return None
     return arch if isinstance(arch, str) and arch in torchvision_classifiers() else None
-
-
-_REDO = "write it again with `vggnorm apply`, or give verify the statistics (--stats), whose policy is used then"
-
-
-def _checked(policy: object, where: str) -> dict[str, object]:
-    """The recorded policy through the schema apply writes it with (``stats.RECORDED_POLICY_SCHEMA``)."""
-    return check_fields(policy, RECORDED_POLICY_SCHEMA, f"{where}: policy", _REDO)
 
 
 @dataclass(frozen=True)
@@ -141,12 +127,12 @@ def resolve_policy(
     """The measurement policy: the statistics' (options may only repeat it); else the one ``apply``
     recorded with the checkpoint, overridden by options; else the weights' defaults and the options.
     The dead rule and ``include_classifier``: options, else what apply recorded, else the defaults."""
-    recorded = recorded_policy(normalized_path)
-    rec = recorded[0] if recorded else {}
+    recorded = recorded_provenance(normalized_path)
+    rec = recorded[0].normalization if recorded else Normalization()
     given = {"resize": resize, "crop": crop, "preprocess": convention, "pooling": pooling, "padding": padding}
     options = any(v is not None for v in given.values())
     if stats is not None:
-        measurement = data_mod.Measurement.from_attrs(stats.attrs)
+        measurement = data_mod.Measurement.from_attrs(stats.provenance.preprocess)
         t, forward = measurement.transform, measurement.forward
         measured = {
             "resize": t.resize,
@@ -163,7 +149,7 @@ def resolve_policy(
                 )
         source = "the statistics file"
     elif recorded:
-        was = data_mod.Measurement.from_attrs(rec)
+        was = data_mod.Measurement.from_attrs(rec.preprocess)
         measurement = data_mod.Measurement(
             replace(
                 was.transform,
@@ -186,11 +172,10 @@ def resolve_policy(
         source = ("the file's own preprocessing, " if native else "") + "defaults"
         source += " and options" if options else ""
     rule = DeadRule(
-        rel_eps=rel_eps if rel_eps is not None else float(rec.get("rel_eps", DEFAULT_REL_EPS)),  # type: ignore[arg-type]
-        eps=eps if eps is not None else float(rec.get("eps", DEFAULT_EPS)),  # type: ignore[arg-type]
+        rel_eps=rel_eps if rel_eps is not None else rec.rule.rel_eps, eps=eps if eps is not None else rec.rule.eps
     )
-    fc = include_classifier if include_classifier is not None else bool(rec.get("include_classifier", False))
-    weighting = weighting or Weighting(str(rec.get("weighting", Weighting.IMAGE)))
-    label_source = labels or str(rec.get("label_source", "") or (stats.attrs.get("label_source", "") if stats else ""))
-    stream_scale = stream_scale or StreamScale(str(rec.get("stream_scale", StreamScale.GEOMETRIC)))
+    fc = include_classifier if include_classifier is not None else rec.include_classifier
+    weighting = weighting or rec.weighting
+    label_source = labels or rec.label_source or (stats.provenance.label_source if stats else "")
+    stream_scale = stream_scale or rec.stream_scale or StreamScale.GEOMETRIC
     return Policy(measurement, rule, fc, source, weighting, label_source or "folders", stream_scale)

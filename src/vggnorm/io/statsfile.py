@@ -11,7 +11,8 @@ import datetime as _dt
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import h5py
 import numpy as np
 import torch
 
+from vggnorm.core.provenance import MeasurementRecord, Versions
 from vggnorm.core.stats import LayerStats, Stats, check_values
 from vggnorm.defaults import MAX_RESIZE
 from vggnorm.errors import StatsFileError, VggnormError
@@ -59,7 +61,7 @@ def _fill(f: h5py.File, stats: Stats) -> None:
     """Write the schema (docs/reference/stats-schema-v1.json) into an open HDF5 file."""
     f.attrs["format"] = FORMAT
     f.attrs["format_version"] = FORMAT_VERSION
-    for key, value in stats.attrs.items():
+    for key, value in measurement_attrs(stats.provenance).items():
         f.attrs[key] = _attr(value)
     f.attrs["num_images"] = stats.num_images
     f.attrs["num_skipped"] = len(stats.skipped)
@@ -100,6 +102,64 @@ def _fill(f: h5py.File, stats: Stats) -> None:
         names[:] = [np.frombuffer(os.fsencode(n), dtype=np.uint8) for n, _ in stats.dataset]
         files.create_dataset("path_bytes", data=names, dtype=bytes_dt)
         files.create_dataset("size", data=np.array([s for _, s in stats.dataset], dtype=np.int64))
+
+
+def measurement_attrs(m: MeasurementRecord) -> dict[str, object]:
+    """``m`` as the statistics file's root attributes (names and values as the schema says); a count the
+    record does not hold (``None``) and an empty ``merged_from`` are left out. Also the ``measurement``
+    that ``apply`` records with a normalized checkpoint (``vggnorm.io.provenance``)."""
+    out: dict[str, object] = {
+        "arch": m.arch,
+        "weights": m.weights,
+        "weights_path": m.weights_path,
+        "weights_sha256": m.weights_sha256,
+        "weights_format": m.weights_format,
+        **m.preprocess,
+        "dataset": m.dataset,
+        "dataset_fingerprint": m.dataset_fingerprint,
+        "dataset_num_files": m.dataset_num_files,
+        "shard": m.shard,
+        "num_files": m.num_files,
+        "world_size": m.world_size,
+        "limit": m.limit,
+        "merged_from": json.dumps(list(m.merged_from)) if m.merged_from else None,  # as stored: JSON text
+        "created": m.created,
+        "vggnorm_version": m.versions.vggnorm,
+        "torch_version": m.versions.torch,
+        "torchvision_version": m.versions.torchvision,
+        "device": m.device,
+        "precision": m.precision,
+        "include_classifier": m.include_classifier,
+        "add_affine": m.add_affine,
+        "batch_size": m.batch_size,
+        "per_class": m.per_class,
+        "label_source": m.label_source,
+        "labels_sha256": m.labels_sha256,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def policy_values(values: Mapping[str, object], keep: Collection[str] | None = None) -> dict[str, object]:
+    """The measurement policy's fields among ``values`` (those of ``keep``, by default those
+    ``Measurement.as_attrs`` writes: ``MEASUREMENT_ATTRS``), with lists as the tuples it writes: the same
+    policy compares equal however it was stored."""
+    keep = MEASUREMENT_ATTRS if keep is None else keep
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in keep}
+
+
+def measurement_from_attrs(attrs: dict[str, Any]) -> MeasurementRecord:
+    """The record in root attributes ``attrs`` already read through the schema (``check_fields``); a field
+    they leave out (a file written before it existed) reads as ``MeasurementRecord``'s default."""
+    named = set(MeasurementRecord.__dataclass_fields__) - {"preprocess", "merged_from", "versions"}
+    versions = {
+        part: attrs[f"{part}_version"] for part in ("vggnorm", "torch", "torchvision") if f"{part}_version" in attrs
+    }
+    return MeasurementRecord(
+        **{k: v for k, v in attrs.items() if k in named},
+        preprocess=policy_values(attrs),
+        merged_from=tuple(attrs.get("merged_from", ())),
+        versions=Versions(**versions),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,6 +294,7 @@ ROOT_SCHEMA: dict[str, Any] = {
     "weights": _str,
     "weights_path": _str,
     "weights_sha256": _str,
+    "weights_format": _str,
     "num_images": _at_least(0),
     "num_skipped": _at_least(0),
     "num_files": _at_least(0),
@@ -272,6 +333,10 @@ RECORDED_POLICY_SCHEMA: dict[str, Any] = {
     "label_source": _str,
     "stream_scale": _one_of(tuple(StreamScale)),
 }
+# The rest of that record: its text fields (``io.provenance``); its ``measurement`` is the statistics' root attributes.
+RECORD_SCHEMA: dict[str, Any] = dict.fromkeys(
+    ("arch", "layout", "original", "original_sha256", "stats", "created", "vggnorm_version"), _str
+)
 LAYER_SCHEMA: dict[str, Any] = {"relu": _str, "bn": _str, "norm": _str, "activation": _str}
 
 
@@ -291,6 +356,13 @@ def check_fields(values: Any, fields: dict[str, Any], where: str, what_to_do: st
             except _Bad as e:
                 raise StatsFileError(f"{where}: {key} {e}: {what_to_do}") from e
     return out
+
+
+def read_measurement(values: Any, where: str, what_to_do: str = DAMAGED) -> MeasurementRecord:
+    """The ``MeasurementRecord`` in ``values``, root attributes of a statistics file (or their copy in a record apply
+    wrote), each read through the schema: one ``StatsFileError`` naming the field that is not as it says."""
+    checked = check_fields(values, ROOT_SCHEMA, where, what_to_do)
+    return measurement_from_attrs(check_fields(checked, _preprocess_fields(), where, what_to_do))
 
 
 def _link(group: h5py.Group, name: str) -> Any:
@@ -407,10 +479,7 @@ def _read(f: h5py.File, path: Path) -> Stats:
     missing = [k for k in REQUIRED if k not in attrs]
     if missing:
         raise _Bad(f"has no {', '.join(missing)} attribute")
-    attrs = check_fields(attrs, _preprocess_fields(), str(path))
-    for key, value in attrs.items():  # attributes the schema does not name: kept, decoded
-        if key not in ROOT_SCHEMA and not isinstance(value, str | bool | int | float | list):
-            attrs[key] = _generic(value)
+    attrs = check_fields(attrs, _preprocess_fields(), str(path))  # attributes the schema does not name: ignored
     complete = attrs.pop("complete", True)
     position = attrs.pop("position", 0)
     num_files = attrs.get("num_files")
@@ -448,18 +517,15 @@ def _read(f: h5py.File, path: Path) -> Stats:
             raise _Bad(f"dataset/ lists {len(names)} paths and {len(sizes)} sizes")
         dataset = list(zip(names, (int(s) for s in sizes), strict=True))
     return Stats(
-        layers, num_images, attrs, list(zip(paths, reasons, strict=True)), complete, position, dataset, classes
+        layers,
+        num_images,
+        measurement_from_attrs(attrs),
+        list(zip(paths, reasons, strict=True)),
+        complete,
+        position,
+        dataset,
+        classes,
     )
-
-
-def _generic(value: Any) -> Any:
-    if isinstance(value, bytes | np.bytes_):
-        return bytes(value).decode("utf-8", "replace")
-    if isinstance(value, np.ndarray):
-        return [v.item() if isinstance(v, np.generic) else v for v in value.reshape(-1)[:1000]]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def read_stats(path: str | Path, *, allow_incomplete: bool = False) -> Stats:
@@ -484,10 +550,14 @@ def read_stats(path: str | Path, *, allow_incomplete: bool = False) -> Stats:
         check_values(stats.layers, path)
     if not stats.complete and not allow_incomplete:
         raise StatsFileError(
-            f"{path} is an unfinished run ({stats.position} of {stats.attrs.get('num_files', '?')} files done); "
+            f"{path} is an unfinished run ({stats.position} of {_or_unknown(stats.provenance.num_files)} files done); "
             "finish it with `vggnorm compute-stats ... --resume` using the same arguments"
         )
     return stats
+
+
+def _or_unknown(count: int | None) -> str:
+    return "?" if count is None else str(count)
 
 
 def now() -> str:
@@ -538,7 +608,7 @@ def merge_stats(inputs: list[Path], output: Path, *, force: bool = False) -> Sta
     shards: dict[int, Path] = {}
     counts = set()
     for p, st in zip(inputs, parts, strict=True):
-        shard = str(st.attrs.get("shard", ""))
+        shard = st.provenance.shard
         if not shard:
             raise VggnormError(f"{p} is not a shard (measured without --shard): there is nothing to merge it with")
         index, count = (int(v) for v in shard.split("/"))
@@ -546,7 +616,12 @@ def merge_stats(inputs: list[Path], output: Path, *, force: bool = False) -> Sta
         if index in shards:
             raise VggnormError(f"{shards[index]} and {p} are both shard {shard}: they overlap")
         shards[index] = p
-        diffs = attr_differences(parts[0].attrs, st.attrs, MERGE_KEYS, (f"in {inputs[0]}", f"in {p}"))
+        diffs = attr_differences(
+            measurement_attrs(parts[0].provenance),
+            measurement_attrs(st.provenance),
+            MERGE_KEYS,
+            (f"in {inputs[0]}", f"in {p}"),
+        )
         if diffs:
             raise VggnormError(f"{p} is not a shard of the same measurement as {inputs[0]}: " + "; ".join(diffs))
     if len(counts) != 1:
@@ -560,20 +635,17 @@ def merge_stats(inputs: list[Path], output: Path, *, force: bool = False) -> Sta
     merged = parts[0]
     for st in parts[1:]:
         merged = merged.merge(st)
-    attrs = {
-        **parts[0].attrs,
-        "shard": "",
-        "num_files": sum(int(st.attrs["num_files"]) for st in parts),
-        "merged_from": [str(p) for p in inputs],
-        "created": now(),
-    }
+    num_files = sum(st.provenance.num_files or 0 for st in parts)
+    provenance = replace(
+        parts[0].provenance, shard="", num_files=num_files, merged_from=tuple(str(p) for p in inputs), created=now()
+    )
     result = Stats(
         merged.layers,
         merged.num_images,
-        attrs,
+        provenance,
         sorted(merged.skipped),
         True,
-        attrs["num_files"],
+        num_files,
         merged.dataset,
         merged.classes,
     )
