@@ -196,6 +196,12 @@ class Topology:
     def all_sites(self) -> tuple[Site, ...]:
         return (*self.sites, *self.fc_sites)
 
+    @property
+    def backbone(self) -> frozenset[str]:
+        """The modules of the conv sites (their convs and norms): the network without its classifier head,
+        what ``--features-only`` keeps (a VGG's ``features``)."""
+        return frozenset(m for s in self.sites for m in (s.conv, s.bn) if m is not None)
+
     def stream_of(self, key: str) -> Stream | None:
         return next((s for s in self.streams if key in s.sites), None)
 
