@@ -108,6 +108,23 @@ def test_a_wrong_registration_is_accepted_on_the_users_word_and_the_oracle_finds
     assert not report.passed  # and so does verify's witness, which shares nothing with the analysis
 
 
+def test_a_users_untraceable_module_is_refused_by_name_then_accepted_once_registered_and_exact():
+    class EvenPool(nn.Module):  # 2x2 average pooling that pads an odd size first: control flow, untraceable
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[-1] % 2:
+                x = F.pad(x, (0, 1, 0, 1), mode="replicate")
+            return F.avg_pool2d(x, 2)
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), EvenPool(), nn.Conv2d(4, 2, 1), nn.ReLU()).double().eval()
+    refusal = find_topology(model).refusals[0]
+    assert refusal.node == "<trace>" and "torch.fx cannot trace the model in 2 (EvenPool)" in refusal.reason
+    assert "register_module(EvenPool, vggnorm.analysis.commutes)" in refusal.fix
+    vggnorm.analysis.register_module(EvenPool, vggnorm.analysis.commutes)
+    assert not find_topology(model).refusals
+    outcome = check_contract(model, images(15), unscaled=[1], required_sites=[0])  # 15: odd; ReLU 1 is the output
+    assert outcome.accepted and not outcome.problems, outcome.describe()
+
+
 def test_registration_cannot_replace_what_vggnorm_analyzes():
     class MyReLU(nn.ReLU):
         pass

@@ -37,6 +37,17 @@ class Tracer(torch.fx.Tracer):
 
     def __init__(self) -> None:
         super().__init__(autowrap_functions=registry.wrapped_functions())
+        self.failed_in: tuple[str, nn.Module] | None = None  # the innermost module whose forward failed to trace
+
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = (self.path_of_module(m), m)
+            raise
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (

@@ -223,20 +223,11 @@ def find_topology(model: nn.Module, *, add_affine: bool = False) -> Topology:
     and bias 0 (``with_affine`` makes the model so). Nothing is refused by raising: the refusals are
     returned, and ``Topology.check()`` raises them.
     """
+    tracer = Tracer()
     try:
-        graph = Tracer().trace(model)
+        graph = tracer.trace(model)
     except Exception as e:  # the user's forward may raise anything under the tracer
-        first = str(e).splitlines()[0] if str(e) else ""
-        return Topology(
-            (),
-            refusals=(
-                Refusal(
-                    "<trace>",
-                    f"torch.fx cannot trace the model ({type(e).__name__}: {first})",
-                    "make forward traceable by torch.fx (no Python control flow on tensor values)",
-                ),
-            ),
-        )
+        return Topology((), refusals=(_untraceable(tracer, e),))
     try:
         propagate_shapes(model, graph)
     except CheckpointError as e:
@@ -264,6 +255,23 @@ def find_topology(model: nn.Module, *, add_affine: bool = False) -> Topology:
         dropped = {v for v in active if analysis.find_var(v) in reaching}
         unscaled += [s.relu for s in analysis.sites if any(u[0] in dropped for u in analysis.site_units[s.conv])]
         active = active - dropped
+
+
+def _untraceable(tracer: Tracer, e: Exception) -> Refusal:
+    """The refusal of a model ``torch.fx`` cannot trace, naming the module whose forward it failed in."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    where, fix = "", "make forward traceable by torch.fx (no Python control flow on tensor values)"
+    if tracer.failed_in is not None:
+        path, module = tracer.failed_in
+        name = type(module).__name__
+        where = f" in {path} ({name})"
+        if not type(module).__module__.startswith(("torch.", "torchvision.")) and not any(module.children()):
+            fix = (
+                f"make {name}'s forward traceable by torch.fx (no Python control flow on tensor values), or, if "
+                f"{name} keeps each channel's scale in place (f(x / s) = f(x) / s per channel), register it: "
+                f"vggnorm.analysis.register_module({name}, vggnorm.analysis.commutes)"
+            )
+    return Refusal("<trace>", f"torch.fx cannot trace the model{where} ({type(e).__name__}: {first})", fix)
 
 
 class Walk:
