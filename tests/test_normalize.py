@@ -138,7 +138,19 @@ def test_features_only_drops_the_classifier(tiny_vgg):
     model = tiny_vgg()
     topo = find_topology(model)
     out = fold_state_dict(model.state_dict(), random_scales(topo), topo, features_only=True)
-    assert out and all(k.startswith("features.") for k in out)
+    assert out and set(out) == {k for k in model.state_dict() if k.startswith("features.")}
+
+
+def test_features_only_keeps_the_conv_sites_whatever_their_modules_are_named():
+    """The backbone is what the analysis finds (the conv sites' convs and norms), not a module named features."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3), torch.nn.ReLU()
+    )
+    model.add_module("head", torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 12 * 12, 3)))
+    model.eval()
+    topo = find_topology(model)
+    out = fold_state_dict(model.state_dict(), random_scales(topo), topo, features_only=True)
+    assert set(out) == {k for k in model.state_dict() if not k.startswith("head.")}
 
 
 def test_dead_filters_keep_scale_one():

@@ -19,6 +19,7 @@ import torch.fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from vggnorm.analysis import registry
 from vggnorm.errors import CheckpointError
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
@@ -31,10 +32,30 @@ def _elementwise(m: nn.Module) -> bool:
 
 
 class Tracer(torch.fx.Tracer):
-    """torch.fx's tracer, with norms (LayerNorm2d-style subclasses included) kept as leaves."""
+    """torch.fx's tracer, with norms (LayerNorm2d-style subclasses included) and the modules users registered
+    (``analysis.registry``) kept as leaves, and the functions users registered recorded as calls."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=registry.wrapped_functions())
+        self.failed_in: tuple[str, nn.Module] | None = None  # the innermost module whose forward failed to trace
+
+    def call_module(
+        self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = (self.path_of_module(m), m)
+            raise
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (*_NORMS, nn.Conv2d, nn.Linear)) or _elementwise(m) or super().is_leaf_module(m, qualname)
+        return (
+            isinstance(m, (*_NORMS, nn.Conv2d, nn.Linear))
+            or _elementwise(m)
+            or registry.is_leaf(m)
+            or super().is_leaf_module(m, qualname)
+        )
 
 
 def shape_of(node: Any) -> tuple[int, ...] | None:

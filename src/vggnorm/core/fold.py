@@ -89,7 +89,8 @@ def fold_state_dict(
       scale its channel carries -- per group for a grouped conv, ``P`` columns per channel for a Linear
       after a channel-major flatten (``s_L.repeat_interleave(P)``), in the order of ``Compensation.runs``.
 
-    The output (logits) is then unchanged. With ``features_only`` only ``features.*`` entries are kept.
+    The output (logits) is then unchanged. With ``features_only`` only the entries of the conv sites' modules
+    (``Topology.backbone``: a VGG's ``features.*``) are kept.
     """
     return _fold(state_dict, scales, topology, features_only=features_only, lost=None)
 
@@ -170,11 +171,12 @@ def _plan(
     }
     absorbed = {a.module: v for a in topology.absorbs if (v := run_scales(a.runs, scales)) is not None}
     columns = {c.module: c for c in topology.compensations}
+    backbone = topology.backbone
     for module in dict.fromkeys([*rows, *columns]):
         w_key, b_key = f"{module}.weight", f"{module}.bias"
         if w_key not in state_dict:  # a features-only state_dict has no classifier
             continue
-        if features_only and not w_key.startswith("features."):  # not in the output
+        if features_only and module not in backbone:  # not in the output
             continue
         w = state_dict[w_key]
         col = _input_scale(columns[module], scales, w.shape) if module in columns else None
@@ -205,7 +207,7 @@ def _plan(
             mean = state_dict[mean_key]
             plan[mean_key] = functools.partial(_divided, mean.double(), s_in, mean.dtype)
     if features_only:
-        return {k: v for k, v in plan.items() if k.startswith("features.")}
+        return {k: v for k, v in plan.items() if k.rpartition(".")[0] in backbone}
     return plan
 
 

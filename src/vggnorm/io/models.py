@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vggnorm.analysis.handlers import NORMS
 from vggnorm.analysis.shapes import input_fits
-from vggnorm.analysis.topology import NORMS, Topology, find_topology, with_affine
+from vggnorm.analysis.topology import Topology, find_topology, with_affine
 from vggnorm.defaults import NAMED_ARCHS, VGG_ARCHS, torchvision_classifiers
 from vggnorm.errors import CheckpointError, VggnormError, WeightsError
 from vggnorm.io.checkpoint import describe_not_floating, not_floating, upcast_half
