@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vggnorm.analysis.shapes import Tracer, propagate_shapes, shape_of
+from vggnorm.compat import batch_norm_class, has_forward_hooks, instance_norm_class
 from vggnorm.errors import CheckpointError
 
 HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
@@ -610,7 +611,7 @@ class _Analysis:
             return None
         affine = getattr(m, "affine", getattr(m, "elementwise_affine", True)) and getattr(m, "weight", None) is not None
         if isinstance(x, _Val) and x.scaled:
-            if not isinstance(m, nn.modules.batchnorm._BatchNorm) or x.grid is not None or x.positions > 1:
+            if not isinstance(m, batch_norm_class()) or x.grid is not None or x.positions > 1:
                 self.problem(
                     node,
                     x,
@@ -1230,7 +1231,7 @@ _COMPUTED = (
 
 def _computed_parameters(m: nn.Module) -> bool:
     """Whether ``m``'s parameters are not used as stored: parametrized, or changed by hooks before it runs."""
-    return bool(getattr(m, "parametrizations", None) or m._forward_pre_hooks or m._forward_hooks)
+    return bool(getattr(m, "parametrizations", None) or has_forward_hooks(m))
 
 
 def _target_name(target: Any) -> str:
@@ -1239,7 +1240,7 @@ def _target_name(target: Any) -> str:
 
 def _batch_statistics(m: nn.Module) -> bool:
     """Whether a BatchNorm normalizes with each batch's own statistics (InstanceNorm's per-image ones are fine)."""
-    if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+    if not isinstance(m, batch_norm_class()):
         return False
     return bool(m.training or getattr(m, "running_mean", None) is None)
 
@@ -1254,7 +1255,7 @@ def _norm_forward(m: nn.Module) -> Any:
     """The forward a norm must have for vggnorm to know what it computes: its torch (or torchvision) class's."""
     if _is_layernorm2d(m):
         return type(m).forward
-    for base in (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm):
+    for base in (batch_norm_class(), nn.GroupNorm, instance_norm_class(), nn.LayerNorm):
         if isinstance(m, base):
             for cls in type(m).__mro__:
                 if cls.__module__.startswith("torch.nn.") and "forward" in cls.__dict__:

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from vggnorm.compat import image_classification_transform
 from vggnorm.core.measure import Batch
 from vggnorm.defaults import DECODERS, MAX_RESIZE, MAX_RESIZED_PIXELS, PADDINGS, POOLINGS, PREPROCESSINGS
 from vggnorm.errors import DataError, OutputExistsError
@@ -91,17 +92,9 @@ class Preprocess:
                 interpolation=self.interpolation,
                 bgr=self.preprocess == "caffe",
             )
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms._presets import ImageClassification
-
-        transform: torch.nn.Module = ImageClassification(
-            crop_size=self.crop,
-            resize_size=self.resize,
-            mean=self.mean,
-            std=self.std,
-            interpolation=InterpolationMode(self.interpolation),
+        return image_classification_transform(
+            crop=self.crop, resize=self.resize, mean=self.mean, std=self.std, interpolation=self.interpolation
         )
-        return transform
 
     def as_attrs(self) -> dict[str, Any]:
         return asdict(self)
