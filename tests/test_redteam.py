@@ -1,4 +1,4 @@
-"""Never lose data, never crash, round two (issue 25): each row of the red-team pass as a test.
+"""Never lose data, never crash, round two: each row of the red-team pass as a test.
 
 Each test is named after what it guarantees; the docs' "What vggnorm guarantees against bad input"
 lists them.

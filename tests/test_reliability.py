@@ -1,4 +1,4 @@
-"""Never lose a user's data, never crash: each case of the red-team pass (issue 10) as a test."""
+"""Never lose a user's data, never crash: each case of the red-team pass as a test."""
 
 import os
 import signal

@@ -232,7 +232,7 @@ def _attrs(
     world: World,
     device: torch.device,
 ) -> dict[str, Any]:
-    """The provenance and measurement policy recorded with the statistics (SPEC "Files")."""
+    """The provenance and measurement policy recorded with the statistics (docs: Statistics file format)."""
     return {
         "arch": weights.arch,
         "weights": weights.spec,  # as given; a file's absolute path too, for a command run from elsewhere
