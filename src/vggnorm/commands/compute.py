@@ -27,7 +27,15 @@ from vggnorm.core.device import check_precision, describe, resolve_device
 from vggnorm.core.measure import Batch, ReluSums, measure
 from vggnorm.core.stats import Stats
 from vggnorm.defaults import DEFAULT_ARCH, DEFAULT_BATCH_SIZE, DEFAULT_CHECKPOINT_SECONDS, DEFAULT_WEIGHTS
-from vggnorm.errors import DataError, OutputExistsError, ResumeMismatchError, StatsFileError, VggnormError
+from vggnorm.errors import (
+    DataError,
+    InputError,
+    OutputExistsError,
+    ResumeMismatchError,
+    StatsFileError,
+    UsageError,
+    VggnormError,
+)
 from vggnorm.io import data as data_mod
 from vggnorm.io.checkpoint import check_writable, half_dtypes, same_file
 from vggnorm.io.labels import Labels, from_file, from_folders
@@ -106,14 +114,14 @@ def plan_files(root: Path, config: RunConfig, world: World) -> FilePlan:
     contents, dataset_files = data_mod.listing(root, files), len(files)
     labels = None
     if config.labels is not None and not config.per_class:
-        raise VggnormError("--labels gives the classes of --per-class; add --per-class")
+        raise UsageError("--labels gives the classes of --per-class; add --per-class")
     if config.per_class:  # over the whole folder: every shard and rank has the same classes
         labels = from_file(Path(config.labels), root, files) if config.labels else from_folders(root, files)
     position = list(range(len(files)))
     if config.shard is not None:
         index, count = config.shard
         if not 0 <= index < count:
-            raise VggnormError(f"--shard {index}/{count}: expected I/N with 0 <= I < N")
+            raise UsageError(f"--shard {index}/{count}: expected I/N with 0 <= I < N")
         files, position = files[index::count], position[index::count]
         if not files:
             raise DataError(f"--shard {index}/{count} has no files: the folder has only {dataset_files}")
@@ -316,7 +324,7 @@ def compute_stats(
     """
     world, root, output = world_from_env(), Path(root), Path(output)
     if world.distributed and config.shard is not None:
-        raise VggnormError("--shard and torchrun both split the files: use one or the other")
+        raise UsageError("--shard and torchrun both split the files: use one or the other")
     if resume and not output.is_file():
         raise StatsFileError(f"--resume: {output} does not exist; run without --resume to start")
     weight_files = [config.weights] if os.path.exists(config.weights) else []
@@ -325,7 +333,7 @@ def compute_stats(
         check_writable(output, force=force, inputs=weight_files)
     plan = plan_files(root, config, world)
     if any(same_file(output, f) for f in plan.files if f.name == output.name):
-        raise VggnormError(f"{output} is one of the images under {root}; choose an output path outside the data")
+        raise OutputExistsError(f"{output} is one of the images under {root}; choose an output path outside the data")
     device = _device(config, world)
     check_precision(config.precision, device)
     data_mod.check_decode(config.decode, device)
@@ -351,10 +359,10 @@ def compute_stats(
         decode=config.decode,
     )
     if preprocess.crop > preprocess.resize:
-        raise VggnormError(f"--crop {preprocess.crop} is larger than --resize {preprocess.resize}")
+        raise UsageError(f"--crop {preprocess.crop} is larger than --resize {preprocess.resize}")
     check_input_size(weights.arch, preprocess.crop)
     if config.include_classifier and weights.features_only:
-        raise VggnormError(f"--include-classifier: {weights.spec} has no classifier (features-only weights)")
+        raise InputError(f"--include-classifier: {weights.spec} has no classifier (features-only weights)")
     topo = checked_topology(weights.arch, config.add_affine)
     sites = [*topo.sites, *(topo.fc_sites if config.include_classifier else ())]
     attrs = _attrs(root, config, plan, weights, preprocess, world, device)

@@ -26,7 +26,7 @@ from vggnorm.core.state import StateDict
 from vggnorm.core.stats import LayerStats, Stats
 from vggnorm.core.witness import activation_means
 from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
-from vggnorm.errors import CheckpointError, DataError, VggnormError
+from vggnorm.errors import CheckpointError, DataError, InputError, UsageError
 from vggnorm.io import data as data_mod
 from vggnorm.io import labels as label_mod
 from vggnorm.io.checkpoint import (
@@ -129,7 +129,7 @@ def verify_checkpoint(
     re-measures in float64. ``junit_xml`` also writes the checks as JUnit XML (``Report.to_junit``).
     """
     if original is None and data is None:
-        raise VggnormError(
+        raise UsageError(
             "nothing to verify: pass --original (with --stats) to check the fold, and/or --data to measure the means"
         )
     given = _inputs_of(normalized_path, stats_path, original)
@@ -168,7 +168,7 @@ def verify_checkpoint(
         **options,
     )
     if policy.include_classifier and target.features_only:
-        raise VggnormError("--include-classifier: the checkpoint has no classifier")
+        raise InputError("--include-classifier: the checkpoint has no classifier")
     # --add-affine: recorded with the statistics; a normalized checkpoint holds the norms' new parameters
     add_affine = bool(stats.attrs.get("add_affine", False)) if stats is not None else False
     add_affine = add_affine or any(k in target.state_dict for k in affine_keys(target.arch))

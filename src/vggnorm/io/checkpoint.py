@@ -25,7 +25,15 @@ from typing import IO, Any
 import torch
 
 from vggnorm.core.state import StateDict  # noqa: E402
-from vggnorm.errors import CheckpointError, InvalidValuesError, OutputExistsError, WriteError
+from vggnorm.errors import (
+    CheckpointError,
+    InvalidValuesError,
+    NoSpaceError,
+    OutputExistsError,
+    OutputFolderMissingError,
+    OutputNotWritableError,
+    WriteError,
+)
 
 _PREFIXES = ("module.", "_orig_mod.")
 _WRAPPER_KEYS = ("state_dict", "model")
@@ -66,13 +74,17 @@ def check_writable(
         raise OutputExistsError(f"{path} exists already; pass --force to overwrite it, or choose another -o path")
     folder = path.parent
     if not folder.is_dir():
-        raise OutputExistsError(f"the folder {folder} does not exist; create it first")
+        raise OutputFolderMissingError(
+            f"the folder {folder} does not exist; create it first, or choose another -o path"
+        )
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputExistsError(f"cannot write in the folder {folder} (permission denied); choose another -o path")
+        raise OutputNotWritableError(
+            f"cannot write in the folder {folder} (permission denied); fix its permissions, or choose another -o path"
+        )
     if size is not None:
         free = shutil.disk_usage(folder).free
         if free < size:
-            raise OutputExistsError(
+            raise NoSpaceError(
                 f"{path} needs about {size / 2**20:.0f} MB and {folder} has {free / 2**20:.0f} MB free; "
                 "free some space or choose another -o path"
             )

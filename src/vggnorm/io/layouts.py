@@ -19,7 +19,7 @@ import torch
 
 from vggnorm.core.state import StateDict
 from vggnorm.defaults import LAYOUTS
-from vggnorm.errors import CheckpointError, VggnormError
+from vggnorm.errors import CheckpointError, StatsFileError, StatsMismatchError, UsageError
 from vggnorm.io.models import bn_eps, conv_names, known_archs
 
 
@@ -120,7 +120,9 @@ def to_adain_layout(
 ) -> StateDict:
     """VGG19's features (torchvision layout) as AdaIN's encoder state_dict (BatchNorm folded in)."""
     if arch not in ADAIN_ARCHS:
-        raise VggnormError(f"--layout adain is VGG19's encoder; {arch} is another network (use vgg19 or vgg19_bn)")
+        raise StatsMismatchError(
+            f"--layout adain is VGG19's encoder; {arch} is another network (use vgg19 or vgg19_bn)"
+        )
     w0, b0 = preprocessing_conv(preprocess, mean, std)
     out: StateDict = {"0.weight": w0, "0.bias": b0}
     bn = bn_eps(arch)
@@ -186,11 +188,13 @@ def export_layout(
         return to_gatys_layout(state_dict, conv_names(arch), bn_eps(arch))
     if layout == "adain":
         if policy is None:
-            raise VggnormError("the adain layout needs the measurement policy (its first conv does the preprocessing)")
+            raise StatsFileError(
+                "the adain layout needs the measurement policy (its first conv does the preprocessing)"
+            )
         mean = tuple(float(x) for x in policy["mean"])  # type: ignore[attr-defined]
         std = tuple(float(x) for x in policy["std"])  # type: ignore[attr-defined]
         return to_adain_layout(state_dict, arch, str(policy["preprocess"]), mean, std)
-    raise VggnormError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
+    raise UsageError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
 
 
 def display_name(path: str, arch: str | None) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 from vggnorm.core.fold import DeadRule
 from vggnorm.core.stats import Stats
 from vggnorm.defaults import DEFAULT_EPS, DEFAULT_REL_EPS, DEFAULT_STREAM_SCALE
-from vggnorm.errors import VggnormError
+from vggnorm.errors import InputError, UsageError
 from vggnorm.io import data as data_mod
 from vggnorm.io.report import report_paths
 from vggnorm.io.statsfile import RECORDED_POLICY_SCHEMA, check_fields
@@ -54,7 +54,7 @@ def recorded_policy(checkpoint: Path) -> tuple[dict[str, object], str] | None:
             try:
                 policy = json.loads(meta["policy"])
             except ValueError as e:
-                raise VggnormError(f"{where}: policy is not JSON ({e}): {_REDO}") from e
+                raise InputError(f"{where}: policy is not JSON ({e}): {_REDO}") from e
             return _checked(policy, where), where
         return None
     report = report_paths(report_base(checkpoint))[0]
@@ -145,7 +145,7 @@ def resolve_policy(
         preprocess = data_mod.Preprocess.from_attrs(stats.attrs)
         for name, value in given.items():
             if value is not None and value != getattr(preprocess, name):
-                raise VggnormError(
+                raise UsageError(
                     f"--{name} {value} differs from the statistics' {name} {getattr(preprocess, name)}; "
                     "leave it out: with --stats, verify measures as compute-stats did"
                 )

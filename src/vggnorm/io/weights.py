@@ -24,7 +24,7 @@ from torch import nn
 
 from vggnorm.core.state import StateDict
 from vggnorm.defaults import DEFAULT_ARCH, RANDOM_PREFIX, VGG_ARCHS
-from vggnorm.errors import CheckpointError, WeightsError, WeightsUnavailableError
+from vggnorm.errors import CheckpointError, UsageError, WeightsUnavailableError
 from vggnorm.io.checkpoint import check_finite, load_state_dict, state_dict_sha256
 from vggnorm.io.formats import Foreign, read_foreign
 from vggnorm.io.layouts import to_torchvision_layout
@@ -91,7 +91,7 @@ def _torchvision_weights(arch: str, name: str, given: Given = COMPUTE) -> StateD
     try:
         entry = enum[name]
     except KeyError:
-        raise WeightsError(
+        raise UsageError(
             f"{name!r} is neither an existing file nor a torchvision weights name for {arch} "
             f"(known: {', '.join(w.name for w in enum)}); pass a path to a state_dict, a weights name, or random:SEED"
         ) from None
@@ -230,9 +230,9 @@ def resolve_weights(
     if spec.startswith(RANDOM_PREFIX):
         seed_text = spec[len(RANDOM_PREFIX) :]
         if not seed_text.isdigit():
-            raise WeightsError(f"bad weight SPEC {spec!r}: expected random:SEED with an integer SEED, e.g. random:0")
+            raise UsageError(f"bad weight SPEC {spec!r}: expected random:SEED with an integer SEED, e.g. random:0")
         if arch is None:
-            raise WeightsError(f"{spec} needs an architecture; pass --arch")
+            raise UsageError(f"{spec} needs an architecture; pass --arch")
         check_arch(arch)
         sd = random_state_dict(arch, int(seed_text))
     elif is_file_spec(spec):
@@ -250,17 +250,17 @@ def resolve_weights(
                 hint = given.other_arch.format(arch=actual, spec=spec)
                 if hint.startswith("pass --arch") and is_user_model(actual):
                     hint = f"pass --model {actual}"
-                raise WeightsError(
+                raise CheckpointError(
                     f"{spec} holds {actual} weights (its keys and shapes fit {actual}), not {arch}"
                     + (f"; {hint}" if hint else "")
                 ) from None
         except CheckpointError as e:
-            raise WeightsError(str(e) if str(e).startswith(spec) else f"{spec}: {e}") from e
+            raise CheckpointError(str(e) if str(e).startswith(spec) else f"{spec}: {e}") from e
     else:
         arch = arch or DEFAULT_ARCH
         check_arch(arch)
         if is_user_model(arch):
-            raise WeightsError(f"{spec!r} is not a file: a --model needs its weights as a file or random:SEED")
+            raise UsageError(f"{spec!r} is not a file: a --model needs its weights as a file or random:SEED")
         sd = _torchvision_weights(arch, spec, given)
     check_finite(sd, spec)
     digest = _hash_in_background(sd) if background_hash else state_dict_sha256(sd)
