@@ -162,6 +162,50 @@ def test_each_output_that_cannot_be_written_says_what_to_do(tmp_path, monkeypatc
     assert type(e.value).__name__ == error and what_to_do in str(e.value) and e.value.exit_status == 1
 
 
+def test_atomic_writes_flushes_every_file_before_any_rename_and_each_folder_after(tmp_path, monkeypatch):
+    from vggnorm.io.checkpoint import atomic_writes
+
+    (tmp_path / "a").mkdir()
+    paths = [tmp_path / "a" / "x", tmp_path / "a" / "y", tmp_path / "z"]
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_ino)) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", Path(b).name)) or real_replace(a, b))
+    with atomic_writes(paths, force=False) as temps:
+        for tmp in temps:
+            tmp.write_text(tmp.name)
+    inodes = {p.stat().st_ino: p.name for p in paths} | {p.stat().st_ino: p.name for p in (paths[0].parent, tmp_path)}
+    named = [(kind, inodes.get(what, what)) for kind, what in events]
+    assert named == [
+        *[("fsync", p.name) for p in paths],
+        *[("rename", p.name) for p in paths],
+        ("fsync", "a"),
+        ("fsync", tmp_path.name),
+    ]
+
+
+def test_a_file_that_cannot_be_flushed_is_a_write_error_and_nothing_is_renamed(tmp_path, monkeypatch):
+    import errno
+
+    from vggnorm.errors import WriteError
+    from vggnorm.io.checkpoint import atomic_writes
+
+    old = tmp_path / "y"
+    old.write_text("old")
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with (
+        pytest.raises(WriteError, match="Input/output error; nothing was written"),
+        atomic_writes([tmp_path / "x", old], force=True) as temps,
+    ):
+        for tmp in temps:
+            tmp.write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["y"] and old.read_text() == "old"
+
+
 def test_broken_symlinks_unreadable_files_and_odd_names_are_skipped_and_recorded(photos, tmp_path):
     d = tmp_path / "data"
     d.mkdir()

@@ -375,7 +375,7 @@ def apply_stats(
             "pooling": pooling,
             "policy": json.dumps(policy),
         }
-        # the checkpoint and its report appear together or not at all
+        # the checkpoint, then its report: each whole, renamed into place one after the other (atomic_writes)
         with atomic_writes(outputs, force=force, inputs=inputs) as temps:
             if template is not None:
                 write_foreign(template, exported, temps[0], features_only=features_only)

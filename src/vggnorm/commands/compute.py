@@ -194,7 +194,11 @@ class StatsRun:
 
     def save(self, stats: Stats) -> None:
         if self.world.is_main:
-            write_stats(stats, self.output, force=self.force or self.own_file)
+            try:
+                write_stats(stats, self.output, force=self.force or self.own_file)
+            except KeyboardInterrupt:  # after its rename the file is this run's: the save on interrupt replaces it
+                self.own_file = self.own_file or self.output.exists()
+                raise
         self.own_file = True
 
     def record(self, batch: Batch) -> None:
