@@ -1,4 +1,4 @@
-"""Weight SPECs, arch inference, and safe checkpoint I/O."""
+"""Weights (files, names, random:SEED), arch inference, and safe checkpoint I/O."""
 
 import urllib.error
 

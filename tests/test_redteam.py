@@ -838,7 +838,7 @@ def test_a_user_model_is_its_resolved_file_under_any_spelling_and_the_weights_pa
     one_line_error(r, f"w.pth, i.e. {(a / 'w.pth').resolve()}")
 
 
-# --- G: compare takes weight SPECs and summarizes the live filters, as apply's report ----------------------------
+# --- G: compare takes weights in any form and summarizes the live filters, as apply's report ----------------------------
 
 
 def test_compare_takes_any_weight_spec_and_its_medians_are_apply_reports_over_live_filters(run, tmp_path):

@@ -238,7 +238,7 @@ def cli() -> None:
 @click.option(
     "--weights",
     "weights",
-    metavar="SPEC",
+    metavar="WEIGHTS",
     default=DEFAULT_WEIGHTS,
     show_default=True,
     help="A state_dict file (.pth/.pt/.safetensors), a torchvision weights name (loaded through "
@@ -446,8 +446,8 @@ def apply_cmd(
 ) -> None:
     """Fold the statistics into CKPT so every filter's mean ReLU activation becomes 1.
 
-    CKPT is a weight SPEC as for compute-stats (a file, a torchvision weights name, random:SEED) and
-    must be the weights the statistics were measured on. Writes the checkpoint and a report
+    CKPT is the weights, as compute-stats --weights takes them (a file, a torchvision weights name, or
+    random:SEED), and must be those the statistics were measured on. Writes the checkpoint and a report
     (OUT.report.json, OUT.report.md) after self-checking that the logits are unchanged.
 
     Example: vggnorm apply vgg19.pth --stats vgg19-stats.h5 -o vgg19-normalized.pth
@@ -474,7 +474,12 @@ def apply_cmd(
 
 @cli.command("verify")
 @click.argument("normalized", metavar="NORMALIZED", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--original", metavar="SPEC", default=None, help="The checkpoint before normalization (a weight SPEC).")
+@click.option(
+    "--original",
+    metavar="WEIGHTS",
+    default=None,
+    help="The weights before normalization: a file, a torchvision weights name, or random:SEED.",
+)
 @click.option(
     "--stats",
     "stats_path",
@@ -633,7 +638,7 @@ def compare_cmd(
 ) -> None:
     """Is B a positive per-filter rescaling of A (the function-preserving kind vggnorm makes)?
 
-    A and B are weight SPECs (a file, a torchvision weights name, random:SEED; a name or random:SEED
+    A and B are weights, each a file, a torchvision weights name, or random:SEED (a name or random:SEED
     takes the arch of --model, --stats or the other, a file). Recovers, layer by layer, the scale of every
     filter from the weights alone and prints, per layer, their median and range (with --stats: over the
     live filters, as apply's report, and how far they are from the measured means). Any layout
@@ -673,7 +678,7 @@ def compare_cmd(
 @click.argument("model_name", metavar="MODEL")
 @click.option(
     "--weights",
-    metavar="SPEC",
+    metavar="WEIGHTS",
     default=None,
     help="Also check that these weights (a file, a torchvision weights name, or random:SEED) fit MODEL: keys, "
     "shapes and finite values.",

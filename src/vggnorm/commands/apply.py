@@ -88,7 +88,7 @@ class ApplyResult:
 
 
 def default_output(spec: str, arch: str, flavor: str | None = None) -> Path:
-    """``X.normalized.pth`` beside a checkpoint file, else ``ARCH-SPEC.normalized.pth`` here; in a
+    """``X.normalized.pth`` beside a checkpoint file, else ``ARCH-WEIGHTS.normalized.pth`` here; in a
     Keras or MatConvNet layout (``flavor``: the input's), the input's own kind of name
     (``X.normalized.weights.h5``, ``.h5``, ``.mat``)."""
     if flavor is not None:
@@ -161,7 +161,7 @@ def apply_stats(
     model: str | None = None,
     force: bool = False,
 ) -> ApplyResult:
-    """Fold ``stats`` into ``checkpoint`` (a weight SPEC), self-check it, write it and its report.
+    """Fold ``stats`` into ``checkpoint`` (weights as ``resolve_weights`` takes them), self-check it, write it and its report.
 
     ``layout="gatys"`` writes the conv layers only, keyed ``conv1_1`` ... (BatchNorm folded into
     the convs for ``_bn`` models). The output is written only if the self-checks pass on a seeded

@@ -7,7 +7,7 @@ the filter's weights, after undoing the previous layer's recovered scales), and 
 whether B is such a rescaling at all. With the statistics, the recovered scales are compared with the
 measured means (the scales ``apply`` would use), and each layer's median and range are taken over its
 live filters as ``apply``'s report takes them (``report.layer_summary``, dead by ``normalize.DeadRule``).
-A and B are weight SPECs, as everywhere (a file, a torchvision weights name, ``random:SEED``).
+A and B are weights, given as everywhere (a file, a torchvision weights name, ``random:SEED``).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Comparison:
 
 
 def _resolve(specs: tuple[str, str], arch: str | None) -> list[tuple[StateDict, str]]:
-    """Each SPEC's state_dict (torchvision's layout) and arch: files first, their arch inferred (``arch``
+    """Each of the weights' state_dict (torchvision's layout) and arch: files first, their arch inferred (``arch``
     preferred); a torchvision weights name or ``random:SEED`` takes ``arch``, else the file's."""
     out: dict[int, tuple[StateDict, str]] = {}
     for i in sorted(range(2), key=lambda i: not is_file_spec(specs[i])):
@@ -94,7 +94,7 @@ def compare_checkpoints(
     arch: str | None = None,
 ) -> Comparison:
     """Recover the per-filter scales that turn A into B, layer by layer; say where B stops being one.
-    A and B are weight SPECs; ``arch`` (else the statistics' arch) is the arch of a SPEC that is no file."""
+    A and B are weights; ``arch`` (else the statistics' arch) is the arch of those that are no file."""
     stats = read_stats(Path(stats_path)) if stats_path is not None else None
     if arch is None and stats is not None:
         arch = canonical_arch(str(stats.attrs["arch"]))

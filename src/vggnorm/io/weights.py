@@ -1,6 +1,6 @@
-"""Resolve a weight SPEC to a checked state_dict and its content hash.
+"""Resolve the weights a command is given to a checked state_dict and its content hash.
 
-A weight SPEC is one of:
+Weights (``--weights``, ``apply CKPT``, ``verify --original``, ``compare A B``) are given as one of:
 
 * a path to a state_dict (``.pth``/``.pt`` or ``.safetensors``, torchvision or Gatys layout), or to
   a Keras VGG16/VGG19 ``.h5`` or a MatConvNet ``.mat`` (``formats.py``, read into torchvision's layout);
@@ -71,7 +71,7 @@ class Weights:
 
 @dataclass(frozen=True)
 class Given:
-    """Where the command took the weight SPEC from, for hints that name only options it has."""
+    """Where the command took the weights from, for hints that name only options it has."""
 
     as_file: str = "--weights PATH.pth"  # how to give the weights as a file instead
     other_arch: str = "pass --arch {arch}"  # how to name another arch ({arch}), "" where the command cannot
@@ -219,7 +219,7 @@ def resolve_weights(
     given: Given = COMPUTE,
     mmap: bool = True,
 ) -> Weights:
-    """Resolve a weight SPEC (path, torchvision name or ``random:SEED``) to a checked state_dict.
+    """Resolve weights (a path, a torchvision weights name or ``random:SEED``) to a checked state_dict.
 
     ``arch`` may be ``None`` for a file, whose arch is then inferred from its keys and shapes
     (``prefer``: the arch to take when it fits, as another may too). ``background_hash``: the
@@ -230,7 +230,7 @@ def resolve_weights(
     if spec.startswith(RANDOM_PREFIX):
         seed_text = spec[len(RANDOM_PREFIX) :]
         if not seed_text.isdigit():
-            raise UsageError(f"bad weight SPEC {spec!r}: expected random:SEED with an integer SEED, e.g. random:0")
+            raise UsageError(f"bad weights {spec!r}: expected random:SEED with an integer SEED, e.g. random:0")
         if arch is None:
             raise UsageError(f"{spec} needs an architecture; pass --arch")
         check_arch(arch)
