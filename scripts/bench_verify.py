@@ -1,4 +1,4 @@
-"""Benchmark `vggnorm verify` without --data against merely loading the two checkpoints (issue 16).
+"""Benchmark `vggnorm verify` without --data against merely loading the two checkpoints.
 
 For each arch: random weights (torchvision's seeded init) saved to a file, statistics on a few photos,
 apply; then, each in a fresh process, best of --repeats:

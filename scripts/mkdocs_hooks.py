@@ -4,7 +4,9 @@ so that they cannot drift from them.
 A page holds a marker, an HTML comment, where a table goes:
 
 - ``<!-- generated: stats-schema -->``: the statistics file's fields, from docs/reference/stats-schema-v1.json;
-- ``<!-- generated: package-layout -->``: every module of src/vggnorm with the first sentence of its docstring.
+- ``<!-- generated: package-layout -->``: every module of src/vggnorm with the first sentence of its docstring;
+- ``<!-- generated: exit-statuses -->``: the kinds of error of ``vggnorm.errors``, each with its exit status,
+  what the user must do, and its subclasses.
 """
 
 from __future__ import annotations
@@ -84,7 +86,26 @@ def package_layout_table() -> str:
     return "\n".join(rows)
 
 
-GENERATED = {"stats-schema": stats_schema_table, "package-layout": package_layout_table}
+def exit_status_table() -> str:
+    import inspect
+
+    from vggnorm import errors
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if issubclass(c, errors.VggnormError)]
+    rows = ["| exit status | what to do | error | for example |", "| --- | --- | --- | --- |"]
+    for kind in errors.KINDS:
+        what, _, examples = " ".join((kind.__doc__ or "").split("\n\n")[0].split()).partition(": ")
+        subclasses = sorted(c.__name__ for c in classes if c is not kind and issubclass(c, kind))
+        names = ", ".join(f"`{n}`" for n in (kind.__name__, *subclasses))
+        rows.append(f"| {kind.exit_status} | {_cell(what)} | {names} | {_cell(examples.replace('``', '`'))} |")
+    return "\n".join(rows)
+
+
+GENERATED = {
+    "stats-schema": stats_schema_table,
+    "package-layout": package_layout_table,
+    "exit-statuses": exit_status_table,
+}
 
 
 def on_page_markdown(markdown: str, **kwargs: Any) -> str:

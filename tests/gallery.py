@@ -1381,7 +1381,7 @@ GALLERY: list[Entry] = [
     Entry("classifier_ends_in_relu", classifier_ends_in_relu, "exact", unscaled=("7",)),
     Entry("dict_output", dict_output, "exact", unscaled=("r2",)),
     Entry("modules_registered_out_of_order", registered_out_of_order, "exact"),
-    # exact since per-call sites, functional activations, streams, norms receiving a scale (issue 21)
+    # exact since per-call sites, functional activations, streams, norms receiving a scale
     Entry("residual_identity", residual_identity, "exact", streams=((0, 2),)),
     Entry("sum_of_two_sites", sum_of_sites, "exact", streams=((0, 1),)),
     Entry("residual_two_branches_post_relu", residual_two_branches_post_relu, "exact", streams=((0, 1, 2),)),

@@ -67,7 +67,7 @@ MODEL = f"{Path(__file__).resolve()}:tiny_vgg"
 MODEL_BN = f"{Path(__file__).resolve()}:tiny_vgg_bn"
 
 
-# ---- beyond VGG: the structures the analysis accepts (issue 12) ------------------------------------
+# ---- beyond VGG: the structures the analysis accepts -----------------------------------------------
 
 
 def _randomize_affine(model: nn.Module, seed: int = 2) -> nn.Module:
@@ -265,7 +265,7 @@ def spec(name: str) -> str:
     return f"{Path(__file__).resolve()}:{name}"
 
 
-# ---- soundness (issue 20): models whose forward is more than their features ----------------------
+# ---- soundness: models whose forward is more than their features -----------------------------------
 
 
 class ShiftedVGG(TinyVGG):

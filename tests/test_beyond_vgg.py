@@ -1,4 +1,4 @@
-"""Beyond torchvision's VGG (issue 12): every accepted model keeps its logits and gets means of 1,
+"""Beyond torchvision's VGG: every accepted model keeps its logits and gets means of 1,
 checked in float64 with hooks of the test's own; every refused one is named with its reason."""
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def test_accepted_models_keep_their_logits_and_get_means_of_one(name):
     for relu, mean in before.items():
         if relu not in sites:
             continue
-        # live: the test's own rule, the same definition as the SPEC's (relative to the layer's median)
+        # live: the test's own rule, the same definition as the package's dead rule (relative to the layer's median)
         positive = mean[mean > 0]
         live = mean > max(1e-6, 1e-3 * float(positive.median())) if positive.numel() else mean > 1e300
         assert live.any(), relu

@@ -12,7 +12,15 @@ import torch
 from safetensors.torch import safe_open
 from safetensors.torch import save_file as save_safetensors
 
-from vggnorm.errors import CheckpointError, InvalidValuesError, OutputExistsError, WriteError
+from vggnorm.errors import (
+    CheckpointError,
+    InvalidValuesError,
+    NoSpaceError,
+    OutputExistsError,
+    OutputFolderMissingError,
+    OutputNotWritableError,
+    WriteError,
+)
 from vggnorm.io.checkpoint import (
     atomic_write,
     atomic_writes,
@@ -223,9 +231,9 @@ def test_an_input_is_never_an_output_even_with_force_nor_through_a_link(tmp_path
 def test_check_writable_refuses_a_folder_a_missing_folder_and_a_full_disk(tmp_path):
     with pytest.raises(OutputExistsError, match="folder"):
         check_writable(tmp_path, force=True)
-    with pytest.raises(OutputExistsError, match="does not exist"):
+    with pytest.raises(OutputFolderMissingError, match="does not exist"):
         check_writable(tmp_path / "missing" / "o.pth", force=False)
-    with pytest.raises(OutputExistsError, match="MB free"):
+    with pytest.raises(NoSpaceError, match="MB free"):
         check_writable(tmp_path / "o.pth", force=False, size=2**62)
     check_writable(tmp_path / "o.pth", force=False, size=1)
 
@@ -236,7 +244,7 @@ def test_check_writable_refuses_a_read_only_folder(tmp_path):
     folder.mkdir()
     folder.chmod(0o500)
     try:
-        with pytest.raises(OutputExistsError, match="permission denied"):
+        with pytest.raises(OutputNotWritableError, match="permission denied"):
             check_writable(folder / "o.pth", force=True)
     finally:
         folder.chmod(0o700)

@@ -117,7 +117,7 @@ def test_no_network_is_attempted_when_every_input_is_a_file(normalized, monkeypa
 
 
 def test_verify_without_data_imports_neither_torchvision_nor_dynamo(normalized):
-    """Each costs about a second of every CI run (issue 16): VGGs are built without torchvision, shapes
+    """Each costs about a second of every CI run: VGGs are built without torchvision, shapes
     come from formulas, not meta kernels that import torch._dynamo."""
     import subprocess
     import sys

@@ -2,8 +2,8 @@
 marked slow, torchvision's own vgg11 and vgg11_bn.
 
 These are the acceptance checks: means equal an independent float64 computation, the weights
-equal the SPEC fold, logits are unchanged, the output loads strictly into the model's class,
-verify passes it and fails a tampered copy.
+equal the fold (written out below), logits are unchanged, the output loads strictly into the
+model's class, verify passes it and fails a tampered copy.
 """
 
 from pathlib import Path
@@ -99,7 +99,7 @@ def test_weights_equal_spec_fold_and_logits_unchanged(pipeline, photos):
         order = __import__("json").loads(f.attrs["layer_order"])
     bn = pipeline["bn"]
     prev = torch.ones(3, dtype=torch.float64)
-    for name in order:  # SPEC section 3, written out
+    for name in order:  # the fold, layer by layer, written out
         s = torch.where(means[name] > 1e-6, means[name], torch.ones_like(means[name]))
         w = sd[f"{name}.weight"].double() * prev.view(1, -1, 1, 1)
         if bn:

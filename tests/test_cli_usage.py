@@ -66,10 +66,10 @@ def test_cuda_requested_without_cuda(tmp_path, photos, monkeypatch):
     assert r.exit_code == 1 and "CUDA is not available" in r.stderr
 
 
-def test_verify_usage_errors_exit_2(tmp_path):
+def test_verify_exits_1_on_an_unreadable_input_and_2_on_usage_errors(tmp_path):
     (tmp_path / "x.pth").write_bytes(b"junk")
     r = invoke("verify", tmp_path / "x.pth", "--data", tmp_path)
-    assert r.exit_code == 2 and "not a readable PyTorch checkpoint" in r.stderr
+    assert r.exit_code == 1 and "not a readable PyTorch checkpoint" in r.stderr
     r = invoke("verify", tmp_path / "x.pth")
     assert r.exit_code == 2 and "nothing to verify" in r.stderr
 
@@ -103,3 +103,60 @@ def test_the_torchvision_names_vggnorm_knows_are_torchvisions():
     if torchvision.__version__.split("+")[0] != TORCHVISION_VERSION:
         pytest.skip(f"the list is for torchvision {TORCHVISION_VERSION}; another is asked directly")
     assert tuple(torchvision.models.list_models(module=torchvision.models)) == TORCHVISION_CLASSIFIERS
+
+
+def _kinds_of_error():
+    from vggnorm import errors
+    from vggnorm.core.witness import WitnessError
+
+    return [
+        *errors.KINDS,
+        errors.OutputExistsError,
+        errors.WeightsUnavailableError,
+        errors.StatsFileError,
+        WitnessError,
+    ]
+
+
+@pytest.mark.parametrize("error", _kinds_of_error(), ids=lambda e: e.__name__)
+def test_every_command_exits_with_the_status_its_error_carries(error, tmp_path, monkeypatch):
+    """The status is the error's, the same in every command: verify, compare and inspect (whose 1 also means
+    "no") give an unreadable input, a refused output or a missing package the status the others give."""
+    (tmp_path / "f").write_bytes(b"")
+
+    def fail(*args, **kwargs):
+        raise error("what was wrong; what to do")
+
+    calls = {
+        "compute-stats": ("vggnorm.commands.compute.compute_stats", [tmp_path]),
+        "apply": ("vggnorm.commands.apply.apply_stats", ["random:0", "--stats", tmp_path / "f"]),
+        "verify": ("vggnorm.commands.verify.verify_checkpoint", [tmp_path / "f", "--data", tmp_path]),
+        "compare": ("vggnorm.commands.compare.compare_checkpoints", ["random:0", tmp_path / "f"]),
+        "inspect": ("vggnorm.commands.inspection.inspect_model", ["vgg11"]),
+        "centers": ("vggnorm.commands.centers.write_centers", [tmp_path / "f", "--layer", "x", "-o", tmp_path / "c"]),
+        "merge-stats": ("vggnorm.io.statsfile.merge_stats", [tmp_path / "f", "-o", tmp_path / "m"]),
+    }
+    assert set(calls) == set(cli.commands)
+    for command, (function, args) in calls.items():
+        monkeypatch.setattr(function, fail)
+        r = invoke(command, *args)
+        assert r.exit_code == error.exit_status, (command, r.output)
+        assert r.stderr == "Error: what was wrong; what to do\n", (command, r.stderr)
+    assert error.exit_status == (2 if issubclass(error, _kinds_of_error()[0]) else 1)
+
+
+def test_no_error_is_raised_without_its_kind():
+    """Every error raised is one of the five kinds (or a subclass), never the base class without a status
+    of its own."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "src" / "vggnorm"
+    bare = [
+        f"{path.relative_to(package)}:{node.lineno}"
+        for path in package.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Raise)
+        and isinstance(node.exc, ast.Call)
+        and getattr(node.exc.func, "id", None) == "VggnormError"
+    ]
+    assert not bare

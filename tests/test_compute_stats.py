@@ -137,6 +137,28 @@ def run_until_checkpoint(args, out, sig):
     return proc.returncode, stdout, stderr
 
 
+def test_an_interrupt_just_after_the_first_checkpoint_is_renamed_saves_the_progress(photos, tmp_path, monkeypatch):
+    """Ctrl-C between the first checkpoint's rename and the end of its write (flushing its folder) saves the
+    progress over that checkpoint, as later (before: "exists already", exit 1)."""
+    import vggnorm.io.checkpoint
+
+    flush = vggnorm.io.checkpoint._fsync_folder
+    flushes = []
+
+    def interrupted_once(folder):
+        flushes.append(folder)
+        flush(folder)
+        if len(flushes) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(vggnorm.io.checkpoint, "_fsync_folder", interrupted_once)
+    out = tmp_path / "s.h5"
+    options = ["--weights", "random:0", "--resize", 40, "--crop", 32, "--workers", 0, "--batch-size", 2]
+    r = invoke("compute-stats", photos, "--model", TINY["tiny"], *options, "--checkpoint-every", 1, "-o", out)
+    assert r.exit_code == 130 and "--resume" in r.stderr, r.output
+    assert len(flushes) == 2 and not read_stats(out, allow_incomplete=True).complete
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_interrupted_run_resumes_to_the_uninterrupted_result(photos, tmp_path, sig):

@@ -1,4 +1,4 @@
-"""Accepted means exact, verified means true (issue 20), through the command line.
+"""Accepted means exact, verified means true, through the command line.
 
 Each model is measured, folded and verified by the CLI; then the test checks the result with code
 of its own: the user's model class, the whole ``forward``, its own float64 hooks and dead rule.

@@ -1,4 +1,4 @@
-"""Never lose a user's data, never crash: each case of the red-team pass (issue 10) as a test."""
+"""Never lose a user's data, never crash: each case of the red-team pass as a test."""
 
 import os
 import signal
@@ -16,8 +16,8 @@ MODEL = ["--model", TINY["tiny"]]
 SMALL = ["--resize", "40", "--crop", "32", "--workers", 0, "--no-progress"]
 
 
-def one_line_error(r, *words):
-    assert r.exit_code == 1, r.output
+def one_line_error(r, *words, code=1):
+    assert r.exit_code == code, r.output
     assert "Traceback" not in r.output and len(r.stderr.strip().splitlines()) == 1, r.stderr
     for w in words:
         assert w in r.stderr, r.stderr
@@ -50,7 +50,7 @@ def test_an_output_is_never_one_of_the_inputs(run, photos, tmp_path):
     assert r.exit_code == 0  # n.json / n.md are not inputs
     # apply's report beside the checkpoint is an input too: verify reads the recorded policy from it
     r = invoke("verify", run["out"], "--data", photos, "--report", tmp_path / "n.report", "--force", *MODEL)
-    assert r.exit_code == 2 and "also an input" in r.stderr
+    one_line_error(r, "also an input")
     r = invoke("merge-stats", stats, "-o", stats, "--force")
     one_line_error(r, "also an input")
     assert ckpt.read_bytes() == before and read_stats(stats).num_images == 8
@@ -130,6 +130,82 @@ def test_a_folder_that_cannot_be_written_is_refused_before_any_work(run, photos,
     assert not measured
 
 
+@pytest.mark.parametrize(
+    ("case", "error", "what_to_do"),
+    [
+        ("exists", "OutputExistsError", "pass --force to overwrite it, or choose another -o path"),
+        ("folder", "OutputExistsError", "give a file name with -o"),
+        ("missing folder", "OutputFolderMissingError", "create it first, or choose another -o path"),
+        ("permission", "OutputNotWritableError", "fix its permissions, or choose another -o path"),
+        ("no space", "NoSpaceError", "free some space or choose another -o path"),
+    ],
+)
+def test_each_output_that_cannot_be_written_says_what_to_do(tmp_path, monkeypatch, case, error, what_to_do):
+    import shutil
+
+    import vggnorm.errors
+    from vggnorm.io.checkpoint import check_writable
+
+    path = tmp_path / "out.pth"
+    if case == "exists":
+        path.write_bytes(b"old")
+    elif case == "folder":
+        path.mkdir()
+    elif case == "missing folder":
+        path = tmp_path / "nowhere" / "out.pth"
+    elif case == "permission":
+        monkeypatch.setattr(os, "access", lambda p, mode: False)
+    else:
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 2**20, 2**20))
+    with pytest.raises(vggnorm.errors.OutputError) as e:
+        check_writable(path, force=False, size=2**30)
+    assert type(e.value).__name__ == error and what_to_do in str(e.value) and e.value.exit_status == 1
+
+
+def test_atomic_writes_flushes_every_file_before_any_rename_and_each_folder_after(tmp_path, monkeypatch):
+    from vggnorm.io.checkpoint import atomic_writes
+
+    (tmp_path / "a").mkdir()
+    paths = [tmp_path / "a" / "x", tmp_path / "a" / "y", tmp_path / "z"]
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_ino)) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", Path(b).name)) or real_replace(a, b))
+    with atomic_writes(paths, force=False) as temps:
+        for tmp in temps:
+            tmp.write_text(tmp.name)
+    inodes = {p.stat().st_ino: p.name for p in paths} | {p.stat().st_ino: p.name for p in (paths[0].parent, tmp_path)}
+    named = [(kind, inodes.get(what, what)) for kind, what in events]
+    assert named == [
+        *[("fsync", p.name) for p in paths],
+        *[("rename", p.name) for p in paths],
+        ("fsync", "a"),
+        ("fsync", tmp_path.name),
+    ]
+
+
+def test_a_file_that_cannot_be_flushed_is_a_write_error_and_nothing_is_renamed(tmp_path, monkeypatch):
+    import errno
+
+    from vggnorm.errors import WriteError
+    from vggnorm.io.checkpoint import atomic_writes
+
+    old = tmp_path / "y"
+    old.write_text("old")
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with (
+        pytest.raises(WriteError, match="Input/output error; nothing was written"),
+        atomic_writes([tmp_path / "x", old], force=True) as temps,
+    ):
+        for tmp in temps:
+            tmp.write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["y"] and old.read_text() == "old"
+
+
 def test_broken_symlinks_unreadable_files_and_odd_names_are_skipped_and_recorded(photos, tmp_path):
     d = tmp_path / "data"
     d.mkdir()
@@ -163,9 +239,9 @@ def test_a_crop_the_arch_cannot_pool_is_refused_with_the_minimum(photos, tmp_pat
         "--crop",
         "16",
     )
-    one_line_error(r, "--crop 16 is too small for vgg11", "at least 32x32")
+    one_line_error(r, "--crop 16 is too small for vgg11", "at least 32x32", code=2)
     r = invoke("compute-stats", photos, *MODEL, "--weights", "random:0", "-o", tmp_path / "s.h5", "--crop", "3")
-    one_line_error(r, "at least 4x4")
+    one_line_error(r, "at least 4x4", code=2)
     assert not (tmp_path / "s.h5").exists()
 
 

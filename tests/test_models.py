@@ -1,4 +1,4 @@
-"""Weight SPECs, arch inference, and safe checkpoint I/O."""
+"""Weights (files, names, random:SEED), arch inference, and safe checkpoint I/O."""
 
 import urllib.error
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import TINY
 from vggnorm.defaults import VGG_ARCHS
-from vggnorm.errors import CheckpointError, WeightsError
+from vggnorm.errors import CheckpointError, UsageError, WeightsUnavailableError
 from vggnorm.io.checkpoint import load_state_dict, save_state_dict, state_dict_sha256
 from vggnorm.io.models import build_model, infer_arch
 from vggnorm.io.weights import resolve_weights
@@ -39,16 +39,16 @@ def test_random_spec_is_seeded_and_leaves_global_rng_alone():
 
 
 @pytest.mark.parametrize(
-    ("spec", "arch", "message"),
+    ("spec", "arch", "error", "message"),
     [
-        ("random:x", "vgg11", "integer SEED"),
-        ("random:1", None, "--arch"),
-        ("NOT_A_WEIGHT", "vgg11", "neither an existing file nor a torchvision weights name"),
-        ("missing/file.pth", None, "does not exist"),
+        ("random:x", "vgg11", UsageError, "integer SEED"),
+        ("random:1", None, UsageError, "--arch"),
+        ("NOT_A_WEIGHT", "vgg11", UsageError, "neither an existing file nor a torchvision weights name"),
+        ("missing/file.pth", None, CheckpointError, "does not exist"),
     ],
 )
-def test_bad_specs_have_clear_errors(spec, arch, message):
-    with pytest.raises(WeightsError, match=message):
+def test_bad_specs_have_clear_errors(spec, arch, error, message):
+    with pytest.raises(error, match=message):
         resolve_weights(spec, arch=arch)
 
 
@@ -58,7 +58,7 @@ def test_torchvision_weights_offline_says_how_to_pass_a_file(monkeypatch, tmp_pa
 
     monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", offline)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(WeightsError) as e:
+    with pytest.raises(WeightsUnavailableError) as e:
         resolve_weights("IMAGENET1K_V1", arch="vgg19")
     msg = str(e.value)
     assert "vgg19-dcbb9e9d.pth" in msg and "--weights PATH" in msg and str(tmp_path) in msg
@@ -91,9 +91,9 @@ def test_a_file_for_another_arch_is_refused(tmp_path, tiny_vgg):
     sd = {k: torch.zeros(v.shape) for k, v in sd.items() if k.startswith("features.")}
     del sd["features.0.bias"]
     torch.save(sd, tmp_path / "broken.pth")
-    with pytest.raises(WeightsError, match="matches no torchvision VGG"):
+    with pytest.raises(CheckpointError, match="matches no torchvision VGG"):
         resolve_weights(str(tmp_path / "broken.pth"), arch=None)
-    with pytest.raises(WeightsError, match="missing keys: features.0.bias"):
+    with pytest.raises(CheckpointError, match="missing keys: features.0.bias"):
         resolve_weights(str(tmp_path / "broken.pth"), arch="vgg11")
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file as save_safetensors
 
 import lookalikes as L
-from vggnorm.errors import InvalidValuesError, WeightsError
+from vggnorm.errors import CheckpointError, InvalidValuesError, UsageError
 from vggnorm.io import weights as W
 from vggnorm.io.checkpoint import state_dict_sha256
 from vggnorm.io.layouts import export_layout
@@ -111,8 +111,8 @@ def test_prefetch_is_only_for_random_seeds_of_a_vgg(fake_vgg_init, spec, arch):
         ("random:1", "elsewhere.py:Net", "pass --model elsewhere.py:Net"),
     ],
 )
-def test_a_bad_random_spec_or_arch_is_one_weights_error(spec, arch, message):
-    with pytest.raises(WeightsError, match=message):
+def test_a_bad_random_spec_or_arch_is_one_usage_error(spec, arch, message):
+    with pytest.raises(UsageError, match=message):
         resolve_weights(spec, arch=arch)
 
 
@@ -124,13 +124,13 @@ def test_a_bad_name_lists_the_known_ones_and_downloads_nothing(monkeypatch):
         raise AssertionError("a bad name must not be downloaded")
 
     monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", no_download)
-    with pytest.raises(WeightsError, match="'IMAGENET1K_V9' is neither an existing file") as e:
+    with pytest.raises(UsageError, match="'IMAGENET1K_V9' is neither an existing file") as e:
         resolve_weights("IMAGENET1K_V9", arch="vgg16")
     assert "IMAGENET1K_V1" in str(e.value) and "random:SEED" in str(e.value)
 
 
 def test_a_name_for_a_user_model_is_refused(lookalike_archs):
-    with pytest.raises(WeightsError, match="is not a file"):
+    with pytest.raises(UsageError, match="is not a file"):
         resolve_weights("IMAGENET1K_V1", arch=lookalike_archs["tiny"])
 
 
@@ -178,7 +178,7 @@ def test_the_hash_in_the_background_is_the_same_hash(lookalike_archs, tmp_path):
 def test_a_file_of_another_arch_names_it_and_what_the_command_takes(lookalike_archs, tmp_path, given, hint):
     torch.save(seeded(L.tiny_vgg_bn, 0), tmp_path / "bn.pth")
     kwargs = {} if given is None else {"given": given}
-    with pytest.raises(WeightsError, match="holds .*tiny_vgg_bn weights") as e:
+    with pytest.raises(CheckpointError, match="holds .*tiny_vgg_bn weights") as e:
         resolve_weights(str(tmp_path / "bn.pth"), arch=lookalike_archs["tiny"], **kwargs)
     message = str(e.value)
     assert message.endswith(f"not {lookalike_archs['tiny']}") if hint is None else hint in message
@@ -193,11 +193,11 @@ def test_non_finite_weights_in_a_file_are_refused_naming_the_tensor(lookalike_ar
 
 
 @pytest.mark.parametrize("content", [b"junk" * 100, None])
-def test_an_unreadable_or_missing_file_is_a_weights_error_naming_it(tmp_path, content):
+def test_an_unreadable_or_missing_file_is_a_checkpoint_error_naming_it(tmp_path, content):
     path = tmp_path / "bad.pth"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(WeightsError) as e:
+    with pytest.raises(CheckpointError) as e:
         resolve_weights(str(path), arch=None)
     assert str(e.value).startswith(str(path))
 

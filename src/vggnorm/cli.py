@@ -1,7 +1,8 @@
 """The ``vggnorm`` command line: parse, call one library function, echo its result.
 
 Results go to stdout; progress and diagnostics to stderr. Library errors (``VggnormError``) and
-refusals of the file system become one-line messages with no traceback. Nothing heavy is imported
+refusals of the file system become one-line messages with no traceback, exiting with the status the
+error's class carries (``exit_status``), the same in every command. Nothing heavy is imported
 until a command runs, so ``--help`` and usage errors answer at once.
 """
 
@@ -32,17 +33,8 @@ from vggnorm.defaults import (
     NAMED_ARCHS,
     torchvision_classifiers,
 )
-from vggnorm.errors import UsageError, VggnormError
-from vggnorm.options import (
-    Decoder,
-    InputConvention,
-    Layout,
-    Padding,
-    Pooling,
-    Precision,
-    StreamScale,
-    Weighting,
-)
+from vggnorm.errors import VggnormError
+from vggnorm.options import Decoder, InputConvention, Layout, Padding, Pooling, Precision, StreamScale, Weighting
 from vggnorm.version import __version__
 
 SHOWN_SKIPPED = 20
@@ -61,23 +53,18 @@ class EnumChoice(click.Choice[E]):
         return choice.value if isinstance(choice, enum.StrEnum) else str(choice)
 
 
-class UsageFailure(click.ClickException):
-    """A bad input to ``verify``: exit status 2, as for Click's own usage errors."""
-
-    exit_code = 2
-
-
 @contextmanager
-def user_errors(exc: type[click.ClickException] = click.ClickException) -> Iterator[None]:
-    """Library errors as one line: exit 2 for ``UsageError`` (an option naming nothing), else ``exc``'s status."""
+def user_errors() -> Iterator[None]:
+    """A library error as one line (``Error: ...``), exiting with the ``exit_status`` its class carries; a
+    refusal of the file system (permissions, disk full, ...: not a vggnorm bug) exits 1."""
     try:
         yield
-    except UsageError as e:
-        raise UsageFailure(str(e)) from e
     except VggnormError as e:
-        raise exc(str(e)) from e
-    except OSError as e:  # the file system said no (permissions, disk full, ...): not a vggnorm bug
-        raise exc(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)) from e
+        click.ClickException(str(e)).show()
+        raise click.exceptions.Exit(e.exit_status) from e
+    except OSError as e:
+        click.ClickException(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)).show()
+        raise click.exceptions.Exit(VggnormError.exit_status) from e
 
 
 def _sigterm_as_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -260,7 +247,7 @@ def cli() -> None:
 @click.option(
     "--weights",
     "weights",
-    metavar="SPEC",
+    metavar="WEIGHTS",
     default=DEFAULT_WEIGHTS,
     show_default=True,
     help="A state_dict file (.pth/.pt/.safetensors), a torchvision weights name (loaded through "
@@ -516,8 +503,8 @@ def apply_cmd(
 ) -> None:
     """Fold the statistics into CKPT so every filter's mean ReLU activation becomes 1.
 
-    CKPT is a weight SPEC as for compute-stats (a file, a torchvision weights name, random:SEED) and
-    must be the weights the statistics were measured on. Writes the checkpoint and a report
+    CKPT is the weights, as compute-stats --weights takes them (a file, a torchvision weights name, or
+    random:SEED), and must be those the statistics were measured on. Writes the checkpoint and a report
     (OUT.report.json, OUT.report.md) after self-checking that the logits are unchanged.
 
     Example: vggnorm apply vgg19.pth --stats vgg19-stats.h5 -o vgg19-normalized.pth
@@ -554,7 +541,12 @@ def apply_cmd(
 
 @cli.command("verify")
 @click.argument("normalized", metavar="NORMALIZED", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--original", metavar="SPEC", default=None, help="The checkpoint before normalization (a weight SPEC).")
+@click.option(
+    "--original",
+    metavar="WEIGHTS",
+    default=None,
+    help="The weights before normalization: a file, a torchvision weights name, or random:SEED.",
+)
 @click.option(
     "--stats",
     "stats_path",
@@ -675,7 +667,7 @@ def verify_cmd(
     progress: bool,
 ) -> None:
     """Check that NORMALIZED is the correct normalization. Exit 0: all checks run passed; 1: a check
-    failed (or none could run); 2: bad usage.
+    failed (or none could run), or an input, an output or the set-up failed it; 2: a wrong command line.
 
     \b
     With --original and --stats: (a) every ReLU output equals the original's divided by the scales,
@@ -686,39 +678,31 @@ def verify_cmd(
     """
     from vggnorm.commands.verify import Audit, Claim, Method, Outputs, Overrides, verify_checkpoint
     from vggnorm.core.checks import NOT_RUN, PASS
-    from vggnorm.errors import InvalidValuesError, WeightsUnavailableError, WriteError
     from vggnorm.io.report import report_paths
 
-    try:
-        with user_errors(UsageFailure):
-            if model is not None:
-                _import_model(model)
-            claim = Claim(normalized, original=original, stats=stats_path)
-            overrides = Overrides(
-                rel_eps=rel_eps,
-                eps=eps,
-                resize=resize,
-                crop=crop,
-                convention=convention,
-                pooling=pooling,
-                padding=padding,
-                include_classifier=include_classifier,
-                weighting=weighting,
-                labels=labels,
-                stream_scale=stream_scale,
-            )
-            method = Method(rtol=rtol, means_tol=means_tol, device=device, precision=precision, policy=overrides)
-            audit = None
-            if data is not None:
-                audit = Audit(data, limit=limit, batch_size=batch_size, workers=workers, progress=progress)
-            outputs = Outputs(report=report, junit_xml=junit_xml, force=force)
-            result = verify_checkpoint(claim, method, audit, outputs)
-    except UsageFailure as e:
-        # a bad file, a refused write, weights that cannot be had here: not bad usage; status 1, as in the
-        # other commands (a failed verification)
-        if isinstance(e.__cause__, InvalidValuesError | WriteError | WeightsUnavailableError):
-            raise click.ClickException(e.message) from e
-        raise
+    with user_errors():
+        if model is not None:
+            _import_model(model)
+        claim = Claim(normalized, original=original, stats=stats_path)
+        overrides = Overrides(
+            rel_eps=rel_eps,
+            eps=eps,
+            resize=resize,
+            crop=crop,
+            convention=convention,
+            pooling=pooling,
+            padding=padding,
+            include_classifier=include_classifier,
+            weighting=weighting,
+            labels=labels,
+            stream_scale=stream_scale,
+        )
+        method = Method(rtol=rtol, means_tol=means_tol, device=device, precision=precision, policy=overrides)
+        audit = None
+        if data is not None:
+            audit = Audit(data, limit=limit, batch_size=batch_size, workers=workers, progress=progress)
+        outputs = Outputs(report=report, junit_xml=junit_xml, force=force)
+        result = verify_checkpoint(claim, method, audit, outputs)
     if output_format == "json":
         click.echo(result.to_json())
         sys.exit(0 if result.passed else 1)
@@ -769,20 +753,20 @@ def compare_cmd(
 ) -> None:
     """Is B a positive per-filter rescaling of A (the function-preserving kind vggnorm makes)?
 
-    A and B are weight SPECs (a file, a torchvision weights name, random:SEED; a name or random:SEED
+    A and B are weights, each a file, a torchvision weights name, or random:SEED (a name or random:SEED
     takes the arch of --model, --stats or the other, a file). Recovers, layer by layer, the scale of every
     filter from the weights alone and prints, per layer, their median and range (with --stats: over the
     live filters, as apply's report, and how far they are from the measured means). Any layout
     (torchvision, gatys, adain); BatchNorm is folded in first, so a _bn model compares with its Gatys
     or AdaIN export. Exit 0: B is such a rescaling of A; 1: it is not (the first layer and filter that
-    break it are named); 2: bad usage.
+    break it are named), or an input, an output or the set-up failed it; 2: a wrong command line.
 
     Example: vggnorm compare vgg19.pth vgg19-normalized.pth --stats vgg19-stats.h5
     """
     from vggnorm.commands.compare import compare_checkpoints
     from vggnorm.core.fold import DeadRule
 
-    with user_errors(UsageFailure):
+    with user_errors():
         arch = _import_model(model) if model is not None else None
         rule = DeadRule(rel_eps=rel_eps, eps=eps)
         result = compare_checkpoints(a, b, stats_path=stats_path, tol=tol, rule=rule, arch=arch)
@@ -809,7 +793,7 @@ def compare_cmd(
 @click.argument("model_name", metavar="MODEL")
 @click.option(
     "--weights",
-    metavar="SPEC",
+    metavar="WEIGHTS",
     default=None,
     help="Also check that these weights (a file, a torchvision weights name, or random:SEED) fit MODEL: keys, "
     "shapes and finite values.",
@@ -823,7 +807,8 @@ def inspect_cmd(model_name: str, weights: str | None, add_affine: bool, as_json:
     MODEL is a torchvision name (vgg19, alexnet, resnet18, ...) or your own model as FILE.py:NAME or
     package.module:NAME (this imports it, which RUNS ITS CODE: inspect only what you trust). The same
     structural analysis (torch.fx) that compute-stats, apply and verify run; no data is read. Exit 0:
-    normalizable; 1: refused (the reasons are printed); 2: bad usage.
+    normalizable; 1: refused (the reasons are printed), or an input or the set-up failed it; 2: a wrong
+    command line.
 
     Example: vggnorm inspect alexnet
     """
@@ -836,7 +821,7 @@ def inspect_cmd(model_name: str, weights: str | None, add_affine: bool, as_json:
     from vggnorm.commands.inspection import inspect_model
     from vggnorm.io.models import is_user_model
 
-    with user_errors(UsageFailure):
+    with user_errors():
         if is_user_model(model_name):
             _import_model(model_name)
         result = inspect_model(model_name, weights=weights, add_affine=add_affine)

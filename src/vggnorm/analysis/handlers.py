@@ -19,6 +19,7 @@ from torch.fx.node import Target
 from vggnorm.analysis import registry
 from vggnorm.analysis.shapes import shape_of
 from vggnorm.analysis.values import Pieces, State, Unit, Value
+from vggnorm.compat import batch_norm_class, has_forward_hooks, instance_norm_class
 
 if TYPE_CHECKING:
     from vggnorm.analysis.topology import Walk
@@ -136,7 +137,7 @@ _COMPUTED = (
 
 def _computed_parameters(m: nn.Module) -> bool:
     """Whether ``m``'s parameters are not used as stored: parametrized, or changed by hooks before it runs."""
-    return bool(getattr(m, "parametrizations", None) or m._forward_pre_hooks or m._forward_hooks)
+    return bool(getattr(m, "parametrizations", None) or has_forward_hooks(m))
 
 
 def weighted(walk: Walk, node: torch.fx.Node, m: nn.Conv2d | nn.Linear, states: list[State]) -> State:
@@ -180,7 +181,7 @@ def weighted(walk: Walk, node: torch.fx.Node, m: nn.Conv2d | nn.Linear, states: 
 
 def _batch_statistics(m: nn.Module) -> bool:
     """Whether a BatchNorm normalizes with each batch's own statistics (InstanceNorm's per-image ones are fine)."""
-    if not isinstance(m, nn.modules.batchnorm._BatchNorm):
+    if not isinstance(m, batch_norm_class()):
         return False
     return bool(m.training or getattr(m, "running_mean", None) is None)
 
@@ -195,7 +196,7 @@ def _norm_forward(m: nn.Module) -> Any:
     """The forward a norm must have for vggnorm to know what it computes: its torch (or torchvision) class's."""
     if _is_layernorm2d(m):
         return type(m).forward
-    for base in (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.LayerNorm):
+    for base in (batch_norm_class(), nn.GroupNorm, instance_norm_class(), nn.LayerNorm):
         if isinstance(m, base):
             for cls in type(m).__mro__:
                 if cls.__module__.startswith("torch.nn.") and "forward" in cls.__dict__:
@@ -254,7 +255,7 @@ def norm(walk: Walk, node: torch.fx.Node, m: nn.Module, states: list[State]) -> 
     affine = getattr(m, "affine", getattr(m, "elementwise_affine", True)) and getattr(m, "weight", None) is not None
     fix = f"build it with affine=True (weight 1, bias 0: the same function), or pass --add-affine ({ADD_AFFINE_NOTE})"
     if isinstance(x, Value) and x.scaled:
-        if not isinstance(m, nn.modules.batchnorm._BatchNorm) or x.grid is not None or x.positions > 1:
+        if not isinstance(m, batch_norm_class()) or x.grid is not None or x.positions > 1:
             walk.problem(
                 node,
                 x,

@@ -17,12 +17,12 @@ from typing import Any
 import torch
 import torch.fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from vggnorm.analysis import registry
+from vggnorm.compat import FAKE_TENSOR_LOGGER, dropout_classes, fake_tensor_mode, norm_base_class, pair
 from vggnorm.errors import CheckpointError
 
-_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+_NORMS = (norm_base_class(), nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
 def _elementwise(m: nn.Module) -> bool:
@@ -87,7 +87,7 @@ class Shapes(torch.fx.Interpreter):
         return result
 
 
-_SAME_SHAPE = (*_NORMS, nn.modules.dropout._DropoutNd, nn.Identity)
+_SAME_SHAPE = (*_NORMS, *dropout_classes(), nn.Identity)
 
 
 def meta_shape(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -107,7 +107,6 @@ def meta_shape(module: nn.Module, shape: tuple[int, ...]) -> tuple[int, ...] | N
         k, s, p, d = module.kernel_size, module.stride, module.padding, module.dilation
         return (shape[0], module.out_channels, *_window(shape[2:], k, s, p, d, ceil=False))
     if isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)):
-        pair = nn.modules.utils._pair
         k, p = pair(module.kernel_size), pair(module.padding)
         s = pair(module.stride if module.stride is not None else module.kernel_size)
         d = pair(module.dilation) if isinstance(module, nn.MaxPool2d) else (1, 1)
@@ -176,7 +175,7 @@ def propagate_shapes(model: nn.Module, graph: torch.fx.Graph) -> None:
     error: BaseException | None = None
     # a size the model cannot take fails inside a fake kernel, which torch logs as an ERROR with a traceback;
     # here that is an expected answer, not the user's problem
-    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    fake_log = logging.getLogger(FAKE_TENSOR_LOGGER)
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)
     try:
@@ -199,8 +198,9 @@ def _run_at(
     x = torch.empty(2, channels, size, size, device=device, dtype=dtype)
     # a model on the meta device runs as it is; one with real weights under a fake-tensor mode
     # (whose first use imports torch._dynamo: about a second, once per process)
-    mode = contextlib.nullcontext() if device.type == "meta" else FakeTensorMode(allow_non_fake_inputs=True)
-    if isinstance(mode, FakeTensorMode):
-        x = mode.from_tensor(x)
+    mode: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if device.type != "meta":
+        fake = fake_tensor_mode()
+        x, mode = fake.from_tensor(x), fake
     with torch.no_grad():
         Shapes(model, graph, mode).run(x)

@@ -29,7 +29,15 @@ from vggnorm.core.fold import (
 )
 from vggnorm.core.stats import Stats
 from vggnorm.defaults import DEFAULT_MEANS_TOL
-from vggnorm.errors import InvalidValuesError, StatsMismatchError, VggnormError
+from vggnorm.errors import (
+    CheckFailedError,
+    InputError,
+    InvalidValuesError,
+    OutputExistsError,
+    StatsFileError,
+    StatsMismatchError,
+    WriteError,
+)
 from vggnorm.io.checkpoint import (
     atomic_writes,
     check_finite,
@@ -82,7 +90,7 @@ class ApplyResult:
 
 
 def default_output(spec: str, arch: str, flavor: str | None = None) -> Path:
-    """``X.normalized.pth`` beside a checkpoint file, else ``ARCH-SPEC.normalized.pth`` here; in a
+    """``X.normalized.pth`` beside a checkpoint file, else ``ARCH-WEIGHTS.normalized.pth`` here; in a
     Keras or MatConvNet layout (``flavor``: the input's), the input's own kind of name
     (``X.normalized.weights.h5``, ``.h5``, ``.mat``)."""
     if flavor is not None:
@@ -156,7 +164,7 @@ def apply_stats(
     model: str | None = None,
     force: bool = False,
 ) -> ApplyResult:
-    """Fold ``stats`` into ``checkpoint`` (a weight SPEC), self-check it, write it and its report.
+    """Fold ``stats`` into ``checkpoint`` (weights as ``resolve_weights`` takes them), self-check it, write it and its report.
 
     ``layout="gatys"`` writes the conv layers only, keyed ``conv1_1`` ... (BatchNorm folded into
     the convs for ``_bn`` models). The output is written only if the self-checks pass on a seeded
@@ -172,7 +180,7 @@ def apply_stats(
     """
     stats = read_stats(stats_path)
     if stats.provenance.shard:
-        raise VggnormError(
+        raise StatsFileError(
             f"{stats_path} is shard {stats.provenance.shard} of a measurement ({stats.num_images} images, not the whole "
             "folder): merge all the shards first with `vggnorm merge-stats s0.h5 s1.h5 ... -o all.h5` and apply that"
         )
@@ -201,13 +209,13 @@ def apply_stats(
     if (features_only or layout == "gatys") and not topo.names:
         # the features-only and Gatys layouts keep a chain of convs (VGG's, AlexNet's) without its classifier
         what = "--layout gatys names the convs of" if layout == "gatys" else "--features-only keeps the features of"
-        raise VggnormError(
+        raise InputError(
             f"{what} a chain of convs (a VGG or AlexNet); {arch} is not one (`vggnorm inspect {arch}` shows its "
             "structure): write the whole model (the default torchvision layout, or a .safetensors file)"
         )
     other_norms = sorted({s.norm for s in topo.all_sites if s.bn is not None and s.norm != "BatchNorm2d"})
     if layout != "torchvision" and other_norms:
-        raise VggnormError(
+        raise InputError(
             f"--layout {layout} folds each conv's BatchNorm into it, and {arch} has {', '.join(other_norms)} "
             "(which normalize per input, not by fixed statistics): use the torchvision layout"
         )
@@ -224,11 +232,11 @@ def apply_stats(
         weights = weights_for(checkpoint, stats, mmap=flavor is not None)
         template = weights.foreign if flavor is not None else None  # the input file, written over with the fold
         if flavor is not None and (template is None or template.flavor != flavor):
-            raise VggnormError(f"{checkpoint} changed while it was read; run apply again")
+            raise InputError(f"{checkpoint} changed while it was read; run apply again")
         check_writable(output, force=force, inputs=inputs, size=state_dict_bytes(weights.state_dict))
         features_only = features_only or layout in ("gatys", "adain") or weights.features_only
         if include_classifier and features_only:
-            raise VggnormError(
+            raise InputError(
                 "--include-classifier needs the classifier: it cannot go with --features-only, "
                 "--layout gatys, or features-only weights"
             )
@@ -357,10 +365,10 @@ def apply_stats(
             streams=stream_summary(topo, scales, stream_scale),
         )
         if not report.passed:
-            raise VggnormError(
+            raise CheckFailedError(
                 f"the folded checkpoint failed its self-check, nothing was written: {failure_cause(checks, rule)}"
             )
-        # the checkpoint and its report appear together or not at all
+        # the checkpoint, then its report: each whole, renamed into place one after the other (atomic_writes)
         with atomic_writes(outputs, force=force, inputs=inputs) as temps:
             if template is not None:
                 write_foreign(template, exported, temps[0], features_only=features_only)
@@ -421,7 +429,7 @@ def check_report_owner(report: Path, output: Path) -> None:
     except (OSError, ValueError, AttributeError):
         return  # not a report of ours: --force decides, as for any file
     if isinstance(owner, str) and Path(owner).name != output.name and (output.parent / Path(owner).name).exists():
-        raise VggnormError(
+        raise OutputExistsError(
             f"{report} is the report of {output.parent / Path(owner).name}, which verify reads as that checkpoint's "
             f"policy: writing {output.name} there would replace it, even with --force; choose another name for -o"
         )
@@ -500,14 +508,14 @@ def _check_representable(
 def check_adain(arch: str, measured_as: Measurement) -> None:
     """AdaIN's encoder is VGG19's, pads by reflection and max-pools: refuse statistics measured otherwise."""
     if arch not in ADAIN_ARCHS:
-        raise VggnormError(f"--layout adain writes VGG19's encoder, and these statistics are for {arch}")
+        raise StatsMismatchError(f"--layout adain writes VGG19's encoder, and these statistics are for {arch}")
     if measured_as.forward.padding != Padding.REFLECT:
-        raise VggnormError(
+        raise StatsMismatchError(
             "--layout adain: AdaIN's encoder pads by reflection, and these statistics were measured with zero "
             "padding, so its means would not be 1; measure with `vggnorm compute-stats ... --padding reflect`"
         )
     if measured_as.forward.pooling != Pooling.MAX:
-        raise VggnormError("--layout adain: AdaIN's encoder max-pools; measure without --pooling avg")
+        raise StatsMismatchError("--layout adain: AdaIN's encoder max-pools; measure without --pooling avg")
 
 
 def _foreign_note(template: Foreign, measured_as: Measurement, features_only: bool) -> str:
@@ -538,7 +546,7 @@ def _check_written(tmp: Path, output: Path, exported: dict[str, torch.Tensor], *
     back = read_foreign(tmp)
     expected = {k: v for k, v in exported.items() if not (features_only and k.startswith("classifier."))}
     if back is None or set(back.state_dict) != set(expected):
-        raise VggnormError(f"{output}: the written file does not read back as the folded weights; nothing was written")
+        raise WriteError(f"{output}: the written file does not read back as the folded weights; nothing was written")
     for key, value in expected.items():
         if not torch.equal(back.state_dict[key], value.to(back.state_dict[key].dtype)):
-            raise VggnormError(f"{output}: {key} does not read back as written; nothing was written")
+            raise WriteError(f"{output}: {key} does not read back as written; nothing was written")

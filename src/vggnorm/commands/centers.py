@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from vggnorm.defaults import NAMED_ARCHS
-from vggnorm.errors import UsageError, VggnormError
+from vggnorm.errors import OutputError, StatsFileError, StatsMismatchError, UsageError
 from vggnorm.io.checkpoint import atomic_write
 from vggnorm.io.models import conv_names
 from vggnorm.io.statsfile import read_stats
@@ -27,10 +27,12 @@ log = logging.getLogger(__name__)
 def write_centers(stats_path: Path, layer: str, output: Path, *, force: bool = False) -> tuple[torch.Tensor, list[str]]:
     """Write ``layer``'s ``[classes, C]`` mean features and the class names to ``output`` (.pt or .safetensors)."""
     if output.suffix not in (".pt", ".pth", ".safetensors"):
-        raise VggnormError(f"{output}: write the centers to a .pt or a .safetensors file")
+        raise OutputError(f"{output}: write the centers to a .pt or a .safetensors file")
     stats = read_stats(stats_path)
     if not stats.classes:
-        raise VggnormError(f"{stats_path} has no per-class sums; measure with `vggnorm compute-stats ... --per-class`")
+        raise StatsMismatchError(
+            f"{stats_path} has no per-class sums; measure with `vggnorm compute-stats ... --per-class`"
+        )
     arch = stats.provenance.arch
     names = conv_names(arch) if arch in NAMED_ARCHS else {}
     # a site by its producing layer's path or its activation's (features.34, features.35), or by Gatys'
@@ -52,7 +54,7 @@ def write_centers(stats_path: Path, layer: str, output: Path, *, force: bool = F
     present = site.class_count > 0
     classes = [c for c, p in zip(stats.classes, present.tolist(), strict=True) if p]
     if not classes:
-        raise VggnormError(f"{stats_path}: no class has an image (every file was skipped); measure again")
+        raise StatsFileError(f"{stats_path}: no class has an image (every file was skipped); measure again")
     empty = [c for c, p in zip(stats.classes, present.tolist(), strict=True) if not p]
     if empty:  # a class whose images were all skipped has no mean: left out rather than a NaN row
         log.warning(

@@ -7,7 +7,7 @@ the filter's weights, after undoing the previous layer's recovered scales), and 
 whether B is such a rescaling at all. With the statistics, the recovered scales are compared with the
 measured means (the scales ``apply`` would use), and each layer's median and range are taken over its
 live filters as ``apply``'s report takes them (``report.layer_summary``, dead by ``normalize.DeadRule``).
-A and B are weight SPECs, as everywhere (a file, a torchvision weights name, ``random:SEED``).
+A and B are weights, given as everywhere (a file, a torchvision weights name, ``random:SEED``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from vggnorm.core.fold import DeadRule, LayerScales
 from vggnorm.core.state import StateDict
-from vggnorm.errors import VggnormError, WeightsError
+from vggnorm.errors import InputError, UsageError
 from vggnorm.io.layouts import conv_without_bn
 from vggnorm.io.models import bn_eps, canonical_arch, checked_topology, conv_names, is_features_only, topology
 from vggnorm.io.report import layer_summary
@@ -66,7 +66,7 @@ class Comparison:
 
 
 def _resolve(specs: tuple[str, str], arch: str | None) -> list[tuple[StateDict, str]]:
-    """Each SPEC's state_dict (torchvision's layout) and arch: files first, their arch inferred (``arch``
+    """Each of the weights' state_dict (torchvision's layout) and arch: files first, their arch inferred (``arch``
     preferred); a torchvision weights name or ``random:SEED`` takes ``arch``, else the file's."""
     out: dict[int, tuple[StateDict, str]] = {}
     for i in sorted(range(2), key=lambda i: not is_file_spec(specs[i])):
@@ -76,7 +76,7 @@ def _resolve(specs: tuple[str, str], arch: str | None) -> list[tuple[StateDict, 
         else:
             known = arch or next((a for _, a in out.values()), None)
             if known is None:
-                raise WeightsError(
+                raise UsageError(
                     f"{spec} needs an architecture: give the other checkpoint as a file, --stats, or --model"
                 )
             w = resolve_weights(spec, arch=known, background_hash=True)
@@ -94,13 +94,13 @@ def compare_checkpoints(
     arch: str | None = None,
 ) -> Comparison:
     """Recover the per-filter scales that turn A into B, layer by layer; say where B stops being one.
-    A and B are weight SPECs; ``arch`` (else the statistics' arch) is the arch of a SPEC that is no file."""
+    A and B are weights; ``arch`` (else the statistics' arch) is the arch of those that are no file."""
     stats = read_stats(Path(stats_path)) if stats_path is not None else None
     if arch is None and stats is not None:
         arch = canonical_arch(stats.provenance.arch)
     (sd_a, arch_a), (sd_b, arch_b) = _resolve((str(a), str(b)), arch)
     if arch_a.removesuffix("_bn") != arch_b.removesuffix("_bn"):
-        raise VggnormError(f"{a} is a {arch_a} and {b} a {arch_b}: compare needs two checkpoints of one architecture")
+        raise InputError(f"{a} is a {arch_a} and {b} a {arch_b}: compare needs two checkpoints of one architecture")
     _check_chain(arch_a)
     _check_chain(arch_b)
     sites_a, sites_b = topology(arch_a).sites, topology(arch_b).sites
@@ -167,10 +167,10 @@ def _check_chain(arch: str) -> None:
     for prev, site in zip(topo.sites, topo.sites[1:], strict=False):
         comp = readers.get(site.conv)
         if comp is None or comp.pieces != ((prev.conv, prev.out_channels),) or comp.groups != 1:
-            raise VggnormError(f"compare handles chains of convs (VGG, AlexNet); in {arch}, {site.conv} is not one")
+            raise InputError(f"compare handles chains of convs (VGG, AlexNet); in {arch}, {site.conv} is not one")
     for site in topo.sites:
         if site.bn is not None and site.norm != "BatchNorm2d":
-            raise VggnormError(f"compare handles convs with BatchNorm or none; {arch} has a {site.norm} at {site.bn}")
+            raise InputError(f"compare handles convs with BatchNorm or none; {arch} has a {site.norm} at {site.bn}")
 
 
 def _check_head(

@@ -27,7 +27,15 @@ from vggnorm.core.measure import Batch, ReluSums, measure
 from vggnorm.core.provenance import MeasurementRecord, Versions
 from vggnorm.core.stats import Stats
 from vggnorm.defaults import DEFAULT_ARCH, DEFAULT_BATCH_SIZE, DEFAULT_CHECKPOINT_SECONDS, DEFAULT_WEIGHTS
-from vggnorm.errors import DataError, OutputExistsError, ResumeMismatchError, StatsFileError, VggnormError
+from vggnorm.errors import (
+    DataError,
+    InputError,
+    OutputExistsError,
+    ResumeMismatchError,
+    StatsFileError,
+    UsageError,
+    VggnormError,
+)
 from vggnorm.io import data as data_mod
 from vggnorm.io.checkpoint import check_writable, half_dtypes, same_file
 from vggnorm.io.labels import Labels, from_file, from_folders
@@ -112,14 +120,14 @@ def plan_files(root: Path, config: RunConfig, world: World) -> FilePlan:
     contents, dataset_files = data_mod.listing(root, files), len(files)
     labels = None
     if config.labels is not None and not config.per_class:
-        raise VggnormError("--labels gives the classes of --per-class; add --per-class")
+        raise UsageError("--labels gives the classes of --per-class; add --per-class")
     if config.per_class:  # over the whole folder: every shard and rank has the same classes
         labels = from_file(Path(config.labels), root, files) if config.labels else from_folders(root, files)
     position = list(range(len(files)))
     if config.shard is not None:
         index, count = config.shard
         if not 0 <= index < count:
-            raise VggnormError(f"--shard {index}/{count}: expected I/N with 0 <= I < N")
+            raise UsageError(f"--shard {index}/{count}: expected I/N with 0 <= I < N")
         files, position = files[index::count], position[index::count]
         if not files:
             raise DataError(f"--shard {index}/{count} has no files: the folder has only {dataset_files}")
@@ -192,7 +200,11 @@ class StatsRun:
 
     def save(self, stats: Stats) -> None:
         if self.world.is_main:
-            write_stats(stats, self.output, force=self.force or self.own_file)
+            try:
+                write_stats(stats, self.output, force=self.force or self.own_file)
+            except KeyboardInterrupt:  # after its rename the file is this run's: the save on interrupt replaces it
+                self.own_file = self.own_file or self.output.exists()
+                raise
         self.own_file = True
 
     def record(self, batch: Batch) -> None:
@@ -320,7 +332,7 @@ def compute_stats(
     """
     world, root, output = world_from_env(), Path(root), Path(output)
     if world.distributed and config.shard is not None:
-        raise VggnormError("--shard and torchrun both split the files: use one or the other")
+        raise UsageError("--shard and torchrun both split the files: use one or the other")
     if resume and not output.is_file():
         raise StatsFileError(f"--resume: {output} does not exist; run without --resume to start")
     weight_files = [config.weights] if os.path.exists(config.weights) else []
@@ -329,7 +341,7 @@ def compute_stats(
         check_writable(output, force=force, inputs=weight_files)
     plan = plan_files(root, config, world)
     if any(same_file(output, f) for f in plan.files if f.name == output.name):
-        raise VggnormError(f"{output} is one of the images under {root}; choose an output path outside the data")
+        raise OutputExistsError(f"{output} is one of the images under {root}; choose an output path outside the data")
     device = _device(config, world)
     check_precision(config.precision, device)
     data_mod.check_decode(config.decoder, device)
@@ -352,11 +364,11 @@ def compute_stats(
         mean_pixel=weights.mean_pixel if kind == weights.preprocess else None,
     )
     if transform.crop > transform.resize:
-        raise VggnormError(f"--crop {transform.crop} is larger than --resize {transform.resize}")
+        raise UsageError(f"--crop {transform.crop} is larger than --resize {transform.resize}")
     check_input_size(weights.arch, transform.crop)
     measurement = data_mod.Measurement(transform, kind, config.forward, config.decoder)
     if config.include_classifier and weights.features_only:
-        raise VggnormError(f"--include-classifier: {weights.spec} has no classifier (features-only weights)")
+        raise InputError(f"--include-classifier: {weights.spec} has no classifier (features-only weights)")
     topo = checked_topology(weights.arch, config.add_affine)
     sites = [*topo.sites, *(topo.fc_sites if config.include_classifier else ())]
     provenance = _measurement(root, config, plan, weights, measurement, world, device)

@@ -143,7 +143,7 @@ def _offset(c: Any, site: str) -> str:
 
 def inspect_model(arch: str, *, weights: str | None = None, add_affine: bool = False) -> Inspection:
     """The analysis of ``arch`` (a torchvision name, or a user model imported with ``--model``);
-    with ``weights`` (a SPEC), also whether they fit it (keys, shapes, finite values)."""
+    with ``weights`` (a file, a torchvision weights name or ``random:SEED``), also whether they fit it (keys, shapes, finite values)."""
     from vggnorm.io.weights import INSPECT, resolve_weights
 
     result = Inspection(arch, topology(arch, add_affine))

@@ -41,7 +41,7 @@ from vggnorm.core.fold import LayerScales, scales_from_stats
 from vggnorm.core.state import StateDict
 from vggnorm.core.stats import Stats
 from vggnorm.defaults import DEFAULT_BATCH_SIZE, DEFAULT_MEANS_TOL, DEFAULT_RTOL
-from vggnorm.errors import CheckpointError, DataError, VggnormError
+from vggnorm.errors import CheckpointError, DataError, InputError, UsageError
 from vggnorm.io import data as data_mod
 from vggnorm.io import labels as label_mod
 from vggnorm.io.checkpoint import (
@@ -189,7 +189,7 @@ def verify_checkpoint(
     ``Outputs.junit_xml`` also writes the checks as JUnit XML (``Report.to_junit``).
     """
     if claim.original is None and audit is None:
-        raise VggnormError(
+        raise UsageError(
             "nothing to verify: pass --original (with --stats) to check the fold, and/or --data to measure the means"
         )
     given = _inputs_of(claim)
@@ -298,7 +298,7 @@ def _policy(
         padding=o.padding,
     )
     if policy.include_classifier and target.features_only:
-        raise VggnormError("--include-classifier: the checkpoint has no classifier")
+        raise InputError("--include-classifier: the checkpoint has no classifier")
     # --add-affine: recorded with the statistics; a normalized checkpoint holds the norms' new parameters
     add_affine = stats.provenance.add_affine if stats is not None else False
     add_affine = add_affine or any(k in target.state_dict for k in affine_keys(target.arch))

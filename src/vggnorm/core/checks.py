@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vggnorm.analysis.topology import Site, Topology, find_topology
+from vggnorm.compat import own_tensors
 from vggnorm.core.fold import DeadRule, LayerScales, LazyFold, float32_bounds, fold_state_dict
 from vggnorm.core.state import StateDict
 from vggnorm.core.witness import activation_means, activation_outputs
@@ -72,12 +73,11 @@ def float64_forward(model: nn.Module) -> Iterator[None]:
     """Run ``model`` in float64 without a float64 copy of it: each module's floating-point parameters
     and buffers are cast just before it runs and put back right after, so one layer at a time is
     held in float64 (a deep copy of VGG16 in float64 would take 1.1 GB on top of the model)."""
-    saved: dict[nn.Module, dict[str, tuple[str, torch.Tensor]]] = {}
+    saved: dict[nn.Module, dict[str, tuple[int, torch.Tensor]]] = {}
 
     def cast(module: nn.Module, args: Any) -> None:
         keep = {}
-        for kind in ("_parameters", "_buffers"):
-            store = getattr(module, kind)
+        for kind, store in enumerate(own_tensors(module)):
             for name, t in store.items():
                 if t is not None and t.is_floating_point() and t.dtype != torch.float64:
                     keep[name] = (kind, t)
@@ -85,10 +85,11 @@ def float64_forward(model: nn.Module) -> Iterator[None]:
         saved[module] = keep
 
     def restore(module: nn.Module, args: Any, output: Any) -> None:
+        stores = own_tensors(module)
         for name, (kind, t) in saved.pop(module, {}).items():
-            getattr(module, kind)[name] = t
+            stores[kind][name] = t
 
-    leaves = [m for m in model.modules() if not list(m.children()) and (m._parameters or m._buffers)]
+    leaves = [m for m in model.modules() if not list(m.children()) and any(own_tensors(m))]
     # a Linear runs a block of rows at a time through one float64 buffer instead (VGG's fc6: 100M weights)
     linears = [m for m in leaves if type(m) is nn.Linear]
     others = [m for m in leaves if type(m) is not nn.Linear]

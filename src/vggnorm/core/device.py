@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from vggnorm.errors import VggnormError
+from vggnorm.errors import SetupError, UsageError
 from vggnorm.options import Precision
 
 
@@ -20,16 +20,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError as e:
-        raise VggnormError(f"bad --device {device!r}: expected auto, cpu, cuda or cuda:N") from e
+        raise UsageError(f"bad --device {device!r}: expected auto, cpu, cuda or cuda:N") from e
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise VggnormError(
+            raise SetupError(
                 f"--device {device}: CUDA is not available here (torch.cuda.is_available() is False); use --device cpu"
             )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise VggnormError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise SetupError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif dev.type != "cpu":
-        raise VggnormError(f"--device {device}: vggnorm supports cpu and cuda")
+        raise UsageError(f"--device {device}: vggnorm supports cpu and cuda")
     return dev
 
 
@@ -40,7 +40,7 @@ def describe(device: torch.device) -> str:
 
 def check_precision(precision: Precision, device: torch.device) -> None:
     if precision not in (Precision.FP32, Precision.FP64) and device.type != "cuda":
-        raise VggnormError(f"--precision {precision} is for CUDA; on {device.type} use fp32 (the default) or fp64")
+        raise SetupError(f"--precision {precision} is for CUDA; on {device.type} use fp32 (the default) or fp64")
 
 
 @contextlib.contextmanager

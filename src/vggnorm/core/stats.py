@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from vggnorm.core.provenance import MeasurementRecord
-from vggnorm.errors import InvalidValuesError, StatsFileError, VggnormError
+from vggnorm.errors import InvalidValuesError, StatsFileError, StatsMismatchError
 
 
 @dataclass
@@ -38,7 +38,9 @@ class LayerStats:
     def class_means(self) -> torch.Tensor:
         """``(K, C)``: each class's mean feature (NaN for a class with no images)."""
         if self.class_sum is None or self.class_count is None:
-            raise VggnormError(f"{self.conv}: no per-class sums; measure with `vggnorm compute-stats ... --per-class`")
+            raise StatsMismatchError(
+                f"{self.conv}: no per-class sums; measure with `vggnorm compute-stats ... --per-class`"
+            )
         return self.class_sum / self.class_count.to(self.class_sum).view(-1, 1)
 
     @property
@@ -73,7 +75,7 @@ class Stats:
         if self.layer_order != other.layer_order:
             raise StatsFileError("cannot merge statistics of different layers")
         if bool(self.classes) != bool(other.classes):
-            raise VggnormError("cannot merge statistics with per-class sums and statistics without (--per-class)")
+            raise StatsMismatchError("cannot merge statistics with per-class sums and statistics without (--per-class)")
         classes = sorted(set(self.classes) | set(other.classes))
         layers = {}
         for n, a in self.layers.items():

@@ -25,7 +25,15 @@ from typing import IO, Any
 import torch
 
 from vggnorm.core.state import StateDict  # noqa: E402
-from vggnorm.errors import CheckpointError, InvalidValuesError, OutputExistsError, WriteError
+from vggnorm.errors import (
+    CheckpointError,
+    InvalidValuesError,
+    NoSpaceError,
+    OutputExistsError,
+    OutputFolderMissingError,
+    OutputNotWritableError,
+    WriteError,
+)
 
 _PREFIXES = ("module.", "_orig_mod.")
 _WRAPPER_KEYS = ("state_dict", "model")
@@ -66,13 +74,17 @@ def check_writable(
         raise OutputExistsError(f"{path} exists already; pass --force to overwrite it, or choose another -o path")
     folder = path.parent
     if not folder.is_dir():
-        raise OutputExistsError(f"the folder {folder} does not exist; create it first")
+        raise OutputFolderMissingError(
+            f"the folder {folder} does not exist; create it first, or choose another -o path"
+        )
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputExistsError(f"cannot write in the folder {folder} (permission denied); choose another -o path")
+        raise OutputNotWritableError(
+            f"cannot write in the folder {folder} (permission denied); fix its permissions, or choose another -o path"
+        )
     if size is not None:
         free = shutil.disk_usage(folder).free
         if free < size:
-            raise OutputExistsError(
+            raise NoSpaceError(
                 f"{path} needs about {size / 2**20:.0f} MB and {folder} has {free / 2**20:.0f} MB free; "
                 "free some space or choose another -o path"
             )
@@ -117,16 +129,17 @@ def _umask() -> int:
 def atomic_writes(
     paths: Iterable[Path], *, force: bool, inputs: Iterable[str | os.PathLike[str]] = ()
 ) -> Iterator[list[Path]]:
-    """Yield a temporary path beside each of ``paths``; rename them all into place if the block succeeds.
+    """Yield a temporary path beside each of ``paths``; rename them into place if the block succeeds.
 
-    The outputs of one command appear together or not at all when vggnorm itself fails (an exception, an
-    interrupt): on any exception the temporary files are removed and ``paths`` are left as they were; a
-    refused write (a full disk, a read-only file system) becomes a ``WriteError`` that says so. Each file
-    gets the mode a plain ``open()`` would give under the umask. Each temporary file is flushed to the disk
-    (``fsync``) before any rename, and each folder after them, so a power loss after the command returns
-    loses nothing. The renames themselves are one per file: a power loss in the instant between two of
-    them can leave the first file new and the next one old (the checkpoint is renamed first, its report
-    after it).
+    Until the renames, any failure (an exception, an interrupt, a full disk) removes the temporary files and
+    leaves ``paths`` as they were; a refused write becomes a ``WriteError`` that says so. Each file gets the
+    mode a plain ``open()`` would give under the umask. Before any rename each temporary file is flushed to
+    the disk (``fsync``; a failure is a ``WriteError``, nothing renamed), and after the renames each folder
+    (where its file system allows), so a power loss after the command returns loses nothing.
+
+    Several files are not renamed at once: there is one rename per file, in the order of ``paths`` (apply:
+    the checkpoint, then its report). An interrupt, a failed rename or a power loss between two of them
+    leaves the files renamed before it new and the others as they were; each file is whole, old or new.
     """
     paths = [Path(p) for p in paths]
     inputs = list(inputs)
@@ -153,22 +166,37 @@ def atomic_writes(
             os.chmod(tmp, mode)
             if not force and path.exists():
                 raise OutputExistsError(f"{path} appeared while vggnorm was writing it; pass --force to overwrite it")
-        for tmp in temps:
-            _fsync(tmp)
+        for tmp, path in zip(temps, paths, strict=True):
+            _fsync_file(tmp, path)
         for tmp, path in zip(temps, paths, strict=True):
             os.replace(tmp, path)
         for folder in dict.fromkeys(path.parent for path in paths):
-            _fsync(folder)
+            _fsync_folder(folder)
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
 
 
-def _fsync(path: Path) -> None:
-    """Flush ``path`` (a file, or a folder's entries) to the disk; a file system that cannot (some network
-    ones refuse it on folders) is let be."""
+def _fsync_file(tmp: Path, path: Path) -> None:
+    """Flush the temporary file of ``path`` to the disk; a failure (an I/O error, a full disk found late) is
+    a ``WriteError``."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise WriteError(
+            f"could not write {path}: {e.strerror or e}; nothing was written, and any file of that name is unchanged"
+        ) from e
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (the renames) to the disk; a file system that cannot (some network ones
+    refuse it on folders) is let be: the files themselves are on the disk already."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
     try:

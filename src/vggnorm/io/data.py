@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from vggnorm.compat import image_classification_transform
 from vggnorm.core.measure import Batch
 from vggnorm.defaults import MAX_RESIZE, MAX_RESIZED_PIXELS
 from vggnorm.errors import DataError, OutputExistsError
@@ -76,17 +77,9 @@ class ImageTransform:
                 interpolation=self.interpolation,
                 bgr=convention == InputConvention.CAFFE,
             )
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms._presets import ImageClassification
-
-        transform: torch.nn.Module = ImageClassification(
-            crop_size=self.crop,
-            resize_size=self.resize,
-            mean=self.mean,
-            std=self.std,
-            interpolation=InterpolationMode(self.interpolation),
+        return image_classification_transform(
+            crop=self.crop, resize=self.resize, mean=self.mean, std=self.std, interpolation=self.interpolation
         )
-        return transform
 
 
 # The attributes a measurement policy is recorded as (statistics files, apply's record), in this order.

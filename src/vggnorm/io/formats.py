@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vggnorm.core.state import StateDict
-from vggnorm.errors import CheckpointError, VggnormError
+from vggnorm.errors import CheckpointError, InputError, OutputError
 from vggnorm.options import InputConvention, Layout
 
 KERAS = "keras"
@@ -128,7 +128,7 @@ def template_flavor(checkpoint: str, layout: Layout) -> str:
     what = {KERAS: "a Keras VGG16/VGG19 .h5 file", MATCONVNET: "a MatConvNet imagenet-vgg-verydeep-16/19 .mat file"}
     found = peek(checkpoint) if os.path.isfile(checkpoint) else None
     if found is None or found[0] != layout:
-        raise VggnormError(
+        raise InputError(
             f"--layout {layout} writes the output in the structure of its input, so CKPT must be {what[layout]}; "
             f"{checkpoint} is {f'a {found[0]} file' if found else 'not'}. Use --layout torchvision (or gatys) for it"
         )
@@ -142,20 +142,20 @@ def check_output_name(output: Path, layout: str, flavor: str | None) -> None:
     h5 = name.endswith((".h5", ".hdf5"))
     if layout == KERAS:
         if flavor == "keras3" and not name.endswith(".weights.h5"):
-            raise VggnormError(
+            raise OutputError(
                 f"-o {output}: the input is a Keras 3 .weights.h5 file, and Keras reads that layout only from a "
                 "name ending in .weights.h5; name the output so"
             )
         if flavor == "legacy" and (not h5 or name.endswith(".weights.h5")):
-            raise VggnormError(
+            raise OutputError(
                 f"-o {output}: the input is a legacy Keras .h5 file, and Keras reads that layout from a name ending "
                 "in .h5 (not .weights.h5, which it reads as Keras 3's layout); name the output so"
             )
     elif layout == MATCONVNET:
         if not name.endswith(".mat"):
-            raise VggnormError(f"-o {output}: --layout matconvnet writes a MATLAB file; name it NAME.mat")
+            raise OutputError(f"-o {output}: --layout matconvnet writes a MATLAB file; name it NAME.mat")
     elif h5 or name.endswith(".mat"):
-        raise VggnormError(
+        raise OutputError(
             f"-o {output}: --layout {layout} writes a PyTorch state_dict, not "
             f"{'HDF5' if h5 else 'a MATLAB file'}; pass --layout {KERAS if h5 else MATCONVNET} to write the input's "
             "own format, or name the output .pth or .safetensors"

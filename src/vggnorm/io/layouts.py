@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vggnorm.core.state import StateDict
-from vggnorm.errors import CheckpointError, VggnormError
+from vggnorm.errors import CheckpointError, StatsFileError, StatsMismatchError
 from vggnorm.io.models import bn_eps, conv_names, known_archs
 from vggnorm.options import InputConvention, Layout
 
@@ -128,7 +128,9 @@ def to_adain_layout(
 ) -> StateDict:
     """VGG19's features (torchvision layout) as AdaIN's encoder state_dict (BatchNorm folded in)."""
     if arch not in ADAIN_ARCHS:
-        raise VggnormError(f"--layout adain is VGG19's encoder; {arch} is another network (use vgg19 or vgg19_bn)")
+        raise StatsMismatchError(
+            f"--layout adain is VGG19's encoder; {arch} is another network (use vgg19 or vgg19_bn)"
+        )
     w0, b0 = preprocessing_conv(convention, mean, std)
     out: StateDict = {"0.weight": w0, "0.bias": b0}
     bn = bn_eps(arch)
@@ -193,7 +195,7 @@ def export_layout(
     if layout == Layout.GATYS:
         return to_gatys_layout(state_dict, conv_names(arch), bn_eps(arch))
     if policy is None:
-        raise VggnormError("the adain layout needs the measurement policy (its first conv does the preprocessing)")
+        raise StatsFileError("the adain layout needs the measurement policy (its first conv does the preprocessing)")
     return to_adain_layout(state_dict, arch, policy.convention, policy.transform.mean, policy.transform.std)
 
 

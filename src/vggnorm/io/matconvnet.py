@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from vggnorm.core.state import StateDict
-from vggnorm.errors import CheckpointError, VggnormError
+from vggnorm.errors import CheckpointError, SetupError, VggnormError
 from vggnorm.io.formats import ARCH_BY_CONVS, CLASSIFIER, FC_SHAPES, MATCONVNET, Foreign, conv_channels
 from vggnorm.options import InputConvention
 
@@ -40,7 +40,7 @@ def _scipy_io() -> ModuleType:
     try:
         import scipy.io
     except ImportError as e:
-        raise VggnormError(
+        raise SetupError(
             "reading and writing MatConvNet .mat files needs scipy, which is not installed: pip install scipy"
         ) from e
     module: ModuleType = scipy.io

@@ -24,7 +24,7 @@ from vggnorm.analysis.handlers import NORMS
 from vggnorm.analysis.shapes import input_fits
 from vggnorm.analysis.topology import Topology, find_topology, with_affine
 from vggnorm.defaults import NAMED_ARCHS, VGG_ARCHS, torchvision_classifiers
-from vggnorm.errors import CheckpointError, VggnormError, WeightsError
+from vggnorm.errors import CheckpointError, InputError, UsageError, VggnormError
 from vggnorm.io.checkpoint import describe_not_floating, not_floating, upcast_half
 from vggnorm.options import Padding, Pooling
 
@@ -79,12 +79,12 @@ def import_user_model(spec: str) -> str:
         return key
     where, sep, name = spec.rpartition(":")
     if not (sep and where and name.isidentifier()):
-        raise VggnormError(f"--model {spec!r}: expected path/to/file.py:NAME or package.module:NAME")
+        raise UsageError(f"--model {spec!r}: expected path/to/file.py:NAME or package.module:NAME")
     try:
         if where.endswith(".py"):
             path = Path(where)
             if not path.is_file():
-                raise VggnormError(f"--model {spec}: {path} does not exist")
+                raise UsageError(f"--model {spec}: {path} does not exist")
             module_name = f"vggnorm_user_{path.stem}_{abs(hash(str(path.resolve())))}"
             module_spec = importlib.util.spec_from_file_location(module_name, path.resolve())
             assert module_spec is not None and module_spec.loader is not None
@@ -96,10 +96,10 @@ def import_user_model(spec: str) -> str:
     except VggnormError:
         raise
     except Exception as e:  # the user's code may raise anything while importing
-        raise VggnormError(f"--model {spec}: importing {where} failed: {type(e).__name__}: {e}") from e
+        raise InputError(f"--model {spec}: importing {where} failed: {type(e).__name__}: {e}") from e
     factory = getattr(module, name, None)
     if not callable(factory):
-        raise VggnormError(f"--model {spec}: {where} has no class or function {name}")
+        raise UsageError(f"--model {spec}: {where} has no class or function {name}")
     _USER_MODELS[key] = factory
     return key
 
@@ -177,11 +177,11 @@ def check_arch(arch: str) -> None:
     if canonical_arch(arch) in known_archs() or arch in _torchvision_classifiers():
         return
     if is_user_model(arch):
-        raise WeightsError(
+        raise UsageError(
             f"{arch} is a user model: pass --model {arch} to import it (this runs its code; vggnorm never "
             "imports code because a file names it)"
         )
-    raise WeightsError(
+    raise UsageError(
         f"unknown architecture {arch!r}; expected one of {', '.join(NAMED_ARCHS)}, another torchvision "
         "classification model (`vggnorm inspect NAME` says whether it can be normalized), or --model"
     )
@@ -202,7 +202,7 @@ def build_model(arch: str, *, device: str | torch.device | None = None, torchvis
                 return _build(arch, "cpu", torchvision_class)
             except Exception:
                 pass
-        raise VggnormError(f"building {arch} failed: {type(e).__name__}: {e}") from e
+        raise InputError(f"building {arch} failed: {type(e).__name__}: {e}") from e
 
 
 def _build(arch: str, device: str | torch.device, torchvision_class: bool) -> nn.Module:
@@ -210,7 +210,7 @@ def _build(arch: str, device: str | torch.device, torchvision_class: bool) -> nn
         if (key := canonical_arch(arch)) in _USER_MODELS:
             model = _USER_MODELS[key]()
             if not isinstance(model, nn.Module):
-                raise VggnormError(f"--model {arch}: calling it gave a {type(model).__name__}, not an nn.Module")
+                raise InputError(f"--model {arch}: calling it gave a {type(model).__name__}, not an nn.Module")
             return model
         if arch in VGG_ARCHS and str(device) == "meta" and not torchvision_class:
             return VGG(arch)
@@ -371,7 +371,7 @@ def check_input_size(arch: str, crop: int) -> None:
     """Refuse, before any work, a crop the arch cannot take, saying the smallest it can."""
     smallest = min_input_size(arch)
     if crop < smallest:
-        raise VggnormError(
+        raise UsageError(
             f"--crop {crop} is too small for {arch}: its pooling layers need inputs of at least {smallest}x{smallest}; "
             f"use --crop {smallest} or more (and --resize at least as large)"
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from vggnorm.core.fold import DeadRule
 from vggnorm.core.stats import Stats
-from vggnorm.errors import VggnormError
+from vggnorm.errors import UsageError
 from vggnorm.io import data as data_mod
 from vggnorm.io.models import ForwardPolicy
 from vggnorm.io.provenance import Normalization, Provenance, from_metadata, from_report
@@ -143,7 +143,7 @@ def resolve_policy(
         }
         for name, value in given.items():
             if value is not None and value != measured[name]:
-                raise VggnormError(
+                raise UsageError(
                     f"--{name} {value} differs from the statistics' {name} {measured[name]}; "
                     "leave it out: with --stats, verify measures as compute-stats did"
                 )

@@ -277,7 +277,7 @@ def report_paths(path: Path) -> tuple[Path, Path]:
 
 
 def write_report(report: Report, path: Path, *, force: bool) -> tuple[Path, Path]:
-    """``PATH.json`` and ``PATH.md``, atomically and together."""
+    """``PATH.json`` and ``PATH.md``, each atomically (``atomic_writes``: the JSON renamed first)."""
     json_path, md_path = report_paths(path)
     with atomic_writes([json_path, md_path], force=force) as (json_tmp, md_tmp):
         report.write(json_tmp, md_tmp)

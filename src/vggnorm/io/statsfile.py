@@ -23,7 +23,7 @@ import torch
 from vggnorm.core.provenance import MeasurementRecord, Versions
 from vggnorm.core.stats import LayerStats, Stats, check_values
 from vggnorm.defaults import MAX_RESIZE
-from vggnorm.errors import StatsFileError, VggnormError
+from vggnorm.errors import InputError, StatsFileError
 from vggnorm.io.checkpoint import atomic_write, check_writable
 from vggnorm.io.data import MEASUREMENT_ATTRS, printable
 from vggnorm.options import Decoder, InputConvention, Interpolation, Padding, Pooling, Precision, StreamScale, Weighting
@@ -597,7 +597,7 @@ def merge_stats(inputs: list[Path], output: Path, *, force: bool = False) -> Sta
     seen: set[Path] = set()
     for p in inputs:
         if p.resolve() in seen:
-            raise VggnormError(f"{p} is given twice")
+            raise InputError(f"{p} is given twice")
         seen.add(p.resolve())
     parts = []
     for p in inputs:
@@ -610,11 +610,11 @@ def merge_stats(inputs: list[Path], output: Path, *, force: bool = False) -> Sta
     for p, st in zip(inputs, parts, strict=True):
         shard = st.provenance.shard
         if not shard:
-            raise VggnormError(f"{p} is not a shard (measured without --shard): there is nothing to merge it with")
+            raise InputError(f"{p} is not a shard (measured without --shard): there is nothing to merge it with")
         index, count = (int(v) for v in shard.split("/"))
         counts.add(count)
         if index in shards:
-            raise VggnormError(f"{shards[index]} and {p} are both shard {shard}: they overlap")
+            raise InputError(f"{shards[index]} and {p} are both shard {shard}: they overlap")
         shards[index] = p
         diffs = attr_differences(
             measurement_attrs(parts[0].provenance),
@@ -623,15 +623,13 @@ def merge_stats(inputs: list[Path], output: Path, *, force: bool = False) -> Sta
             (f"in {inputs[0]}", f"in {p}"),
         )
         if diffs:
-            raise VggnormError(f"{p} is not a shard of the same measurement as {inputs[0]}: " + "; ".join(diffs))
+            raise InputError(f"{p} is not a shard of the same measurement as {inputs[0]}: " + "; ".join(diffs))
     if len(counts) != 1:
-        raise VggnormError(
-            f"the shards split the data in different ways ({', '.join(f'N={c}' for c in sorted(counts))})"
-        )
+        raise InputError(f"the shards split the data in different ways ({', '.join(f'N={c}' for c in sorted(counts))})")
     (count,) = counts
     missing = [f"{i}/{count}" for i in range(count) if i not in shards]
     if missing:
-        raise VggnormError(f"shard(s) {', '.join(missing)} missing: merge-stats needs all {count} shards")
+        raise InputError(f"shard(s) {', '.join(missing)} missing: merge-stats needs all {count} shards")
     merged = parts[0]
     for st in parts[1:]:
         merged = merged.merge(st)

@@ -1,6 +1,6 @@
-"""Resolve a weight SPEC to a checked state_dict and its content hash.
+"""Resolve the weights a command is given to a checked state_dict and its content hash.
 
-A weight SPEC is one of:
+Weights (``--weights``, ``apply CKPT``, ``verify --original``, ``compare A B``) are given as one of:
 
 * a path to a state_dict (``.pth``/``.pt`` or ``.safetensors``, torchvision or Gatys layout), or to
   a Keras VGG16/VGG19 ``.h5`` or a MatConvNet ``.mat`` (``formats.py``, read into torchvision's layout);
@@ -24,7 +24,7 @@ from torch import nn
 
 from vggnorm.core.state import StateDict
 from vggnorm.defaults import DEFAULT_ARCH, RANDOM_PREFIX, VGG_ARCHS
-from vggnorm.errors import CheckpointError, WeightsError, WeightsUnavailableError
+from vggnorm.errors import CheckpointError, UsageError, WeightsUnavailableError
 from vggnorm.io.checkpoint import check_finite, load_state_dict, state_dict_sha256
 from vggnorm.io.formats import Foreign, read_foreign
 from vggnorm.io.layouts import to_torchvision_layout
@@ -72,7 +72,7 @@ class Weights:
 
 @dataclass(frozen=True)
 class Given:
-    """Where the command took the weight SPEC from, for hints that name only options it has."""
+    """Where the command took the weights from, for hints that name only options it has."""
 
     as_file: str = "--weights PATH.pth"  # how to give the weights as a file instead
     other_arch: str = "pass --arch {arch}"  # how to name another arch ({arch}), "" where the command cannot
@@ -92,7 +92,7 @@ def _torchvision_weights(arch: str, name: str, given: Given = COMPUTE) -> StateD
     try:
         entry = enum[name]
     except KeyError:
-        raise WeightsError(
+        raise UsageError(
             f"{name!r} is neither an existing file nor a torchvision weights name for {arch} "
             f"(known: {', '.join(w.name for w in enum)}); pass a path to a state_dict, a weights name, or random:SEED"
         ) from None
@@ -220,7 +220,7 @@ def resolve_weights(
     given: Given = COMPUTE,
     mmap: bool = True,
 ) -> Weights:
-    """Resolve a weight SPEC (path, torchvision name or ``random:SEED``) to a checked state_dict.
+    """Resolve weights (a path, a torchvision weights name or ``random:SEED``) to a checked state_dict.
 
     ``arch`` may be ``None`` for a file, whose arch is then inferred from its keys and shapes
     (``prefer``: the arch to take when it fits, as another may too). ``background_hash``: the
@@ -231,9 +231,9 @@ def resolve_weights(
     if spec.startswith(RANDOM_PREFIX):
         seed_text = spec[len(RANDOM_PREFIX) :]
         if not seed_text.isdigit():
-            raise WeightsError(f"bad weight SPEC {spec!r}: expected random:SEED with an integer SEED, e.g. random:0")
+            raise UsageError(f"bad weights {spec!r}: expected random:SEED with an integer SEED, e.g. random:0")
         if arch is None:
-            raise WeightsError(f"{spec} needs an architecture; pass --arch")
+            raise UsageError(f"{spec} needs an architecture; pass --arch")
         check_arch(arch)
         sd = random_state_dict(arch, int(seed_text))
     elif is_file_spec(spec):
@@ -251,17 +251,17 @@ def resolve_weights(
                 hint = given.other_arch.format(arch=actual, spec=spec)
                 if hint.startswith("pass --arch") and is_user_model(actual):
                     hint = f"pass --model {actual}"
-                raise WeightsError(
+                raise CheckpointError(
                     f"{spec} holds {actual} weights (its keys and shapes fit {actual}), not {arch}"
                     + (f"; {hint}" if hint else "")
                 ) from None
         except CheckpointError as e:
-            raise WeightsError(str(e) if str(e).startswith(spec) else f"{spec}: {e}") from e
+            raise CheckpointError(str(e) if str(e).startswith(spec) else f"{spec}: {e}") from e
     else:
         arch = arch or DEFAULT_ARCH
         check_arch(arch)
         if is_user_model(arch):
-            raise WeightsError(f"{spec!r} is not a file: a --model needs its weights as a file or random:SEED")
+            raise UsageError(f"{spec!r} is not a file: a --model needs its weights as a file or random:SEED")
         sd = _torchvision_weights(arch, spec, given)
     check_finite(sd, spec)
     digest = _hash_in_background(sd) if background_hash else state_dict_sha256(sd)
