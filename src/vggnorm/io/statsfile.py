@@ -11,7 +11,7 @@ import datetime as _dt
 import io
 import json
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,10 @@ from vggnorm.errors import InputError, StatsFileError
 from vggnorm.io.checkpoint import atomic_write, check_writable
 from vggnorm.io.data import MEASUREMENT_ATTRS, printable
 from vggnorm.options import Decoder, InputConvention, Interpolation, Padding, Pooling, Precision, StreamScale, Weighting
+
+# a field's reader: the value as read (any type), checked and converted, or _Bad
+Reader = Callable[[object], Any]
+Schema = dict[str, Reader]
 
 FORMAT = "vggnorm.stats"
 FORMAT_VERSION = 1
@@ -178,7 +182,7 @@ class _Bad(Exception):
     """One field of a statistics file that is not as the schema says (becomes a ``StatsFileError``)."""
 
 
-def _str(v: Any) -> str:
+def _str(v: object) -> str:
     if isinstance(v, bytes | np.bytes_):
         try:
             return bytes(v).decode()
@@ -189,19 +193,19 @@ def _str(v: Any) -> str:
     raise _Bad(f"is {_shown(v)}; expected text")
 
 
-def _int(v: Any) -> int:
+def _int(v: object) -> int:
     if isinstance(v, bool | np.bool_) or not isinstance(v, int | np.integer):
         raise _Bad(f"is {_shown(v)}; expected an integer")
     return int(v)
 
 
-def _bool(v: Any) -> bool:
+def _bool(v: object) -> bool:
     if not isinstance(v, bool | np.bool_):
         raise _Bad(f"is {_shown(v)}; expected a boolean (a string such as 'False' is not one)")
     return bool(v)
 
 
-def _floats(v: Any, n: int = 3) -> list[float]:
+def _floats(v: object, n: int = 3) -> list[float]:
     a = np.asarray(v) if isinstance(v, list | tuple | np.ndarray) else None
     if a is None or a.shape != (n,) or a.dtype.kind not in "iuf":
         raise _Bad(f"is {_shown(v)}; expected {n} numbers")
@@ -211,7 +215,7 @@ def _floats(v: Any, n: int = 3) -> list[float]:
     return out
 
 
-def _json_strs(v: Any) -> list[str]:
+def _json_strs(v: object) -> list[str]:
     text = _str(v)
     try:
         value = json.loads(text)
@@ -222,15 +226,15 @@ def _json_strs(v: Any) -> list[str]:
     return value
 
 
-def _shown(v: Any) -> str:
+def _shown(v: object) -> str:
     if isinstance(v, np.ndarray):
         return f"an array of shape {v.shape} ({v.dtype})"
     text = repr(v.item() if isinstance(v, np.generic) else v)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _one_of(choices: Sequence[str]) -> Any:
-    def check(v: Any) -> str:
+def _one_of(choices: Sequence[str]) -> Reader:
+    def check(v: object) -> str:
         text = _str(v)
         if text not in choices:
             raise _Bad(f"is {text!r}; expected one of {', '.join(choices)}")
@@ -239,8 +243,8 @@ def _one_of(choices: Sequence[str]) -> Any:
     return check
 
 
-def _at_least(low: int, high: int | None = None) -> Any:
-    def check(v: Any) -> int:
+def _at_least(low: int, high: int | None = None) -> Reader:
+    def check(v: object) -> int:
         n = _int(v)
         if n < low or (high is not None and n > high):
             raise _Bad(f"is {n}; expected an integer from {low}" + (f" to {high}" if high is not None else " up"))
@@ -249,7 +253,7 @@ def _at_least(low: int, high: int | None = None) -> Any:
     return check
 
 
-def _shard(v: Any) -> str:
+def _shard(v: object) -> str:
     text = _str(v)
     index, sep, count = text.partition("/")
     if text and not (sep and index.isdigit() and count.isdigit() and int(index) < int(count)):
@@ -257,14 +261,14 @@ def _shard(v: Any) -> str:
     return text
 
 
-def _std(v: Any) -> list[float]:
+def _std(v: object) -> list[float]:
     out = _floats(v)
     if not all(x > 0 for x in out):
         raise _Bad(f"is {out}; expected 3 positive numbers (the input is divided by them)")
     return out
 
 
-def _nonnegative(v: Any) -> float:
+def _nonnegative(v: object) -> float:
     if isinstance(v, bool | np.bool_) or not isinstance(v, int | float | np.integer | np.floating):
         raise _Bad(f"is {_shown(v)}; expected a number")
     if not (np.isfinite(v) and v >= 0):
@@ -272,7 +276,7 @@ def _nonnegative(v: Any) -> float:
     return float(v)
 
 
-def _preprocess_fields() -> dict[str, Any]:
+def _preprocess_fields() -> Schema:
     return {
         "resize": _at_least(1, MAX_RESIZE),
         "crop": _at_least(1, MAX_RESIZE),
@@ -287,7 +291,7 @@ def _preprocess_fields() -> dict[str, Any]:
 
 
 # The root attributes vggnorm reads, each with its reader (type and range); others are kept as they are.
-ROOT_SCHEMA: dict[str, Any] = {
+ROOT_SCHEMA: Schema = {
     "format": _str,
     "format_version": _int,
     "arch": _str,
@@ -324,7 +328,7 @@ ROOT_SCHEMA: dict[str, Any] = {
 }
 REQUIRED = ("format", "format_version", "num_images", "layer_order")
 # What apply records with a normalized checkpoint (safetensors metadata ``policy``, or its report).
-RECORDED_POLICY_SCHEMA: dict[str, Any] = {
+RECORDED_POLICY_SCHEMA: Schema = {
     **_preprocess_fields(),
     "rel_eps": _nonnegative,
     "eps": _nonnegative,
@@ -334,16 +338,16 @@ RECORDED_POLICY_SCHEMA: dict[str, Any] = {
     "stream_scale": _one_of(tuple(StreamScale)),
 }
 # The rest of that record: its text fields (``io.provenance``); its ``measurement`` is the statistics' root attributes.
-RECORD_SCHEMA: dict[str, Any] = dict.fromkeys(
+RECORD_SCHEMA: Schema = dict.fromkeys(
     ("arch", "layout", "original", "original_sha256", "stats", "created", "vggnorm_version"), _str
 )
-LAYER_SCHEMA: dict[str, Any] = {"relu": _str, "bn": _str, "norm": _str, "activation": _str}
+LAYER_SCHEMA: Schema = {"relu": _str, "bn": _str, "norm": _str, "activation": _str}
 
 
 DAMAGED = "the file is damaged or was edited; measure it again"
 
 
-def check_fields(values: Any, fields: dict[str, Any], where: str, what_to_do: str = DAMAGED) -> dict[str, Any]:
+def check_fields(values: object, fields: Schema, where: str, what_to_do: str = DAMAGED) -> dict[str, Any]:
     """``values`` (a mapping) with each key of ``fields`` that it holds read by its reader; a value that
     is not as the schema says is a ``StatsFileError`` naming ``where`` and the field, then ``what_to_do``."""
     if not isinstance(values, dict):
@@ -358,7 +362,7 @@ def check_fields(values: Any, fields: dict[str, Any], where: str, what_to_do: st
     return out
 
 
-def read_measurement(values: Any, where: str, what_to_do: str = DAMAGED) -> MeasurementRecord:
+def read_measurement(values: object, where: str, what_to_do: str = DAMAGED) -> MeasurementRecord:
     """The ``MeasurementRecord`` in ``values``, root attributes of a statistics file (or their copy in a record apply
     wrote), each read through the schema: one ``StatsFileError`` naming the field that is not as it says."""
     checked = check_fields(values, ROOT_SCHEMA, where, what_to_do)
