@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 
+from vggnorm.analysis.topology import Topology
 from vggnorm.core.checks import FAIL, NOT_RUN, PASS, Check
-from vggnorm.core.fold import DeadRule
+from vggnorm.core.fold import DeadRule, LayerScales
 from vggnorm.io.checkpoint import atomic_writes
+from vggnorm.options import StreamScale
 
 
 @dataclass
@@ -180,7 +182,7 @@ def _cell(text: str) -> str:
     return " ".join(text.replace("|", "\\|").splitlines())
 
 
-def _plain(value: Any) -> str:
+def _plain(value: object) -> str:
     """A value as a reader writes it: lists and tuples comma-separated, no Python quotes or brackets."""
     if isinstance(value, (list, tuple)):
         return ", ".join(_plain(v) for v in value)
@@ -189,7 +191,7 @@ def _plain(value: Any) -> str:
     return str(value)
 
 
-def layer_summary(scales: Mapping[str, Any]) -> list[dict[str, Any]]:
+def layer_summary(scales: Mapping[str, LayerScales]) -> list[dict[str, Any]]:
     """Per layer: filter count, min/median/max scale over live filters, dead filter indices, and the
     live filters within ``NEAR_DEAD_FACTOR`` of the dead threshold with their amplification ``1 / s``."""
     out = []
@@ -214,7 +216,7 @@ def layer_summary(scales: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def stream_summary(topology: Any, scales: Mapping[str, Any], policy: str) -> list[dict[str, Any]]:
+def stream_summary(topology: Topology, scales: Mapping[str, LayerScales], policy: StreamScale) -> list[dict[str, Any]]:
     """Per residual stream: its sites (activation labels) with the min/median/max of the means their live
     filters have once normalized (``LayerScales.expected``), and the spread (largest over smallest)."""
     labels = {s.conv: s.relu for s in topology.all_sites}
@@ -244,7 +246,7 @@ def stream_summary(topology: Any, scales: Mapping[str, Any], policy: str) -> lis
         if sites:
             every = torch.cat(values)
             spread = float(every.max() / every.min()) if float(every.min()) > 0 else float("inf")
-            out.append({"policy": policy, "sites": sites, "spread": spread, "writers": list(stream.writers)})
+            out.append({"policy": str(policy), "sites": sites, "spread": spread, "writers": list(stream.writers)})
     return out
 
 
