@@ -16,7 +16,7 @@ ngpu=$("$py" -c 'import torch; print(torch.cuda.device_count())')
 
 n_photos=8
 "$py" scripts/sample_photos.py "$work/data" --copies $(( (images + n_photos - 1) / n_photos )) --size 500x375 >/dev/null
-"$py" -c 'import sys, torch; from vggnorm.weights import random_state_dict; torch.save(random_state_dict("vgg19", 0), sys.argv[1])' "$work/vgg19.pth"
+"$py" -c 'import sys, torch; from vggnorm.io.weights import random_state_dict; torch.save(random_state_dict("vgg19", 0), sys.argv[1])' "$work/vgg19.pth"
 common=(--arch vgg19 --weights "$work/vgg19.pth" --batch-size "$batch" --no-progress --force)
 
 run() {  # name, then extra args; prints images/s from the wall time of the whole command
@@ -27,7 +27,7 @@ run() {  # name, then extra args; prints images/s from the wall time of the whol
     t1=$(date +%s.%N)
     "$py" - "$name" "$t0" "$t1" "$work/$name.h5" "$work/fp64.h5" <<'PY'
 import sys
-from vggnorm.stats import read_stats
+from vggnorm.io.statsfile import read_stats
 name, t0, t1, path, ref = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
 s = read_stats(path)
 line = f"{name:12s} {s.num_images / (t1 - t0):8.1f} images/s end to end ({s.num_images} images, {t1 - t0:.1f} s with start-up)"

@@ -9,7 +9,7 @@ bin=.venv/bin
 mkdir -p "$out"
 
 "$bin/python" scripts/sample_photos.py "$out/photos"
-"$bin/python" -c 'import sys, torch; from vggnorm.weights import random_state_dict; torch.save(random_state_dict(sys.argv[1], 0), sys.argv[2])' \
+"$bin/python" -c 'import sys, torch; from vggnorm.io.weights import random_state_dict; torch.save(random_state_dict(sys.argv[1], 0), sys.argv[2])' \
     "$arch" "$out/$arch-random0.pth"
 
 set -x
