@@ -456,14 +456,13 @@ def apply_cmd(
 
     Example: vggnorm apply vgg19.pth --stats vgg19-stats.h5 -o vgg19-normalized.pth
     """
-    from vggnorm.commands.apply import apply_stats
+    from vggnorm.commands.apply import ApplyOptions, apply_stats
     from vggnorm.core.fold import DeadRule
 
     with user_errors():
         named = _import_model(model) if model is not None else None
-        result = apply_stats(
-            checkpoint, stats_path, output, rule=DeadRule(rel_eps=rel_eps, eps=eps), model=named, **options
-        )
+        rule = DeadRule(rel_eps=rel_eps, eps=eps)
+        result = apply_stats(checkpoint, stats_path, output, ApplyOptions(rule=rule, model=named, **options))
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     _echo_checks(result.report.checks)
