@@ -149,8 +149,9 @@ def check_loads(
         if add_affine:
             with_affine(model, topology(arch, True))
         model.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as e:
-        return Check("loads", desc, "fail", detail=str(e).splitlines()[0])
+    except RuntimeError as e:  # "Error(s) in loading state_dict for VGG:", then a line per kind of error
+        lines = [line.strip() for line in str(e).splitlines()]
+        return Check("loads", desc, "fail", detail="; ".join(filter(None, lines[1:])) or lines[0])
     return Check("loads", desc, "pass")
 
 
