@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -252,7 +253,8 @@ def apply_stats(
         exported = fold_and_export(plan, original)
         checks = self_check(plan, original, reference, exported)
         notes = apply_notes(plan, original)
-        report, meta = records(plan, original, checks, notes)
+        inputs, meta = records(plan, original, notes)
+        report = make_report(plan, original, checks, inputs)
         if not report.passed:
             raise VggnormError(
                 "the folded checkpoint failed its self-check, nothing was written: "
@@ -445,13 +447,12 @@ def apply_notes(plan: Plan, original: Original) -> list[str]:
     return notes
 
 
-def records(plan: Plan, original: Original, checks: list[Check], notes: list[str]) -> tuple[Report, dict[str, str]]:
-    """The report, and the metadata written into the checkpoint (safetensors' header): what was folded, from
-    what, and the measurement policy that ``verify --data`` re-measures with."""
-    options, stats, arch = plan.options, plan.stats, plan.arch
-    measured_as = plan.measured_as
+def records(plan: Plan, original: Original, notes: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """What the output records of how it was made: the report's inputs, and the metadata written into the
+    checkpoint (safetensors' header); both hold the measurement policy ``verify --data`` re-measures with."""
+    options, stats = plan.options, plan.stats
     policy = {
-        **measured_as.as_attrs(),
+        **plan.measured_as.as_attrs(),
         "rel_eps": options.rule.rel_eps,
         "eps": options.rule.eps,
         "include_classifier": options.include_classifier,
@@ -459,33 +460,24 @@ def records(plan: Plan, original: Original, checks: list[Check], notes: list[str
         "label_source": str(stats.attrs.get("label_source", "")),
         **({"stream_scale": options.stream_scale} if plan.topo.streams else {}),
     }
-    report = Report(
-        checkpoint=str(plan.output),
-        arch=arch,
-        checks=checks,
-        inputs={
-            "original": plan.checkpoint,
-            "original_sha256": original.weights.sha256,
-            "stats": str(plan.stats_path),
-            "stats_images": stats.num_images,
-            "dead_rule": options.rule.describe(),
-            "float32_bound_filters": original.unsafe,
-            "features_only": original.features_only,
-            "layout": options.layout,
-            "include_classifier": options.include_classifier,
-            "policy": policy,
-            "created": now(),
-            "vggnorm_version": __version__,
-            **({"note": "; ".join(notes)} if notes else {}),
-        },
-        layers=layer_summary(original.scales),
-        figure=plan.png_path.name if plan.png_path else None,
-        names=conv_names(arch),
-        streams=stream_summary(plan.topo, original.scales, options.stream_scale),
-    )
+    inputs = {
+        "original": plan.checkpoint,
+        "original_sha256": original.weights.sha256,
+        "stats": str(plan.stats_path),
+        "stats_images": stats.num_images,
+        "dead_rule": options.rule.describe(),
+        "float32_bound_filters": original.unsafe,
+        "features_only": original.features_only,
+        "layout": options.layout,
+        "include_classifier": options.include_classifier,
+        "policy": policy,
+        "created": now(),
+        "vggnorm_version": __version__,
+        **({"note": "; ".join(notes)} if notes else {}),
+    }
     meta = {
         "vggnorm_version": __version__,
-        "arch": arch,
+        "arch": plan.arch,
         "layout": options.layout,
         "original": plan.checkpoint,
         "include_classifier": str(options.include_classifier),
@@ -495,7 +487,21 @@ def records(plan: Plan, original: Original, checks: list[Check], notes: list[str
         "pooling": str(stats.attrs.get("pooling", "max")),
         "policy": json.dumps(policy),
     }
-    return report, meta
+    return inputs, meta
+
+
+def make_report(plan: Plan, original: Original, checks: list[Check], inputs: dict[str, Any]) -> Report:
+    """The report: the checks, the inputs (``records``), the scales per layer and per residual stream."""
+    return Report(
+        checkpoint=str(plan.output),
+        arch=plan.arch,
+        checks=checks,
+        inputs=inputs,
+        layers=layer_summary(original.scales),
+        figure=plan.png_path.name if plan.png_path else None,
+        names=conv_names(plan.arch),
+        streams=stream_summary(plan.topo, original.scales, plan.options.stream_scale),
+    )
 
 
 def write_outputs(
