@@ -244,7 +244,7 @@ def apply_stats(
     plan = plan_apply(checkpoint, stats_path, output, options)
     # matplotlib is imported, and the figure drawn, in a thread meanwhile: that Python-bound work overlaps the
     # load, fold and self-check, whose torch kernels release the GIL
-    with meanwhile() as worker:
+    with one_thread(), meanwhile() as worker:
         if plan.png_path is not None:
             worker.submit(_import, "matplotlib.pyplot")
         original = read_original(plan)
@@ -535,6 +535,20 @@ def meanwhile() -> Iterator[ThreadPoolExecutor]:
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's kernels on one thread within the block. apply's kernels are a 2-image probe's, too small to
+    share, or passes over memory, which a second thread barely speeds; and beside apply's own threads (the
+    hash, the figure) a team of two waits at every kernel for a thread the system has not scheduled, spinning
+    meanwhile: on a 2-core machine with other work, apply of vgg16 took 5-37 s (one thread: 5-10 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _import(module: str) -> None:
