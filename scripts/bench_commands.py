@@ -212,14 +212,14 @@ def main() -> None:
         ]
         rows = [pair(name, command, floor, d, args.repeats, outputs) for name, command, floor in specs if name in only]
     if base:
-        print(f"at {args.baseline}:")
-        for r in rows:
-            if r["row"] in base:
-                b = base[r["row"]]
-                print(
-                    f"{r['row']:22s} time {b['time_ratio']:5.2f}x -> {r['time_ratio']:5.2f}x   "
-                    f"memory {b['rss_ratio']:5.2f}x -> {r['rss_ratio']:5.2f}x"
-                )
+        print(f"ratios at {args.baseline} -> today:")
+        for r in rows:  # every row measured, one the baseline lacks said so
+            b = base.get(r["row"])
+            was = (f"{b['time_ratio']:5.2f}x", f"{b['rss_ratio']:5.2f}x") if b else ("    -", "    -")
+            print(
+                f"{r['row']:22s} time {was[0]} -> {r['time_ratio']:5.2f}x   memory {was[1]} -> {r['rss_ratio']:5.2f}x"
+                + ("" if b else f"   (not measured at {args.baseline})")
+            )
     record = {
         "commit": commit.stdout.strip(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

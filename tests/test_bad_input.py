@@ -895,6 +895,23 @@ def test_random_weights_are_torchvisions_seeded_init_built_without_importing_tor
     assert state_dict_sha256(ours) == state_dict_sha256(theirs)  # random:0's recorded hash is unchanged
 
 
+def test_applys_loads_check_needs_no_torchvision_and_still_fails_a_missing_key(monkeypatch):
+    """apply's ``loads`` check builds a torchvision VGG as vggnorm's VGG (its keys and shapes are torchvision's: tests/test_models.py), so
+    apply of a VGG never imports torchvision (1.2 s of its run); a key missing still fails it, naming the key."""
+    import sys
+
+    from vggnorm.commands.apply import check_loads
+    from vggnorm.io.models import VGG
+
+    with torch.device("meta"):
+        state = VGG("vgg11_bn").state_dict()
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # importing it raises
+    assert check_loads(state, "vgg11_bn", features_only=False).status == "pass"
+    del state["features.1.running_var"]
+    failed = check_loads(state, "vgg11_bn", features_only=False)
+    assert failed.status == "fail" and "features.1.running_var" in failed.detail
+
+
 def test_verify_preprocesses_in_float64_when_asked_for_fp64(made, monkeypatch):
     """Before: verify's --precision fp64 re-measurement preprocessed its images in float32."""
     from vggnorm.io import data as data_mod

@@ -75,6 +75,24 @@ def test_applys_worker_thread_is_done_when_its_block_is_left():
     assert not [t.name for t in threading.enumerate() if t.name.startswith("vggnorm-apply")]
 
 
+def test_apply_runs_torch_on_one_thread_and_gives_back_the_callers_count():
+    """apply's kernels run on one thread (apply.one_thread): the caller's thread count is back afterwards, an
+    exception too."""
+    import torch
+
+    from vggnorm.commands.apply import one_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError), one_thread():
+            assert torch.get_num_threads() == 1
+            raise RuntimeError
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def limited_file_size(limit):
     def preexec():
         import resource

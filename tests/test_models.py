@@ -116,6 +116,10 @@ def test_vggnorms_vgg_is_torchvisions(arch):
     assert [(n, repr(m)) for n, m in ours.named_modules() if n] == [
         (n, repr(m)) for n, m in theirs.named_modules() if n
     ]
+    # apply's `loads` check loads into ours for torchvision's: a strict load checks these keys and shapes
+    assert [(k, v.shape, v.dtype) for k, v in ours.state_dict().items()] == [
+        (k, v.shape, v.dtype) for k, v in theirs.state_dict().items()
+    ]
     if arch == "vgg11_bn":  # and so is the forward pass
         theirs = theirs.to_empty(device="cpu").eval()
         torch.manual_seed(0)

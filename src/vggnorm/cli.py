@@ -509,15 +509,12 @@ def apply_cmd(
 
     Example: vggnorm apply vgg19.pth --stats vgg19-stats.h5 -o vgg19-normalized.pth
     """
-    from vggnorm.commands.apply import apply_stats
+    from vggnorm.commands.apply import ApplyOptions, apply_stats
     from vggnorm.core.fold import DeadRule
 
     with user_errors():
         named = _import_model(model) if model is not None else None
-        result = apply_stats(
-            checkpoint,
-            stats_path,
-            output,
+        options = ApplyOptions(
             features_only=features_only,
             layout=layout,
             include_classifier=include_classifier,
@@ -527,6 +524,7 @@ def apply_cmd(
             model=named,
             force=force,
         )
+        result = apply_stats(checkpoint, stats_path, output, options)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     _echo_checks(result.report.checks)

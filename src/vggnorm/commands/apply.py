@@ -11,14 +11,15 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from vggnorm.analysis.topology import Topology, with_affine
-from vggnorm.core.checks import Check, check_function, not_run, probe_input, reference_outputs
+from vggnorm.core.checks import Check, Reference, check_function, not_run, probe_input, reference_outputs
 from vggnorm.core.fold import (
     DeadRule,
     LayerScales,
@@ -27,6 +28,7 @@ from vggnorm.core.fold import (
     fold_state_dict,
     scales_from_stats,
 )
+from vggnorm.core.state import StateDict
 from vggnorm.core.stats import Stats
 from vggnorm.defaults import DEFAULT_MEANS_TOL
 from vggnorm.errors import (
@@ -60,6 +62,7 @@ from vggnorm.io.formats import (
 )
 from vggnorm.io.layouts import ADAIN_ARCHS, export_layout, to_torchvision_layout
 from vggnorm.io.models import (
+    ForwardPolicy,
     build_model,
     canonical_arch,
     checked_topology,
@@ -108,13 +111,26 @@ def default_output(spec: str, arch: str, flavor: str | None = None) -> Path:
 
 
 def weights_for(spec: str, stats: Stats, *, mmap: bool = True) -> Weights:
-    """Resolve the checkpoint that ``stats`` belongs to; refuse one with another arch or other weights.
-    ``mmap``: as ``resolve_weights``."""
-    measured_with = stats.provenance
-    arch = canonical_arch(measured_with.arch)
-    weights = resolve_weights(spec, arch=None if os.path.isfile(spec) else arch, prefer=arch, given=APPLY, mmap=mmap)
+    """Resolve the checkpoint that ``stats`` belongs to; refuse one with another arch. Its hash is computed in a
+    thread (hashlib releases the GIL), for ``check_same_weights`` to take once the work that only reads the
+    weights is done. ``mmap``: as ``resolve_weights``."""
+    arch = canonical_arch(stats.provenance.arch)
+    weights = resolve_weights(
+        spec,
+        arch=None if os.path.isfile(spec) else arch,
+        prefer=arch,
+        given=APPLY,
+        mmap=mmap,
+        background_hash=True,
+    )
     if weights.arch != arch:
         raise StatsMismatchError(f"the statistics are for {arch}, but {spec} is a {weights.arch} checkpoint")
+    return weights
+
+
+def check_same_weights(spec: str, weights: Weights, stats: Stats) -> None:
+    """Refuse weights other than those the statistics were measured with (their content hashes differ)."""
+    measured_with = stats.provenance
     if weights.sha256 != measured_with.weights_sha256:
         given, resolved = measured_with.weights, measured_with.weights_path
         measured = f"{given}, i.e. {resolved}" if resolved and resolved != given else given
@@ -123,14 +139,15 @@ def weights_for(spec: str, stats: Stats, *, mmap: bool = True) -> Weights:
             f"{measured_with.weights_sha256[:12]}...) than {spec} (sha256 {weights.sha256[:12]}...); "
             f"measure this checkpoint with `vggnorm compute-stats DIR --weights {spec}`"
         )
-    return weights
 
 
 def check_loads(
     state_dict: dict[str, torch.Tensor], arch: str, *, features_only: bool, add_affine: bool = False
 ) -> Check:
     """The output loads with ``strict=True`` into ``arch`` as its code builds it (``add_affine``: with
-    the norms that had no affine parameters built with ``affine=True``)."""
+    the norms that had no affine parameters built with ``affine=True``). A torchvision VGG is built as
+    ``io.models.VGG``, whose state_dict keys and shapes are torchvision's (``tests/test_models.py``), all
+    that a strict load checks: torchvision is not imported for it."""
     where = "torchvision's " if not is_user_model(arch) else ""
     desc = f"loads into {where}{arch} with strict=True" + (" (norms built with affine=True)" if add_affine else "")
     if features_only:
@@ -141,43 +158,126 @@ def check_loads(
             "layout, Gatys-named code) with strict=True",
         )
     try:
-        model = build_model(arch, device="meta", torchvision_class=True)
+        model = build_model(arch, device="meta")
         if add_affine:
             with_affine(model, topology(arch, True))
         model.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as e:
-        return Check("loads", desc, "fail", detail=str(e).splitlines()[0])
+    except RuntimeError as e:  # "Error(s) in loading state_dict for VGG:", then a line per kind of error
+        lines = [line.strip() for line in str(e).splitlines()]
+        return Check("loads", desc, "fail", detail="; ".join(filter(None, lines[1:])) or lines[0])
     return Check("loads", desc, "pass")
 
 
-def apply_stats(
-    checkpoint: str,
-    stats_path: Path,
-    output: Path | None = None,
-    *,
-    features_only: bool = False,
-    layout: Layout = Layout.TORCHVISION,
-    include_classifier: bool = False,
-    rule: DeadRule = DeadRule(),
-    weighting: Weighting = Weighting.IMAGE,
-    stream_scale: StreamScale = StreamScale.GEOMETRIC,
-    model: str | None = None,
-    force: bool = False,
-) -> ApplyResult:
-    """Fold ``stats`` into ``checkpoint`` (weights as ``resolve_weights`` takes them), self-check it, write it and its report.
+@dataclass(frozen=True)
+class ApplyOptions:
+    """What apply is asked to do, besides its files (the command's options).
 
-    ``layout="gatys"`` writes the conv layers only, keyed ``conv1_1`` ... (BatchNorm folded into
-    the convs for ``_bn`` models). The output is written only if the self-checks pass on a seeded
-    probe batch: the written tensors, loaded back, give ReLU outputs equal to the original's
-    divided by the scales (and the same logits), under the statistics' pooling.
-    ``include_classifier`` also normalizes the ReLUs after fc6 and fc7 (measured with
+    ``layout="gatys"`` writes the conv layers only, keyed ``conv1_1`` ... (BatchNorm folded into the convs
+    for ``_bn`` models). ``include_classifier`` also normalizes the ReLUs after fc6 and fc7 (measured with
     ``RunConfig.include_classifier``), compensating fc7 and fc8. ``weighting="class"`` normalizes the
-    class-balanced means (statistics measured with ``--per-class``). ``rule`` decides which filters
-    are dead (left unscaled). ``model``: the user model ``--model`` imported (its key), which must be the
-    statistics' own. ``stream_scale`` chooses the scale a residual stream's sites share
-    (``geometric`` or ``last``: ``core.fold._stream_scales``). The measurement policy and the rule are recorded with the output
+    class-balanced means (statistics measured with ``--per-class``). ``rule`` decides which filters are
+    dead (left unscaled). ``stream_scale`` chooses the scale a residual stream's sites share (``geometric``
+    or ``last``: ``core.fold._stream_scales``). ``model``: the user model ``--model`` imported (its key),
+    which must be the statistics' own."""
+
+    features_only: bool = False
+    layout: Layout = Layout.TORCHVISION
+    include_classifier: bool = False
+    rule: DeadRule = DeadRule()
+    weighting: Weighting = Weighting.IMAGE
+    stream_scale: StreamScale = StreamScale.GEOMETRIC
+    model: str | None = None
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What apply will do, decided before a weight is read: the statistics, the model's structure, and
+    the outputs, named and free to write."""
+
+    checkpoint: str  # the weights as given (a file, a torchvision weights name, random:SEED)
+    stats_path: Path
+    stats: Stats
+    arch: str
+    topo: Topology
+    flavor: str | None  # a Keras or MatConvNet layout: the input's flavor, written back
+    output: Path
+    json_path: Path
+    md_path: Path
+    png_path: Path | None  # None: no matplotlib, no figure
+    options: ApplyOptions
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        return (self.output, self.json_path, self.md_path, *([self.png_path] if self.png_path else []))
+
+    @property
+    def inputs(self) -> list[str | os.PathLike[str]]:
+        """The files read, which no output may replace."""
+        return [self.stats_path, *([self.checkpoint] if os.path.exists(self.checkpoint) else [])]
+
+    @property
+    def add_affine(self) -> bool:
+        return self.stats.provenance.add_affine
+
+    @property
+    def measured_as(self) -> Measurement:
+        return Measurement.from_attrs(self.stats.provenance.preprocess)
+
+
+@dataclass(frozen=True)
+class Original:
+    """The weights, read and checked against the statistics, and the scales to fold into them."""
+
+    weights: Weights
+    base: StateDict  # the weights in float32 or wider (``upcast_half``): the fold's input
+    half: list[str]  # the half-precision dtypes the checkpoint held
+    template: Foreign | None  # a Keras or MatConvNet input, written over with the fold
+    features_only: bool
+    scales: dict[str, LayerScales]
+    unsafe: dict[str, list[int]]  # nearly silent filters held to float32's bound (``float32_unsafe``)
+
+    @property
+    def scale_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: s.scale for n, s in self.scales.items()}
+
+
+def apply_stats(
+    checkpoint: str, stats_path: Path, output: Path | None = None, options: ApplyOptions = ApplyOptions()
+) -> ApplyResult:
+    """Fold the statistics at ``stats_path`` into ``checkpoint`` (weights as ``resolve_weights`` takes them), self-check it, write it
+    (to ``output``, default ``default_output``) and its report.
+
+    The output is written only if the self-checks pass on a seeded probe batch: the written tensors,
+    loaded back, give ReLU outputs equal to the original's divided by the scales (and the same logits),
+    under the statistics' pooling. The measurement policy and the rule are recorded with the output
     (``policy.recorded_provenance``), so ``verify --data`` re-measures the same way without being told.
     """
+    plan = plan_apply(checkpoint, stats_path, output, options)
+    # matplotlib is imported, and the figure drawn, in a thread meanwhile: that Python-bound work overlaps the
+    # load, fold and self-check, whose torch kernels release the GIL
+    with one_thread(), meanwhile() as worker:
+        if plan.png_path is not None:
+            worker.submit(_import, "matplotlib.pyplot")
+        original = read_original(plan)
+        figure = worker.submit(_figure, plan, original.scales) if plan.png_path is not None else None
+        reference = original_outputs(plan, original)
+        exported = fold_and_export(plan, original)
+        checks = self_check(plan, original, reference, exported)
+        notes = apply_notes(plan, original)
+        provenance, inputs = records(plan, original, notes)
+        report = make_report(plan, original, checks, inputs)
+        if not report.passed:
+            raise CheckFailedError(
+                "the folded checkpoint failed its self-check, nothing was written: "
+                f"{failure_cause(checks, options.rule)}"
+            )
+        write_outputs(plan, original, exported, report, to_metadata(provenance), figure)
+    return ApplyResult(plan.output, plan.json_path, plan.md_path, plan.png_path, report, notes)
+
+
+def plan_apply(checkpoint: str, stats_path: Path, output: Path | None, options: ApplyOptions) -> Plan:
+    """Read the statistics and decide the outputs; refuse, before any weight is read, what cannot be done."""
     stats = read_stats(stats_path)
     if stats.provenance.shard:
         raise StatsFileError(
@@ -185,28 +285,33 @@ def apply_stats(
             "folder): merge all the shards first with `vggnorm merge-stats s0.h5 s1.h5 ... -o all.h5` and apply that"
         )
     arch = canonical_arch(stats.provenance.arch)
-    if model is not None and model != arch:  # --model names the model: it must be the statistics' one
+    if options.model is not None and options.model != arch:  # --model names the model: the statistics' one
         raise StatsMismatchError(
-            f"{stats_path} was measured on {arch}, and --model names {model}: give the model the statistics "
+            f"{stats_path} was measured on {arch}, and --model names {options.model}: give the model the statistics "
             "were measured on, or measure this one"
         )
-    drawing = prefetch_random(checkpoint, arch)  # a VGG's random:SEED: drawn in a thread from here on
-    add_affine = stats.provenance.add_affine
-    topo = checked_topology(arch, add_affine)  # a model that cannot be normalized is refused first
-    measured_as = Measurement.from_attrs(stats.provenance.preprocess)
+    prefetch_random(checkpoint, arch)  # a VGG's random:SEED: drawn in a thread from here on
+    topo = checked_topology(arch, stats.provenance.add_affine)  # a model that cannot be normalized
+    layout = options.layout
     flavor = template_flavor(checkpoint, layout) if layout in FOREIGN_LAYOUTS else None  # no weights read yet
     output = Path(output) if output is not None else default_output(checkpoint, arch, flavor)
     json_path, md_path = report_paths(report_base(output))
     png_path = md_path.with_suffix(".png") if have_matplotlib() else None
-    outputs = (output, json_path, md_path, *([png_path] if png_path else []))
-    inputs: list[str | os.PathLike[str]] = [stats_path, *([checkpoint] if os.path.exists(checkpoint) else [])]
-    for p in outputs:
-        check_writable(p, force=force, inputs=inputs)
+    plan = Plan(checkpoint, stats_path, stats, arch, topo, flavor, output, json_path, md_path, png_path, options)
+    for p in plan.outputs:
+        check_writable(p, force=options.force, inputs=plan.inputs)
     check_report_owner(json_path, output)
     check_output_name(output, layout, flavor)  # after: an input given as -o is named as such first
+    check_layout(plan)
+    return plan
+
+
+def check_layout(plan: Plan) -> None:
+    """Refuse a layout the model cannot be written in."""
+    layout, arch, topo = plan.options.layout, plan.arch, plan.topo
     if layout == "adain":
-        check_adain(arch, measured_as)
-    if (features_only or layout == "gatys") and not topo.names:
+        check_adain(arch, plan.measured_as)
+    if (plan.options.features_only or layout == "gatys") and not topo.names:
         # the features-only and Gatys layouts keep a chain of convs (VGG's, AlexNet's) without its classifier
         what = "--layout gatys names the convs of" if layout == "gatys" else "--features-only keeps the features of"
         raise InputError(
@@ -219,168 +324,209 @@ def apply_stats(
             f"--layout {layout} folds each conv's BatchNorm into it, and {arch} has {', '.join(other_norms)} "
             "(which normalize per input, not by fixed statistics): use the torchvision layout"
         )
-    # torchvision (check_loads needs it) and matplotlib are imported, and the figure drawn, in a thread meanwhile:
-    # that Python-bound work overlaps the load, fold and self-check, whose torch kernels release the GIL
-    # (random:SEED of a VGG is being drawn in a thread already: torchvision is imported here then)
-    if drawing:
-        import torchvision  # noqa: F401
-    with meanwhile() as worker:
-        for module in [*([] if drawing else ["torchvision"]), *(["matplotlib.pyplot"] if png_path else [])]:
-            worker.submit(_import, module)
-        # read into memory of its own (not memory-mapped) unless the input's structure is written back: the fold
-        # overwrites the tensors in place, and a copy-on-write fault per page would cost more than the read
-        weights = weights_for(checkpoint, stats, mmap=flavor is not None)
-        template = weights.foreign if flavor is not None else None  # the input file, written over with the fold
-        if flavor is not None and (template is None or template.flavor != flavor):
-            raise InputError(f"{checkpoint} changed while it was read; run apply again")
-        check_writable(output, force=force, inputs=inputs, size=state_dict_bytes(weights.state_dict))
-        features_only = features_only or layout in ("gatys", "adain") or weights.features_only
-        if include_classifier and features_only:
-            raise InputError(
-                "--include-classifier needs the classifier: it cannot go with --features-only, "
-                "--layout gatys, or features-only weights"
-            )
-        scales = scales_from_stats(
-            stats,
-            topo,
-            rule=rule,
-            include_classifier=include_classifier,
-            weighting=weighting,
-            stream_scale=stream_scale,
-        )
-        # half-precision weights are folded and written in float32: float16 would round the fold by ~1e-3
-        half = half_dtypes(weights.state_dict)
-        base = upcast_half(weights.state_dict)
-        # nearly silent filters whose means float32 may hold only to its own bound: named (verify allows that bound)
-        unsafe = float32_unsafe(base, topo, stats, scales, weighting=weighting)
-        scale_tensors = {n: s.scale for n, s in scales.items()}
-        figure = (
-            worker.submit(_figure, stats, scales, arch, output.name, conv_names(arch)) if png_path is not None else None
-        )
 
-        # the self-check's original side first, on the probe: the fold then overwrites the weights it ran on
-        forward = measured_as.forward
-        size = probe_size(arch, measured_as.transform.crop)
-        probe = probe_input(size)
-        original = load_model(arch, base, forward=forward, add_affine=add_affine)
-        reference = reference_outputs(
-            original, scale_tensors, probe, topology=topology(arch, True), logits=not features_only
-        )
-        del original
 
-        # the fold, in place (the checkpoint is not held twice) but for a Keras or MatConvNet template's tensors
-        if template is None:
-            folded, lost = fold_in_place(base, scale_tensors, topo, features_only=features_only)
+def read_original(plan: Plan) -> Original:
+    """Read the weights (their hash computed in a thread: ``check_same_weights`` waits for it) and the
+    scales to fold into them."""
+    options, stats = plan.options, plan.stats
+    # read into memory of its own (not memory-mapped) unless the input's structure is written back: the fold
+    # overwrites the tensors in place, and a copy-on-write fault per page would cost more than the read
+    weights = weights_for(plan.checkpoint, stats, mmap=plan.flavor is not None)
+    template = weights.foreign if plan.flavor is not None else None
+    if plan.flavor is not None and (template is None or template.flavor != plan.flavor):
+        raise InputError(f"{plan.checkpoint} changed while it was read; run apply again")
+    check_writable(plan.output, force=options.force, inputs=plan.inputs, size=state_dict_bytes(weights.state_dict))
+    features_only = options.features_only or options.layout in ("gatys", "adain") or weights.features_only
+    if options.include_classifier and features_only:
+        raise InputError(
+            "--include-classifier needs the classifier: it cannot go with --features-only, "
+            "--layout gatys, or features-only weights"
+        )
+    scales = scales_from_stats(
+        stats,
+        plan.topo,
+        rule=options.rule,
+        include_classifier=options.include_classifier,
+        weighting=options.weighting,
+        stream_scale=options.stream_scale,
+    )
+    # half-precision weights are folded and written in float32: float16 would round the fold by ~1e-3
+    base = upcast_half(weights.state_dict)
+    # nearly silent filters whose means float32 may hold only to its own bound: named (verify allows that bound)
+    unsafe = float32_unsafe(base, plan.topo, stats, scales, weighting=options.weighting)
+    return Original(weights, base, half_dtypes(weights.state_dict), template, features_only, scales, unsafe)
+
+
+def probe_policy(plan: Plan) -> tuple[int, ForwardPolicy]:
+    """The self-check's probe size and forward policy (pooling, padding): the statistics'."""
+    measured_as = plan.measured_as
+    return probe_size(plan.arch, measured_as.transform.crop), measured_as.forward
+
+
+def original_outputs(plan: Plan, original: Original) -> Reference:
+    """The self-check's original side, on the probe (``core.checks.reference_outputs``), taken first: the fold
+    then overwrites the weights it ran on."""
+    size, forward = probe_policy(plan)
+    model = load_model(plan.arch, original.base, forward=forward, add_affine=plan.add_affine)
+    return reference_outputs(
+        model,
+        original.scale_tensors,
+        probe_input(size),
+        topology=topology(plan.arch, True),
+        logits=not original.features_only,
+    )
+
+
+def fold_and_export(plan: Plan, original: Original) -> StateDict:
+    """The fold (``core.fold``), in the requested layout: in place (the checkpoint is not held twice) but for a
+    Keras or MatConvNet template's tensors, once the weights are known to be the statistics' own. Refuses
+    weights that overflowed or underflowed their dtype."""
+    check_same_weights(plan.checkpoint, original.weights, plan.stats)
+    features_only, scales = original.features_only, original.scale_tensors
+    if original.template is None:
+        folded, lost = fold_in_place(original.base, scales, plan.topo, features_only=features_only)
+    else:
+        folded, lost = fold_state_dict(original.base, scales, plan.topo, features_only=features_only), {}
+    exported = export_layout(folded, plan.arch, plan.options.layout, plan.measured_as)
+    _check_representable(folded, exported, original.base, scales, plan.stats_path, lost)
+    return exported
+
+
+def self_check(plan: Plan, original: Original, reference: Reference, exported: StateDict) -> list[Check]:
+    """What will be written, loaded back, against the original's reference (``core.checks.check_function``),
+    and whether it loads into the model's class."""
+    size, forward = probe_policy(plan)
+    reloaded = to_torchvision_layout(exported)
+    normalized_arch = infer_arch(reloaded, prefer=plan.arch)
+    normalized = load_model(normalized_arch, reloaded, forward=forward)
+    checks = check_function(
+        reference,
+        normalized,
+        original.scale_tensors,
+        reference.x,
+        logits=not original.features_only,
+        inputs=f"2 seeded random inputs (seed 0) at {size}x{size}, {forward.describe()}",
+        topologies=(topology(plan.arch, True), topology(normalized_arch, True)),
+    )
+    added = bool(plan.topo.added_affine)
+    checks.append(check_loads(exported, plan.arch, features_only=original.features_only, add_affine=added))
+    return checks
+
+
+def apply_notes(plan: Plan, original: Original) -> list[str]:
+    """What the user should know about the output: what was not normalized to 1, and how to load and feed it."""
+    topo, options, arch = plan.topo, plan.options, plan.arch
+    notes = []
+    if unsafe := original.unsafe:
+        shown = "; ".join(f"{n} {f}" for n, f in list(unsafe.items())[:4]) + ("; ..." if len(unsafe) > 4 else "")
+        notes.append(
+            f"{sum(len(f) for f in unsafe.values())} nearly silent filter(s) whose normalized means float32 "
+            f"arithmetic may move by more than verify's tolerance {DEFAULT_MEANS_TOL:g}: verify holds them to that "
+            f"bound instead ({shown})"
+        )
+    if topo.streams:
+        spreads = [st["spread"] for st in stream_summary(topo, original.scales, options.stream_scale)]
+        notes.append(
+            f"{len(topo.streams)} residual stream(s): their ReLUs share one scale per channel "
+            f"({options.stream_scale}), so their means are not all 1 (largest over smallest live mean in a stream: "
+            f"up to {max(spreads, default=1):.3g}; the report lists them); every other ReLU's live means are 1"
+        )
+    if topo.left_unscaled:
+        notes.append(
+            f"left unscaled: {', '.join(topo.left_unscaled)} (its output reaches the model's output with no layer "
+            "after it to compensate a scale, so normalizing it would change the outputs)"
+        )
+    if original.half:
+        notes.append(
+            f"{plan.checkpoint} holds {' and '.join(original.half)} tensors: they were measured, folded and are "
+            "written as float32 (half precision would round the fold by ~1e-3, beyond what verify allows)"
+        )
+    if plan.png_path is None:
+        notes.append("no figure: install matplotlib (pip install 'vggnorm[plot]') for OUT.report.png")
+    if options.layout in ("gatys", "adain") and arch.endswith("_bn"):
+        notes.append(
+            f"BatchNorm folded into the convs (eval-mode statistics): the {options.layout} layout has no BatchNorm"
+        )
+    if options.layout == "adain":
+        notes.append(
+            f"adain layout: feed RGB in [0, 1]; its first (1x1) conv does the {plan.measured_as.convention} "
+            "preprocessing"
+        )
+    if original.template is not None:
+        notes.append(_foreign_note(original.template, plan.measured_as, original.features_only))
+    return notes
+
+
+def records(plan: Plan, original: Original, notes: list[str]) -> tuple[Provenance, dict[str, Any]]:
+    """What the output records of how it was made: the provenance (written alike into the checkpoint's
+    metadata and the report) and the report's inputs; both hold the measurement policy ``verify --data``
+    re-measures with."""
+    options, stats = plan.options, plan.stats
+    provenance = Provenance(
+        arch=plan.arch,
+        normalization=Normalization(
+            preprocess=plan.measured_as.as_attrs(),
+            rule=options.rule,
+            include_classifier=options.include_classifier,
+            weighting=options.weighting,
+            label_source=stats.provenance.label_source,
+            stream_scale=options.stream_scale if plan.topo.streams else None,
+        ),
+        measurement=stats.provenance,
+        layout=options.layout,
+        original=plan.checkpoint,
+        original_sha256=original.weights.sha256,
+        stats=str(plan.stats_path),
+        created=now(),
+        vggnorm_version=__version__,
+    )
+    inputs = {
+        **record_fields(provenance),
+        "stats_images": stats.num_images,
+        "dead_rule": options.rule.describe(),
+        "float32_bound_filters": original.unsafe,
+        "features_only": original.features_only,
+        "include_classifier": options.include_classifier,
+        **({"note": "; ".join(notes)} if notes else {}),
+    }
+    return provenance, inputs
+
+
+def make_report(plan: Plan, original: Original, checks: list[Check], inputs: dict[str, Any]) -> Report:
+    """The report: the checks, the inputs (``records``), the scales per layer and per residual stream."""
+    return Report(
+        checkpoint=str(plan.output),
+        arch=plan.arch,
+        checks=checks,
+        inputs=inputs,
+        layers=layer_summary(original.scales),
+        figure=plan.png_path.name if plan.png_path else None,
+        names=conv_names(plan.arch),
+        streams=stream_summary(plan.topo, original.scales, plan.options.stream_scale),
+    )
+
+
+def write_outputs(
+    plan: Plan,
+    original: Original,
+    exported: StateDict,
+    report: Report,
+    meta: dict[str, str],
+    figure: Future[bytes] | None,
+) -> None:
+    """The checkpoint, its report and figure: each whole, renamed into place one after the other
+    (``io.checkpoint.atomic_writes``)."""
+    output, force = plan.output, plan.options.force
+    with atomic_writes(plan.outputs, force=force, inputs=plan.inputs) as temps:
+        if original.template is not None:
+            write_foreign(original.template, exported, temps[0], features_only=original.features_only)
+            _check_written(temps[0], output, exported, features_only=original.features_only)
         else:
-            folded, lost = fold_state_dict(base, scale_tensors, topo, features_only=features_only), {}
-        exported = export_layout(folded, arch, layout, measured_as)
-        _check_representable(folded, exported, base, scale_tensors, stats_path, lost)
-
-        # self-check what will be written: the exported tensors, loaded back, against the original's reference
-        reloaded = to_torchvision_layout(exported)
-        normalized_arch = infer_arch(reloaded, prefer=arch)
-        normalized = load_model(normalized_arch, reloaded, forward=forward)
-        checks = check_function(
-            reference,
-            normalized,
-            scale_tensors,
-            probe,
-            logits=not features_only,
-            inputs=f"2 seeded random inputs (seed 0) at {size}x{size}, {forward.describe()}",
-            topologies=(topology(arch, True), topology(normalized_arch, True)),
-        )
-        added = bool(topo.added_affine)
-        checks.append(check_loads(exported, arch, features_only=features_only, add_affine=added))
-        notes = []
-        if unsafe:
-            shown = "; ".join(f"{n} {f}" for n, f in list(unsafe.items())[:4]) + ("; ..." if len(unsafe) > 4 else "")
-            notes.append(
-                f"{sum(len(f) for f in unsafe.values())} nearly silent filter(s) whose normalized means float32 "
-                f"arithmetic may move by more than verify's tolerance {DEFAULT_MEANS_TOL:g}: verify holds them to that "
-                f"bound instead ({shown})"
-            )
-        if topo.streams:
-            spreads = [st["spread"] for st in stream_summary(topo, scales, stream_scale)]
-            notes.append(
-                f"{len(topo.streams)} residual stream(s): their ReLUs share one scale per channel ({stream_scale}), "
-                f"so their means are not all 1 (largest over smallest live mean in a stream: up to "
-                f"{max(spreads, default=1):.3g}; the report lists them); every other ReLU's live means are 1"
-            )
-        if topo.left_unscaled:
-            notes.append(
-                f"left unscaled: {', '.join(topo.left_unscaled)} (its output reaches the model's output with no layer "
-                "after it to compensate a scale, so normalizing it would change the outputs)"
-            )
-        if half:
-            notes.append(
-                f"{checkpoint} holds {' and '.join(half)} tensors: they were measured, folded and are written as float32 "
-                "(half precision would round the fold by ~1e-3, beyond what verify allows)"
-            )
-        if png_path is None:
-            notes.append("no figure: install matplotlib (pip install 'vggnorm[plot]') for OUT.report.png")
-        if layout in ("gatys", "adain") and arch.endswith("_bn"):
-            notes.append(
-                f"BatchNorm folded into the convs (eval-mode statistics): the {layout} layout has no BatchNorm"
-            )
-        if layout == "adain":
-            notes.append(
-                f"adain layout: feed RGB in [0, 1]; its first (1x1) conv does the {measured_as.convention} preprocessing"
-            )
-        if template is not None:
-            notes.append(_foreign_note(template, measured_as, features_only))
-        provenance = Provenance(
-            arch=arch,
-            normalization=Normalization(
-                preprocess=measured_as.as_attrs(),
-                rule=rule,
-                include_classifier=include_classifier,
-                weighting=weighting,
-                label_source=stats.provenance.label_source,
-                stream_scale=stream_scale if topo.streams else None,
-            ),
-            measurement=stats.provenance,
-            layout=layout,
-            original=checkpoint,
-            original_sha256=weights.sha256,
-            stats=str(stats_path),
-            created=now(),
-            vggnorm_version=__version__,
-        )
-        report = Report(
-            checkpoint=str(output),
-            arch=arch,
-            checks=checks,
-            inputs={
-                **record_fields(provenance),
-                "stats_images": stats.num_images,
-                "dead_rule": rule.describe(),
-                "float32_bound_filters": unsafe,
-                "features_only": features_only,
-                "include_classifier": include_classifier,
-                **({"note": "; ".join(notes)} if notes else {}),
-            },
-            layers=layer_summary(scales),
-            figure=png_path.name if png_path else None,
-            names=conv_names(arch),
-            streams=stream_summary(topo, scales, stream_scale),
-        )
-        if not report.passed:
-            raise CheckFailedError(
-                f"the folded checkpoint failed its self-check, nothing was written: {failure_cause(checks, rule)}"
-            )
-        # the checkpoint, then its report: each whole, renamed into place one after the other (atomic_writes)
-        with atomic_writes(outputs, force=force, inputs=inputs) as temps:
-            if template is not None:
-                write_foreign(template, exported, temps[0], features_only=features_only)
-                _check_written(temps[0], output, exported, features_only=features_only)
-            else:
-                write_state_dict(
-                    exported, temps[0], safetensors=output.suffix == ".safetensors", metadata=to_metadata(provenance)
-                )
-            report.write(temps[1], temps[2])
-            if figure is not None:
-                temps[3].write_bytes(figure.result())
-        return ApplyResult(output, json_path, md_path, png_path, report, notes)
+            write_state_dict(exported, temps[0], safetensors=output.suffix == ".safetensors", metadata=meta)
+        report.write(temps[1], temps[2])
+        if figure is not None:
+            temps[3].write_bytes(figure.result())
 
 
 @contextlib.contextmanager
@@ -395,6 +541,20 @@ def meanwhile() -> Iterator[ThreadPoolExecutor]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's kernels on one thread within the block. apply's kernels are a 2-image probe's, too small to
+    share, or passes over memory, which a second thread barely speeds; and beside apply's own threads (the
+    hash, the figure) a team of two waits at every kernel for a thread the system has not scheduled, spinning
+    meanwhile: on a 2-core machine with other work, apply of vgg16 took 5-37 s (one thread: 5-10 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _import(module: str) -> None:
     """Import ``module`` ahead of its use (an import of it elsewhere meanwhile waits for it: Python's import
     lock); a failure is left to the import that needs it."""
@@ -402,9 +562,9 @@ def _import(module: str) -> None:
         importlib.import_module(module)
 
 
-def _figure(stats: Stats, scales: dict[str, LayerScales], arch: str, name: str, names: dict[str, str]) -> bytes:
-    """The report's figure (PNG): each filter's measured mean, and its normalized one by construction
-    (``names``: the convs' Gatys names, found in the main thread: models are built there)."""
+def _figure(plan: Plan, scales: dict[str, LayerScales]) -> bytes:
+    """The report's figure (PNG): each filter's measured mean, and its normalized one by construction."""
+    stats = plan.stats
     before = {n: stats.layers[n].mean for n in scales}
     png = io.BytesIO()
     plot_means(
@@ -412,8 +572,8 @@ def _figure(stats: Stats, scales: dict[str, LayerScales], arch: str, name: str, 
         {n: before[n] / sc.scale for n, sc in scales.items()},
         {n: sc.dead for n, sc in scales.items()},
         png,
-        title=f"{arch}: {name}, {stats.num_images} images",
-        names=names,
+        title=f"{plan.arch}: {plan.output.name}, {stats.num_images} images",
+        names=plan.topo.names,
         after_label="after (by construction: mean / scale)",
     )
     return png.getvalue()
@@ -471,7 +631,9 @@ def float32_unsafe(
 ) -> dict[str, list[int]]:
     """The live filters whose ``normalize.float32_bounds`` exceeds ``tol`` (per site, filter indices): float32
     may move their re-measured means past verify's tolerance, so verify holds them to that bound instead."""
-    means = {n: layer.balanced_mean if weighting == "class" else layer.mean for n, layer in stats.layers.items()}
+    means = {
+        n: layer.balanced_mean if weighting == Weighting.CLASS else layer.mean for n, layer in stats.layers.items()
+    }
     out = {}
     for name, bound in float32_bounds(state_dict, topo, means).items():
         if name in scales:

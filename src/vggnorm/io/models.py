@@ -135,11 +135,11 @@ def feature_kinds(arch: str) -> list[str]:
 
 
 class VGG(nn.Module):
-    """torchvision's VGG, module for module (the same paths, modules and forward), built without
-    importing torchvision, which costs 1.7 s of every process (verify in CI pays it for nothing).
-    Used for structure, for carrying loaded weights and for ``random:SEED`` (``io.weights._vgg_init``
-    draws torchvision's initialization over it); apply's ``loads`` check uses torchvision's own class. ``tests/test_models.py`` holds the two
-    equal."""
+    """torchvision's VGG, module for module (the same paths, modules, state_dict keys and shapes, and
+    forward), built without importing torchvision, which costs 1.7 s of every process (verify in CI pays
+    it for nothing). Used for structure, for carrying loaded weights, for ``random:SEED``
+    (``io.weights._vgg_init`` draws torchvision's initialization over it) and for apply's ``loads`` check.
+    ``tests/test_models.py`` holds the two equal."""
 
     def __init__(self, arch: str) -> None:
         super().__init__()
@@ -187,32 +187,32 @@ def check_arch(arch: str) -> None:
     )
 
 
-def build_model(arch: str, *, device: str | torch.device | None = None, torchvision_class: bool = False) -> nn.Module:
+def build_model(arch: str, *, device: str | torch.device | None = None) -> nn.Module:
     """``arch`` with its own random initialization (``device="meta"``: structure only; a VGG is then
-    vggnorm's ``VGG``, which needs no torchvision import, unless ``torchvision_class``). A model whose
-    constructor needs real tensors (torchvision's RegNets) is built on the CPU instead of ``meta``."""
+    vggnorm's ``VGG``, which needs no torchvision import). A model whose constructor needs real tensors
+    (torchvision's RegNets) is built on the CPU instead of ``meta``."""
     check_arch(arch)
     try:
-        return _build(arch, device or "cpu", torchvision_class)
+        return _build(arch, device or "cpu")
     except VggnormError:
         raise
     except Exception as e:  # the constructor (torchvision's or the user's) may raise anything
         if str(device) == "meta":
             try:
-                return _build(arch, "cpu", torchvision_class)
+                return _build(arch, "cpu")
             except Exception:
                 pass
         raise InputError(f"building {arch} failed: {type(e).__name__}: {e}") from e
 
 
-def _build(arch: str, device: str | torch.device, torchvision_class: bool) -> nn.Module:
+def _build(arch: str, device: str | torch.device) -> nn.Module:
     with torch.device(device):
         if (key := canonical_arch(arch)) in _USER_MODELS:
             model = _USER_MODELS[key]()
             if not isinstance(model, nn.Module):
                 raise InputError(f"--model {arch}: calling it gave a {type(model).__name__}, not an nn.Module")
             return model
-        if arch in VGG_ARCHS and str(device) == "meta" and not torchvision_class:
+        if arch in VGG_ARCHS and str(device) == "meta":
             return VGG(arch)
         import torchvision
 
@@ -220,13 +220,18 @@ def _build(arch: str, device: str | torch.device, torchvision_class: bool) -> nn
         return built
 
 
-@functools.cache
 def topology(arch: str, add_affine: bool = False) -> Topology:
     """The sites, compensations and refusals of ``arch`` (``analysis.topology.find_topology`` on a model built
-    on the meta device), refusals included: ``inspect`` lists them."""
+    on the meta device), refusals included: ``inspect`` lists them. Analysed once per process, however the
+    arguments are spelled (``topology(a)``, ``topology(a, False)``)."""
+    return _topology(arch, bool(add_affine))
+
+
+@functools.cache
+def _topology(arch: str, add_affine: bool) -> Topology:
     model = build_model(arch, device="meta").eval()
     if add_affine and not any(_without_affine(m) for m in model.modules()):
-        return topology(arch)  # --add-affine changes nothing here: the same analysis, once
+        return _topology(arch, False)  # --add-affine changes nothing here: the same analysis, once
     return find_topology(model, add_affine=add_affine)
 
 
