@@ -138,3 +138,16 @@ def test_legacy_format_checkpoints_load_without_mmap(tmp_path, tiny_vgg):
     torch.save(sd, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     loaded = load_state_dict(tmp_path / "legacy.pth")
     assert loaded.keys() == sd.keys() and all(torch.equal(loaded[k], v) for k, v in sd.items())
+
+
+@pytest.mark.parametrize("arch", ["vgg11", "alexnet", "resnet18", "squeezenet1_0"])
+@pytest.mark.parametrize("crop", [40, 112, 224])
+def test_the_probe_is_the_smallest_size_at_most_32_the_model_takes_else_its_smallest(arch, crop):
+    from vggnorm.analysis.shapes import input_fits
+    from vggnorm.io.models import build_model, min_input_size, probe_size
+
+    fits = input_fits(build_model(arch, device="meta").eval())
+    smallest = min_input_size(arch)
+    assert fits(smallest) and not fits(smallest - 1)
+    expected = max(min(32, crop), smallest)
+    assert probe_size(arch, crop) == (expected if fits(expected) else crop)

@@ -317,7 +317,9 @@ def _rescale_chunked(
             continue
         new = cast[:n]
         new.copy_(block)
-        lost[key] += int(((w[i : i + n].abs() >= tiny) & (new.abs() < tiny)).sum())
+        small = new.abs() < tiny  # 0 or subnormal now: lost if it was a normal number (rare: look only then)
+        if bool(small.any()):
+            lost[key] += int((w[i : i + n][small].abs() >= tiny).sum())
         out[i : i + n].copy_(new)
     return out
 

@@ -368,8 +368,12 @@ PROBE_SIZE = 32
 def probe_size(arch: str, crop: int) -> int:
     """``PROBE_SIZE`` (or the arch's smallest input, if larger, and at most ``crop``) when ``arch`` takes it;
     else ``crop``, the size it was measured at (a model whose Linear fixes its input size)."""
-    size = max(min(PROBE_SIZE, crop), min_input_size(arch))
-    return size if input_fits(build_model(arch, device="meta").eval())(size) else crop
+    fits = input_fits(build_model(arch, device="meta").eval())
+    size = min(PROBE_SIZE, crop)
+    if fits(size):  # then the smallest input is no larger (a larger input fits where a smaller one does)
+        return size
+    size = max(size, min_input_size(arch))
+    return size if fits(size) else crop
 
 
 def check_input_size(arch: str, crop: int) -> None:
