@@ -14,7 +14,7 @@ mkdir -p "$out"
 
 set -x
 "$bin/vggnorm" compute-stats "$out/photos" --arch "$arch" --weights "$out/$arch-random0.pth" -o "$out/stats.h5" --force
-"$bin/vggnorm" apply "$out/$arch-random0.pth" --stats "$out/stats.h5" -o "$out/$arch-normalized.pth" --force
+"$bin/vggnorm" apply "$out/$arch-random0.pth" --stats "$out/stats.h5" -o "$out/$arch-normalized.pth" --plot --force
 "$bin/vggnorm" verify "$out/$arch-normalized.pth" --original "$out/$arch-random0.pth" --stats "$out/stats.h5" \
     --data "$out/photos" --report "$out/verify" --force
 { set +x; } 2>/dev/null

@@ -29,7 +29,7 @@ def pipeline(request, photos, checkpoints, tmp_path_factory):
     model = ["--model", TINY[key]]
     r = invoke("compute-stats", photos, *model, "--weights", ckpt, "-o", stats, "--workers", 0, *SIZE)
     assert r.exit_code == 0, r.output
-    r2 = invoke("apply", ckpt, "--stats", stats, "-o", out, *model)
+    r2 = invoke("apply", ckpt, "--stats", stats, "-o", out, *model, "--plot")
     assert r2.exit_code == 0, r2.output
     return {
         "arch": TINY[key],
@@ -121,6 +121,18 @@ def test_weights_equal_spec_fold_and_logits_unchanged(pipeline, photos):
     with torch.no_grad():
         y, y2 = float64_model(pipeline, sd)(x), float64_model(pipeline, out)(x)
     torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5 * float(y.abs().max()))
+
+
+def test_apply_draws_its_figure_only_when_asked(pipeline, tmp_path, monkeypatch):
+    out = tmp_path / "plain.pth"
+    r = invoke("apply", pipeline["ckpt"], "--stats", pipeline["stats"], "-o", out, *pipeline["model"])
+    assert r.exit_code == 0, r.output
+    assert not out.with_name("plain.report.png").exists() and "plain.report.png" not in r.output
+    assert "![" not in out.with_name("plain.report.md").read_text()
+    monkeypatch.setattr("vggnorm.commands.apply.have_matplotlib", lambda: False)
+    r = invoke("apply", pipeline["ckpt"], "--stats", pipeline["stats"], "-o", tmp_path / "p.pth", "--plot")
+    assert r.exit_code == 1 and "--plot" in r.output and "pip install 'vggnorm[plot]'" in r.output, r.output
+    assert not list(tmp_path.glob("p.*"))
 
 
 def test_apply_writes_a_report(pipeline):

@@ -484,6 +484,12 @@ def compute_stats_cmd(
     "from 1); last: the stream's last ReLU's means become 1. Every ReLU outside a stream is normalized to 1 "
     "either way; the report gives each stream's spread.",
 )
+@click.option(
+    "--plot",
+    is_flag=True,
+    help="Also draw OUT.report.png, every filter's mean before and after (needs matplotlib: "
+    "pip install 'vggnorm[plot]'; about a second more).",
+)
 @model_option
 @click.option("--force", is_flag=True, help="Overwrite an existing output or report.")
 @verbose_option
@@ -498,6 +504,7 @@ def apply_cmd(
     eps: float,
     weighting: Weighting,
     stream_scale: StreamScale,
+    plot: bool,
     model: str | None,
     force: bool,
 ) -> None:
@@ -505,7 +512,8 @@ def apply_cmd(
 
     CKPT is the weights, as compute-stats --weights takes them (a file, a torchvision weights name, or
     random:SEED), and must be those the statistics were measured on. Writes the checkpoint and a report
-    (OUT.report.json, OUT.report.md) after self-checking that the logits are unchanged.
+    (OUT.report.json, OUT.report.md; with --plot OUT.report.png too) after self-checking that the logits
+    are unchanged.
 
     Example: vggnorm apply vgg19.pth --stats vgg19-stats.h5 -o vgg19-normalized.pth
     """
@@ -523,6 +531,7 @@ def apply_cmd(
             stream_scale=stream_scale,
             model=named,
             force=force,
+            plot=plot,
         )
         result = apply_stats(checkpoint, stats_path, output, options)
     for note in result.notes:

@@ -36,6 +36,7 @@ from vggnorm.errors import (
     InputError,
     InvalidValuesError,
     OutputExistsError,
+    SetupError,
     StatsFileError,
     StatsMismatchError,
     WriteError,
@@ -178,7 +179,7 @@ class ApplyOptions:
     class-balanced means (statistics measured with ``--per-class``). ``rule`` decides which filters are
     dead (left unscaled). ``stream_scale`` chooses the scale a residual stream's sites share (``geometric``
     or ``last``: ``core.fold._stream_scales``). ``model``: the user model ``--model`` imported (its key),
-    which must be the statistics' own."""
+    which must be the statistics' own. ``plot``: also draw OUT.report.png (needs matplotlib)."""
 
     features_only: bool = False
     layout: Layout = Layout.TORCHVISION
@@ -188,6 +189,7 @@ class ApplyOptions:
     stream_scale: StreamScale = StreamScale.GEOMETRIC
     model: str | None = None
     force: bool = False
+    plot: bool = False  # also draw OUT.report.png (matplotlib)
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,7 @@ class Plan:
     output: Path
     json_path: Path
     md_path: Path
-    png_path: Path | None  # None: no matplotlib, no figure
+    png_path: Path | None  # None: no figure asked for (--plot)
     options: ApplyOptions
 
     @property
@@ -296,7 +298,9 @@ def plan_apply(checkpoint: str, stats_path: Path, output: Path | None, options: 
     flavor = template_flavor(checkpoint, layout) if layout in FOREIGN_LAYOUTS else None  # no weights read yet
     output = Path(output) if output is not None else default_output(checkpoint, arch, flavor)
     json_path, md_path = report_paths(report_base(output))
-    png_path = md_path.with_suffix(".png") if have_matplotlib() else None
+    if options.plot and not have_matplotlib():
+        raise SetupError("--plot draws the figure with matplotlib, which is not installed: pip install 'vggnorm[plot]'")
+    png_path = md_path.with_suffix(".png") if options.plot else None
     plan = Plan(checkpoint, stats_path, stats, arch, topo, flavor, output, json_path, md_path, png_path, options)
     for p in plan.outputs:
         check_writable(p, force=options.force, inputs=plan.inputs)
@@ -442,8 +446,6 @@ def apply_notes(plan: Plan, original: Original) -> list[str]:
             f"{plan.checkpoint} holds {' and '.join(original.half)} tensors: they were measured, folded and are "
             "written as float32 (half precision would round the fold by ~1e-3, beyond what verify allows)"
         )
-    if plan.png_path is None:
-        notes.append("no figure: install matplotlib (pip install 'vggnorm[plot]') for OUT.report.png")
     if options.layout in ("gatys", "adain") and arch.endswith("_bn"):
         notes.append(
             f"BatchNorm folded into the convs (eval-mode statistics): the {options.layout} layout has no BatchNorm"
