@@ -135,6 +135,20 @@ def test_apply_draws_its_figure_only_when_asked(pipeline, tmp_path, monkeypatch)
     assert not list(tmp_path.glob("p.*"))
 
 
+def test_a_failed_self_check_leaves_nothing_written(pipeline, tmp_path, monkeypatch):
+    """The checkpoint is written while it is self-checked; a failed check must still leave no file behind."""
+    from vggnorm.core.checks import FAIL, Check
+
+    monkeypatch.setattr(
+        "vggnorm.commands.apply.check_function",
+        lambda *args, **kwargs: [Check("logits", "logits equal the original's", FAIL, 1.0, 1e-4, "forced")],
+    )
+    out = tmp_path / "n.pth"
+    r = invoke("apply", pipeline["ckpt"], "--stats", pipeline["stats"], "-o", out, *pipeline["model"])
+    assert r.exit_code == 1 and "failed its self-check, nothing was written" in r.output, r.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_apply_writes_a_report(pipeline):
     out = pipeline["out"]
     assert "PASS" in pipeline["apply"].stdout and f"wrote {out}" in pipeline["apply"].stdout

@@ -11,7 +11,7 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,16 +265,24 @@ def apply_stats(
         figure = worker.submit(_figure, plan, original.scales) if plan.png_path is not None else None
         reference = original_outputs(plan, original)
         exported = fold_and_export(plan, original)
-        checks = self_check(plan, original, reference, exported)
         notes = apply_notes(plan, original)
         provenance, inputs = records(plan, original, notes)
-        report = make_report(plan, original, checks, inputs)
-        if not report.passed:
-            raise CheckFailedError(
-                "the folded checkpoint failed its self-check, nothing was written: "
-                f"{failure_cause(checks, options.rule)}"
-            )
-        write_outputs(plan, original, exported, report, to_metadata(provenance), figure)
+        with atomic_writes(plan.outputs, force=options.force, inputs=plan.inputs) as temps:
+            # the checkpoint is written (a temporary file) while it is self-checked: the disk and the float64
+            # arithmetic overlap, and it is renamed into place only if the checks pass
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vggnorm-write") as writer:
+                written = writer.submit(write_checkpoint, plan, original, exported, temps[0], to_metadata(provenance))
+                checks = self_check(plan, original, reference, exported)
+            written.result()
+            report = make_report(plan, original, checks, inputs)
+            if not report.passed:
+                raise CheckFailedError(
+                    "the folded checkpoint failed its self-check, nothing was written: "
+                    f"{failure_cause(checks, options.rule)}"
+                )
+            report.write(temps[1], temps[2])
+            if figure is not None:
+                temps[3].write_bytes(figure.result())
     return ApplyResult(plan.output, plan.json_path, plan.md_path, plan.png_path, report, notes)
 
 
@@ -509,26 +517,15 @@ def make_report(plan: Plan, original: Original, checks: list[Check], inputs: dic
     )
 
 
-def write_outputs(
-    plan: Plan,
-    original: Original,
-    exported: StateDict,
-    report: Report,
-    meta: dict[str, str],
-    figure: Future[bytes] | None,
-) -> None:
-    """The checkpoint, its report and figure: each whole, renamed into place one after the other
-    (``io.checkpoint.atomic_writes``)."""
-    output, force = plan.output, plan.options.force
-    with atomic_writes(plan.outputs, force=force, inputs=plan.inputs) as temps:
-        if original.template is not None:
-            write_foreign(original.template, exported, temps[0], features_only=original.features_only)
-            _check_written(temps[0], output, exported, features_only=original.features_only)
-        else:
-            write_state_dict(exported, temps[0], safetensors=output.suffix == ".safetensors", metadata=meta)
-        report.write(temps[1], temps[2])
-        if figure is not None:
-            temps[3].write_bytes(figure.result())
+def write_checkpoint(plan: Plan, original: Original, exported: StateDict, tmp: Path, meta: dict[str, str]) -> None:
+    """The folded checkpoint into ``tmp`` (``io.checkpoint.atomic_writes`` renames it, with the report and
+    figure, one after the other): in the input's own format for a Keras or MatConvNet template (read back
+    to check), else a ``.pth`` or ``.safetensors`` with the provenance in ``meta``."""
+    if original.template is not None:
+        write_foreign(original.template, exported, tmp, features_only=original.features_only)
+        _check_written(tmp, plan.output, exported, features_only=original.features_only)
+    else:
+        write_state_dict(exported, tmp, safetensors=plan.output.suffix == ".safetensors", metadata=meta)
 
 
 @contextlib.contextmanager
