@@ -76,11 +76,11 @@ def test_applys_worker_thread_is_done_when_its_block_is_left():
 
 
 def test_apply_runs_torch_on_one_thread_and_gives_back_the_callers_count():
-    """apply's kernels run on one thread (apply.one_thread): the caller's thread count is back afterwards, an
+    """apply's kernels run on one thread (core.device.one_thread): the caller's thread count is back afterwards, an
     exception too."""
     import torch
 
-    from vggnorm.commands.apply import one_thread
+    from vggnorm.core.device import one_thread
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)

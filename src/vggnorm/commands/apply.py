@@ -20,6 +20,7 @@ import torch
 
 from vggnorm.analysis.topology import Topology, with_affine
 from vggnorm.core.checks import Check, Reference, check_function, not_run, probe_input, reference_outputs
+from vggnorm.core.device import one_thread
 from vggnorm.core.fold import (
     DeadRule,
     LayerScales,
@@ -538,20 +539,6 @@ def meanwhile() -> Iterator[ThreadPoolExecutor]:
         yield pool
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """torch's kernels on one thread within the block. apply's kernels are a 2-image probe's, too small to
-    share, or passes over memory, which a second thread barely speeds; and beside apply's own threads (the
-    hash, the figure) a team of two waits at every kernel for a thread the system has not scheduled, spinning
-    meanwhile: on a 2-core machine with other work, apply of vgg16 took 5-37 s (one thread: 5-10 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _import(module: str) -> None:

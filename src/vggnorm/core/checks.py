@@ -18,6 +18,7 @@ from torch import nn
 
 from vggnorm.analysis.topology import Site, Topology, find_topology
 from vggnorm.compat import own_tensors
+from vggnorm.core.device import one_thread
 from vggnorm.core.fold import DeadRule, LayerScales, LazyFold, float32_bounds, fold_state_dict
 from vggnorm.core.state import StateDict
 from vggnorm.core.witness import activation_means, activation_outputs
@@ -517,7 +518,8 @@ def prove(
     (``Original.stats_mismatch``) fail (a) and (d), and (c) is then an audit too. ``images`` may be the means
     check itself, where there are none (not run) or they cannot be measured as asked (a failure).
     """
-    checks, mismatch = _against_original(normalized, original, scales, probe, criteria.rtol)
+    with one_thread():  # a 2-image probe and passes over memory: a second thread spins more than it helps
+        checks, mismatch = _against_original(normalized, original, scales, probe, criteria.rtol)
     claimed = scales if mismatch is None else None
     if isinstance(images, Check):
         return Proof([*checks, images])

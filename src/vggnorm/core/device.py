@@ -66,3 +66,18 @@ def memory_format(device: torch.device) -> torch.memory_format:
     """channels_last on CPU, where it made VGG19's forward 1.5x faster (scripts/bench.py); not yet
     measured on CUDA, so contiguous there."""
     return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's kernels on one thread within the block (the caller's count is back afterwards). apply's and
+    verify's kernels on the CPU are a 2-image probe's, too small to share, or passes over memory, which a
+    second thread barely speeds; and beside their own threads (a hash, a figure, a write) a team of two waits
+    at every kernel for a thread the system has not scheduled, spinning meanwhile: on a 2-core machine with
+    other work, apply of vgg16 took 5-37 s (one thread: 5-10 s), verify 3-24 s (one thread: under 3 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
