@@ -205,6 +205,23 @@ def test_apply_refuses_statistics_of_other_weights(pipeline, tmp_path):
     assert not (tmp_path / "x.pth").exists()
 
 
+def test_verify_fails_statistics_that_do_not_record_their_weights(pipeline, tmp_path):
+    """Statistics without ``weights_sha256`` (removed, or never written) cannot show they were measured on the
+    original: apply refuses them, and verify fails the fold rather than taking them on trust."""
+    import shutil
+
+    stats = tmp_path / "nohash.h5"
+    shutil.copy(pipeline["stats"], stats)
+    with h5py.File(stats, "a") as f:
+        del f.attrs["weights_sha256"]
+    p = pipeline
+    r = invoke("verify", p["out"], "--original", p["ckpt"], "--stats", stats, *p["model"])
+    assert r.exit_code == 1, r.output
+    fails = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("FAIL")]
+    assert fails == ["activations", "fold"], r.stdout
+    assert "do not record which weights" in r.stdout
+
+
 def test_apply_refuses_statistics_of_another_arch(checkpoints, tmp_path, pipeline):
     other = "tiny" if pipeline["bn"] else "tiny_bn"
     r = invoke("apply", checkpoints[other], "--stats", pipeline["stats"], "-o", tmp_path / "x.pth")

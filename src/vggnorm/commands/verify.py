@@ -363,9 +363,16 @@ def _original(read: _Read) -> Original:
         forward=read.policy.measurement.forward,
         add_affine=any(s.added_affine for s in read.topology.all_sites),
     )
-    expected_sha256 = (read.stats.provenance.weights_sha256 or None) if read.stats is not None else None
+    # None: no statistics; "": statistics that do not say which weights they were measured on, which
+    # cannot show they are the original's (apply refuses them too)
+    expected_sha256 = read.stats.provenance.weights_sha256 if read.stats is not None else None
 
     def mismatch() -> str | None:
+        if expected_sha256 == "":
+            return (
+                f"the statistics do not record which weights they were measured on (no weights_sha256), so they "
+                f"cannot be shown to be {weights.spec}'s: measure them again with compute-stats"
+            )
         if expected_sha256 is not None and expected_sha256 != weights.sha256:
             return f"the statistics were measured on other weights than {weights.spec} (sha256 differs)"
         return None
