@@ -162,6 +162,22 @@ def test_each_output_that_cannot_be_written_says_what_to_do(tmp_path, monkeypatc
     assert type(e.value).__name__ == error and what_to_do in str(e.value) and e.value.exit_status == 1
 
 
+@pytest.mark.parametrize("option", ["--report", "--junit-xml"])
+def test_verify_names_its_own_output_option_not_o(run, tmp_path, option):
+    """verify has no -o: an output it cannot write names the option that gave it."""
+    (tmp_path / "exists.xml").write_text("old")
+    (tmp_path / "exists.json").write_text("old")
+    target = tmp_path / "exists.xml" if option == "--junit-xml" else tmp_path / "exists"
+    base = ["verify", run["out"], "--original", run["ckpt"], "--stats", run["stats"], *MODEL]
+    for path, words in (
+        (target, ["pass --force", f"choose another {option} path"]),
+        (tmp_path / "nowhere" / "r.xml", ["create it first", f"choose another {option} path"]),
+    ):
+        r = invoke(*base, option, path)
+        one_line_error(r, *words)
+        assert "another -o path" not in r.stderr, r.stderr
+
+
 def test_atomic_writes_flushes_every_file_before_any_rename_and_each_folder_after(tmp_path, monkeypatch):
     from vggnorm.io.checkpoint import atomic_writes
 

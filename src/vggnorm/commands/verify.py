@@ -248,11 +248,14 @@ def _check_outputs(outputs: Outputs, given: list[str | os.PathLike[str]], audit:
     paths = [*report_paths(report)] if report is not None else []
     if report is not None and audit is not None and have_matplotlib():
         paths.append(report_paths(report)[1].with_suffix(".png"))
-    paths += [outputs.junit_xml] if outputs.junit_xml is not None else []
+    options = ["--report"] * len(paths)
+    if outputs.junit_xml is not None:
+        paths.append(outputs.junit_xml)
+        options.append("--junit-xml")
     if audit is not None:
         data_mod.refuse_outputs_in(paths, audit.data, "--data")
-    for p in paths:
-        check_writable(p, force=outputs.force, inputs=given)
+    for p, option in zip(paths, options, strict=True):
+        check_writable(p, force=outputs.force, inputs=given, option=option)
 
 
 def _read(claim: Claim, method: Method) -> _Read:
@@ -522,12 +525,13 @@ def _write(
     """Write the report (JSON, Markdown, and the figure ``png`` of the re-measured means) and the JUnit XML
     asked for."""
     if outputs.report is not None:
-        with atomic_writes([*report_paths(outputs.report), *([png] if png else [])], force=outputs.force) as temps:
+        paths = [*report_paths(outputs.report), *([png] if png else [])]
+        with atomic_writes(paths, force=outputs.force, option="--report") as temps:
             result.write(temps[0], temps[1])
             if png is not None and proof.means is not None:
                 _plot(read, proof, temps[2])
     if outputs.junit_xml is not None:
-        with atomic_write(outputs.junit_xml, force=outputs.force, inputs=given) as tmp:
+        with atomic_write(outputs.junit_xml, force=outputs.force, inputs=given, option="--junit-xml") as tmp:
             tmp.write_text(result.to_junit())
 
 
