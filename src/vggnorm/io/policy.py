@@ -13,10 +13,10 @@ from pathlib import Path
 
 from vggnorm.core.fold import DeadRule
 from vggnorm.core.stats import Stats
-from vggnorm.errors import UsageError
+from vggnorm.errors import StatsFileError, UsageError
 from vggnorm.io import data as data_mod
 from vggnorm.io.models import ForwardPolicy
-from vggnorm.io.provenance import Normalization, Provenance, from_metadata, from_report
+from vggnorm.io.provenance import REDO, Normalization, Provenance, from_metadata, from_report
 from vggnorm.io.report import report_paths
 from vggnorm.options import InputConvention, Padding, Pooling, StreamScale, Weighting
 
@@ -58,8 +58,10 @@ def recorded_provenance(checkpoint: Path) -> tuple[Provenance, str] | None:
     if report.is_file():
         try:
             written = json.loads(report.read_text())
-        except (OSError, ValueError):
+        except OSError:
             return None
+        except ValueError as e:  # a damaged record, as damaged metadata is: never the defaults without a word
+            raise StatsFileError(f"{report}: not JSON ({e}): {REDO}") from e
         found = from_report(written, str(report))
         return (found, str(report)) if found is not None else None
     return None
