@@ -335,10 +335,11 @@ def compute_stats(
         raise UsageError("--shard and torchrun both split the files: use one or the other")
     if resume and not output.is_file():
         raise StatsFileError(f"--resume: {output} does not exist; run without --resume to start")
-    weight_files = [config.weights] if os.path.exists(config.weights) else []
+    input_files = [config.weights] if os.path.exists(config.weights) else []
+    input_files += [config.labels] if config.labels is not None and os.path.exists(config.labels) else []
     if not resume:
         refuse_unfinished(output, force=force)
-        check_writable(output, force=force, inputs=weight_files)
+        check_writable(output, force=force, inputs=input_files)
     plan = plan_files(root, config, world)
     if any(same_file(output, f) for f in plan.files if f.name == output.name):
         raise OutputExistsError(f"{output} is one of the images under {root}; choose an output path outside the data")

@@ -52,6 +52,16 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return False
 
 
+# Files this process ran code from (``--model FILE.py:NAME``, ``package.module:NAME``): inputs of every command,
+# which no output may name (``io.models.import_user_model`` adds them)
+_CODE_INPUTS: set[Path] = set()
+
+
+def protect_input(path: str | os.PathLike[str]) -> None:
+    """Count ``path`` among the inputs of every command this process runs: ``check_writable`` refuses it."""
+    _CODE_INPUTS.add(Path(path))
+
+
 def check_writable(
     path: Path,
     *,
@@ -68,7 +78,7 @@ def check_writable(
     ``option``: the option that gave the path, which the messages name (verify's ``--report``, say).
     """
     path = Path(path)
-    for source in inputs:
+    for source in [*inputs, *sorted(_CODE_INPUTS)]:
         if same_file(path, source):
             raise OutputExistsError(
                 f"{path} is also an input of this command ({source}); vggnorm never writes over its inputs, even "

@@ -25,7 +25,7 @@ from vggnorm.analysis.shapes import input_fits
 from vggnorm.analysis.topology import Topology, find_topology, with_affine
 from vggnorm.defaults import NAMED_ARCHS, VGG_ARCHS, torchvision_classifiers
 from vggnorm.errors import CheckpointError, InputError, UsageError, VggnormError
-from vggnorm.io.checkpoint import describe_not_floating, not_floating, upcast_half
+from vggnorm.io.checkpoint import describe_not_floating, not_floating, protect_input, upcast_half
 from vggnorm.options import Padding, Pooling
 
 # user models imported on request: identity (``user_model_key``) -> class or zero-argument factory
@@ -100,6 +100,9 @@ def import_user_model(spec: str) -> str:
     factory = getattr(module, name, None)
     if not callable(factory):
         raise UsageError(f"--model {spec}: {where} has no class or function {name}")
+    source = getattr(module, "__file__", None)
+    if source:  # the model's code is an input of the command: no output may be written over it
+        protect_input(source)
     _USER_MODELS[key] = factory
     return key
 
