@@ -182,6 +182,20 @@ def test_verify_fails_a_checkpoint_with_one_filter_changed_by_two_percent(pipeli
     assert "verify: FAIL" in r.stdout
 
 
+def test_verify_checkpoint_from_python_takes_paths_and_names_as_text(pipeline, photos):
+    """The Python entry the how-to shows, ``verify_checkpoint(Claim(CKPT, ...), audit=Audit(DIR))``, with paths
+    as text and named values as strings (it failed with "'str' object has no attribute 'with_name'")."""
+    from vggnorm.commands.verify import Audit, Claim, Method, Overrides, verify_checkpoint
+    from vggnorm.errors import UsageError
+
+    p = pipeline
+    claim = Claim(str(p["out"]), original=str(p["ckpt"]), stats=str(p["stats"]))
+    report = verify_checkpoint(claim, Method(precision="fp64"), audit=Audit(str(photos), workers=0, progress=False))
+    assert report.passed and [c.status for c in report.checks] == ["pass"] * 4
+    with pytest.raises(UsageError, match="pooling 'bogus': expected one of max, avg"):
+        Overrides(pooling="bogus")  # type: ignore[arg-type]
+
+
 def test_audit_with_data_only(pipeline, photos):
     r = invoke("verify", pipeline["out"], "--data", photos, "--workers", 0, *SIZE, *pipeline["model"])
     assert r.exit_code == 0, r.output

@@ -73,7 +73,17 @@ from vggnorm.io.policy import Policy, recorded_arch, report_base, resolve_policy
 from vggnorm.io.report import Report, layer_summary, measured_summary, report_paths
 from vggnorm.io.statsfile import read_stats
 from vggnorm.io.weights import VERIFY, Weights, resolve_weights
-from vggnorm.options import Decoder, InputConvention, Layout, Padding, Pooling, Precision, StreamScale, Weighting
+from vggnorm.options import (
+    Decoder,
+    InputConvention,
+    Layout,
+    Padding,
+    Pooling,
+    Precision,
+    StreamScale,
+    Weighting,
+    parse,
+)
 from vggnorm.progress import Progress
 
 
@@ -84,6 +94,13 @@ class Claim:
     normalized: Path
     original: str | None = None
     stats: Path | None = None
+
+    def __post_init__(self) -> None:  # paths given as text, as a caller from Python gives them
+        object.__setattr__(self, "normalized", Path(self.normalized))
+        if self.stats is not None:
+            object.__setattr__(self, "stats", Path(self.stats))
+        if self.original is not None:
+            object.__setattr__(self, "original", os.fspath(self.original))
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,18 @@ class Overrides:
     labels: str | None = None  # with class weighting on a flat folder: the labels file
     stream_scale: StreamScale | None = None  # how apply chose a residual stream's shared scales
 
+    def __post_init__(self) -> None:  # a named value as its enum's member or its string, as the API takes them
+        for name, kind in (
+            ("convention", InputConvention),
+            ("pooling", Pooling),
+            ("padding", Padding),
+            ("weighting", Weighting),
+            ("stream_scale", StreamScale),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, parse(kind, value, name))
+
 
 @dataclass(frozen=True)
 class Method:
@@ -113,6 +142,9 @@ class Method:
     device: str = "auto"
     precision: Precision = Precision.FP32  # fp64: the means are re-measured in float64
     policy: Overrides = Overrides()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", parse(Precision, self.precision, "precision"))
 
 
 @dataclass(frozen=True)
@@ -125,6 +157,9 @@ class Audit:
     workers: int | None = None  # None: CPUs - 1
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", Path(self.data))
+
 
 @dataclass(frozen=True)
 class Outputs:
@@ -134,6 +169,11 @@ class Outputs:
     report: Path | None = None
     junit_xml: Path | None = None
     force: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("report", "junit_xml"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
 
 
 @dataclass(frozen=True)
