@@ -196,6 +196,23 @@ def test_verify_checkpoint_from_python_takes_paths_and_names_as_text(pipeline, p
         Overrides(pooling="bogus")  # type: ignore[arg-type]
 
 
+def test_apply_stats_from_python_takes_names_as_text_and_refuses_an_unknown_one(pipeline, tmp_path):
+    """``apply_stats(..., layout="bogus")`` was taken for adain ("--layout adain is VGG19's encoder"), and
+    ``ForwardPolicy(pooling="bogus")`` was accepted: a name that is none of the choices is a UsageError."""
+    from vggnorm.commands.apply import apply_stats
+    from vggnorm.errors import UsageError
+    from vggnorm.io.models import ForwardPolicy
+
+    p = pipeline
+    with pytest.raises(UsageError, match="layout 'bogus': expected one of torchvision, gatys"):
+        apply_stats(str(p["ckpt"]), str(p["stats"]), str(tmp_path / "x.pth"), layout="bogus")  # type: ignore[arg-type]
+    assert not (tmp_path / "x.pth").exists()
+    apply_stats(str(p["ckpt"]), str(p["stats"]), str(tmp_path / "g.pth"), layout="gatys")  # type: ignore[arg-type]
+    assert (tmp_path / "g.pth").is_file()
+    with pytest.raises(UsageError, match="pooling 'bogus'"):
+        ForwardPolicy(pooling="bogus")  # type: ignore[arg-type]
+
+
 def test_audit_with_data_only(pipeline, photos):
     r = invoke("verify", pipeline["out"], "--data", photos, "--workers", 0, *SIZE, *pipeline["model"])
     assert r.exit_code == 0, r.output

@@ -75,7 +75,7 @@ from vggnorm.io.provenance import Normalization, Provenance, record_fields, to_m
 from vggnorm.io.report import Report, layer_summary, report_paths, stream_summary
 from vggnorm.io.statsfile import now, read_stats
 from vggnorm.io.weights import APPLY, Weights, prefetch_random, resolve_weights
-from vggnorm.options import Layout, Padding, Pooling, StreamScale, Weighting
+from vggnorm.options import Layout, Padding, Pooling, StreamScale, Weighting, parse
 from vggnorm.version import __version__
 
 
@@ -177,7 +177,13 @@ def apply_stats(
     statistics' own. ``stream_scale`` chooses the scale a residual stream's sites share
     (``geometric`` or ``last``: ``core.fold._stream_scales``). The measurement policy and the rule are recorded with the output
     (``policy.recorded_provenance``), so ``verify --data`` re-measures the same way without being told.
+    Named values (``layout``, ``weighting``, ``stream_scale``) are their enums' members or their strings.
     """
+    layout = parse(Layout, layout, "layout")
+    weighting = parse(Weighting, weighting, "weighting")
+    stream_scale = parse(StreamScale, stream_scale, "stream_scale")
+    stats_path = Path(stats_path)
+    output = Path(output) if output is not None else None
     stats = read_stats(stats_path)
     if stats.provenance.shard:
         raise StatsFileError(

@@ -26,7 +26,7 @@ from vggnorm.analysis.topology import Topology, find_topology, with_affine
 from vggnorm.defaults import NAMED_ARCHS, VGG_ARCHS, torchvision_classifiers
 from vggnorm.errors import CheckpointError, InputError, UsageError, VggnormError
 from vggnorm.io.checkpoint import describe_not_floating, not_floating, protect_input, upcast_half
-from vggnorm.options import Padding, Pooling
+from vggnorm.options import Padding, Pooling, parse
 
 # user models imported on request: identity (``user_model_key``) -> class or zero-argument factory
 _USER_MODELS: dict[str, Callable[[], nn.Module]] = {}
@@ -387,6 +387,10 @@ class ForwardPolicy:
 
     pooling: Pooling = Pooling.MAX
     padding: Padding = Padding.MODEL
+
+    def __post_init__(self) -> None:  # a member of the enum or its string, as the API takes them
+        object.__setattr__(self, "pooling", parse(Pooling, self.pooling, "pooling"))
+        object.__setattr__(self, "padding", parse(Padding, self.padding, "padding"))
 
     def describe(self) -> str:
         return f"{self.pooling} pooling, {self.padding} padding"
