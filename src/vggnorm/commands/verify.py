@@ -89,7 +89,7 @@ from vggnorm.progress import Progress
 
 @dataclass(frozen=True)
 class Claim:
-    """What to prove: NORMALIZED is the fold of ``original`` (a weight spec) by the scales of ``stats``."""
+    """What to prove: NORMALIZED is the fold of ``original`` (WEIGHTS: a file, a torchvision weights name or random:SEED) by the scales of ``stats``."""
 
     normalized: Path
     original: str | None = None

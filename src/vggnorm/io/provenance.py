@@ -64,7 +64,7 @@ class Provenance:
     normalization: Normalization
     measurement: MeasurementRecord | None = None  # the statistics' record; None in a record written before it had one
     layout: Layout = Layout.TORCHVISION
-    original: str = ""  # the weight SPEC folded
+    original: str = ""  # the weights folded, as given (WEIGHTS)
     original_sha256: str = ""
     stats: str = ""  # the statistics file, as given
     created: str = ""  # UTC, ISO 8601
