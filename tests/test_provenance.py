@@ -183,6 +183,22 @@ def test_a_report_that_does_not_parse_or_lost_its_policy_is_an_error_not_the_def
     assert recorded_provenance(pth) is None
 
 
+def test_a_damaged_record_with_statistics_given_does_not_say_to_give_the_statistics(tmp_path):
+    """With --stats, a damaged record is still an error (it holds apply's dead rule), whose advice cannot be to
+    give --stats, which was given."""
+    from vggnorm.io.policy import resolve_policy
+
+    write_stats(stats_with(measurement(arch="vgg11")), tmp_path / "s.h5", force=False)
+    pth = tmp_path / "n.pth"
+    report_base(pth).with_suffix(".report.json").write_text("{not json")
+    with pytest.raises(StatsFileError) as e:
+        resolve_policy(pth, None, "vgg11", rel_eps=None, eps=None, include_classifier=None)
+    assert "give verify the statistics (--stats)" in str(e.value)
+    with pytest.raises(StatsFileError) as e:
+        resolve_policy(pth, read_stats(tmp_path / "s.h5"), "vgg11", rel_eps=None, eps=None, include_classifier=None)
+    assert "--stats)" not in str(e.value) and "move it away and give those as options" in str(e.value)
+
+
 def test_a_damaged_attribute_of_the_statistics_file_is_named(tmp_path):
     write_stats(stats_with(measurement()), tmp_path / "s.h5", force=False)
     with h5py.File(tmp_path / "s.h5", "r+") as f:
