@@ -208,6 +208,37 @@ def test_verify_fails_a_checkpoint_with_one_filter_changed_by_two_percent(pipeli
     assert "verify: FAIL" in r.stdout
 
 
+def test_verify_checkpoint_from_python_takes_paths_and_names_as_text(pipeline, photos):
+    """The Python entry the how-to shows, ``verify_checkpoint(Claim(CKPT, ...), audit=Audit(DIR))``, with paths
+    as text and named values as strings (it failed with "'str' object has no attribute 'with_name'")."""
+    from vggnorm.commands.verify import Audit, Claim, Method, Overrides, verify_checkpoint
+    from vggnorm.errors import UsageError
+
+    p = pipeline
+    claim = Claim(str(p["out"]), original=str(p["ckpt"]), stats=str(p["stats"]))
+    report = verify_checkpoint(claim, Method(precision="fp64"), audit=Audit(str(photos), workers=0, progress=False))
+    assert report.passed and [c.status for c in report.checks] == ["pass"] * 4
+    with pytest.raises(UsageError, match="pooling 'bogus': expected one of max, avg"):
+        Overrides(pooling="bogus")  # type: ignore[arg-type]
+
+
+def test_apply_stats_from_python_takes_names_as_text_and_refuses_an_unknown_one(pipeline, tmp_path):
+    """``apply_stats(..., ApplyOptions(layout="bogus"))`` was taken for adain ("--layout adain is VGG19's encoder"), and
+    ``ForwardPolicy(pooling="bogus")`` was accepted: a name that is none of the choices is a UsageError."""
+    from vggnorm.commands.apply import ApplyOptions, apply_stats
+    from vggnorm.errors import UsageError
+    from vggnorm.io.models import ForwardPolicy
+
+    p = pipeline
+    with pytest.raises(UsageError, match="layout 'bogus': expected one of torchvision, gatys"):
+        apply_stats(str(p["ckpt"]), p["stats"], tmp_path / "x.pth", ApplyOptions(layout="bogus"))  # type: ignore[arg-type]
+    assert not (tmp_path / "x.pth").exists()
+    apply_stats(str(p["ckpt"]), str(p["stats"]), str(tmp_path / "g.pth"), ApplyOptions(layout="gatys"))  # type: ignore[arg-type]
+    assert (tmp_path / "g.pth").is_file()
+    with pytest.raises(UsageError, match="pooling 'bogus'"):
+        ForwardPolicy(pooling="bogus")  # type: ignore[arg-type]
+
+
 def test_audit_with_data_only(pipeline, photos):
     r = invoke("verify", pipeline["out"], "--data", photos, "--workers", 0, *SIZE, *pipeline["model"])
     assert r.exit_code == 0, r.output
@@ -229,6 +260,23 @@ def test_apply_refuses_statistics_of_other_weights(pipeline, tmp_path):
     r = invoke("apply", tmp_path / "other.pth", "--stats", pipeline["stats"], "-o", tmp_path / "x.pth")
     assert r.exit_code == 1 and "other weights" in r.stderr
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_verify_fails_statistics_that_do_not_record_their_weights(pipeline, tmp_path):
+    """Statistics without ``weights_sha256`` (removed, or never written) cannot show they were measured on the
+    original: apply refuses them, and verify fails the fold rather than taking them on trust."""
+    import shutil
+
+    stats = tmp_path / "nohash.h5"
+    shutil.copy(pipeline["stats"], stats)
+    with h5py.File(stats, "a") as f:
+        del f.attrs["weights_sha256"]
+    p = pipeline
+    r = invoke("verify", p["out"], "--original", p["ckpt"], "--stats", stats, *p["model"])
+    assert r.exit_code == 1, r.output
+    fails = [line.split()[1] for line in r.stdout.splitlines() if line.startswith("FAIL")]
+    assert fails == ["activations", "fold"], r.stdout
+    assert "do not record which weights" in r.stdout
 
 
 def test_apply_refuses_statistics_of_another_arch(checkpoints, tmp_path, pipeline):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vggnorm.errors import DataError
+from vggnorm.errors import DataError, SetupError
 from vggnorm.io.data import (
     ImageTransform,
     check_decode,
@@ -199,6 +199,7 @@ def test_a_jpeg_the_device_refuses_falls_back_to_pil(tmp_path, monkeypatch):
 
 
 def test_gpu_decoding_needs_cuda():
-    with pytest.raises(DataError, match="--decode gpu .* CUDA"):
+    """A device this machine does not have is a set-up error (as --device cuda, --precision fp16 on a CPU)."""
+    with pytest.raises(SetupError, match="--decode gpu .* CUDA"):
         check_decode("gpu", torch.device("cpu"))
     check_decode("cpu", torch.device("cpu"))

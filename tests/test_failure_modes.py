@@ -180,6 +180,47 @@ def test_each_output_that_cannot_be_written_says_what_to_do(tmp_path, monkeypatc
     assert type(e.value).__name__ == error and what_to_do in str(e.value) and e.value.exit_status == 1
 
 
+@pytest.mark.parametrize("option", ["--report", "--junit-xml"])
+def test_verify_names_its_own_output_option_not_o(run, tmp_path, option):
+    """verify has no -o: an output it cannot write names the option that gave it."""
+    (tmp_path / "exists.xml").write_text("old")
+    (tmp_path / "exists.json").write_text("old")
+    target = tmp_path / "exists.xml" if option == "--junit-xml" else tmp_path / "exists"
+    base = ["verify", run["out"], "--original", run["ckpt"], "--stats", run["stats"], *MODEL]
+    for path, words in (
+        (target, ["pass --force", f"choose another {option} path"]),
+        (tmp_path / "nowhere" / "r.xml", ["create it first", f"choose another {option} path"]),
+    ):
+        r = invoke(*base, option, path)
+        one_line_error(r, *words)
+        assert "another -o path" not in r.stderr, r.stderr
+
+
+def test_the_model_file_and_the_labels_file_are_inputs_never_written_over_even_with_force(run, photos, tmp_path):
+    """--model FILE.py:NAME runs FILE.py and --labels reads its file: both are inputs of the command, which an
+    output may not name (-o mynet.py --force wrote HDF5 over the user's model code)."""
+    import shutil
+
+    from lookalikes import __file__ as lookalikes_file
+
+    code = tmp_path / "mynet.py"
+    shutil.copy(lookalikes_file, code)
+    model = ["--model", f"{code}:tiny_vgg"]
+    before = code.read_bytes()
+    r = invoke("compute-stats", photos, *model, "--weights", "random:0", "-o", code, "--force", *SMALL)
+    one_line_error(r, "is also an input of this command")
+    r = invoke("verify", run["out"], *model, "--data", photos, *SMALL[:4], "--junit-xml", code, "--force")
+    one_line_error(r, "is also an input of this command")
+    assert code.read_bytes() == before
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"{'ab'[i % 2]}\n" for i in range(len(list(photos.iterdir())))))
+    before = labels.read_bytes()
+    per_class = ["--per-class", "--labels", labels, "--weights", run["ckpt"], *MODEL, *SMALL]
+    r = invoke("compute-stats", photos, *per_class, "-o", labels, "--force")
+    one_line_error(r, "is also an input of this command")
+    assert labels.read_bytes() == before
+
+
 def test_atomic_writes_flushes_every_file_before_any_rename_and_each_folder_after(tmp_path, monkeypatch):
     from vggnorm.io.checkpoint import atomic_writes
 

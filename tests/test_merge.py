@@ -83,3 +83,24 @@ def test_bad_shard_values_are_usage_errors(runs):
     for bad in ("3/3", "a/b", "1"):
         r = invoke("compute-stats", data, *BASE, "--shard", bad)
         assert r.exit_code == 2 and "I/N" in r.stderr
+
+
+def test_the_file_functions_take_paths_and_named_values_as_text(runs, tmp_path):
+    """The file-level functions the how-to names, called from Python with text where a command line gives
+    text: merge_stats's paths (it failed: 'str' object has no attribute 'resolve'), RunConfig's convention,
+    decoder and precision (it failed after measuring: 'str' object has no attribute 'value')."""
+    from vggnorm.commands.compute import RunConfig, compute_stats
+    from vggnorm.errors import UsageError
+    from vggnorm.io.statsfile import merge_stats
+
+    d, data = runs
+    merged = merge_stats([str(d / f"s{i}.h5") for i in range(3)], str(tmp_path / "all.h5"))  # type: ignore[list-item]
+    assert merged.num_images == 8 and (tmp_path / "all.h5").is_file()
+    config = RunConfig(
+        arch=TINY["tiny"], weights="random:0", resize=40, crop=32, workers=0,
+        convention="caffe", decoder="cpu", precision="fp64",  # type: ignore[arg-type]
+    )  # fmt: skip
+    stats = compute_stats(str(data), str(tmp_path / "s.h5"), config)  # type: ignore[arg-type]
+    assert stats.num_images == 8 and read_stats(tmp_path / "s.h5").provenance.preprocess["preprocess"] == "caffe"
+    with pytest.raises(UsageError, match="convention 'bogus'"):
+        RunConfig(convention="bogus")  # type: ignore[arg-type]

@@ -166,6 +166,39 @@ def test_a_damaged_field_of_the_report_is_named(field, value, words):
         from_report({"arch": "vgg11", "inputs": inputs}, "r")
 
 
+def test_a_report_that_does_not_parse_or_lost_its_policy_is_an_error_not_the_defaults(tmp_path):
+    """A damaged report beside a .pth is one error, as damaged metadata is: it was taken for no record, and
+    verify then measured under the default policy (resize 256, crop 224) without a word."""
+    pth = tmp_path / "n.pth"
+    report = report_base(pth).with_suffix(".report.json")
+    report.write_text(json.dumps({"arch": "vgg11", "inputs": record_fields(record())})[:-20])
+    with pytest.raises(StatsFileError, match=re.escape(f"{report}: not JSON")) as e:
+        recorded_provenance(pth)
+    assert "vggnorm apply" in str(e.value)
+    report.write_text(json.dumps({"arch": "vgg11", "inputs": {**record_fields(record()), "policy": None}}))
+    with pytest.raises(StatsFileError, match=re.escape(f"{report}: policy")):
+        recorded_provenance(pth)
+    # a report that is not apply's (verify's own, whose policy is words) is still no record
+    report.write_text(json.dumps({"arch": "vgg11", "inputs": {"policy": "resize 256, crop 224"}}))
+    assert recorded_provenance(pth) is None
+
+
+def test_a_damaged_record_with_statistics_given_does_not_say_to_give_the_statistics(tmp_path):
+    """With --stats, a damaged record is still an error (it holds apply's dead rule), whose advice cannot be to
+    give --stats, which was given."""
+    from vggnorm.io.policy import resolve_policy
+
+    write_stats(stats_with(measurement(arch="vgg11")), tmp_path / "s.h5", force=False)
+    pth = tmp_path / "n.pth"
+    report_base(pth).with_suffix(".report.json").write_text("{not json")
+    with pytest.raises(StatsFileError) as e:
+        resolve_policy(pth, None, "vgg11", rel_eps=None, eps=None, include_classifier=None)
+    assert "give verify the statistics (--stats)" in str(e.value)
+    with pytest.raises(StatsFileError) as e:
+        resolve_policy(pth, read_stats(tmp_path / "s.h5"), "vgg11", rel_eps=None, eps=None, include_classifier=None)
+    assert "--stats)" not in str(e.value) and "move it away and give those as options" in str(e.value)
+
+
 def test_a_damaged_attribute_of_the_statistics_file_is_named(tmp_path):
     write_stats(stats_with(measurement()), tmp_path / "s.h5", force=False)
     with h5py.File(tmp_path / "s.h5", "r+") as f:

@@ -139,6 +139,23 @@ def test_registration_cannot_replace_what_vggnorm_analyzes():
         vggnorm.analysis.register_module(blur, vggnorm.analysis.commutes)  # type: ignore[arg-type]
 
 
+def test_a_handler_that_is_not_a_function_is_refused_when_registered_not_when_analyzed():
+    """A handler given by its name ("commutes", as options take strings) is refused at once, naming the two
+    handlers: it was accepted, and the analysis then failed with "'str' object is not callable"."""
+
+    class Gain(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2.0
+
+    for handler in ("commutes", None):
+        with pytest.raises(TypeError, match="vggnorm.analysis.commutes or vggnorm.analysis.not_homogeneous"):
+            vggnorm.analysis.register_module(Gain, handler)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="vggnorm.analysis.commutes or vggnorm.analysis.not_homogeneous"):
+            vggnorm.analysis.register_function("my_gain", handler)  # type: ignore[arg-type]
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), Gain(), nn.Conv2d(4, 4, 3), nn.ReLU()).eval()
+    assert not vggnorm.analysis.registry.is_leaf(model[2])  # nothing was registered
+
+
 def test_a_registered_op_that_moves_channels_is_refused():
     class Shuffle(nn.Module):  # not channelwise: it changes dim 1
         def forward(self, x: torch.Tensor) -> torch.Tensor:

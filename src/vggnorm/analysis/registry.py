@@ -49,6 +49,16 @@ _FUNCTIONS: dict[Target, Entry] = {}
 _WRAPPED: dict[int, Target] = {}  # users' Python functions, which the tracer must not trace into
 
 
+def _check_handler(handler: object) -> None:
+    """A handler is a function (``commutes``, ``not_homogeneous``), not its name: refused at registration
+    rather than when the analysis calls it."""
+    if not callable(handler):
+        raise TypeError(
+            f"the handler must be vggnorm.analysis.commutes or vggnorm.analysis.not_homogeneous (the function "
+            f"itself), not {handler!r}"
+        )
+
+
 def register_module(cls: type[nn.Module], handler: Handler) -> None:
     """Analyze every module of class ``cls`` (not its subclasses) with ``handler``: the tracer keeps each
     call of one as a single node, and ``handler`` says what it does to a per-channel scale.
@@ -58,6 +68,7 @@ def register_module(cls: type[nn.Module], handler: Handler) -> None:
     inside (those are the sites, counted as the model runs)."""
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"register_module takes an nn.Module subclass, not {cls!r}")
+    _check_handler(handler)
     for base in cls.__mro__:
         entry = _MODULES.get(base)
         if entry is not None and not entry.leaf and (base is cls or entry.closed):
@@ -70,6 +81,7 @@ def register_function(fn: Target, handler: Handler) -> None:
     ``handler``. A Python function of the user's is traced as one call, not into."""
     if not (callable(fn) or isinstance(fn, str)):
         raise TypeError(f"register_function takes a function or a method name, not {fn!r}")
+    _check_handler(handler)
     known = function_entry(fn)
     if known is not None and not known.leaf:
         raise ValueError(f"vggnorm already analyzes {getattr(fn, '__name__', fn)}: it cannot be registered")

@@ -80,7 +80,7 @@ from vggnorm.io.provenance import Normalization, Provenance, record_fields, to_m
 from vggnorm.io.report import Report, layer_summary, report_paths, stream_summary
 from vggnorm.io.statsfile import now, read_stats
 from vggnorm.io.weights import APPLY, Weights, prefetch_random, resolve_weights
-from vggnorm.options import Layout, Padding, Pooling, StreamScale, Weighting
+from vggnorm.options import Layout, Padding, Pooling, StreamScale, Weighting, parse
 from vggnorm.version import __version__
 
 
@@ -192,6 +192,11 @@ class ApplyOptions:
     force: bool = False
     plot: bool = False  # also draw OUT.report.png (matplotlib)
 
+    def __post_init__(self) -> None:  # a named value as its enum's member or its string, as the API takes them
+        object.__setattr__(self, "layout", parse(Layout, self.layout, "layout"))
+        object.__setattr__(self, "weighting", parse(Weighting, self.weighting, "weighting"))
+        object.__setattr__(self, "stream_scale", parse(StreamScale, self.stream_scale, "stream_scale"))
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -255,8 +260,9 @@ def apply_stats(
     loaded back, give ReLU outputs equal to the original's divided by the scales (and the same logits),
     under the statistics' pooling. The measurement policy and the rule are recorded with the output
     (``policy.recorded_provenance``), so ``verify --data`` re-measures the same way without being told.
+    Named values (``layout``, ``weighting``, ``stream_scale``) are their enums' members or their strings.
     """
-    plan = plan_apply(checkpoint, stats_path, output, options)
+    plan = plan_apply(checkpoint, Path(stats_path), Path(output) if output is not None else None, options)
     # matplotlib is imported, and the figure drawn, in a thread meanwhile: that Python-bound work overlaps the
     # load, fold and self-check, whose torch kernels release the GIL
     with one_thread(), meanwhile() as worker:

@@ -49,7 +49,7 @@ from vggnorm.io.statsfile import (
     write_stats,
 )
 from vggnorm.io.weights import Weights, resolve_weights
-from vggnorm.options import Decoder, InputConvention, Precision
+from vggnorm.options import Decoder, InputConvention, Precision, parse
 from vggnorm.progress import Progress
 from vggnorm.version import __version__
 
@@ -93,6 +93,12 @@ class RunConfig:
     per_class: bool = False  # also sum per class (labels from class subfolders, or from ``labels``)
     labels: str | None = None  # a labels file for a flat folder (see labels.py)
     add_affine: bool = False  # give affine-less norms of sites weight 1, bias 0 (layers.with_affine)
+
+    def __post_init__(self) -> None:  # a named value as its enum's member or its string, as the API takes them
+        if self.convention is not None:
+            object.__setattr__(self, "convention", parse(InputConvention, self.convention, "convention"))
+        object.__setattr__(self, "decoder", parse(Decoder, self.decoder, "decoder"))
+        object.__setattr__(self, "precision", parse(Precision, self.precision, "precision"))
 
 
 @dataclass(frozen=True)
@@ -335,10 +341,11 @@ def compute_stats(
         raise UsageError("--shard and torchrun both split the files: use one or the other")
     if resume and not output.is_file():
         raise StatsFileError(f"--resume: {output} does not exist; run without --resume to start")
-    weight_files = [config.weights] if os.path.exists(config.weights) else []
+    input_files = [config.weights] if os.path.exists(config.weights) else []
+    input_files += [config.labels] if config.labels is not None and os.path.exists(config.labels) else []
     if not resume:
         refuse_unfinished(output, force=force)
-        check_writable(output, force=force, inputs=weight_files)
+        check_writable(output, force=force, inputs=input_files)
     plan = plan_files(root, config, world)
     if any(same_file(output, f) for f in plan.files if f.name == output.name):
         raise OutputExistsError(f"{output} is one of the images under {root}; choose an output path outside the data")

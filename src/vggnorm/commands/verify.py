@@ -73,17 +73,34 @@ from vggnorm.io.policy import Policy, recorded_arch, report_base, resolve_policy
 from vggnorm.io.report import Report, layer_summary, measured_summary, report_paths
 from vggnorm.io.statsfile import read_stats
 from vggnorm.io.weights import VERIFY, Weights, resolve_weights
-from vggnorm.options import Decoder, InputConvention, Layout, Padding, Pooling, Precision, StreamScale, Weighting
+from vggnorm.options import (
+    Decoder,
+    InputConvention,
+    Layout,
+    Padding,
+    Pooling,
+    Precision,
+    StreamScale,
+    Weighting,
+    parse,
+)
 from vggnorm.progress import Progress
 
 
 @dataclass(frozen=True)
 class Claim:
-    """What to prove: NORMALIZED is the fold of ``original`` (a weight spec) by the scales of ``stats``."""
+    """What to prove: NORMALIZED is the fold of ``original`` (WEIGHTS: a file, a torchvision weights name or random:SEED) by the scales of ``stats``."""
 
     normalized: Path
     original: str | None = None
     stats: Path | None = None
+
+    def __post_init__(self) -> None:  # paths given as text, as a caller from Python gives them
+        object.__setattr__(self, "normalized", Path(self.normalized))
+        if self.stats is not None:
+            object.__setattr__(self, "stats", Path(self.stats))
+        if self.original is not None:
+            object.__setattr__(self, "original", os.fspath(self.original))
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,18 @@ class Overrides:
     labels: str | None = None  # with class weighting on a flat folder: the labels file
     stream_scale: StreamScale | None = None  # how apply chose a residual stream's shared scales
 
+    def __post_init__(self) -> None:  # a named value as its enum's member or its string, as the API takes them
+        for name, kind in (
+            ("convention", InputConvention),
+            ("pooling", Pooling),
+            ("padding", Padding),
+            ("weighting", Weighting),
+            ("stream_scale", StreamScale),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, parse(kind, value, name))
+
 
 @dataclass(frozen=True)
 class Method:
@@ -113,6 +142,9 @@ class Method:
     device: str = "auto"
     precision: Precision = Precision.FP32  # fp64: the means are re-measured in float64
     policy: Overrides = Overrides()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", parse(Precision, self.precision, "precision"))
 
 
 @dataclass(frozen=True)
@@ -125,6 +157,9 @@ class Audit:
     workers: int | None = None  # None: CPUs - 1
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", Path(self.data))
+
 
 @dataclass(frozen=True)
 class Outputs:
@@ -134,6 +169,11 @@ class Outputs:
     report: Path | None = None
     junit_xml: Path | None = None
     force: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("report", "junit_xml"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -248,11 +288,14 @@ def _check_outputs(outputs: Outputs, given: list[str | os.PathLike[str]], audit:
     paths = [*report_paths(report)] if report is not None else []
     if report is not None and audit is not None and have_matplotlib():
         paths.append(report_paths(report)[1].with_suffix(".png"))
-    paths += [outputs.junit_xml] if outputs.junit_xml is not None else []
+    options = ["--report"] * len(paths)
+    if outputs.junit_xml is not None:
+        paths.append(outputs.junit_xml)
+        options.append("--junit-xml")
     if audit is not None:
         data_mod.refuse_outputs_in(paths, audit.data, "--data")
-    for p in paths:
-        check_writable(p, force=outputs.force, inputs=given)
+    for p, option in zip(paths, options, strict=True):
+        check_writable(p, force=outputs.force, inputs=given, option=option)
 
 
 def _read(claim: Claim, method: Method) -> _Read:
@@ -363,9 +406,16 @@ def _original(read: _Read) -> Original:
         forward=read.policy.measurement.forward,
         add_affine=any(s.added_affine for s in read.topology.all_sites),
     )
-    expected_sha256 = (read.stats.provenance.weights_sha256 or None) if read.stats is not None else None
+    # None: no statistics; "": statistics that do not say which weights they were measured on, which
+    # cannot show they are the original's (apply refuses them too)
+    expected_sha256 = read.stats.provenance.weights_sha256 if read.stats is not None else None
 
     def mismatch() -> str | None:
+        if expected_sha256 == "":
+            return (
+                f"the statistics do not record which weights they were measured on (no weights_sha256), so they "
+                f"cannot be shown to be {weights.spec}'s: measure them again with compute-stats"
+            )
         if expected_sha256 is not None and expected_sha256 != weights.sha256:
             return f"the statistics were measured on other weights than {weights.spec} (sha256 differs)"
         return None
@@ -515,12 +565,13 @@ def _write(
     """Write the report (JSON, Markdown, and the figure ``png`` of the re-measured means) and the JUnit XML
     asked for."""
     if outputs.report is not None:
-        with atomic_writes([*report_paths(outputs.report), *([png] if png else [])], force=outputs.force) as temps:
+        paths = [*report_paths(outputs.report), *([png] if png else [])]
+        with atomic_writes(paths, force=outputs.force, option="--report") as temps:
             result.write(temps[0], temps[1])
             if png is not None and proof.means is not None:
                 _plot(read, proof, temps[2])
     if outputs.junit_xml is not None:
-        with atomic_write(outputs.junit_xml, force=outputs.force, inputs=given) as tmp:
+        with atomic_write(outputs.junit_xml, force=outputs.force, inputs=given, option="--junit-xml") as tmp:
             tmp.write_text(result.to_junit())
 
 

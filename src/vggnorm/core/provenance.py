@@ -30,7 +30,7 @@ class MeasurementRecord:
     """
 
     arch: str = ""  # a torchvision name, or a user model's FILE:NAME
-    weights: str = ""  # the weight SPEC as given
+    weights: str = ""  # the weights as given (WEIGHTS)
     weights_path: str = ""  # a weights file's resolved path, else ""
     weights_sha256: str = ""  # of the tensors, whatever the file format
     weights_format: str = ""  # a Keras or MatConvNet file: what it is

@@ -52,41 +52,57 @@ def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
         return False
 
 
+# Files this process ran code from (``--model FILE.py:NAME``, ``package.module:NAME``): inputs of every command,
+# which no output may name (``io.models.import_user_model`` adds them)
+_CODE_INPUTS: set[Path] = set()
+
+
+def protect_input(path: str | os.PathLike[str]) -> None:
+    """Count ``path`` among the inputs of every command this process runs: ``check_writable`` refuses it."""
+    _CODE_INPUTS.add(Path(path))
+
+
 def check_writable(
-    path: Path, *, force: bool, inputs: Iterable[str | os.PathLike[str]] = (), size: int | None = None
+    path: Path,
+    *,
+    force: bool,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    size: int | None = None,
+    option: str = "-o",
 ) -> None:
     """Refuse early (before any long work) an output that cannot or must not be written.
 
     It may not be one of ``inputs`` (even with ``force``), overwrite an existing file without
     ``force``, be a folder, or lie in a missing or read-only folder; with ``size`` (bytes, where
     known) the disk must have room. Temporary files left by a killed earlier run are removed.
+    ``option``: the option that gave the path, which the messages name (verify's ``--report``, say).
     """
     path = Path(path)
-    for source in inputs:
+    for source in [*inputs, *sorted(_CODE_INPUTS)]:
         if same_file(path, source):
             raise OutputExistsError(
                 f"{path} is also an input of this command ({source}); vggnorm never writes over its inputs, even "
                 "with --force: choose another output path"
             )
     if path.is_dir():
-        raise OutputExistsError(f"{path} is a folder; give a file name with -o")
+        raise OutputExistsError(f"{path} is a folder; give a file name with {option}")
     if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists already; pass --force to overwrite it, or choose another -o path")
+        raise OutputExistsError(f"{path} exists already; pass --force to overwrite it, or choose another {option} path")
     folder = path.parent
     if not folder.is_dir():
         raise OutputFolderMissingError(
-            f"the folder {folder} does not exist; create it first, or choose another -o path"
+            f"the folder {folder} does not exist; create it first, or choose another {option} path"
         )
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputNotWritableError(
-            f"cannot write in the folder {folder} (permission denied); fix its permissions, or choose another -o path"
+            f"cannot write in the folder {folder} (permission denied); fix its permissions, or choose another {option} path"
         )
     if size is not None:
         free = shutil.disk_usage(folder).free
         if free < size:
             raise NoSpaceError(
                 f"{path} needs about {size / 2**20:.0f} MB and {folder} has {free / 2**20:.0f} MB free; "
-                "free some space or choose another -o path"
+                f"free some space or choose another {option} path"
             )
     remove_stale_temporaries(path)
 
@@ -127,7 +143,7 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def atomic_writes(
-    paths: Iterable[Path], *, force: bool, inputs: Iterable[str | os.PathLike[str]] = ()
+    paths: Iterable[Path], *, force: bool, inputs: Iterable[str | os.PathLike[str]] = (), option: str = "-o"
 ) -> Iterator[list[Path]]:
     """Yield a temporary path beside each of ``paths``; rename them into place if the block succeeds.
 
@@ -144,7 +160,7 @@ def atomic_writes(
     paths = [Path(p) for p in paths]
     inputs = list(inputs)
     for path in paths:
-        check_writable(path, force=force, inputs=inputs)
+        check_writable(path, force=force, inputs=inputs, option=option)
     temps: list[Path] = []
     try:
         for path in paths:
@@ -208,9 +224,11 @@ def _fsync_folder(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path, *, force: bool, inputs: Iterable[str | os.PathLike[str]] = ()) -> Iterator[Path]:
+def atomic_write(
+    path: Path, *, force: bool, inputs: Iterable[str | os.PathLike[str]] = (), option: str = "-o"
+) -> Iterator[Path]:
     """``atomic_writes`` for one file."""
-    with atomic_writes([path], force=force, inputs=inputs) as (tmp,):
+    with atomic_writes([path], force=force, inputs=inputs, option=option) as (tmp,):
         yield tmp
 
 

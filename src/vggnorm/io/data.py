@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from vggnorm.compat import image_classification_transform
 from vggnorm.core.measure import Batch
 from vggnorm.defaults import MAX_RESIZE, MAX_RESIZED_PIXELS
-from vggnorm.errors import DataError, OutputExistsError
+from vggnorm.errors import DataError, OutputExistsError, SetupError
 from vggnorm.io.models import ForwardPolicy, is_user_model
 from vggnorm.options import Decoder, InputConvention, Interpolation, Padding, Pooling
 
@@ -536,7 +536,7 @@ def make_loader(
 def check_decode(decoder: Decoder, device: torch.device) -> None:
     """``--decode gpu`` needs the measurement to run on CUDA."""
     if decoder == Decoder.GPU and device.type != "cuda":
-        raise DataError(
+        raise SetupError(
             f"--decode gpu decodes JPEGs with nvJPEG on a CUDA device, and this run is on {device.type}; "
             "leave it out (--decode cpu, the default, decodes in DataLoader workers)"
         )

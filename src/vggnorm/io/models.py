@@ -25,8 +25,8 @@ from vggnorm.analysis.shapes import input_fits
 from vggnorm.analysis.topology import Topology, find_topology, with_affine
 from vggnorm.defaults import NAMED_ARCHS, VGG_ARCHS, torchvision_classifiers
 from vggnorm.errors import CheckpointError, InputError, UsageError, VggnormError
-from vggnorm.io.checkpoint import describe_not_floating, not_floating, upcast_half
-from vggnorm.options import Padding, Pooling
+from vggnorm.io.checkpoint import describe_not_floating, not_floating, protect_input, upcast_half
+from vggnorm.options import Padding, Pooling, parse
 
 # user models imported on request: identity (``user_model_key``) -> class or zero-argument factory
 _USER_MODELS: dict[str, Callable[[], nn.Module]] = {}
@@ -100,6 +100,9 @@ def import_user_model(spec: str) -> str:
     factory = getattr(module, name, None)
     if not callable(factory):
         raise UsageError(f"--model {spec}: {where} has no class or function {name}")
+    source = getattr(module, "__file__", None)
+    if source:  # the model's code is an input of the command: no output may be written over it
+        protect_input(source)
     _USER_MODELS[key] = factory
     return key
 
@@ -393,6 +396,10 @@ class ForwardPolicy:
 
     pooling: Pooling = Pooling.MAX
     padding: Padding = Padding.MODEL
+
+    def __post_init__(self) -> None:  # a member of the enum or its string, as the API takes them
+        object.__setattr__(self, "pooling", parse(Pooling, self.pooling, "pooling"))
+        object.__setattr__(self, "padding", parse(Padding, self.padding, "padding"))
 
     def describe(self) -> str:
         return f"{self.pooling} pooling, {self.padding} padding"

@@ -13,12 +13,18 @@ from pathlib import Path
 
 from vggnorm.core.fold import DeadRule
 from vggnorm.core.stats import Stats
-from vggnorm.errors import UsageError
+from vggnorm.errors import StatsFileError, UsageError
 from vggnorm.io import data as data_mod
 from vggnorm.io.models import ForwardPolicy
-from vggnorm.io.provenance import Normalization, Provenance, from_metadata, from_report
+from vggnorm.io.provenance import REDO, Normalization, Provenance, from_metadata, from_report
 from vggnorm.io.report import report_paths
 from vggnorm.options import InputConvention, Padding, Pooling, StreamScale, Weighting
+
+# What to do about a damaged record when verify was given --stats already (``io.provenance.REDO`` says to give it)
+REDO_WITH_STATS = (
+    "write it again with `vggnorm apply` (verify reads apply's dead rule, --include-classifier, --weighting and "
+    "--stream-scale from it, with --stats too), or move it away and give those as options"
+)
 
 
 def report_base(output: Path) -> Path:
@@ -58,8 +64,10 @@ def recorded_provenance(checkpoint: Path) -> tuple[Provenance, str] | None:
     if report.is_file():
         try:
             written = json.loads(report.read_text())
-        except (OSError, ValueError):
+        except OSError:
             return None
+        except ValueError as e:  # a damaged record, as damaged metadata is: never the defaults without a word
+            raise StatsFileError(f"{report}: not JSON ({e}): {REDO}") from e
         found = from_report(written, str(report))
         return (found, str(report)) if found is not None else None
     return None
@@ -127,7 +135,13 @@ def resolve_policy(
     """The measurement policy: the statistics' (options may only repeat it); else the one ``apply``
     recorded with the checkpoint, overridden by options; else the weights' defaults and the options.
     The dead rule and ``include_classifier``: options, else what apply recorded, else the defaults."""
-    recorded = recorded_provenance(normalized_path)
+    try:
+        recorded = recorded_provenance(normalized_path)
+    except StatsFileError as e:
+        if stats is None or REDO not in str(e):
+            raise
+        # with --stats the record still gives apply's dead rule, classifier and weighting: --stats is no way out
+        raise StatsFileError(str(e).replace(REDO, REDO_WITH_STATS)) from e
     rec = recorded[0].normalization if recorded else Normalization()
     given = {"resize": resize, "crop": crop, "preprocess": convention, "pooling": pooling, "padding": padding}
     options = any(v is not None for v in given.values())

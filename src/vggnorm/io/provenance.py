@@ -64,7 +64,7 @@ class Provenance:
     normalization: Normalization
     measurement: MeasurementRecord | None = None  # the statistics' record; None in a record written before it had one
     layout: Layout = Layout.TORCHVISION
-    original: str = ""  # the weight SPEC folded
+    original: str = ""  # the weights folded, as given (WEIGHTS)
     original_sha256: str = ""
     stats: str = ""  # the statistics file, as given
     created: str = ""  # UTC, ISO 8601
@@ -124,8 +124,10 @@ def from_report(report: object, where: str) -> Provenance | None:
     if not isinstance(report, dict):
         return None
     inputs = report.get("inputs")
-    if not isinstance(inputs, dict) or not isinstance(inputs.get("policy"), dict):
+    if not isinstance(inputs, dict):
         return None
+    if not isinstance(inputs.get("policy"), dict) and "provenance_version" not in inputs:
+        return None  # verify's report (its policy in words), or none at all; apply's record is versioned
     return read_record({"arch": report.get("arch", ""), **inputs}, where)
 
 

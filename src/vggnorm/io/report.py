@@ -70,12 +70,12 @@ class Report:
 
         for c in self.checks:
             figure = "" if c.figure is None else f"{c.figure:.3g} (tolerance {c.tolerance:.3g})"
-            case(c.name, "vggnorm.commands.verify", c.status, f"{c.name}: {figure} {c.detail}".strip(), c.detail)
+            case(c.name, "vggnorm.verify", c.status, f"{c.name}: {figure} {c.detail}".strip(), c.detail)
             for layer, value in c.layers.items():
                 status = PASS if c.tolerance is not None and value <= c.tolerance else FAIL
                 label = self.label(layer) if layer in self.names else layer
                 message = f"{c.name} {label}: {value:.3g} (tolerance {c.tolerance:.3g})"
-                case(f"{c.name}[{label}]", f"vggnorm.commands.verify.{c.name}", status, message, message)
+                case(f"{c.name}[{label}]", f"vggnorm.verify.{c.name}", status, message, message)
         suite.set("name", _xml(f"vggnorm verify {self.checkpoint}"))
         for key, value in counts.items():
             suite.set(key, str(value))

@@ -597,6 +597,7 @@ def merge_stats(inputs: list[Path], output: Path, *, force: bool = False) -> Sta
     Refuses, naming the conflict: a file given twice, an unfinished file, a file that is not a
     shard, shards of other models, weights, preprocessing or folders, overlapping or missing shards.
     """
+    inputs, output = [Path(p) for p in inputs], Path(output)
     check_writable(output, force=force, inputs=inputs)
     seen: set[Path] = set()
     for p in inputs:
