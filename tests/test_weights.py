@@ -1,4 +1,4 @@
-"""vggnorm.io.weights: a weight SPEC (a file, random:SEED, a torchvision weights name) resolved to a checked
+"""vggnorm.io.weights: weights (a file, random:SEED, a torchvision weights name) resolved to a checked
 state_dict, called directly on the look-alikes (tests/lookalikes.py) and small files."""
 
 from __future__ import annotations
