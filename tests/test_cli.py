@@ -211,8 +211,9 @@ def test_verify_fails_a_checkpoint_with_one_filter_changed_by_two_percent(pipeli
 def test_verify_checkpoint_from_python_takes_paths_and_names_as_text(pipeline, photos):
     """The Python entry the how-to shows, ``verify_checkpoint(Claim(CKPT, ...), audit=Audit(DIR))``, with paths
     as text and named values as strings (it failed with "'str' object has no attribute 'with_name'")."""
-    from vggnorm.commands.verify import Audit, Claim, Method, Overrides, verify_checkpoint
+    from vggnorm.commands.verify import Audit, Claim, Method, verify_checkpoint
     from vggnorm.errors import UsageError
+    from vggnorm.io.policy import Overrides
 
     p = pipeline
     claim = Claim(str(p["out"]), original=str(p["ckpt"]), stats=str(p["stats"]))

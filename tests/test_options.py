@@ -15,7 +15,7 @@ from vggnorm.core.provenance import MeasurementRecord
 from vggnorm.errors import UsageError
 from vggnorm.io.data import ImageTransform, Measurement
 from vggnorm.io.models import ForwardPolicy
-from vggnorm.io.policy import resolve_policy
+from vggnorm.io.policy import Overrides, resolve_policy
 from vggnorm.io.statsfile import read_stats, write_stats
 from vggnorm.options import (
     Decoder,
@@ -197,7 +197,7 @@ def test_a_statistics_file_written_before_reads_the_same(tiny_vgg, tmp_path, old
     )
     write_stats(stats, tmp_path / "s.h5", force=False)
     back = read_stats(tmp_path / "s.h5")
-    policy = resolve_policy(tmp_path / "n.pth", back, "vgg11", rel_eps=None, eps=None, include_classifier=None)
+    policy = resolve_policy(tmp_path / "n.pth", back, "vgg11")
     m = policy.measurement
     assert m.transform == ImageTransform(40, 32, Interpolation.BILINEAR, BEFORE["mean"], (1.0, 1.0, 1.0))
     assert m.convention is InputConvention.CAFFE and m.decoder is Decoder.CPU
@@ -205,9 +205,7 @@ def test_a_statistics_file_written_before_reads_the_same(tiny_vgg, tmp_path, old
     assert type(m.forward.pooling) is Pooling and type(m.transform.interpolation) is Interpolation
     assert policy.describe().startswith("resize 40, crop 32, caffe preprocessing, avg pooling")
     with pytest.raises(Exception, match="differs from the statistics' pooling avg"):
-        resolve_policy(
-            tmp_path / "n.pth", back, "vgg11", rel_eps=None, eps=None, include_classifier=None, pooling=Pooling.MAX
-        )
+        resolve_policy(tmp_path / "n.pth", back, "vgg11", Overrides(pooling=Pooling.MAX))
 
 
 def test_a_report_apply_wrote_before_reads_the_same(tmp_path):
@@ -221,21 +219,12 @@ def test_a_report_apply_wrote_before_reads_the_same(tmp_path):
         "stream_scale": "last",
     }
     (tmp_path / "n.report.json").write_text(json.dumps({"checkpoint": "n.pth", "inputs": {"policy": recorded}}))
-    policy = resolve_policy(tmp_path / "n.pth", None, "vgg11", rel_eps=None, eps=None, include_classifier=None)
+    policy = resolve_policy(tmp_path / "n.pth", None, "vgg11")
     assert policy.weighting is Weighting.CLASS and policy.stream_scale is StreamScale.LAST
     assert policy.measurement == Measurement.from_attrs(BEFORE)
     assert policy.measurement.forward == ForwardPolicy(Pooling.AVG, Padding.REFLECT)
     # options override the record, each by its own field
-    over = resolve_policy(
-        tmp_path / "n.pth",
-        None,
-        "vgg11",
-        rel_eps=None,
-        eps=None,
-        include_classifier=None,
-        crop=24,
-        padding=Padding.ZEROS,
-    )
+    over = resolve_policy(tmp_path / "n.pth", None, "vgg11", Overrides(crop=24, padding=Padding.ZEROS))
     assert over.measurement.transform.crop == 24 and over.measurement.transform.resize == 40
     assert over.measurement.forward == ForwardPolicy(Pooling.AVG, Padding.ZEROS)
     assert over.measurement.convention is InputConvention.CAFFE

@@ -192,10 +192,10 @@ def test_a_damaged_record_with_statistics_given_does_not_say_to_give_the_statist
     pth = tmp_path / "n.pth"
     report_base(pth).with_suffix(".report.json").write_text("{not json")
     with pytest.raises(StatsFileError) as e:
-        resolve_policy(pth, None, "vgg11", rel_eps=None, eps=None, include_classifier=None)
+        resolve_policy(pth, None, "vgg11")
     assert "give verify the statistics (--stats)" in str(e.value)
     with pytest.raises(StatsFileError) as e:
-        resolve_policy(pth, read_stats(tmp_path / "s.h5"), "vgg11", rel_eps=None, eps=None, include_classifier=None)
+        resolve_policy(pth, read_stats(tmp_path / "s.h5"), "vgg11")
     assert "--stats)" not in str(e.value) and "move it away and give those as options" in str(e.value)
 
 

@@ -683,8 +683,9 @@ def verify_cmd(
 
     Example: vggnorm verify vgg19-normalized.pth --original vgg19.pth --stats vgg19-stats.h5 --data val/
     """
-    from vggnorm.commands.verify import Audit, Claim, Method, Outputs, Overrides, verify_checkpoint
+    from vggnorm.commands.verify import Audit, Claim, Method, Outputs, verify_checkpoint
     from vggnorm.core.checks import NOT_RUN, PASS
+    from vggnorm.io.policy import Overrides
     from vggnorm.io.report import report_paths
 
     with user_errors():

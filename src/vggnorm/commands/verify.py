@@ -69,18 +69,14 @@ from vggnorm.io.models import (
     probe_size,
     topology,
 )
-from vggnorm.io.policy import Policy, recorded_arch, report_base, resolve_policy
+from vggnorm.io.policy import Overrides, Policy, recorded_arch, report_base, resolve_policy
 from vggnorm.io.report import Report, layer_summary, measured_summary, report_paths
 from vggnorm.io.statsfile import read_stats
 from vggnorm.io.weights import VERIFY, Weights, resolve_weights
 from vggnorm.options import (
     Decoder,
-    InputConvention,
     Layout,
-    Padding,
-    Pooling,
     Precision,
-    StreamScale,
     Weighting,
     parse,
 )
@@ -101,36 +97,6 @@ class Claim:
             object.__setattr__(self, "stats", Path(self.stats))
         if self.original is not None:
             object.__setattr__(self, "original", os.fspath(self.original))
-
-
-@dataclass(frozen=True)
-class Overrides:
-    """The measurement policy where given (None: the statistics', else what apply recorded, else the defaults):
-    the dead rule, the preprocessing and model changes, which means are checked and how streams were scaled."""
-
-    rel_eps: float | None = None
-    eps: float | None = None
-    resize: int | None = None
-    crop: int | None = None
-    convention: InputConvention | None = None
-    pooling: Pooling | None = None
-    padding: Padding | None = None
-    include_classifier: bool | None = None  # the fc ReLUs too
-    weighting: Weighting | None = None  # the means over all images, or class-balanced
-    labels: str | None = None  # with class weighting on a flat folder: the labels file
-    stream_scale: StreamScale | None = None  # how apply chose a residual stream's shared scales
-
-    def __post_init__(self) -> None:  # a named value as its enum's member or its string, as the API takes them
-        for name, kind in (
-            ("convention", InputConvention),
-            ("pooling", Pooling),
-            ("padding", Padding),
-            ("weighting", Weighting),
-            ("stream_scale", StreamScale),
-        ):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, parse(kind, value, name))
 
 
 @dataclass(frozen=True)
@@ -324,22 +290,7 @@ def _policy(
 ) -> tuple[Policy, Topology, dict[str, LayerScales] | None]:
     """The policy verify measures under (``io.policy.resolve_policy``), the structure the statistics' scales
     and the fold are computed on, and those scales."""
-    policy = resolve_policy(
-        normalized,
-        stats,
-        arch,
-        rel_eps=o.rel_eps,
-        eps=o.eps,
-        include_classifier=o.include_classifier,
-        weighting=o.weighting,
-        labels=o.labels,
-        stream_scale=o.stream_scale,
-        resize=o.resize,
-        crop=o.crop,
-        convention=o.convention,
-        pooling=o.pooling,
-        padding=o.padding,
-    )
+    policy = resolve_policy(normalized, stats, arch, o)
     if policy.include_classifier and target.features_only:
         raise InputError("--include-classifier: the checkpoint has no classifier")
     # --add-affine: recorded with the statistics; a normalized checkpoint holds the norms' new parameters

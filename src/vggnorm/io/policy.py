@@ -18,7 +18,7 @@ from vggnorm.io import data as data_mod
 from vggnorm.io.models import ForwardPolicy
 from vggnorm.io.provenance import REDO, Normalization, Provenance, from_metadata, from_report
 from vggnorm.io.report import report_paths
-from vggnorm.options import InputConvention, Padding, Pooling, StreamScale, Weighting
+from vggnorm.options import InputConvention, Padding, Pooling, StreamScale, Weighting, parse
 
 # What to do about a damaged record when verify was given --stats already (``io.provenance.REDO`` says to give it)
 REDO_WITH_STATS = (
@@ -115,23 +115,37 @@ class Policy:
         return f"{self.measurement.describe()}; dead filters: {self.rule.describe()}{weighting} (from {self.source})"
 
 
-def resolve_policy(
-    normalized_path: Path,
-    stats: Stats | None,
-    arch: str,
-    *,
-    rel_eps: float | None,
-    eps: float | None,
-    include_classifier: bool | None,
-    weighting: Weighting | None = None,
-    labels: str | None = None,
-    stream_scale: StreamScale | None = None,
-    resize: int | None = None,
-    crop: int | None = None,
-    convention: InputConvention | None = None,
-    pooling: Pooling | None = None,
-    padding: Padding | None = None,
-) -> Policy:
+@dataclass(frozen=True)
+class Overrides:
+    """The measurement policy where given (None: the statistics', else what apply recorded, else the defaults):
+    the dead rule, the preprocessing and model changes, which means are checked and how streams were scaled."""
+
+    rel_eps: float | None = None
+    eps: float | None = None
+    resize: int | None = None
+    crop: int | None = None
+    convention: InputConvention | None = None
+    pooling: Pooling | None = None
+    padding: Padding | None = None
+    include_classifier: bool | None = None  # the fc ReLUs too
+    weighting: Weighting | None = None  # the means over all images, or class-balanced
+    labels: str | None = None  # with class weighting on a flat folder: the labels file
+    stream_scale: StreamScale | None = None  # how apply chose a residual stream's shared scales
+
+    def __post_init__(self) -> None:  # a named value as its enum's member or its string, as the API takes them
+        for name, kind in (
+            ("convention", InputConvention),
+            ("pooling", Pooling),
+            ("padding", Padding),
+            ("weighting", Weighting),
+            ("stream_scale", StreamScale),
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, parse(kind, value, name))
+
+
+def resolve_policy(normalized_path: Path, stats: Stats | None, arch: str, o: Overrides = Overrides()) -> Policy:
     """The measurement policy: the statistics' (options may only repeat it); else the one ``apply``
     recorded with the checkpoint, overridden by options; else the weights' defaults and the options.
     The dead rule and ``include_classifier``: options, else what apply recorded, else the defaults."""
@@ -143,6 +157,7 @@ def resolve_policy(
         # with --stats the record still gives apply's dead rule, classifier and weighting: --stats is no way out
         raise StatsFileError(str(e).replace(REDO, REDO_WITH_STATS)) from e
     rec = recorded[0].normalization if recorded else Normalization()
+    resize, crop, convention, pooling, padding = o.resize, o.crop, o.convention, o.pooling, o.padding
     given = {"resize": resize, "crop": crop, "preprocess": convention, "pooling": pooling, "padding": padding}
     options = any(v is not None for v in given.values())
     if stats is not None:
@@ -186,10 +201,11 @@ def resolve_policy(
         source = ("the file's own preprocessing, " if native else "") + "defaults"
         source += " and options" if options else ""
     rule = DeadRule(
-        rel_eps=rel_eps if rel_eps is not None else rec.rule.rel_eps, eps=eps if eps is not None else rec.rule.eps
+        rel_eps=o.rel_eps if o.rel_eps is not None else rec.rule.rel_eps,
+        eps=o.eps if o.eps is not None else rec.rule.eps,
     )
-    fc = include_classifier if include_classifier is not None else rec.include_classifier
-    weighting = weighting or rec.weighting
-    label_source = labels or rec.label_source or (stats.provenance.label_source if stats else "")
-    stream_scale = stream_scale or rec.stream_scale or StreamScale.GEOMETRIC
+    fc = o.include_classifier if o.include_classifier is not None else rec.include_classifier
+    weighting = o.weighting or rec.weighting
+    label_source = o.labels or rec.label_source or (stats.provenance.label_source if stats else "")
+    stream_scale = o.stream_scale or rec.stream_scale or StreamScale.GEOMETRIC
     return Policy(measurement, rule, fc, source, weighting, label_source or "folders", stream_scale)
