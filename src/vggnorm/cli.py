@@ -433,20 +433,20 @@ def compute_stats_cmd(
 
 
 @cli.command("apply")
-@click.argument("checkpoint", metavar="CKPT")
+@click.argument("checkpoint", metavar="WEIGHTS")
 @click.option(
     "--stats",
     "stats_path",
     required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Statistics file from compute-stats, measured on CKPT.",
+    help="Statistics file from compute-stats, measured on WEIGHTS.",
 )
 @click.option(
     "-o",
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Normalized state_dict to write (.pth/.pt, or .safetensors). [default: CKPT.normalized.pth]",
+    help="Normalized state_dict to write (.pth/.pt, or .safetensors). [default: X.normalized.pth beside a weights file X.pth, else ARCH-WEIGHTS.normalized.pth here]",
 )
 @click.option("--features-only", is_flag=True, help="Write only the conv layers (features.*), no classifier.")
 @click.option(
@@ -508,9 +508,9 @@ def apply_cmd(
     model: str | None,
     force: bool,
 ) -> None:
-    """Fold the statistics into CKPT so every filter's mean ReLU activation becomes 1.
+    """Fold the statistics into WEIGHTS so every filter's mean ReLU activation becomes 1.
 
-    CKPT is the weights, as compute-stats --weights takes them (a file, a torchvision weights name, or
+    WEIGHTS are the weights, as compute-stats --weights takes them (a file, a torchvision weights name, or
     random:SEED), and must be those the statistics were measured on. Writes the checkpoint and a report
     (OUT.report.json, OUT.report.md; with --plot OUT.report.png too) after self-checking that the logits
     are unchanged.
