@@ -233,3 +233,16 @@ def test_a_report_apply_wrote_before_reads_the_same(tmp_path):
 def test_importing_the_options_imports_no_torch():
     code = "import sys, vggnorm.options; assert 'torch' not in sys.modules and 'click' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_cli_hands_verify_every_policy_override_and_only_those():
+    """verify's command gathers its policy options into one ``Overrides`` (cli.OVERRIDES names them without
+    importing torch): the names must be exactly its fields, or an option would be lost or fail at run time."""
+    import dataclasses
+
+    from vggnorm.cli import OVERRIDES, cli
+    from vggnorm.io.policy import Overrides
+
+    assert set(OVERRIDES) == {f.name for f in dataclasses.fields(Overrides)}
+    params = {p.name for p in cli.commands["verify"].params}
+    assert set(OVERRIDES) <= params

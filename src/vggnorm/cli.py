@@ -9,6 +9,8 @@ until a command runs, so ``--help`` and usage errors answer at once.
 from __future__ import annotations
 
 import enum
+import functools
+import importlib
 import json
 import logging
 import signal
@@ -17,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
@@ -36,6 +38,9 @@ from vggnorm.defaults import (
 from vggnorm.errors import VggnormError
 from vggnorm.options import Decoder, InputConvention, Layout, Padding, Pooling, Precision, StreamScale, Weighting
 from vggnorm.version import __version__
+
+if TYPE_CHECKING:
+    from vggnorm.io.policy import Overrides
 
 SHOWN_SKIPPED = 20
 F = TypeVar("F", bound=Callable[..., Any])
@@ -217,6 +222,37 @@ def _policy_options(verify: bool) -> Callable[[F], F]:
         choice("--pooling", "pooling", Pooling, POOLING_HELP),
         choice("--padding", "padding", Padding, PADDING_HELP),
     )
+
+
+# verify's options that override the recorded measurement policy: handed to the command as one typed value
+OVERRIDES = (
+    "rel_eps",
+    "eps",
+    "resize",
+    "crop",
+    "convention",
+    "pooling",
+    "padding",
+    "include_classifier",
+    "weighting",
+    "labels",
+    "stream_scale",
+)
+
+
+def _gathered(name: str, fields: tuple[str, ...], make: Callable[[], Callable[..., object]]) -> Callable[[F], F]:
+    """Hand the options ``fields`` to the command as one typed value ``name``, built by the class ``make()``
+    returns (imported only when the command runs, so ``--help`` imports no torch)."""
+
+    def decorate(f: F) -> F:
+        @functools.wraps(f)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            values = {k: kwargs.pop(k) for k in fields}
+            return f(*args, **kwargs, **{name: make()(**values)})
+
+        return cast(F, command)
+
+    return decorate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -643,6 +679,7 @@ def apply_cmd(
 @click.option("--force", is_flag=True, help="Overwrite an existing report or JUnit file.")
 @progress_option
 @verbose_option
+@_gathered("overrides", OVERRIDES, lambda: importlib.import_module("vggnorm.io.policy").Overrides)
 def verify_cmd(
     normalized: Path,
     original: str | None,
@@ -652,17 +689,7 @@ def verify_cmd(
     report: Path | None,
     rtol: float,
     means_tol: float,
-    rel_eps: float | None,
-    eps: float | None,
-    resize: int | None,
-    crop: int | None,
-    convention: InputConvention | None,
-    pooling: Pooling | None,
-    padding: Padding | None,
-    weighting: Weighting | None,
-    stream_scale: StreamScale | None,
-    labels: str | None,
-    include_classifier: bool | None,
+    overrides: Overrides,
     precision: Precision,
     model: str | None,
     device: str,
@@ -685,26 +712,12 @@ def verify_cmd(
     """
     from vggnorm.commands.verify import Audit, Claim, Method, Outputs, verify_checkpoint
     from vggnorm.core.checks import NOT_RUN, PASS
-    from vggnorm.io.policy import Overrides
     from vggnorm.io.report import report_paths
 
     with user_errors():
         if model is not None:
             _import_model(model)
         claim = Claim(normalized, original=original, stats=stats_path)
-        overrides = Overrides(
-            rel_eps=rel_eps,
-            eps=eps,
-            resize=resize,
-            crop=crop,
-            convention=convention,
-            pooling=pooling,
-            padding=padding,
-            include_classifier=include_classifier,
-            weighting=weighting,
-            labels=labels,
-            stream_scale=stream_scale,
-        )
         method = Method(rtol=rtol, means_tol=means_tol, device=device, precision=precision, policy=overrides)
         audit = None
         if data is not None:
