@@ -40,6 +40,7 @@ from vggnorm.options import Decoder, InputConvention, Layout, Padding, Pooling, 
 from vggnorm.version import __version__
 
 if TYPE_CHECKING:
+    from vggnorm.core.stats import Stats
     from vggnorm.io.policy import Overrides
 
 SHOWN_SKIPPED = 20
@@ -398,7 +399,6 @@ def compute_stats_cmd(
     """
     from vggnorm.commands.compute import RunConfig, compute_stats
     from vggnorm.commands.distributed import world_from_env
-    from vggnorm.core.fold import DeadRule
     from vggnorm.io.models import ForwardPolicy
 
     if model is not None:
@@ -436,6 +436,13 @@ def compute_stats_cmd(
         signal.signal(signal.SIGTERM, previous)
     if not world_from_env().is_main:
         return  # under torchrun, rank 0 reports
+    _echo_stats(stats, output, convention_given=convention is not None)
+
+
+def _echo_stats(stats: Stats, output: Path, *, convention_given: bool) -> None:
+    """compute-stats' summary: the files skipped, the images used, a foreign file's preprocessing, the layers,
+    the classes, and the dead filters under the default rule."""
+    from vggnorm.core.fold import DeadRule
     from vggnorm.io.data import Measurement, printable
 
     shown = 0 if logging.getLogger("vggnorm").isEnabledFor(logging.INFO) else SHOWN_SKIPPED  # -v logged each
@@ -450,9 +457,7 @@ def compute_stats_cmd(
     click.echo(f"images: {stats.num_images} used, {len(stats.skipped)} skipped")
     if stats.provenance.weights_format:
         p = Measurement.from_attrs(stats.provenance.preprocess)
-        how = (
-            "as given by --preprocess" if convention is not None else "the file's own, recorded; --preprocess overrides"
-        )
+        how = "as given by --preprocess" if convention_given else "the file's own, recorded; --preprocess overrides"
         mean = ", ".join(f"{float(x):g}" for x in p.transform.mean)
         click.echo(f"weights: {stats.provenance.weights_format}; preprocessing: {p.convention}, mean ({mean}) ({how})")
     click.echo(f"layers: {len(stats.layers)} ({', '.join(stats.layers)})")
