@@ -296,6 +296,55 @@ def check_means(
     the fix.
     """
     desc = DESCRIPTIONS["means"]
+    found = _deviations(means, dead, tol=tol, rule=rule, bounds=bounds, expected=expected)
+    worst, live, n_dead, per_layer, widened, beyond = found
+    if not live or not torch.cat(live).numel():
+        return Check("means", desc, FAIL, None, tol, "every filter is dead: nothing was measured")
+    allv = torch.cat(live)
+    figure, layer, index = worst
+    figure = float("nan") if figure == float("inf") else max(figure, 0.0)
+    status = FAIL if beyond else _status(figure, tol)
+    if not layer:  # every live filter is held to its float32 bound
+        layer = next(iter(means))
+    label = f"{layer} ({names[layer]})" if names and layer in names else layer
+    where = f"worst: {label} filter {index}, mean {float(means[layer][index]):.6g}"
+    promised_worst = expected.get(layer) if expected is not None else None
+    if promised_worst is not None:
+        where += f" (promised {float(promised_worst[index]):.6g}: a residual stream's)"
+    if scales is not None and layer in scales:
+        where += f", amplified {1 / float(scales[layer][index]):.3g}x by its scale {float(scales[layer][index]):.3g}"
+    on_streams = expected is not None and any(expected.get(n) is not None for n in means)
+    summary = (
+        f"live filter means range {float(allv.min()):.6g} .. {float(allv.max()):.6g} "
+        f"(median {float(allv.median()):.6g}"
+        + ("; on residual streams, each mean over the one promised" if on_streams else "")
+        + f"); {where}; {n_dead} dead filter(s) excluded"
+    )
+    if widened:
+        summary += (
+            f"; {widened} nearly silent filter(s) held to the deviation float32 arithmetic can produce in them "
+            f"(its bound) instead of {tol:g}"
+            + (f", {len(beyond)} beyond it ({'; '.join(beyond[:3])})" if beyond else "")
+        )
+    if status == FAIL:
+        summary = _failure_advice(summary, allv, figure, layer, index, tol=tol, rule=rule, scales=scales)
+    return Check("means", desc, status, figure, tol, "; ".join(x for x in (summary, detail) if x), per_layer)
+
+
+_Deviations = tuple[tuple[float, str, int], list[torch.Tensor], int, dict[str, float], int, list[str]]
+
+
+def _deviations(
+    means: Mapping[str, torch.Tensor],
+    dead: Mapping[str, list[int]] | None,
+    *,
+    tol: float,
+    rule: DeadRule,
+    bounds: Mapping[str, torch.Tensor] | None,
+    expected: Mapping[str, torch.Tensor | None] | None,
+) -> _Deviations:
+    """``check_means``' measurements: the worst live filter (deviation, layer, index), the live means, the dead
+    count, the worst deviation per layer, and the filters held to their float32 bound (how many; those beyond)."""
     worst: tuple[float, str, int] = (-1.0, "", -1)
     live, n_dead = [], 0
     per_layer: dict[str, float] = {}
@@ -325,37 +374,25 @@ def check_means(
             live.append(m[mask])
             if float(dev[i]) > worst[0]:
                 worst = (float(dev[i]), name, i)
-    if not live or not torch.cat(live).numel():
-        return Check("means", desc, FAIL, None, tol, "every filter is dead: nothing was measured")
-    allv = torch.cat(live)
-    figure, layer, index = worst
-    figure = float("nan") if figure == float("inf") else max(figure, 0.0)
-    status = FAIL if beyond else _status(figure, tol)
-    if not layer:  # every live filter is held to its float32 bound
-        layer = next(iter(means))
-    label = f"{layer} ({names[layer]})" if names and layer in names else layer
-    where = f"worst: {label} filter {index}, mean {float(means[layer][index]):.6g}"
-    promised_worst = expected.get(layer) if expected is not None else None
-    if promised_worst is not None:
-        where += f" (promised {float(promised_worst[index]):.6g}: a residual stream's)"
+    return worst, live, n_dead, per_layer, widened, beyond
+
+
+def _failure_advice(
+    summary: str,
+    allv: torch.Tensor,
+    figure: float,
+    layer: str,
+    index: int,
+    *,
+    tol: float,
+    rule: DeadRule,
+    scales: Mapping[str, torch.Tensor] | None,
+) -> str:
+    """A failed means check's ``summary`` with its likely cause and fix: not normalized at all, float32
+    rounding in a nearly silent filter, or weights, images or policy other than the statistics'."""
+    if float((allv - 1).abs().median()) > max(10 * tol, 1e-2):
+        return "NOT normalized: " + summary
     if scales is not None and layer in scales:
-        where += f", amplified {1 / float(scales[layer][index]):.3g}x by its scale {float(scales[layer][index]):.3g}"
-    on_streams = expected is not None and any(expected.get(n) is not None for n in means)
-    summary = (
-        f"live filter means range {float(allv.min()):.6g} .. {float(allv.max()):.6g} "
-        f"(median {float(allv.median()):.6g}"
-        + ("; on residual streams, each mean over the one promised" if on_streams else "")
-        + f"); {where}; {n_dead} dead filter(s) excluded"
-    )
-    if widened:
-        summary += (
-            f"; {widened} nearly silent filter(s) held to the deviation float32 arithmetic can produce in them "
-            f"(its bound) instead of {tol:g}"
-            + (f", {len(beyond)} beyond it ({'; '.join(beyond[:3])})" if beyond else "")
-        )
-    if status == FAIL and float((allv - 1).abs().median()) > max(10 * tol, 1e-2):
-        summary = "NOT normalized: " + summary
-    elif status == FAIL and scales is not None and layer in scales:
         # a nearly silent filter has a scale far below its layer's: float32 rounding, amplified by 1 / scale
         s = scales[layer].double()
         relative = float(s.median() / s[index]) if float(s[index]) > 0 else float("inf")
@@ -370,7 +407,7 @@ def check_means(
                 f"; not a rounding effect (that filter is amplified only {relative:.3g}x its layer's median): the "
                 "checkpoint's weights, the images or the measurement policy differ from those of the statistics"
             )
-    return Check("means", desc, status, figure, tol, "; ".join(x for x in (summary, detail) if x), per_layer)
+    return summary
 
 
 # How far float32 rounding moves an ordinary filter's re-measured mean from 1 (2.5e-5 measured on random-weight
