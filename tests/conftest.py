@@ -143,3 +143,12 @@ def vgg_features(arch: str) -> torch.nn.Module:
             torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             torch.nn.init.constant_(m.bias, 0)
     return features
+
+
+def one_line_error(r, *words, code=1):
+    """A CLI result that failed as users should see it: exit ``code``, one line on stderr naming ``words``,
+    no traceback."""
+    assert r.exit_code == code, r.output
+    assert "Traceback" not in r.output and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr

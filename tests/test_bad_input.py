@@ -15,19 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, invoke
+from conftest import TINY, invoke, one_line_error
 from vggnorm.io.statsfile import read_stats
 
 MODEL = ["--model", TINY["tiny"]]
 SMALL = ["--resize", "40", "--crop", "32", "--workers", 0, "--no-progress"]
 QUICK = ["--workers", 0, "--no-progress"]
-
-
-def one_line_error(r, *words, code=1):
-    assert r.exit_code == code, r.output
-    assert "Traceback" not in r.output and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    for w in words:
-        assert w in r.stderr, r.stderr
 
 
 @pytest.fixture
